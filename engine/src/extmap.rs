@@ -1,0 +1,562 @@
+//! A volume's mapping in memory: virtual block runs -> physical block runs,
+//! kept in leaves of at most one on-disk node's worth of extents, so a
+//! checkpoint writes exactly the leaves that changed. Each extent costs 16
+//! bytes in memory, as on disk.
+
+use crate::format::node::{Extent, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
+use crate::format::MAX_BLOCKS;
+use std::collections::BTreeMap;
+
+/// An extent packed as on disk: (vblock | flags << 48, pblock | len << 48).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Packed(u64, u64);
+
+impl Packed {
+    fn pack(e: Extent) -> Packed {
+        Packed(
+            e.vblock | (e.flags as u64) << 48,
+            e.pblock | (e.len as u64) << 48,
+        )
+    }
+    fn unpack(self) -> Extent {
+        Extent {
+            vblock: self.0 & (MAX_BLOCKS - 1),
+            flags: (self.0 >> 48) as u8,
+            pblock: self.1 & (MAX_BLOCKS - 1),
+            len: (self.1 >> 48) as u32,
+        }
+    }
+    fn vblock(self) -> u64 {
+        self.0 & (MAX_BLOCKS - 1)
+    }
+    fn vend(self) -> u64 {
+        self.vblock() + (self.1 >> 48)
+    }
+}
+
+/// What a virtual range resolves to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Segment {
+    /// Stored at `pblock..pblock+len`.
+    Mapped { vblock: u64, pblock: u64, len: u64 },
+    /// Never written or unmapped: reads as zeros.
+    Hole { vblock: u64, len: u64 },
+    /// Explicitly zeroed.
+    Zero { vblock: u64, len: u64 },
+}
+
+impl Segment {
+    pub fn len(&self) -> u64 {
+        match *self {
+            Segment::Mapped { len, .. } | Segment::Hole { len, .. } | Segment::Zero { len, .. } => {
+                len
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Leaf {
+    extents: Vec<Packed>,
+    /// Block holding this leaf as of the last checkpoint (0 = not on disk
+    /// or changed since).
+    disk: u64,
+    /// Changes on every update, so a checkpoint can tell whether the leaf
+    /// it wrote is still the current one.
+    version: u64,
+}
+
+/// A leaf as a checkpoint sees it.
+pub(crate) struct LeafSnapshot {
+    pub key: u64,
+    pub version: u64,
+    /// On-disk block if unchanged since the last checkpoint, else 0.
+    pub disk: u64,
+    /// The extents, when the leaf must be written.
+    pub extents: Vec<Extent>,
+}
+
+/// A physical run released by a mapping change.
+pub type Freed = (u64, u64);
+
+#[derive(Clone, Debug, Default)]
+pub struct ExtentMap {
+    /// Leaf key -> leaf. A leaf holds extents starting in [key, next key);
+    /// when the map is not empty the first key is 0.
+    leaves: BTreeMap<u64, Leaf>,
+    mapped_blocks: u64,
+    extent_count: u64,
+    /// Node blocks of the last checkpoint that are no longer part of the
+    /// tree (free once the next checkpoint is durable).
+    stale_nodes: Vec<u64>,
+    /// Interior node blocks of the last checkpoint.
+    interior_nodes: Vec<u64>,
+    /// Changed since the last checkpoint.
+    dirty: bool,
+    next_version: u64,
+}
+
+impl ExtentMap {
+    pub fn new() -> ExtentMap {
+        ExtentMap::default()
+    }
+
+    pub fn mapped_blocks(&self) -> u64 {
+        self.mapped_blocks
+    }
+
+    pub fn extent_count(&self) -> u64 {
+        self.extent_count
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        self.dirty
+    }
+
+    /// Resolves `vblock..vblock+len` into segments covering it in order.
+    pub fn lookup(&self, vblock: u64, len: u64, out: &mut Vec<Segment>) {
+        out.clear();
+        let end = vblock + len;
+        let mut pos = vblock;
+        let start_key = self.leaf_key_for(vblock).unwrap_or(0);
+        'leaves: for (_, leaf) in self.leaves.range(start_key..end.max(start_key + 1)) {
+            let first = leaf.extents.partition_point(|e| e.vend() <= pos);
+            for p in &leaf.extents[first..] {
+                let e = p.unpack();
+                if e.vblock >= end {
+                    break 'leaves;
+                }
+                if e.vblock > pos {
+                    out.push(Segment::Hole {
+                        vblock: pos,
+                        len: e.vblock - pos,
+                    });
+                    pos = e.vblock;
+                }
+                let skip = pos - e.vblock;
+                let n = (e.vend().min(end)) - pos;
+                out.push(if e.is_zero() {
+                    Segment::Zero {
+                        vblock: pos,
+                        len: n,
+                    }
+                } else {
+                    Segment::Mapped {
+                        vblock: pos,
+                        pblock: e.pblock + skip,
+                        len: n,
+                    }
+                });
+                pos += n;
+            }
+        }
+        if pos < end {
+            out.push(Segment::Hole {
+                vblock: pos,
+                len: end - pos,
+            });
+        }
+    }
+
+    /// Maps `vblock..vblock+len` to `pblock..`; returns the physical runs it
+    /// replaced.
+    pub fn map(&mut self, vblock: u64, pblock: u64, len: u64, freed: &mut Vec<Freed>) {
+        self.set(vblock, len, Some((pblock, 0)), freed);
+    }
+
+    /// Marks `vblock..vblock+len` as explicitly zero.
+    pub fn zero(&mut self, vblock: u64, len: u64, freed: &mut Vec<Freed>) {
+        self.set(vblock, len, Some((0, EXTENT_ZERO)), freed);
+    }
+
+    /// Unmaps `vblock..vblock+len`.
+    pub fn unmap(&mut self, vblock: u64, len: u64, freed: &mut Vec<Freed>) {
+        self.set(vblock, len, None, freed);
+    }
+
+    /// Visits every extent in virtual order.
+    pub fn for_each(&self, mut f: impl FnMut(&Extent)) {
+        for leaf in self.leaves.values() {
+            for p in &leaf.extents {
+                f(&p.unpack());
+            }
+        }
+    }
+
+    /// The core update: replace whatever maps `[vblock, vblock+len)` with
+    /// `new` (a physical start and flags) or nothing, leaf by leaf.
+    fn set(&mut self, vblock: u64, len: u64, new: Option<(u64, u8)>, freed: &mut Vec<Freed>) {
+        let end = vblock + len;
+        let mut pos = vblock;
+        while pos < end {
+            let key = match self.leaf_key_for(pos) {
+                Some(k) => k,
+                None => {
+                    if new.is_none() {
+                        return; // nothing mapped anywhere
+                    }
+                    self.leaves.insert(0, Leaf::default());
+                    0
+                }
+            };
+            let leaf_end = self
+                .leaves
+                .range(key + 1..)
+                .next()
+                .map_or(MAX_BLOCKS, |(&k, _)| k);
+            let piece_end = end.min(leaf_end);
+            // One extent holds at most MAX_EXTENT_BLOCKS.
+            let piece_end = match new {
+                Some(_) => piece_end.min(pos + MAX_EXTENT_BLOCKS),
+                None => piece_end,
+            };
+            let piece_new = new.map(|(p, f)| {
+                let pb = if f & EXTENT_ZERO != 0 {
+                    0
+                } else {
+                    p + (pos - vblock)
+                };
+                (pb, f)
+            });
+            self.set_in_leaf(key, pos, piece_end, piece_new, freed);
+            pos = piece_end;
+        }
+    }
+
+    fn set_in_leaf(
+        &mut self,
+        key: u64,
+        start: u64,
+        end: u64,
+        new: Option<(u64, u8)>,
+        freed: &mut Vec<Freed>,
+    ) {
+        let Some(leaf) = self.leaves.get_mut(&key) else {
+            return;
+        };
+        let ext = &mut leaf.extents;
+        let first = ext.partition_point(|e| e.vend() <= start);
+        let mut last = first;
+        while last < ext.len() && ext[last].vblock() < end {
+            last += 1;
+        }
+        if first == last && new.is_none() {
+            return; // nothing to unmap here
+        }
+        // Cut [start, end) out of the overlapping extents.
+        let mut keep: Vec<Packed> = Vec::with_capacity(3);
+        let mut removed_blocks = 0u64;
+        for p in &ext[first..last] {
+            let e = p.unpack();
+            let cut_start = start.max(e.vblock);
+            let cut_end = end.min(e.vend());
+            if e.vblock < cut_start {
+                keep.push(Packed::pack(Extent {
+                    len: (cut_start - e.vblock) as u32,
+                    ..e
+                }));
+            }
+            if !e.is_zero() {
+                freed.push((e.pblock + (cut_start - e.vblock), cut_end - cut_start));
+                removed_blocks += cut_end - cut_start;
+            }
+            if cut_end < e.vend() {
+                let skip = cut_end - e.vblock;
+                keep.push(Packed::pack(Extent {
+                    vblock: cut_end,
+                    pblock: if e.is_zero() { 0 } else { e.pblock + skip },
+                    len: (e.vend() - cut_end) as u32,
+                    flags: e.flags,
+                }));
+            }
+        }
+        if let Some((pblock, flags)) = new {
+            let e = Packed::pack(Extent {
+                vblock: start,
+                pblock,
+                len: (end - start) as u32,
+                flags,
+            });
+            let at = keep
+                .iter()
+                .position(|k| k.vblock() > start)
+                .unwrap_or(keep.len());
+            keep.insert(at, e);
+            if flags & EXTENT_ZERO == 0 {
+                self.mapped_blocks += end - start;
+            }
+        }
+        self.mapped_blocks -= removed_blocks;
+        let old_count = (last - first) as u64;
+        let new_count = keep.len() as u64;
+        ext.splice(first..last, keep);
+        self.extent_count = self.extent_count + new_count - old_count;
+        // Merge with neighbours where virtually and physically contiguous.
+        let lo = first.saturating_sub(1);
+        let mut i = lo;
+        let hi = (first + new_count as usize + 1).min(ext.len());
+        let mut hi = hi;
+        while i + 1 < hi {
+            let (a, b) = (ext[i].unpack(), ext[i + 1].unpack());
+            let contiguous = a.vend() == b.vblock
+                && a.flags == b.flags
+                && (a.is_zero() || a.pblock + a.len as u64 == b.pblock)
+                && (a.len + b.len) as u64 <= MAX_EXTENT_BLOCKS;
+            if contiguous {
+                ext[i] = Packed::pack(Extent {
+                    len: a.len + b.len,
+                    ..a
+                });
+                ext.remove(i + 1);
+                self.extent_count -= 1;
+                hi -= 1;
+            } else {
+                i += 1;
+            }
+        }
+        self.dirty = true;
+        self.next_version += 1;
+        leaf.version = self.next_version;
+        if leaf.disk != 0 {
+            self.stale_nodes.push(leaf.disk);
+            leaf.disk = 0;
+        }
+        self.rebalance(key);
+    }
+
+    /// Splits an overfull leaf, drops an empty one.
+    fn rebalance(&mut self, key: u64) {
+        let Some(leaf) = self.leaves.get_mut(&key) else {
+            return;
+        };
+        if leaf.extents.len() > NODE_CAPACITY {
+            // Appends (the common sequential case) leave a full left leaf.
+            let at = NODE_CAPACITY * 7 / 8;
+            let right = leaf.extents.split_off(at);
+            let right_key = right[0].vblock();
+            self.next_version += 1;
+            self.leaves.insert(
+                right_key,
+                Leaf {
+                    extents: right,
+                    disk: 0,
+                    version: self.next_version,
+                },
+            );
+        } else if leaf.extents.is_empty() {
+            self.leaves.remove(&key);
+            if key == 0 {
+                // Keep the first leaf at key 0.
+                if let Some((&k, _)) = self.leaves.iter().next() {
+                    if let Some(l) = self.leaves.remove(&k) {
+                        self.leaves.insert(0, l);
+                    }
+                }
+            }
+        }
+    }
+
+    fn leaf_key_for(&self, vblock: u64) -> Option<u64> {
+        self.leaves.range(..=vblock).next_back().map(|(&k, _)| k)
+    }
+
+    // --- checkpoint support -------------------------------------------
+
+    /// Starts a checkpoint: returns every leaf (those with `disk != 0` are
+    /// unchanged on disk) and the node blocks the new tree will not use,
+    /// which may be freed once it is durable.
+    pub(crate) fn checkpoint_begin(&mut self) -> (Vec<LeafSnapshot>, Vec<u64>) {
+        let leaves = self
+            .leaves
+            .iter()
+            .map(|(&key, l)| LeafSnapshot {
+                key,
+                version: l.version,
+                disk: l.disk,
+                extents: if l.disk == 0 {
+                    l.extents.iter().map(|p| p.unpack()).collect()
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect();
+        let mut unused = std::mem::take(&mut self.stale_nodes);
+        unused.extend(std::mem::take(&mut self.interior_nodes));
+        self.dirty = false;
+        (leaves, unused)
+    }
+
+    /// Finishes a checkpoint once its tree is durable: `written` are the
+    /// (key, version, block) of the leaves it wrote. A leaf changed since
+    /// `checkpoint_begin` keeps being dirty; the block written for it is
+    /// stale from now on.
+    pub(crate) fn checkpoint_finish(&mut self, written: &[(u64, u64, u64)], interior: Vec<u64>) {
+        for &(key, version, block) in written {
+            match self.leaves.get_mut(&key) {
+                Some(l) if l.version == version && l.disk == 0 => l.disk = block,
+                _ => self.stale_nodes.push(block),
+            }
+        }
+        self.interior_nodes = interior;
+    }
+
+    /// Marks the map changed (after a failed checkpoint).
+    pub(crate) fn set_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// Every node block the map references on disk: the last checkpoint's
+    /// tree and blocks replaced since (both still in use until the next
+    /// checkpoint is durable).
+    pub(crate) fn node_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        self.leaves
+            .values()
+            .map(|l| l.disk)
+            .filter(|&d| d != 0)
+            .chain(self.interior_nodes.iter().copied())
+            .chain(self.stale_nodes.iter().copied())
+    }
+
+    pub(crate) fn leaf_count(&self) -> usize {
+        self.leaves.len()
+    }
+
+    /// Builds a map from a loaded tree: leaves (key, extents, block) in key
+    /// order and the interior node blocks.
+    pub(crate) fn from_loaded(
+        leaves: Vec<(u64, Vec<Extent>, u64)>,
+        interior: Vec<u64>,
+    ) -> ExtentMap {
+        let mut m = ExtentMap {
+            interior_nodes: interior,
+            ..ExtentMap::default()
+        };
+        for (key, extents, block) in leaves {
+            for e in &extents {
+                if !e.is_zero() {
+                    m.mapped_blocks += e.len as u64;
+                }
+            }
+            m.extent_count += extents.len() as u64;
+            m.leaves.insert(
+                key,
+                Leaf {
+                    extents: extents.into_iter().map(Packed::pack).collect(),
+                    disk: block,
+                    version: 0,
+                },
+            );
+        }
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reference model: one entry per block.
+    fn model_apply(
+        model: &mut std::collections::BTreeMap<u64, Option<u64>>,
+        v: u64,
+        len: u64,
+        p: Option<Option<u64>>,
+    ) {
+        for i in 0..len {
+            match p {
+                Some(Some(pb)) => {
+                    model.insert(v + i, Some(pb + i));
+                }
+                Some(None) => {
+                    model.insert(v + i, None);
+                }
+                None => {
+                    model.remove(&(v + i));
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn map_matches_block_model(ops in proptest::collection::vec((0u8..3, 0u64..3000, 1u64..400), 1..300)) {
+            let mut m = ExtentMap::new();
+            let mut model = std::collections::BTreeMap::new();
+            let mut freed = Vec::new();
+            let mut next_p = 1_000_000u64;
+            for (op, v, len) in ops {
+                match op {
+                    0 => { m.map(v, next_p, len, &mut freed); model_apply(&mut model, v, len, Some(Some(next_p))); next_p += len; }
+                    1 => { m.unmap(v, len, &mut freed); model_apply(&mut model, v, len, None); }
+                    _ => { m.zero(v, len, &mut freed); model_apply(&mut model, v, len, Some(None)); }
+                }
+            }
+            let mut segs = Vec::new();
+            m.lookup(0, 4000, &mut segs);
+            let mut v = 0;
+            for s in &segs {
+                for i in 0..s.len() {
+                    let want = model.get(&(v + i)).copied();
+                    let got = match *s {
+                        Segment::Mapped { pblock, .. } => Some(Some(pblock + i)),
+                        Segment::Zero { .. } => Some(None),
+                        Segment::Hole { .. } => None,
+                    };
+                    prop_assert_eq!(got, want, "block {}", v + i);
+                }
+                v += s.len();
+            }
+            prop_assert_eq!(v, 4000);
+            let mapped = model.values().filter(|p| p.is_some()).count() as u64;
+            prop_assert_eq!(m.mapped_blocks(), mapped);
+            let mut n = 0;
+            m.for_each(|_| n += 1);
+            prop_assert_eq!(n, m.extent_count());
+        }
+    }
+
+    #[test]
+    fn freed_runs_are_exactly_the_replaced_blocks() {
+        let mut m = ExtentMap::new();
+        let mut freed = Vec::new();
+        m.map(10, 500, 10, &mut freed);
+        assert!(freed.is_empty());
+        m.map(12, 900, 3, &mut freed);
+        assert_eq!(freed, vec![(502, 3)]);
+        freed.clear();
+        m.unmap(0, 100, &mut freed);
+        freed.sort();
+        assert_eq!(freed, vec![(500, 2), (505, 5), (900, 3)]);
+        assert_eq!(m.mapped_blocks(), 0);
+    }
+
+    #[test]
+    fn sequential_appends_merge_into_one_extent() {
+        let mut m = ExtentMap::new();
+        let mut freed = Vec::new();
+        for i in 0..1000 {
+            m.map(i, 7000 + i, 1, &mut freed);
+        }
+        assert_eq!(m.extent_count(), 1);
+    }
+
+    #[test]
+    fn many_scattered_extents_split_leaves() {
+        let mut m = ExtentMap::new();
+        let mut freed = Vec::new();
+        for i in 0..10_000u64 {
+            m.map((i * 7919) % 100_000 * 2, 1_000_000 + i * 2, 1, &mut freed);
+        }
+        assert_eq!(m.extent_count(), 10_000);
+        assert!(m.leaf_count() >= 10_000 / NODE_CAPACITY);
+        let mut segs = Vec::new();
+        m.lookup(0, 200_000, &mut segs);
+        assert_eq!(
+            segs.iter()
+                .filter(|s| matches!(s, Segment::Mapped { .. }))
+                .count(),
+            10_000
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! On-disk format v1: fixed-layout little-endian records, each with a magic,
+//! a version, a CRC32 and its own block address. The authoritative
+//! description is docs/FORMAT.md; this module is its executable form.
+//!
+//! Everything here is pure encoding and decoding of 4 KiB blocks, so the
+//! decoders can be fuzzed and a corrupt block always becomes an [`Error`].
+//!
+//! [`Error`]: crate::Error
+
+pub mod catalog;
+pub mod claims;
+pub mod codec;
+pub mod journal;
+pub mod node;
+pub mod superblock;
+
+/// The internal block: the unit of mapping, allocation and validity.
+pub const BLOCK_SIZE: usize = 4096;
+pub const BLOCK_SHIFT: u32 = 12;
+/// Addressing unit of the I/O API (as virtio-blk and SCSI use).
+pub const SECTOR_SIZE: u64 = 512;
+pub const SECTORS_PER_BLOCK: u64 = (BLOCK_SIZE as u64) / SECTOR_SIZE;
+
+/// The format version this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Block addresses (physical and virtual) are 48-bit: 1 EiB of 4 KiB blocks.
+pub const MAX_BLOCKS: u64 = 1 << 48;
+/// Largest volume (virtual size) the format can describe.
+pub const MAX_VOLUME_BYTES: u64 = MAX_BLOCKS << BLOCK_SHIFT;
+
+/// Superblock copy locations: block 0 and block 8 (kept apart so one bad
+/// sector or one torn write cannot take both).
+pub const SUPERBLOCK_A: u64 = 0;
+pub const SUPERBLOCK_B: u64 = 8;
+/// First block after the fixed header zone.
+pub const HEADER_ZONE_BLOCKS: u64 = 16;
+
+/// Hosts a pool can hold at most (slot ids 1..=MAX_HOSTS).
+pub const MAX_HOSTS: u32 = 100;
+/// Allocation-group size: 1 GiB of 4 KiB blocks.
+pub const AG_BLOCKS: u32 = 262_144;
+/// Bytes per allocation-group claim record.
+pub const AG_CLAIM_LEN: usize = 16;
+
+pub const MIN_CHUNK_BYTES: u64 = 64 << 10;
+pub const MAX_CHUNK_BYTES: u64 = 1 << 30;
+pub const DEFAULT_CHUNK_BYTES: u64 = 1 << 20;
+
+/// Blocks at the start of each host's journal region that hold its two
+/// checkpoint records; the rest is the circular journal.
+pub const HOST_CHECKPOINT_BLOCKS: u32 = 2;
+pub const MIN_JOURNAL_BLOCKS: u32 = 64;
+
+/// Magic numbers of every record type.
+pub mod magic {
+    pub const SUPERBLOCK: &[u8; 8] = b"THINLUN\x01";
+    pub const NODE: &[u8; 8] = b"TLNODE\0\0";
+    pub const CATALOG: &[u8; 8] = b"TLCATLG\0";
+    pub const VOLUME_HEADER: &[u8; 8] = b"TLVOLHD\0";
+    pub const JOURNAL: &[u8; 8] = b"TLJRNL\0\0";
+    pub const HOST_CHECKPOINT: &[u8; 8] = b"TLHOSTCK";
+    pub const AG_TABLE: &[u8; 8] = b"TLAGTAB\0";
+}
+
+/// Where each region of a pool lies, in blocks from the start of the LUN.
+/// Derived from a few superblock fields; see docs/FORMAT.md, "Layout".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    pub pool_blocks: u64,
+    pub max_pool_blocks: u64,
+    pub chunk_blocks: u32,
+    pub max_hosts: u32,
+    /// Per host, including its checkpoint records.
+    pub journal_blocks: u32,
+    pub host_slot_start: u64,
+    pub lock_start: u64,
+    pub lock_blocks: u64,
+    pub ag_table_start: u64,
+    pub ag_table_blocks: u64,
+    pub journal_start: u64,
+    pub data_start: u64,
+}
+
+impl Layout {
+    /// Computes the layout of a new pool.
+    pub fn compute(
+        pool_blocks: u64,
+        max_pool_blocks: u64,
+        chunk_blocks: u32,
+        max_hosts: u32,
+        journal_blocks: u32,
+    ) -> Layout {
+        let host_slot_start = HEADER_ZONE_BLOCKS;
+        let lock_start = host_slot_start + max_hosts as u64;
+        let lock_blocks = max_hosts as u64 + 1;
+        let ag_table_start = lock_start + lock_blocks;
+        let max_ags = max_pool_blocks.div_ceil(AG_BLOCKS as u64);
+        let claims_per_block = (BLOCK_SIZE - codec::HEADER_LEN) / AG_CLAIM_LEN;
+        let ag_table_blocks = max_ags.div_ceil(claims_per_block as u64);
+        let journal_start = ag_table_start + ag_table_blocks;
+        let journals_end = journal_start + max_hosts as u64 * journal_blocks as u64;
+        let data_start = journals_end.div_ceil(chunk_blocks as u64) * chunk_blocks as u64;
+        Layout {
+            pool_blocks,
+            max_pool_blocks,
+            chunk_blocks,
+            max_hosts,
+            journal_blocks,
+            host_slot_start,
+            lock_start,
+            lock_blocks,
+            ag_table_start,
+            ag_table_blocks,
+            journal_start,
+            data_start,
+        }
+    }
+
+    /// First block of host `host_id`'s journal region (its checkpoint records).
+    pub fn host_region(&self, host_id: u32) -> u64 {
+        self.journal_start + (host_id as u64 - 1) * self.journal_blocks as u64
+    }
+
+    /// Number of whole chunks in the data area.
+    pub fn data_chunks(&self) -> u64 {
+        self.pool_blocks.saturating_sub(self.data_start) / self.chunk_blocks as u64
+    }
+
+    /// One past the last usable data block (whole chunks only).
+    pub fn data_end(&self) -> u64 {
+        self.data_start + self.data_chunks() * self.chunk_blocks as u64
+    }
+
+    pub fn is_data_block(&self, b: u64) -> bool {
+        b >= self.data_start && b < self.data_end()
+    }
+}

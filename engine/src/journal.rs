@@ -1,0 +1,115 @@
+//! The host's journal writer: appends mapping changes as chained blocks to
+//! the circular journal, and knows how much room is left before the next
+//! checkpoint must move the replay start forward.
+
+use crate::dev::{AlignedBuf, BlockDevice, IoOp};
+use crate::error::{Error, Result};
+use crate::format::journal::{
+    encode_block, Entry, HostCheckpoint, JournalBlock, ENTRIES_PER_BLOCK,
+};
+use crate::format::{BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS};
+
+pub(crate) struct JournalWriter {
+    /// First block of the circular part.
+    ring_start: u64,
+    /// Blocks in the circular part.
+    ring_len: u32,
+    /// Replay start (as recorded in the durable host checkpoint).
+    head: u32,
+    /// Where the next block goes.
+    tail: u32,
+    /// Sequence of the next block.
+    next_seq: u64,
+    /// CRC of the last block written (or the chain seed).
+    prev_crc: u32,
+    nonce: u64,
+}
+
+impl JournalWriter {
+    pub fn new(
+        region_start: u64,
+        region_blocks: u32,
+        ckpt: &HostCheckpoint,
+        tail: u32,
+        next_seq: u64,
+        prev_crc: u32,
+    ) -> Self {
+        JournalWriter {
+            ring_start: region_start + HOST_CHECKPOINT_BLOCKS as u64,
+            ring_len: region_blocks - HOST_CHECKPOINT_BLOCKS,
+            head: ckpt.head,
+            tail,
+            next_seq,
+            prev_crc,
+            nonce: crate::util::random_u64(),
+        }
+    }
+
+    /// Blocks between the replay start and the tail.
+    pub fn used_blocks(&self) -> u32 {
+        (self.tail + self.ring_len - self.head) % self.ring_len
+    }
+
+    pub fn capacity(&self) -> u32 {
+        // One block stays unused so head == tail always means "empty".
+        self.ring_len - 1
+    }
+
+    pub fn blocks_for(entries: usize) -> u32 {
+        entries.div_ceil(ENTRIES_PER_BLOCK) as u32
+    }
+
+    pub fn has_room(&self, entries: usize) -> bool {
+        self.used_blocks() + Self::blocks_for(entries) <= self.capacity()
+    }
+
+    /// Sequence number of the last block written.
+    pub fn last_seq(&self) -> u64 {
+        self.next_seq - 1
+    }
+
+    /// Appends `entries` (the caller checked `has_room`); durable only after
+    /// the device is flushed.
+    pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry]) -> Result<()> {
+        let mut blocks: Vec<(u64, AlignedBuf)> = Vec::new();
+        for chunk in entries.chunks(ENTRIES_PER_BLOCK) {
+            let at = self.ring_start + self.tail as u64;
+            let jb = JournalBlock {
+                seq: self.next_seq,
+                nonce: self.nonce,
+                prev_crc: self.prev_crc,
+                entries: chunk.to_vec(),
+            };
+            let (bytes, crc) = encode_block(&jb, at);
+            blocks.push((at, AlignedBuf::from_slice(&bytes)));
+            self.prev_crc = crc;
+            self.next_seq += 1;
+            self.tail = (self.tail + 1) % self.ring_len;
+        }
+        let mut ops: Vec<IoOp> = blocks
+            .iter()
+            .map(|(at, buf)| IoOp::Write {
+                offset: at * BLOCK_SIZE as u64,
+                buf,
+            })
+            .collect();
+        dev.submit(&mut ops)
+            .map_err(|e| Error::io("journal write", e))
+    }
+
+    /// The host checkpoint that makes everything written so far "already in
+    /// the trees": replay would start at the current tail.
+    pub fn checkpoint_at_tail(&self, generation: u64) -> HostCheckpoint {
+        HostCheckpoint {
+            generation,
+            head: self.tail,
+            seq: self.next_seq,
+            prev_crc: self.prev_crc,
+        }
+    }
+
+    /// Records that a host checkpoint at the tail is durable.
+    pub fn advance_head_to(&mut self, ckpt: &HostCheckpoint) {
+        self.head = ckpt.head;
+    }
+}

@@ -1,0 +1,430 @@
+//! Opening a pool: superblock, catalog, volume trees, journal replay. Every
+//! block is verified as it is read and every physical block is accounted
+//! for exactly once, so a successful load is also the core of `check`.
+
+use crate::dev::{read_block, AlignedBuf, BlockDevice, IoOp};
+use crate::error::{Error, Result};
+use crate::extmap::ExtentMap;
+use crate::format::catalog::{decode_catalog, decode_volume_header, VolumeHeader, VolumeRecord};
+use crate::format::journal::{decode_block, decode_host_checkpoint, Entry, HostCheckpoint};
+use crate::format::node::{self, Extent, Node};
+use crate::format::superblock::{has_magic, Superblock};
+use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
+use crate::space::{Cursor, SpaceMap};
+use crate::state::{State, Vol};
+use std::collections::{HashMap, HashSet};
+
+pub(crate) struct Loaded {
+    pub state: State,
+    pub host_ckpt: HostCheckpoint,
+    /// Journal position after replay.
+    pub tail: u32,
+    pub next_seq: u64,
+    pub prev_crc: u32,
+    pub replayed_blocks: u64,
+    /// Problems that did not stop the load (a damaged copy of a record
+    /// that has a good twin).
+    pub warnings: Vec<String>,
+}
+
+/// Reads both superblock copies and picks the valid one with the newer
+/// generation.
+pub(crate) fn read_superblock(
+    dev: &dyn BlockDevice,
+    label: &str,
+    warnings: &mut Vec<String>,
+) -> Result<Superblock> {
+    let size = dev.size_bytes().map_err(|e| Error::io(label, e))?;
+    if size < (SUPERBLOCK_B + 1) * BLOCK_SIZE as u64 {
+        return Err(Error::NotAPool(label.to_string()));
+    }
+    let mut copies = Vec::new();
+    let mut saw_magic = false;
+    for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
+        let b = read_block(dev, at).map_err(|e| Error::io(format!("{label}: superblock"), e))?;
+        saw_magic |= has_magic(&b);
+        copies.push((at, Superblock::decode(&b, at)));
+    }
+    if !saw_magic {
+        return Err(Error::NotAPool(label.to_string()));
+    }
+    for (_, r) in &copies {
+        if let Err(e @ Error::UnsupportedVersion { .. }) = r {
+            return Err(Error::UnsupportedVersion {
+                found: match e {
+                    Error::UnsupportedVersion { found, .. } => *found,
+                    _ => 0,
+                },
+                supported: crate::format::FORMAT_VERSION,
+            });
+        }
+    }
+    let mut best: Option<Superblock> = None;
+    let mut errors = Vec::new();
+    for (at, r) in copies {
+        match r {
+            Ok(sb) => {
+                if best.as_ref().is_none_or(|b| sb.generation > b.generation) {
+                    if let Some(b) = &best {
+                        warnings.push(format!(
+                            "superblock copy at block {} is older (generation {}) than the other; it will be rewritten",
+                            if at == SUPERBLOCK_A { SUPERBLOCK_B } else { SUPERBLOCK_A },
+                            b.generation
+                        ));
+                    }
+                    best = Some(sb);
+                } else if best.as_ref().is_some_and(|b| sb.generation < b.generation) {
+                    warnings.push(format!(
+                        "superblock copy at block {at} is older (generation {}) than the other; it will be rewritten",
+                        sb.generation
+                    ));
+                }
+            }
+            Err(e) => errors.push(format!("copy at block {at}: {e}")),
+        }
+    }
+    match best {
+        Some(sb) => {
+            for e in errors {
+                warnings.push(format!("damaged superblock {e}; using the other copy"));
+            }
+            let need = sb.layout.pool_blocks * BLOCK_SIZE as u64;
+            if size < need {
+                return Err(Error::Corrupt(format!(
+                    "{label} is {size} bytes but the pool needs {need}: the file or LUN was truncated"
+                )));
+            }
+            Ok(sb)
+        }
+        None => Err(Error::Corrupt(format!(
+            "both superblock copies are damaged ({})",
+            errors.join("; ")
+        ))),
+    }
+}
+
+fn read_blocks(dev: &dyn BlockDevice, blocks: &[u64], what: &str) -> Result<Vec<AlignedBuf>> {
+    let mut bufs: Vec<AlignedBuf> = blocks
+        .iter()
+        .map(|_| AlignedBuf::zeroed(BLOCK_SIZE))
+        .collect();
+    let mut ops: Vec<IoOp> = bufs
+        .iter_mut()
+        .zip(blocks)
+        .map(|(buf, &b)| IoOp::Read {
+            offset: b * BLOCK_SIZE as u64,
+            buf,
+        })
+        .collect();
+    dev.submit(&mut ops).map_err(|e| Error::io(what, e))?;
+    Ok(bufs)
+}
+
+fn mark(
+    space: &mut SpaceMap,
+    layout: &Layout,
+    pblock: u64,
+    len: u64,
+    what: &dyn Fn() -> String,
+) -> Result<()> {
+    if !layout.is_data_block(pblock) || !layout.is_data_block(pblock + len - 1) {
+        return Err(Error::Corrupt(format!(
+            "{} points outside the data area (blocks {pblock}..{})",
+            what(),
+            pblock + len
+        )));
+    }
+    space.mark_used(pblock, len).map_err(|d| {
+        Error::Corrupt(format!(
+            "{} uses block {} which is already used elsewhere (owned twice)",
+            what(),
+            d.0
+        ))
+    })
+}
+
+/// Loads a volume's tree, level by level with batched reads, checking that
+/// every node's keys lie inside the range its parent gives it.
+fn load_tree(
+    dev: &dyn BlockDevice,
+    state: &mut State,
+    rec: &VolumeRecord,
+    h: &VolumeHeader,
+) -> Result<ExtentMap> {
+    if h.root == 0 {
+        return Ok(ExtentMap::new());
+    }
+    let layout = state.sb.layout;
+    let name = &rec.name;
+    // (block, key lower bound, key upper bound, expected level)
+    let mut level: Vec<(u64, u64, u64, u16)> = vec![(h.root, 0, u64::MAX, h.depth)];
+    let mut interior = Vec::new();
+    let mut leaves = Vec::new();
+    while !level.is_empty() {
+        let blocks: Vec<u64> = level.iter().map(|l| l.0).collect();
+        for &b in &blocks {
+            mark(&mut state.space, &layout, b, 1, &|| {
+                format!("volume '{name}' tree")
+            })?;
+        }
+        let bufs = read_blocks(dev, &blocks, "reading mapping nodes")?;
+        let mut next = Vec::new();
+        for ((block, lo, hi, want_level), buf) in level.into_iter().zip(bufs) {
+            let n = node::decode(&buf, block)?;
+            let bad = |what: &str| {
+                Error::Corrupt(format!(
+                    "volume '{name}': mapping node at block {block}: {what}"
+                ))
+            };
+            match n {
+                Node::Leaf(extents) => {
+                    if want_level != 0 {
+                        return Err(bad("leaf found where an interior node belongs"));
+                    }
+                    if extents.first().is_some_and(|e| e.vblock < lo)
+                        || extents.last().is_some_and(|e| e.vend() > hi)
+                    {
+                        return Err(bad("extents outside the range the parent node gives"));
+                    }
+                    leaves.push((lo, extents, block));
+                }
+                Node::Interior { level: l, children } => {
+                    if l != want_level || l == 0 {
+                        return Err(bad("wrong tree level"));
+                    }
+                    if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi) {
+                        return Err(bad("child keys outside the range the parent node gives"));
+                    }
+                    for (i, &(key, child)) in children.iter().enumerate() {
+                        let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
+                        next.push((child, key, child_hi, l - 1));
+                    }
+                    interior.push(block);
+                }
+            }
+        }
+        level = next;
+    }
+    leaves.sort_by_key(|l| l.0);
+    for (_, extents, _) in &leaves {
+        for e in extents.iter().filter(|e| !e.is_zero()) {
+            let e: Extent = *e;
+            mark(&mut state.space, &layout, e.pblock, e.len as u64, &|| {
+                format!("volume '{name}' extent at virtual block {}", e.vblock)
+            })?;
+        }
+    }
+    let map = ExtentMap::from_loaded(leaves, interior);
+    if map.mapped_blocks() != h.mapped_blocks || map.extent_count() != h.extent_count {
+        return Err(Error::Corrupt(format!(
+            "volume '{name}': header says {} mapped blocks in {} extents, tree holds {} in {}",
+            h.mapped_blocks,
+            h.extent_count,
+            map.mapped_blocks(),
+            map.extent_count()
+        )));
+    }
+    Ok(map)
+}
+
+/// Reads both copies of a two-copy record and keeps the valid newer one.
+fn newer_of<T>(
+    copies: [(u64, Result<T>); 2],
+    generation: impl Fn(&T) -> u64,
+    what: &str,
+    warnings: &mut Vec<String>,
+) -> Result<T> {
+    let [(a_at, a), (b_at, b)] = copies;
+    match (a, b) {
+        (Ok(a), Ok(b)) => Ok(if generation(&b) > generation(&a) {
+            b
+        } else {
+            a
+        }),
+        (Ok(a), Err(e)) => {
+            warnings.push(format!(
+                "{what}: damaged copy at block {b_at} ({e}); using the other"
+            ));
+            Ok(a)
+        }
+        (Err(e), Ok(b)) => {
+            warnings.push(format!(
+                "{what}: damaged copy at block {a_at} ({e}); using the other"
+            ));
+            Ok(b)
+        }
+        (Err(ea), Err(eb)) => Err(Error::Corrupt(format!(
+            "{what}: both copies are damaged ({ea}; {eb})"
+        ))),
+    }
+}
+
+pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Loaded> {
+    let mut warnings = Vec::new();
+    let sb = read_superblock(dev, label, &mut warnings)?;
+    let layout = sb.layout;
+    let mut state = State::new(sb.clone(), SpaceMap::new(&layout));
+
+    // Catalog chain.
+    let mut records = Vec::new();
+    let mut at = sb.catalog_root;
+    let mut seen = HashSet::new();
+    while at != 0 {
+        if !seen.insert(at) {
+            return Err(Error::Corrupt(format!(
+                "catalog chain loops back to block {at}"
+            )));
+        }
+        mark(&mut state.space, &layout, at, 1, &|| "catalog".to_string())?;
+        let b = read_block(dev, at).map_err(|e| Error::io("reading catalog", e))?;
+        let cb = decode_catalog(&b, &layout, at)?;
+        state.catalog_blocks.push(at);
+        records.extend(cb.records);
+        at = cb.next;
+    }
+    let mut names = HashMap::new();
+    for r in &records {
+        if let Some(other) = names.insert(r.name.clone(), r.id) {
+            return Err(Error::Corrupt(format!(
+                "catalog names two volumes '{}' (ids {other} and {})",
+                r.name, r.id
+            )));
+        }
+        if r.id >= sb.next_volume_id {
+            return Err(Error::Corrupt(format!(
+                "volume '{}' has id {} but the superblock's next id is {}",
+                r.name, r.id, sb.next_volume_id
+            )));
+        }
+    }
+
+    // Volume headers and trees.
+    for rec in records {
+        if state.volumes.contains_key(&rec.id) {
+            return Err(Error::Corrupt(format!(
+                "catalog lists volume id {} twice",
+                rec.id
+            )));
+        }
+        for &hb in &rec.header_blocks {
+            mark(&mut state.space, &layout, hb, 1, &|| {
+                format!("volume '{}' header", rec.name)
+            })?;
+        }
+        let bufs = read_blocks(dev, &rec.header_blocks, "reading volume headers")?;
+        let decode = |i: usize| {
+            decode_volume_header(&bufs[i], rec.header_blocks[i]).and_then(|h| {
+                if h.volume_id == rec.id {
+                    Ok(h)
+                } else {
+                    Err(Error::Corrupt(format!(
+                        "header at block {} belongs to volume id {}",
+                        rec.header_blocks[i], h.volume_id
+                    )))
+                }
+            })
+        };
+        let header = newer_of(
+            [
+                (rec.header_blocks[0], decode(0)),
+                (rec.header_blocks[1], decode(1)),
+            ],
+            |h| h.generation,
+            &format!("volume '{}' header", rec.name),
+            &mut warnings,
+        )?;
+        let map = load_tree(dev, &mut state, &rec, &header)?;
+        state.volumes.insert(
+            rec.id,
+            Vol {
+                rec,
+                map,
+                header,
+                cursor: Cursor::default(),
+                handles: 0,
+            },
+        );
+    }
+
+    // This host's journal.
+    let region = layout.host_region(host_id);
+    let ring_len = layout.journal_blocks - HOST_CHECKPOINT_BLOCKS;
+    let ck_blocks = [region, region + 1];
+    let ck_bufs = read_blocks(dev, &ck_blocks, "reading host checkpoint")?;
+    let host_ckpt = newer_of(
+        [
+            (
+                region,
+                decode_host_checkpoint(&ck_bufs[0], region, ring_len),
+            ),
+            (
+                region + 1,
+                decode_host_checkpoint(&ck_bufs[1], region + 1, ring_len),
+            ),
+        ],
+        |h| h.generation,
+        &format!("host {host_id} checkpoint"),
+        &mut warnings,
+    )?;
+    let ring_start = region + HOST_CHECKPOINT_BLOCKS as u64;
+    let ring: Vec<u64> = (0..ring_len as u64).map(|i| ring_start + i).collect();
+    let jbufs = read_blocks(dev, &ring, "reading journal")?;
+    let (mut pos, mut seq, mut prev_crc) = (host_ckpt.head, host_ckpt.seq, host_ckpt.prev_crc);
+    let mut replayed = 0u64;
+    let mut freed = Vec::new();
+    for _ in 0..ring_len - 1 {
+        let at = ring_start + pos as u64;
+        let Some((jb, crc)) = decode_block(&jbufs[pos as usize], at)? else {
+            break;
+        };
+        if jb.seq != seq || jb.prev_crc != prev_crc {
+            break;
+        }
+        for e in &jb.entries {
+            let Some(vol) = state.volumes.get_mut(&e.volume()) else {
+                continue; // volume removed after this entry
+            };
+            if vol.header.journal_seq >= jb.seq {
+                continue; // already in the checkpointed tree
+            }
+            freed.clear();
+            match *e {
+                Entry::Map {
+                    vblock,
+                    pblock,
+                    len,
+                    ..
+                } => {
+                    vol.map.map(vblock, pblock, len as u64, &mut freed);
+                    for &(p, n) in &freed {
+                        state.space.release(p, n);
+                    }
+                    let name = vol.rec.name.clone();
+                    mark(&mut state.space, &layout, pblock, len as u64, &|| {
+                        format!("journal block {at} (volume '{name}')")
+                    })?;
+                }
+                Entry::Unmap { vblock, len, .. } => vol.map.unmap(vblock, len as u64, &mut freed),
+                Entry::Zero { vblock, len, .. } => vol.map.zero(vblock, len as u64, &mut freed),
+            }
+            if !matches!(e, Entry::Map { .. }) {
+                for &(p, n) in &freed {
+                    state.space.release(p, n);
+                }
+            }
+        }
+        replayed += 1;
+        seq += 1;
+        prev_crc = crc;
+        pos = (pos + 1) % ring_len;
+    }
+    Ok(Loaded {
+        state,
+        host_ckpt,
+        tail: pos,
+        next_seq: seq,
+        prev_crc,
+        replayed_blocks: replayed,
+        warnings,
+    })
+}

@@ -1,0 +1,1095 @@
+//! A pool: creating and opening it, its volumes, and the commit machinery
+//! that makes mapping changes durable (journal group commit) and folds them
+//! into the volume trees (checkpoint).
+//!
+//! Lock order: `commit` before `state`. The data path takes only `state`,
+//! briefly; nothing holds `state` while waiting for `commit`.
+
+use crate::dev::{write_blocks, BlockDevice, FileDevice};
+use crate::error::{Error, Result};
+use crate::format::catalog::{
+    self, encode_catalog, encode_volume_header, CatalogBlock, VolumeHeader, VolumeRecord,
+    RECORDS_PER_BLOCK,
+};
+use crate::format::journal::{encode_host_checkpoint, Entry, HostCheckpoint};
+use crate::format::node::{self, Node, NODE_CAPACITY};
+use crate::format::superblock::{has_magic, Policy, Superblock};
+use crate::format::{
+    claims, Layout, BLOCK_SIZE, DEFAULT_CHUNK_BYTES, FORMAT_VERSION, HOST_CHECKPOINT_BLOCKS,
+    MAX_BLOCKS, MAX_CHUNK_BYTES, MAX_HOSTS, MAX_VOLUME_BYTES, MIN_CHUNK_BYTES, MIN_JOURNAL_BLOCKS,
+    SUPERBLOCK_A, SUPERBLOCK_B,
+};
+use crate::journal::JournalWriter;
+use crate::load::{load, Loaded};
+use crate::names::is_valid_volume_name;
+use crate::space::Cursor;
+use crate::state::{State, Vol};
+use crate::util::{journal_seed, now_unix, random_uuid};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// The host id a single-host pool uses.
+pub const SINGLE_HOST_ID: u32 = 1;
+/// Number of stripe locks that serialise overlapping writes.
+pub(crate) const STRIPES: usize = 256;
+/// How often the background thread commits and considers a checkpoint
+/// (as dm-thin commits every second).
+const BACKGROUND_PERIOD: Duration = Duration::from_secs(1);
+
+/// Parameters of a new pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Pool size; default: the whole file or device.
+    pub size_bytes: Option<u64>,
+    /// Allocation chunk: a power of two from 64 KiB to 1 GiB.
+    pub chunk_bytes: u64,
+    /// Hosts that may share the pool (1..=100).
+    pub max_hosts: u32,
+    /// Journal size per host; default scales with the pool (256 KiB..8 MiB).
+    pub journal_bytes: Option<u64>,
+    /// Overwrite an existing pool.
+    pub force: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size_bytes: None,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_hosts: 16,
+            journal_bytes: None,
+            force: false,
+        }
+    }
+}
+
+/// How to open a pool.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Inspect only: no writes, no journal replay written back.
+    pub read_only: bool,
+}
+
+/// What a volume is, as `list` and `info` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub mapped_bytes: u64,
+    pub extents: u64,
+    pub read_only: bool,
+    pub snapshot: bool,
+    pub base: bool,
+    pub created_unix: u64,
+}
+
+/// Pool-wide figures, as `pool status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub uuid: String,
+    pub format_version: u32,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    pub data_bytes: u64,
+    pub data_used_bytes: u64,
+    pub data_free_bytes: u64,
+    pub metadata_used_bytes: u64,
+    pub metadata_reserved_bytes: u64,
+    pub pending_free_bytes: u64,
+    pub volumes: u64,
+    pub provisioned_bytes: u64,
+    pub journal_used_blocks: u32,
+    pub journal_capacity_blocks: u32,
+    pub max_hosts: u32,
+    pub policy: Policy,
+}
+
+pub(crate) struct CommitCtl {
+    pub journal: JournalWriter,
+    pub host_ckpt: HostCheckpoint,
+}
+
+pub(crate) struct Inner {
+    pub dev: Arc<dyn BlockDevice>,
+    /// The path or name the pool was opened by, for messages.
+    pub label: String,
+    pub read_only: bool,
+    pub host_id: u32,
+    pub state: Mutex<State>,
+    pub commit: Mutex<Option<CommitCtl>>,
+    commits_begun: AtomicU64,
+    commits_done: AtomicU64,
+    pub stripes: Box<[Mutex<()>]>,
+    /// Set after a metadata write failed: the on-disk state is still
+    /// consistent, but this process refuses further writes.
+    failed: Mutex<Option<String>>,
+    bg: Arc<BackgroundCtl>,
+    bg_thread: Mutex<Option<JoinHandle<()>>>,
+    pub warnings: Vec<String>,
+}
+
+/// An open pool. Cheap to clone; the pool closes cleanly (commit and
+/// checkpoint) when [`Pool::close`] is called or the last handle drops.
+#[derive(Clone)]
+pub struct Pool {
+    pub(crate) inner: Arc<Inner>,
+}
+
+fn default_journal_blocks(pool_blocks: u64, max_hosts: u32) -> u32 {
+    let per_host = pool_blocks / 512 / max_hosts as u64;
+    per_host.clamp(MIN_JOURNAL_BLOCKS as u64, 2048) as u32
+}
+
+impl Pool {
+    /// Creates a pool on a file (made sparse if missing) or block device.
+    pub fn create_path(path: &Path, cfg: &PoolConfig) -> Result<Pool> {
+        let label = path.display().to_string();
+        if !path.exists() {
+            let size = cfg.size_bytes.ok_or_else(|| {
+                Error::InvalidArgument(format!("{label} does not exist; give a size to create it"))
+            })?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .map_err(|e| Error::io(&label, e))?;
+            f.set_len(size).map_err(|e| Error::io(&label, e))?;
+        } else if let Some(size) = cfg.size_bytes {
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(&label, e))?;
+            if meta.is_file() && meta.len() < size {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| Error::io(&label, e))?;
+                f.set_len(size).map_err(|e| Error::io(&label, e))?;
+            }
+        }
+        let dev = open_device(path, false)?;
+        Pool::create(dev, &label, cfg)
+    }
+
+    /// Opens the pool on a file or block device.
+    pub fn open_path(path: &Path, opts: &OpenOptions) -> Result<Pool> {
+        let dev = open_device(path, opts.read_only)?;
+        Pool::open(dev, &path.display().to_string(), opts)
+    }
+
+    /// Writes a new, empty pool onto `dev` and opens it.
+    pub fn create(dev: Arc<dyn BlockDevice>, label: &str, cfg: &PoolConfig) -> Result<Pool> {
+        let dev_bytes = dev.size_bytes().map_err(|e| Error::io(label, e))?;
+        let size = cfg.size_bytes.unwrap_or(dev_bytes);
+        if size > dev_bytes {
+            return Err(Error::InvalidArgument(format!(
+                "pool size {size} is larger than {label} ({dev_bytes} bytes)"
+            )));
+        }
+        let chunk = cfg.chunk_bytes;
+        if !chunk.is_power_of_two() || !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk) {
+            return Err(Error::InvalidArgument(format!(
+                "chunk size {chunk} must be a power of two from 64K to 1G"
+            )));
+        }
+        if cfg.max_hosts == 0 || cfg.max_hosts > MAX_HOSTS {
+            return Err(Error::InvalidArgument(format!(
+                "host count must be 1..={MAX_HOSTS}"
+            )));
+        }
+        let pool_blocks = size / BLOCK_SIZE as u64;
+        if pool_blocks >= MAX_BLOCKS {
+            return Err(Error::InvalidArgument(format!(
+                "pool size {size} exceeds the format's 1 EiB limit"
+            )));
+        }
+        let journal_blocks = match cfg.journal_bytes {
+            Some(j) => {
+                let b = j / BLOCK_SIZE as u64;
+                if b < MIN_JOURNAL_BLOCKS as u64 || b > u32::MAX as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "journal size must be at least {} KiB",
+                        MIN_JOURNAL_BLOCKS as usize * BLOCK_SIZE / 1024
+                    )));
+                }
+                b as u32
+            }
+            None => default_journal_blocks(pool_blocks, cfg.max_hosts),
+        };
+        let max_pool_blocks = (pool_blocks.saturating_mul(64))
+            .max((64u64 << 40) / BLOCK_SIZE as u64)
+            .min(MAX_BLOCKS - 1);
+        let chunk_blocks = (chunk / BLOCK_SIZE as u64) as u32;
+        let layout = Layout::compute(
+            pool_blocks,
+            max_pool_blocks,
+            chunk_blocks,
+            cfg.max_hosts,
+            journal_blocks,
+        );
+        if layout.data_chunks() < 4 {
+            let need = (layout.data_start + 4 * chunk_blocks as u64) * BLOCK_SIZE as u64;
+            return Err(Error::InvalidArgument(format!(
+                "pool too small: with these settings it needs at least {} MiB",
+                need.div_ceil(1 << 20)
+            )));
+        }
+        if !cfg.force {
+            for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
+                let b =
+                    crate::dev::read_block(dev.as_ref(), at).map_err(|e| Error::io(label, e))?;
+                if has_magic(&b) {
+                    return Err(Error::Busy(format!(
+                        "{label} already holds a thinlun pool; use --force to overwrite it"
+                    )));
+                }
+            }
+        }
+        let uuid = random_uuid();
+        let now = now_unix();
+        let sb = Superblock {
+            generation: 1,
+            layout,
+            uuid,
+            catalog_root: 0,
+            next_volume_id: 1,
+            created_unix: now,
+            commit_unix: now,
+            policy: Policy::default(),
+        };
+        // Reserved regions start zeroed; claim table and host checkpoints
+        // start valid and empty.
+        let mut blocks: Vec<(u64, Vec<u8>)> = Vec::new();
+        for b in layout.host_slot_start..layout.ag_table_start {
+            blocks.push((b, vec![0u8; BLOCK_SIZE]));
+        }
+        let empty_claims = vec![claims::Claim::default(); claims::CLAIMS_PER_BLOCK];
+        for i in 0..layout.ag_table_blocks {
+            let at = layout.ag_table_start + i;
+            blocks.push((at, claims::encode(&empty_claims, 1, at)));
+        }
+        for host in 1..=cfg.max_hosts {
+            let region = layout.host_region(host);
+            for k in 0..HOST_CHECKPOINT_BLOCKS as u64 {
+                let ck = HostCheckpoint {
+                    generation: 1,
+                    head: 0,
+                    seq: 1,
+                    prev_crc: journal_seed(&uuid, host),
+                };
+                blocks.push((region + k, encode_host_checkpoint(&ck, region + k)));
+            }
+        }
+        let io = |e| Error::io(format!("{label}: writing new pool"), e);
+        for batch in blocks.chunks(1024) {
+            write_blocks(dev.as_ref(), batch).map_err(io)?;
+        }
+        dev.flush().map_err(io)?;
+        // Superblock last: until it is durable the LUN is not a pool.
+        for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
+            write_blocks(dev.as_ref(), &[(at, sb.encode(at))]).map_err(io)?;
+            dev.flush().map_err(io)?;
+        }
+        Pool::open(dev, label, &OpenOptions::default())
+    }
+
+    /// Opens an existing pool: verifies and loads its metadata, replays the
+    /// journal, and (unless read-only) starts the background committer.
+    pub fn open(dev: Arc<dyn BlockDevice>, label: &str, opts: &OpenOptions) -> Result<Pool> {
+        let host_id = SINGLE_HOST_ID;
+        let Loaded {
+            state,
+            host_ckpt,
+            tail,
+            next_seq,
+            prev_crc,
+            warnings,
+            ..
+        } = load(dev.as_ref(), label, host_id)?;
+        let layout = state.sb.layout;
+        let journal = JournalWriter::new(
+            layout.host_region(host_id),
+            layout.journal_blocks,
+            &host_ckpt,
+            tail,
+            next_seq,
+            prev_crc,
+        );
+        let inner = Arc::new(Inner {
+            dev,
+            label: label.to_string(),
+            read_only: opts.read_only,
+            host_id,
+            state: Mutex::new(state),
+            commit: Mutex::new(Some(CommitCtl { journal, host_ckpt })),
+            commits_begun: AtomicU64::new(0),
+            commits_done: AtomicU64::new(0),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            failed: Mutex::new(None),
+            bg: Arc::new(BackgroundCtl::default()),
+            bg_thread: Mutex::new(None),
+            warnings,
+        });
+        if !opts.read_only {
+            let weak = Arc::downgrade(&inner);
+            let ctl = inner.bg.clone();
+            let t = std::thread::Builder::new()
+                .name("thinlun-commit".into())
+                .spawn(move || background(weak, ctl))
+                .map_err(|e| Error::io("starting the background committer", e))?;
+            *inner.bg_thread.lock() = Some(t);
+        }
+        Ok(Pool { inner })
+    }
+
+    /// Problems found while opening that did not prevent it (a damaged copy
+    /// of a record whose twin was good).
+    pub fn warnings(&self) -> &[String] {
+        &self.inner.warnings
+    }
+
+    /// The path or name the pool was opened by.
+    pub fn label(&self) -> &str {
+        &self.inner.label
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only
+    }
+
+    /// Makes every write completed before this call durable.
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    /// Commits and folds the journal into the volume trees.
+    pub fn checkpoint(&self) -> Result<()> {
+        self.inner.writable()?;
+        let mut ctl = self.inner.commit.lock();
+        let ctl = ctl.as_mut().ok_or(Error::PoolReadOnly)?;
+        self.inner.commit_locked(ctl)?;
+        self.inner.checkpoint_locked(ctl)
+    }
+
+    /// Commits, checkpoints and stops the background committer. After a
+    /// clean close the journal is empty.
+    pub fn close(self) -> Result<()> {
+        self.inner.shutdown()
+    }
+
+    pub fn status(&self) -> PoolStatus {
+        let st = self.inner.state.lock();
+        let l = st.sb.layout;
+        let data_blocks = st.space.total_blocks();
+        let free = st.space.free_blocks();
+        let (jused, jcap) = self
+            .inner
+            .commit
+            .try_lock()
+            .and_then(|c| {
+                c.as_ref()
+                    .map(|c| (c.journal.used_blocks(), c.journal.capacity()))
+            })
+            .unwrap_or((0, l.journal_blocks - HOST_CHECKPOINT_BLOCKS - 1));
+        let b = BLOCK_SIZE as u64;
+        PoolStatus {
+            uuid: format_uuid(&st.sb.uuid),
+            format_version: FORMAT_VERSION,
+            size_bytes: l.pool_blocks * b,
+            chunk_bytes: l.chunk_blocks as u64 * b,
+            data_bytes: data_blocks * b,
+            data_used_bytes: (data_blocks - free) * b,
+            data_free_bytes: free * b,
+            metadata_used_bytes: st.metadata_blocks() * b,
+            metadata_reserved_bytes: st.metadata_reserve() * b,
+            pending_free_bytes: st.pending_free_blocks() * b,
+            volumes: st.volumes.len() as u64,
+            provisioned_bytes: st.volumes.values().map(|v| v.rec.size_bytes).sum(),
+            journal_used_blocks: jused,
+            journal_capacity_blocks: jcap,
+            max_hosts: l.max_hosts,
+            policy: st.sb.policy,
+        }
+    }
+
+    pub fn volumes(&self) -> Vec<VolumeInfo> {
+        let st = self.inner.state.lock();
+        let mut v: Vec<VolumeInfo> = st.volumes.values().map(info_of).collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
+        let st = self.inner.state.lock();
+        st.volume_by_name(name)
+            .map(info_of)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
+    }
+
+    /// Creates a thin volume of `size_bytes` (a multiple of 4 KiB); no
+    /// space is allocated until it is written.
+    pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        check_size(size_bytes)?;
+        if !is_valid_volume_name(name) {
+            return Err(Error::InvalidName(name.to_string()));
+        }
+        self.inner.writable()?;
+        let inner = &self.inner;
+        let _ctl = inner.commit.lock();
+        let mut st = inner.state.lock();
+        if st.id_by_name(name).is_some() {
+            return Err(Error::VolumeExists(name.to_string()));
+        }
+        let id = st.sb.next_volume_id;
+        let (a, b) = match (st.alloc_meta(), st.alloc_meta()) {
+            (Some(a), Some(b)) => (a, b),
+            (a, b) => {
+                for x in [a, b].into_iter().flatten() {
+                    st.space.release(x, 1);
+                }
+                return Err(Error::NoSpace);
+            }
+        };
+        let header = VolumeHeader {
+            volume_id: id,
+            generation: 1,
+            root: 0,
+            depth: 0,
+            mapped_blocks: 0,
+            extent_count: 0,
+            journal_seq: 0,
+            journal_host: inner.host_id,
+        };
+        let rec = VolumeRecord {
+            id,
+            flags: 0,
+            name: name.to_string(),
+            size_bytes,
+            header_blocks: [a, b],
+            parent_id: 0,
+            origin_id: 0,
+            created_unix: now_unix(),
+            active_host: 0,
+        };
+        let r = write_blocks(
+            inner.dev.as_ref(),
+            &[
+                (a, encode_volume_header(&header, a)),
+                (b, encode_volume_header(&header, b)),
+            ],
+        )
+        .map_err(|e| Error::io("writing volume header", e));
+        if let Err(e) = r {
+            st.space.release(a, 1);
+            st.space.release(b, 1);
+            return Err(e);
+        }
+        st.sb.next_volume_id += 1;
+        st.volumes.insert(
+            id,
+            Vol {
+                rec,
+                map: crate::extmap::ExtentMap::new(),
+                header,
+                cursor: Cursor::default(),
+                handles: 0,
+            },
+        );
+        if let Err(e) = inner.write_catalog(&mut st) {
+            st.volumes.remove(&id);
+            return Err(e);
+        }
+        Ok(info_of(&st.volumes[&id]))
+    }
+
+    /// Removes a volume; its space returns to the pool.
+    pub fn remove_volume(&self, name: &str) -> Result<()> {
+        self.inner.writable()?;
+        let inner = &self.inner;
+        let _ctl = inner.commit.lock();
+        let mut st = inner.state.lock();
+        let id = st
+            .id_by_name(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        if st.volumes[&id].handles > 0 {
+            return Err(Error::Busy(format!(
+                "volume '{name}' is open; close it before removing it"
+            )));
+        }
+        let vol = st
+            .volumes
+            .remove(&id)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        if let Err(e) = inner.write_catalog(&mut st) {
+            st.volumes.insert(id, vol);
+            return Err(e);
+        }
+        // The catalog no longer names the volume and nothing has it open:
+        // its blocks are free at once.
+        vol.map.for_each(|e| {
+            if !e.is_zero() {
+                st.space.release(e.pblock, e.len as u64);
+            }
+        });
+        for b in vol.map.node_blocks().chain(vol.rec.header_blocks) {
+            st.space.release(b, 1);
+        }
+        Ok(())
+    }
+
+    pub fn rename_volume(&self, old: &str, new: &str) -> Result<()> {
+        if !is_valid_volume_name(new) {
+            return Err(Error::InvalidName(new.to_string()));
+        }
+        self.inner.writable()?;
+        let inner = &self.inner;
+        let _ctl = inner.commit.lock();
+        let mut st = inner.state.lock();
+        let id = st
+            .id_by_name(old)
+            .ok_or_else(|| Error::NoSuchVolume(old.to_string()))?;
+        if old == new {
+            return Ok(());
+        }
+        if st.id_by_name(new).is_some() {
+            return Err(Error::VolumeExists(new.to_string()));
+        }
+        if let Some(v) = st.volumes.get_mut(&id) {
+            v.rec.name = new.to_string();
+        }
+        if let Err(e) = inner.write_catalog(&mut st) {
+            if let Some(v) = st.volumes.get_mut(&id) {
+                v.rec.name = old.to_string();
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Changes a volume's size. Shrinking drops the data past the new end
+    /// and is refused unless `allow_shrink`.
+    pub fn resize_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_shrink: bool,
+    ) -> Result<VolumeInfo> {
+        check_size(size_bytes)?;
+        self.inner.writable()?;
+        let inner = &self.inner;
+        let mut ctl_guard = inner.commit.lock();
+        let ctl = ctl_guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        let (id, old_size) = {
+            let st = inner.state.lock();
+            let v = st
+                .volume_by_name(name)
+                .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+            (v.rec.id, v.rec.size_bytes)
+        };
+        if size_bytes < old_size {
+            if !allow_shrink {
+                return Err(Error::InvalidArgument(format!(
+                    "shrinking '{name}' from {old_size} to {size_bytes} bytes discards the data past the new end; use --force"
+                )));
+            }
+            {
+                let mut st = inner.state.lock();
+                let st = &mut *st;
+                let vol = st
+                    .volumes
+                    .get_mut(&id)
+                    .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+                let from = size_bytes / BLOCK_SIZE as u64;
+                let len = old_size / BLOCK_SIZE as u64 - from;
+                let mut freed = Vec::new();
+                vol.map.unmap(from, len, &mut freed);
+                vol.rec.size_bytes = size_bytes;
+                let mut at = from;
+                while at < from + len {
+                    let n = (from + len - at).min(u32::MAX as u64);
+                    st.pending.push(Entry::Unmap {
+                        volume: id,
+                        vblock: at,
+                        len: n as u32,
+                    });
+                    at += n;
+                }
+                st.free_later(&freed);
+            }
+            // The unmap is durable before the catalog names the new size.
+            inner.commit_locked(ctl)?;
+        }
+        let mut st = inner.state.lock();
+        let vol = st
+            .volumes
+            .get_mut(&id)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        vol.rec.size_bytes = size_bytes;
+        if let Err(e) = inner.write_catalog(&mut st) {
+            if size_bytes > old_size {
+                if let Some(v) = st.volumes.get_mut(&id) {
+                    v.rec.size_bytes = old_size;
+                }
+            }
+            return Err(e);
+        }
+        Ok(info_of(&st.volumes[&id]))
+    }
+
+    /// Opens a volume for I/O.
+    pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
+        let mut st = self.inner.state.lock();
+        let id = st
+            .id_by_name(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        if let Some(v) = st.volumes.get_mut(&id) {
+            v.handles += 1;
+        }
+        Ok(crate::Volume::new(self.inner.clone(), id, name))
+    }
+
+    /// Verifies the live state: rebuilding the space map from every
+    /// reference must give exactly the blocks in use (minus frees not yet
+    /// reusable). Returns the problems found.
+    pub fn verify_space(&self) -> Vec<String> {
+        let st = self.inner.state.lock();
+        let layout = st.sb.layout;
+        let mut fresh = crate::space::SpaceMap::new(&layout);
+        let mut problems = Vec::new();
+        let mut mark = |b: u64, n: u64, what: &str| {
+            if fresh.mark_used(b, n).is_err() {
+                problems.push(format!("{what}: block run {b}+{n} is referenced twice"));
+            }
+        };
+        for &b in &st.catalog_blocks {
+            mark(b, 1, "catalog");
+        }
+        for v in st.volumes.values() {
+            for b in v.map.node_blocks().chain(v.rec.header_blocks) {
+                mark(b, 1, &v.rec.name);
+            }
+            v.map.for_each(|e| {
+                if !e.is_zero() {
+                    mark(e.pblock, e.len as u64, &v.rec.name);
+                }
+            });
+        }
+        let live_used = st.space.total_blocks() - st.space.free_blocks();
+        let referenced = fresh.total_blocks() - fresh.free_blocks();
+        let pending = st.pending_free_blocks();
+        if live_used != referenced + pending {
+            problems.push(format!(
+                "space accounting: {live_used} blocks in use, {referenced} referenced + {pending} awaiting reuse"
+            ));
+        }
+        problems
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Last handle gone without close(): still leave a clean pool.
+        let _ = self.shutdown();
+    }
+}
+
+fn open_device(path: &Path, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
+    let label = path.display().to_string();
+    let dev = FileDevice::open(path, !read_only).map_err(|e| Error::io(&label, e))?;
+    if !read_only {
+        dev.lock_exclusive().map_err(|e| {
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                Error::Busy(format!(
+                    "{label} is open for writing by another thinlun process"
+                ))
+            } else {
+                Error::io(&label, e)
+            }
+        })?;
+    }
+    Ok(Arc::new(dev))
+}
+
+fn check_size(size: u64) -> Result<()> {
+    if size == 0 {
+        return Err(Error::InvalidArgument(
+            "volume size must be greater than zero".into(),
+        ));
+    }
+    if size % BLOCK_SIZE as u64 != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "volume size {size} is not a multiple of 4 KiB"
+        )));
+    }
+    if size > MAX_VOLUME_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "volume size {size} exceeds the format's 1 EiB limit"
+        )));
+    }
+    Ok(())
+}
+
+fn info_of(v: &Vol) -> VolumeInfo {
+    VolumeInfo {
+        id: v.rec.id,
+        name: v.rec.name.clone(),
+        size_bytes: v.rec.size_bytes,
+        mapped_bytes: v.map.mapped_blocks() * BLOCK_SIZE as u64,
+        extents: v.map.extent_count(),
+        read_only: v.rec.flags & catalog::flags::READ_ONLY != 0,
+        snapshot: v.rec.flags & catalog::flags::SNAPSHOT != 0,
+        base: v.rec.flags & catalog::flags::BASE != 0,
+        created_unix: v.rec.created_unix,
+    }
+}
+
+pub(crate) fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+#[derive(Default)]
+struct BackgroundCtl {
+    stop: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// The background committer. It holds the pool only while working, never
+/// while waiting, so dropping the last handle closes the pool at once.
+fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
+    loop {
+        {
+            let mut stop = ctl.stop.lock();
+            if !*stop {
+                ctl.wake.wait_for(&mut stop, BACKGROUND_PERIOD);
+            }
+            if *stop {
+                return;
+            }
+        }
+        let Some(inner) = weak.upgrade() else { return };
+        if inner.failed.lock().is_some() {
+            continue;
+        }
+        // Periodic commit bounds what a power loss can take (about 1 s of
+        // writes), and a half-full journal is checkpointed early so commits
+        // never wait for one.
+        let has_pending = !inner.state.lock().pending.is_empty();
+        if has_pending {
+            let _ = inner.flush();
+        }
+        let mut guard = inner.commit.lock();
+        if let Some(ctl) = guard.as_mut() {
+            if ctl.journal.used_blocks() > ctl.journal.capacity() / 2 {
+                let r = inner
+                    .commit_locked(ctl)
+                    .and_then(|_| inner.checkpoint_locked(ctl));
+                if let Err(e) = r {
+                    inner.fail(&e);
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    pub(crate) fn writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::PoolReadOnly);
+        }
+        if let Some(why) = self.failed.lock().as_ref() {
+            return Err(Error::Busy(format!(
+                "pool stopped accepting writes after an earlier error ({why}); reopen it"
+            )));
+        }
+        Ok(())
+    }
+
+    fn fail(&self, e: &Error) {
+        let mut f = self.failed.lock();
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+    }
+
+    pub(crate) fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.writable()?;
+        let arrival = self.commits_begun.load(Ordering::SeqCst);
+        let mut guard = self.commit.lock();
+        // A commit that began after we arrived has completed: it flushed
+        // everything we were asked to cover.
+        if self.commits_done.load(Ordering::SeqCst) > arrival {
+            return Ok(());
+        }
+        let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        let n = self.commits_begun.fetch_add(1, Ordering::SeqCst) + 1;
+        let r = self.commit_locked(ctl);
+        match &r {
+            Ok(()) => self.commits_done.store(n, Ordering::SeqCst),
+            Err(e) => self.fail(e),
+        }
+        r
+    }
+
+    /// Group commit: data flush, then the journal blocks of every pending
+    /// change, then a second flush. Frees become reusable afterwards.
+    pub(crate) fn commit_locked(&self, ctl: &mut CommitCtl) -> Result<()> {
+        let (entries, batch) = {
+            let mut st = self.state.lock();
+            let b = st.batch;
+            st.batch += 1;
+            (std::mem::take(&mut st.pending), b)
+        };
+        let dev = self.dev.as_ref();
+        dev.flush().map_err(|e| Error::io("flushing data", e))?;
+        if !entries.is_empty() {
+            if ctl.journal.has_room(entries.len()) {
+                ctl.journal.append(dev, &entries)?;
+                dev.flush().map_err(|e| Error::io("flushing journal", e))?;
+            } else {
+                // The trees about to be written already hold these changes.
+                self.checkpoint_locked(ctl)?;
+            }
+        }
+        let mut st = self.state.lock();
+        st.committed = st.committed.max(batch);
+        st.reclaim();
+        Ok(())
+    }
+
+    /// Writes every changed tree copy-on-write, then the volume headers,
+    /// then the host checkpoint that moves the journal's replay start.
+    pub(crate) fn checkpoint_locked(&self, ctl: &mut CommitCtl) -> Result<()> {
+        let r = self.checkpoint_inner(ctl);
+        if let Err(e) = &r {
+            self.fail(e);
+            for v in self.state.lock().volumes.values_mut() {
+                v.map.set_dirty();
+            }
+        }
+        r
+    }
+
+    fn checkpoint_inner(&self, ctl: &mut CommitCtl) -> Result<()> {
+        let journal_seq = ctl.journal.last_seq();
+        struct Plan {
+            id: u64,
+            written: Vec<(u64, u64, u64)>,
+            interior: Vec<u64>,
+            header: VolumeHeader,
+            unused: Vec<u64>,
+        }
+        let mut plans = Vec::new();
+        let mut node_writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        {
+            let st = self.state.lock();
+            if ctl.journal.used_blocks() == 0 && st.volumes.values().all(|v| !v.map.is_dirty()) {
+                return Ok(());
+            }
+        }
+        {
+            let mut st = self.state.lock();
+            let st = &mut *st;
+            let ids: Vec<u64> = st
+                .volumes
+                .iter()
+                .filter(|(_, v)| v.map.is_dirty())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ids {
+                let Some(vol) = st.volumes.get_mut(&id) else {
+                    continue;
+                };
+                let (leaves, unused) = vol.map.checkpoint_begin();
+                let (mapped, extents) = (vol.map.mapped_blocks(), vol.map.extent_count());
+                let mut written = Vec::new();
+                let mut children: Vec<(u64, u64)> = Vec::with_capacity(leaves.len());
+                for leaf in leaves {
+                    if leaf.disk != 0 {
+                        children.push((leaf.key, leaf.disk));
+                        continue;
+                    }
+                    let at = st.alloc_meta().ok_or(Error::NoSpace)?;
+                    node_writes.push((
+                        at,
+                        node::encode(&Node::Leaf(leaf.extents), id, journal_seq, at),
+                    ));
+                    written.push((leaf.key, leaf.version, at));
+                    children.push((leaf.key, at));
+                }
+                let mut interior = Vec::new();
+                let mut depth = 0u16;
+                while children.len() > 1 {
+                    depth += 1;
+                    let mut parents = Vec::new();
+                    for group in children.chunks(NODE_CAPACITY) {
+                        let at = st.alloc_meta().ok_or(Error::NoSpace)?;
+                        let n = Node::Interior {
+                            level: depth,
+                            children: group.to_vec(),
+                        };
+                        node_writes.push((at, node::encode(&n, id, journal_seq, at)));
+                        interior.push(at);
+                        parents.push((group[0].0, at));
+                    }
+                    children = parents;
+                }
+                let Some(vol) = st.volumes.get(&id) else {
+                    continue;
+                };
+                let header = VolumeHeader {
+                    generation: vol.header.generation + 1,
+                    root: children.first().map_or(0, |c| c.1),
+                    depth,
+                    mapped_blocks: mapped,
+                    extent_count: extents,
+                    journal_seq,
+                    ..vol.header
+                };
+                plans.push(Plan {
+                    id,
+                    written,
+                    interior,
+                    header,
+                    unused,
+                });
+            }
+        }
+        let dev = self.dev.as_ref();
+        let io = |what: &'static str| move |e| Error::io(what, e);
+        if !node_writes.is_empty() {
+            for batch in node_writes.chunks(1024) {
+                write_blocks(dev, batch).map_err(io("writing mapping nodes"))?;
+            }
+            dev.flush().map_err(io("flushing mapping nodes"))?;
+        }
+        let headers_for = |copy: usize| -> Vec<(u64, Vec<u8>)> {
+            let st = self.state.lock();
+            plans
+                .iter()
+                .filter_map(|p| st.volumes.get(&p.id).map(|v| v.rec.header_blocks[copy]))
+                .zip(&plans)
+                .map(|(at, p)| (at, encode_volume_header(&p.header, at)))
+                .collect()
+        };
+        let new_ckpt = ctl.journal.checkpoint_at_tail(ctl.host_ckpt.generation + 1);
+        let region = self.state.lock().sb.layout.host_region(self.host_id);
+        let host_copy = |k: u64| (region + k, encode_host_checkpoint(&new_ckpt, region + k));
+        write_blocks(dev, &headers_for(0)).map_err(io("writing volume headers"))?;
+        dev.flush().map_err(io("flushing volume headers"))?;
+        let mut second = headers_for(1);
+        second.push(host_copy(0));
+        write_blocks(dev, &second).map_err(io("writing volume headers"))?;
+        dev.flush().map_err(io("flushing volume headers"))?;
+        write_blocks(dev, &[host_copy(1)]).map_err(io("writing host checkpoint"))?;
+        dev.flush().map_err(io("flushing host checkpoint"))?;
+        ctl.journal.advance_head_to(&new_ckpt);
+        ctl.host_ckpt = new_ckpt;
+        let mut st = self.state.lock();
+        for p in plans {
+            for &b in &p.unused {
+                st.space.release(b, 1);
+            }
+            if let Some(v) = st.volumes.get_mut(&p.id) {
+                v.map.checkpoint_finish(&p.written, p.interior);
+                v.header = p.header;
+            } else {
+                // Removed meanwhile: its new nodes are garbage too.
+                for &(_, _, b) in &p.written {
+                    st.space.release(b, 1);
+                }
+                for &b in &p.interior {
+                    st.space.release(b, 1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the catalog copy-on-write and both superblock copies. Called
+    /// with the commit lock held (no checkpoint runs meanwhile).
+    pub(crate) fn write_catalog(&self, st: &mut MutexGuard<'_, State>) -> Result<()> {
+        let r = self.write_catalog_inner(st);
+        if let Err(e) = &r {
+            self.fail(e);
+        }
+        r
+    }
+
+    fn write_catalog_inner(&self, st: &mut State) -> Result<()> {
+        let records: Vec<VolumeRecord> = st.volumes.values().map(|v| v.rec.clone()).collect();
+        let nblocks = records.len().div_ceil(RECORDS_PER_BLOCK);
+        let mut blocks = Vec::with_capacity(nblocks);
+        for _ in 0..nblocks {
+            match st.alloc_meta() {
+                Some(b) => blocks.push(b),
+                None => {
+                    for &b in &blocks {
+                        st.space.release(b, 1);
+                    }
+                    return Err(Error::NoSpace);
+                }
+            }
+        }
+        let generation = st.sb.generation + 1;
+        let writes: Vec<(u64, Vec<u8>)> = records
+            .chunks(RECORDS_PER_BLOCK)
+            .enumerate()
+            .map(|(i, recs)| {
+                let cb = CatalogBlock {
+                    records: recs.to_vec(),
+                    next: blocks.get(i + 1).copied().unwrap_or(0),
+                };
+                (blocks[i], encode_catalog(&cb, generation, blocks[i]))
+            })
+            .collect();
+        let dev = self.dev.as_ref();
+        let io = |e| Error::io("writing catalog", e);
+        write_blocks(dev, &writes).map_err(io)?;
+        dev.flush().map_err(io)?;
+        let mut sb = st.sb.clone();
+        sb.generation = generation;
+        sb.catalog_root = blocks.first().copied().unwrap_or(0);
+        sb.commit_unix = now_unix();
+        for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
+            write_blocks(dev, &[(at, sb.encode(at))]).map_err(io)?;
+            dev.flush().map_err(io)?;
+        }
+        st.sb = sb;
+        for b in std::mem::replace(&mut st.catalog_blocks, blocks) {
+            st.space.release(b, 1);
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) -> Result<()> {
+        *self.bg.stop.lock() = true;
+        self.bg.wake.notify_all();
+        if let Some(t) = self.bg_thread.lock().take() {
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
+        }
+        if self.read_only || self.failed.lock().is_some() {
+            return Ok(());
+        }
+        let mut guard = self.commit.lock();
+        let Some(ctl) = guard.as_mut() else {
+            return Ok(());
+        };
+        self.commit_locked(ctl)?;
+        self.checkpoint_locked(ctl)
+    }
+}

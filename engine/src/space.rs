@@ -1,0 +1,208 @@
+//! Free-space map of the data area: one bit per 4 KiB block, a free count
+//! per chunk, and allocation cursors that fill one chunk at a time so each
+//! writer's data stays contiguous.
+
+use crate::format::Layout;
+
+/// Where a writer (a volume, or the metadata writer) allocates next.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cursor {
+    /// Next block to try; 0 = no current chunk.
+    next: u64,
+}
+
+pub struct SpaceMap {
+    data_start: u64,
+    chunk_blocks: u64,
+    chunks: u64,
+    used: Vec<u64>,
+    chunk_free: Vec<u32>,
+    free_blocks: u64,
+    /// Hint: no chunk below this index is entirely free.
+    empty_hint: u64,
+}
+
+/// A block already in use was claimed again (corruption or a bug).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DoubleUse(pub u64);
+
+impl SpaceMap {
+    pub fn new(layout: &Layout) -> SpaceMap {
+        let chunks = layout.data_chunks();
+        let chunk_blocks = layout.chunk_blocks as u64;
+        let blocks = chunks * chunk_blocks;
+        SpaceMap {
+            data_start: layout.data_start,
+            chunk_blocks,
+            chunks,
+            used: vec![0; blocks.div_ceil(64) as usize],
+            chunk_free: vec![chunk_blocks as u32; chunks as usize],
+            free_blocks: blocks,
+            empty_hint: 0,
+        }
+    }
+
+    pub fn total_blocks(&self) -> u64 {
+        self.chunks * self.chunk_blocks
+    }
+
+    pub fn free_blocks(&self) -> u64 {
+        self.free_blocks
+    }
+
+    fn bit(&self, i: u64) -> bool {
+        self.used[(i / 64) as usize] & (1 << (i % 64)) != 0
+    }
+
+    /// Splits a run (relative to the data area) into pieces that stay
+    /// inside one chunk and one bitmap word: (word index, mask, chunk).
+    fn pieces(&self, start: u64, len: u64) -> impl Iterator<Item = (usize, u64, usize)> + '_ {
+        let end = start + len;
+        let mut i = start;
+        std::iter::from_fn(move || {
+            if i >= end {
+                return None;
+            }
+            let word_end = (i / 64 + 1) * 64;
+            let chunk_end = (i / self.chunk_blocks + 1) * self.chunk_blocks;
+            let stop = end.min(word_end).min(chunk_end);
+            let n = stop - i;
+            let mask = if n == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << n) - 1) << (i % 64)
+            };
+            let piece = ((i / 64) as usize, mask, (i / self.chunk_blocks) as usize);
+            i = stop;
+            Some(piece)
+        })
+    }
+
+    /// Marks a run used; fails (changing nothing) if any block already was.
+    pub fn mark_used(&mut self, pblock: u64, len: u64) -> Result<(), DoubleUse> {
+        let start = pblock - self.data_start;
+        for (w, mask, _) in self.pieces(start, len) {
+            let clash = self.used[w] & mask;
+            if clash != 0 {
+                let first = w as u64 * 64 + clash.trailing_zeros() as u64;
+                return Err(DoubleUse(self.data_start + first));
+            }
+        }
+        let pieces: Vec<_> = self.pieces(start, len).collect();
+        for (w, mask, c) in pieces {
+            self.used[w] |= mask;
+            self.chunk_free[c] -= mask.count_ones();
+        }
+        self.free_blocks -= len;
+        Ok(())
+    }
+
+    /// Returns a run to the free pool (blocks already free are ignored).
+    pub fn release(&mut self, pblock: u64, len: u64) {
+        let start = pblock - self.data_start;
+        let pieces: Vec<_> = self.pieces(start, len).collect();
+        for (w, mask, c) in pieces {
+            let n = (self.used[w] & mask).count_ones();
+            self.used[w] &= !mask;
+            self.chunk_free[c] += n;
+            self.free_blocks += n as u64;
+            if self.chunk_free[c] as u64 == self.chunk_blocks {
+                self.empty_hint = self.empty_hint.min(c as u64);
+            }
+        }
+    }
+
+    fn set(&mut self, i: u64) {
+        self.used[(i / 64) as usize] |= 1 << (i % 64);
+        self.chunk_free[(i / self.chunk_blocks) as usize] -= 1;
+        self.free_blocks -= 1;
+    }
+
+    /// Allocates up to `want` contiguous blocks for `cursor`, preferring the
+    /// cursor's chunk, then an empty chunk, then any chunk with free space.
+    /// Returns (first block, count) or None when the data area is full.
+    pub fn allocate_run(&mut self, cursor: &mut Cursor, want: u64) -> Option<(u64, u64)> {
+        if self.free_blocks == 0 || want == 0 {
+            return None;
+        }
+        loop {
+            if cursor.next != 0 {
+                let i = cursor.next - self.data_start;
+                let chunk_end = (i / self.chunk_blocks + 1) * self.chunk_blocks;
+                // Find the next free block in the cursor's chunk.
+                let mut j = i;
+                while j < chunk_end && self.bit(j) {
+                    j += 1;
+                }
+                if j < chunk_end {
+                    let mut n = 0;
+                    while n < want && j + n < chunk_end && !self.bit(j + n) {
+                        self.set(j + n);
+                        n += 1;
+                    }
+                    cursor.next = if j + n < chunk_end {
+                        self.data_start + j + n
+                    } else {
+                        0
+                    };
+                    return Some((self.data_start + j, n));
+                }
+                cursor.next = 0;
+            }
+            let c = self.pick_chunk()?;
+            cursor.next = self.data_start + c * self.chunk_blocks;
+        }
+    }
+
+    fn pick_chunk(&mut self) -> Option<u64> {
+        let full = self.chunk_blocks as u32;
+        while self.empty_hint < self.chunks {
+            if self.chunk_free[self.empty_hint as usize] == full {
+                return Some(self.empty_hint);
+            }
+            self.empty_hint += 1;
+        }
+        // No empty chunk: reuse the chunk with the most free blocks.
+        let (c, &free) = self.chunk_free.iter().enumerate().max_by_key(|(_, &f)| f)?;
+        (free > 0).then_some(c as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout() -> Layout {
+        // 4 chunks of 16 blocks after the metadata regions.
+        let l = Layout::compute(0, 1 << 20, 16, 1, 64);
+        Layout::compute(l.data_start + 64, 1 << 20, 16, 1, 64)
+    }
+
+    #[test]
+    fn fills_chunk_by_chunk_then_reuses_holes() {
+        let l = layout();
+        let mut s = SpaceMap::new(&l);
+        assert_eq!(s.total_blocks(), 64);
+        let mut a = Cursor::default();
+        let mut b = Cursor::default();
+        let (pa, na) = s.allocate_run(&mut a, 10).unwrap();
+        let (pb, _) = s.allocate_run(&mut b, 1).unwrap();
+        assert_eq!(na, 10);
+        assert_eq!(pa, l.data_start);
+        assert_eq!(pb, l.data_start + 16, "second writer gets its own chunk");
+        let (pa2, na2) = s.allocate_run(&mut a, 10).unwrap();
+        assert_eq!((pa2, na2), (l.data_start + 10, 6), "run stops at chunk end");
+        let mut total = 10 + 1 + 6;
+        while let Some((_, n)) = s.allocate_run(&mut a, 100) {
+            total += n;
+        }
+        assert_eq!(total, 64);
+        assert_eq!(s.free_blocks(), 0);
+        s.release(l.data_start + 3, 2);
+        assert_eq!(s.allocate_run(&mut b, 5), Some((l.data_start + 3, 2)));
+        assert_eq!(
+            s.mark_used(l.data_start + 3, 1),
+            Err(DoubleUse(l.data_start + 3))
+        );
+    }
+}

@@ -1,0 +1,162 @@
+//! The in-memory state of an open pool and the rules that keep freed space
+//! safe to reuse.
+//!
+//! A data block freed by a mapping change may be handed out again only when
+//! (a) the journal entry that freed it is durable, or a power loss could
+//! bring the old mapping back over someone else's new data, and (b) no read
+//! or in-place write that looked the block up before it was freed is still
+//! in flight. Both are tracked here.
+
+use crate::extmap::{ExtentMap, Freed};
+use crate::format::catalog::{VolumeHeader, VolumeRecord};
+use crate::format::journal::Entry;
+use crate::format::superblock::Superblock;
+use crate::space::{Cursor, SpaceMap};
+use std::collections::BTreeMap;
+
+pub(crate) struct Vol {
+    pub rec: VolumeRecord,
+    pub map: ExtentMap,
+    /// The header as last written (both copies).
+    pub header: VolumeHeader,
+    pub cursor: Cursor,
+    /// Open handles; a volume with handles cannot be removed.
+    pub handles: usize,
+}
+
+struct PendingFree {
+    pblock: u64,
+    len: u64,
+    /// Commit number whose durability makes the free final.
+    batch: u64,
+    /// I/O epoch at the time of the free.
+    epoch: u64,
+}
+
+pub(crate) struct State {
+    pub sb: Superblock,
+    pub volumes: BTreeMap<u64, Vol>,
+    pub space: SpaceMap,
+    /// Allocation cursor of metadata (nodes, headers, catalog).
+    pub meta_cursor: Cursor,
+    pub catalog_blocks: Vec<u64>,
+    /// Journal entries not yet handed to a commit.
+    pub pending: Vec<Entry>,
+    /// Number of the commit that will carry `pending`.
+    pub batch: u64,
+    /// Number of the last durable commit.
+    pub committed: u64,
+    pending_frees: Vec<PendingFree>,
+    io_epoch: u64,
+    active_io: BTreeMap<u64, usize>,
+}
+
+impl State {
+    pub fn new(sb: Superblock, space: SpaceMap) -> State {
+        State {
+            sb,
+            volumes: BTreeMap::new(),
+            space,
+            meta_cursor: Cursor::default(),
+            catalog_blocks: Vec::new(),
+            pending: Vec::new(),
+            batch: 1,
+            committed: 0,
+            pending_frees: Vec::new(),
+            io_epoch: 1,
+            active_io: BTreeMap::new(),
+        }
+    }
+
+    pub fn volume_by_name(&self, name: &str) -> Option<&Vol> {
+        self.volumes.values().find(|v| v.rec.name == name)
+    }
+
+    pub fn id_by_name(&self, name: &str) -> Option<u64> {
+        self.volume_by_name(name).map(|v| v.rec.id)
+    }
+
+    /// Registers an I/O that is about to use block addresses it looked up.
+    pub fn io_begin(&mut self) -> u64 {
+        *self.active_io.entry(self.io_epoch).or_insert(0) += 1;
+        self.io_epoch
+    }
+
+    pub fn io_end(&mut self, token: u64) {
+        if let Some(n) = self.active_io.get_mut(&token) {
+            *n -= 1;
+            if *n == 0 {
+                self.active_io.remove(&token);
+            }
+        }
+        self.reclaim();
+    }
+
+    /// Queues data runs freed by a mapping change of the current batch.
+    pub fn free_later(&mut self, freed: &[Freed]) {
+        if freed.is_empty() {
+            return;
+        }
+        let epoch = self.io_epoch;
+        self.io_epoch += 1;
+        for &(pblock, len) in freed {
+            self.pending_frees.push(PendingFree {
+                pblock,
+                len,
+                batch: self.batch,
+                epoch,
+            });
+        }
+    }
+
+    /// Moves frees that are now safe into the free-space map.
+    pub fn reclaim(&mut self) {
+        if self.pending_frees.is_empty() {
+            return;
+        }
+        let oldest_io = self.active_io.keys().next().copied().unwrap_or(u64::MAX);
+        let committed = self.committed;
+        let space = &mut self.space;
+        self.pending_frees.retain(|f| {
+            let safe = f.batch <= committed && f.epoch < oldest_io;
+            if safe {
+                space.release(f.pblock, f.len);
+            }
+            !safe
+        });
+    }
+
+    /// Blocks freed but not yet reusable.
+    pub fn pending_free_blocks(&self) -> u64 {
+        self.pending_frees.iter().map(|f| f.len).sum()
+    }
+
+    /// Blocks kept free for metadata so that a checkpoint (which writes a
+    /// new copy of every changed node before freeing the old ones) can
+    /// always finish: one block per node in use, plus headroom.
+    pub fn metadata_reserve(&self) -> u64 {
+        let nodes: u64 = self
+            .volumes
+            .values()
+            .map(|v| v.map.leaf_count() as u64 * 2 + 2)
+            .sum();
+        nodes + self.catalog_blocks.len() as u64 + 64
+    }
+
+    /// Metadata blocks in use (nodes, headers, catalog).
+    pub fn metadata_blocks(&self) -> u64 {
+        let nodes: u64 = self
+            .volumes
+            .values()
+            .map(|v| v.map.node_blocks().count() as u64 + 2)
+            .sum();
+        nodes + self.catalog_blocks.len() as u64
+    }
+
+    /// Allocates one metadata block.
+    pub fn alloc_meta(&mut self) -> Option<u64> {
+        self.space
+            .allocate_run(&mut self.meta_cursor, 1)
+            .map(|(b, _)| b)
+    }
+}

@@ -1,0 +1,42 @@
+//! Small helpers with no better home.
+
+use std::io::Read;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// 64 random bits from the kernel, or, if /dev/urandom cannot be read,
+/// a mix of the clock and the process id (used for nonces, not secrets).
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok()
+    {
+        return u64::from_le_bytes(b);
+    }
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    t ^ ((std::process::id() as u64) << 32) ^ 0x9e37_79b9_7f4a_7c15
+}
+
+pub fn random_uuid() -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[..8].copy_from_slice(&random_u64().to_le_bytes());
+    u[8..].copy_from_slice(&random_u64().to_le_bytes());
+    u
+}
+
+/// Chain seed of a host's journal: ties the first block to this pool and
+/// host, so a journal left on the LUN by an earlier pool is never replayed.
+pub fn journal_seed(uuid: &[u8; 16], host_id: u32) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(uuid);
+    h.update(&host_id.to_le_bytes());
+    h.finalize()
+}

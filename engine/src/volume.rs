@@ -1,0 +1,677 @@
+//! The data path: reads, writes, discards and write-zeroes of a volume at
+//! 512-byte sector addressing, processed in batches (one virtqueue's worth
+//! of requests at a time) with one metadata lock round-trip before and one
+//! after a single device batch.
+//!
+//! A batch runs in four steps:
+//! 1. lock the stripes of every range it modifies, so overlapping writes
+//!    (and read-modify-write of partial blocks) never interleave;
+//! 2. turn requests into block-aligned operations on aligned buffers
+//!    (guest buffers are used in place when already aligned);
+//! 3. under the metadata lock, resolve reads, choose in-place targets for
+//!    overwrites, allocate blocks for first writes, apply discards;
+//! 4. run all device I/O as one batch, then publish the new mappings.
+
+use crate::dev::{AlignedBuf, IoOp};
+use crate::error::{Error, Result};
+use crate::extmap::Segment;
+use crate::format::catalog::flags;
+use crate::format::journal::Entry;
+use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
+use crate::pool::{Inner, STRIPES};
+use parking_lot::MutexGuard;
+use std::sync::Arc;
+
+const BS: u64 = BLOCK_SIZE as u64;
+/// Blocks per stripe-lock region.
+const STRIPE_SHIFT: u32 = 4;
+
+/// One request of a batch. Sectors are 512 bytes; buffers may have any
+/// length that is a multiple of 512 and any alignment.
+pub enum Request<'a> {
+    Read {
+        sector: u64,
+        buf: &'a mut [u8],
+    },
+    Write {
+        sector: u64,
+        data: &'a [u8],
+    },
+    /// Hint that the range is unused; whole 4 KiB blocks are unmapped.
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    /// The range reads as zeros afterwards; whole blocks are unmapped.
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
+    /// Makes every request completed before this batch durable.
+    Flush,
+}
+
+/// An open volume. Dropping it closes it.
+pub struct Volume {
+    inner: Arc<Inner>,
+    id: u64,
+    name: String,
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        if let Some(v) = self.inner.state.lock().volumes.get_mut(&self.id) {
+            v.handles = v.handles.saturating_sub(1);
+        }
+    }
+}
+
+enum Src<'r> {
+    User(&'r [u8]),
+    Own(AlignedBuf),
+}
+
+enum Dst<'r> {
+    User(&'r mut [u8]),
+    /// Bounce buffer, the caller's buffer, and where in the bounce its data starts.
+    Own(AlignedBuf, &'r mut [u8], usize),
+}
+
+struct WriteOp<'r> {
+    req: usize,
+    b0: u64,
+    n: u64,
+    src: Src<'r>,
+    /// Applied to an own buffer after the old contents of its partial
+    /// blocks were read into it.
+    overlay: Overlay<'r>,
+}
+
+enum Overlay<'r> {
+    None,
+    /// The caller's bytes, at this offset of the buffer.
+    Data(&'r [u8], usize),
+    /// Zeros over this byte range of the buffer.
+    Zero(usize, usize),
+}
+
+struct ReadOp<'r> {
+    req: usize,
+    b0: u64,
+    n: u64,
+    dst: Dst<'r>,
+}
+
+struct TrimOp {
+    req: usize,
+    b0: u64,
+    n: u64,
+}
+
+/// A planned piece of an operation: `n` blocks at physical `pblock`, or
+/// zeros (reads of holes).
+#[derive(Clone, Copy)]
+struct Piece {
+    n: u64,
+    pblock: Option<u64>,
+}
+
+impl Volume {
+    pub(crate) fn new(inner: Arc<Inner>, id: u64, name: &str) -> Volume {
+        Volume {
+            inner,
+            id,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        self.inner
+            .state
+            .lock()
+            .volumes
+            .get(&self.id)
+            .map_or(0, |v| v.rec.size_bytes)
+    }
+
+    pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<()> {
+        self.one(Request::Read { sector, buf })
+    }
+
+    pub fn write(&self, sector: u64, data: &[u8]) -> Result<()> {
+        self.one(Request::Write { sector, data })
+    }
+
+    pub fn discard(&self, sector: u64, sectors: u64) -> Result<()> {
+        self.one(Request::Discard { sector, sectors })
+    }
+
+    pub fn write_zeroes(&self, sector: u64, sectors: u64) -> Result<()> {
+        self.one(Request::WriteZeroes { sector, sectors })
+    }
+
+    pub fn flush(&self) -> Result<()> {
+        self.inner.flush()
+    }
+
+    fn one(&self, r: Request<'_>) -> Result<()> {
+        let mut reqs = [r];
+        self.submit(&mut reqs).pop().unwrap_or(Ok(()))
+    }
+
+    /// Runs a batch of requests as if issued concurrently; returns one
+    /// result per request, in order.
+    pub fn submit(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
+        let mut results: Vec<Result<()>> = reqs.iter().map(|_| Ok(())).collect();
+        let (size, read_only) = {
+            let st = self.inner.state.lock();
+            match st.volumes.get(&self.id) {
+                Some(v) => (v.rec.size_bytes, v.rec.flags & flags::READ_ONLY != 0),
+                None => {
+                    return reqs
+                        .iter()
+                        .map(|_| Err(Error::NoSuchVolume(self.name.clone())))
+                        .collect()
+                }
+            }
+        };
+        let mut any_flush = false;
+        for (i, r) in reqs.iter().enumerate() {
+            results[i] = self.validate(r, size, read_only);
+            any_flush |= matches!(r, Request::Flush);
+        }
+        let _stripes = self.lock_stripes(reqs, &results);
+        let (mut reads, mut writes, trims) = match self.normalize(reqs, &mut results) {
+            Ok(ops) => ops,
+            Err(e) => {
+                let msg = e.to_string();
+                return results
+                    .into_iter()
+                    .map(|r| {
+                        r.and(Err(Error::io(
+                            "read-modify-write",
+                            std::io::Error::other(msg.clone()),
+                        )))
+                    })
+                    .collect();
+            }
+        };
+        self.execute(&mut reads, &mut writes, &trims, &mut results);
+        for op in reads {
+            if let Dst::Own(bounce, user, off) = op.dst {
+                if results[op.req].is_ok() {
+                    user.copy_from_slice(&bounce[off..off + user.len()]);
+                }
+            }
+        }
+        if any_flush {
+            let r = self.inner.flush();
+            for (i, req) in reqs.iter().enumerate() {
+                if matches!(req, Request::Flush) {
+                    results[i] = match &r {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(Error::io("flush", std::io::Error::other(e.to_string()))),
+                    };
+                }
+            }
+        }
+        results
+    }
+
+    fn validate(&self, r: &Request<'_>, size: u64, read_only: bool) -> Result<()> {
+        let (sector, bytes, modifies) = match r {
+            Request::Read { sector, buf } => (*sector, buf.len() as u64, false),
+            Request::Write { sector, data } => (*sector, data.len() as u64, true),
+            Request::Discard { sector, sectors } | Request::WriteZeroes { sector, sectors } => {
+                (*sector, sectors.saturating_mul(SECTOR_SIZE), true)
+            }
+            Request::Flush => return Ok(()),
+        };
+        if bytes % SECTOR_SIZE != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "I/O length {bytes} is not a multiple of {SECTOR_SIZE} bytes"
+            )));
+        }
+        let end = sector.saturating_mul(SECTOR_SIZE).saturating_add(bytes);
+        if end > size || sector > size / SECTOR_SIZE {
+            return Err(Error::OutOfRange {
+                volume: self.name.clone(),
+                size,
+                end,
+            });
+        }
+        if modifies {
+            self.inner.writable()?;
+            if read_only {
+                return Err(Error::ReadOnly(self.name.clone()));
+            }
+        }
+        Ok(())
+    }
+
+    fn block_range(sector: u64, sectors: u64) -> (u64, u64) {
+        let b0 = sector / SECTORS_PER_BLOCK;
+        let b1 = (sector + sectors).div_ceil(SECTORS_PER_BLOCK);
+        (b0, b1)
+    }
+
+    fn lock_stripes(
+        &self,
+        reqs: &[Request<'_>],
+        results: &[Result<()>],
+    ) -> Vec<MutexGuard<'_, ()>> {
+        let mut idx: Vec<usize> = Vec::new();
+        for (r, ok) in reqs.iter().zip(results) {
+            if ok.is_err() {
+                continue;
+            }
+            let (sector, sectors) = match r {
+                Request::Write { sector, data } => (*sector, data.len() as u64 / SECTOR_SIZE),
+                Request::Discard { sector, sectors } | Request::WriteZeroes { sector, sectors } => {
+                    (*sector, *sectors)
+                }
+                _ => continue,
+            };
+            if sectors == 0 {
+                continue;
+            }
+            let (b0, b1) = Self::block_range(sector, sectors);
+            let (r0, r1) = (b0 >> STRIPE_SHIFT, (b1 - 1) >> STRIPE_SHIFT);
+            if r1 - r0 >= STRIPES as u64 {
+                idx = (0..STRIPES).collect();
+                break;
+            }
+            for region in r0..=r1 {
+                idx.push(((region ^ self.id.rotate_left(17)) % STRIPES as u64) as usize);
+            }
+        }
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| self.inner.stripes[i].lock())
+            .collect()
+    }
+
+    /// Turns requests into block-aligned operations on aligned buffers,
+    /// reading the old contents of partially written blocks.
+    #[allow(clippy::type_complexity)]
+    fn normalize<'r>(
+        &self,
+        reqs: &'r mut [Request<'_>],
+        results: &mut [Result<()>],
+    ) -> Result<(Vec<ReadOp<'r>>, Vec<WriteOp<'r>>, Vec<TrimOp>)> {
+        let mut reads = Vec::new();
+        let mut writes = Vec::new();
+        let mut trims = Vec::new();
+        // Blocks whose old contents a partial write needs: (write index, block, offset in its buffer).
+        let mut rmw: Vec<(usize, u64, usize)> = Vec::new();
+        for (i, r) in reqs.iter_mut().enumerate() {
+            if results[i].is_err() {
+                continue;
+            }
+            match r {
+                Request::Read { sector, buf } => {
+                    if buf.is_empty() {
+                        continue;
+                    }
+                    let (b0, b1) = Self::block_range(*sector, buf.len() as u64 / SECTOR_SIZE);
+                    let off = ((*sector % SECTORS_PER_BLOCK) * SECTOR_SIZE) as usize;
+                    let aligned = off == 0
+                        && buf.len() % BLOCK_SIZE == 0
+                        && (buf.as_ptr() as usize) % BLOCK_SIZE == 0;
+                    let dst = if aligned {
+                        Dst::User(&mut **buf)
+                    } else {
+                        Dst::Own(
+                            AlignedBuf::zeroed(((b1 - b0) * BS) as usize),
+                            &mut **buf,
+                            off,
+                        )
+                    };
+                    reads.push(ReadOp {
+                        req: i,
+                        b0,
+                        n: b1 - b0,
+                        dst,
+                    });
+                }
+                Request::Write { sector, data } => {
+                    if data.is_empty() {
+                        continue;
+                    }
+                    let (b0, b1) = Self::block_range(*sector, data.len() as u64 / SECTOR_SIZE);
+                    let off = ((*sector % SECTORS_PER_BLOCK) * SECTOR_SIZE) as usize;
+                    let tail_partial = (off + data.len()) % BLOCK_SIZE != 0;
+                    let aligned =
+                        off == 0 && !tail_partial && (data.as_ptr() as usize) % BLOCK_SIZE == 0;
+                    let (src, overlay) = if aligned {
+                        (Src::User(&**data), Overlay::None)
+                    } else {
+                        let w = writes.len();
+                        if off != 0 {
+                            rmw.push((w, b0, 0));
+                        }
+                        if tail_partial && (b1 - 1 != b0 || off == 0) {
+                            rmw.push((w, b1 - 1, ((b1 - 1 - b0) * BS) as usize));
+                        }
+                        let b = AlignedBuf::zeroed(((b1 - b0) * BS) as usize);
+                        (Src::Own(b), Overlay::Data(&**data, off))
+                    };
+                    writes.push(WriteOp {
+                        req: i,
+                        b0,
+                        n: b1 - b0,
+                        src,
+                        overlay,
+                    });
+                }
+                Request::Discard { .. } | Request::WriteZeroes { .. } => {
+                    let (zero, sector, sectors) = match *r {
+                        Request::WriteZeroes { sector, sectors } => (true, sector, sectors),
+                        Request::Discard { sector, sectors } => (false, sector, sectors),
+                        _ => continue,
+                    };
+                    if sectors == 0 {
+                        continue;
+                    }
+                    let full0 = sector.div_ceil(SECTORS_PER_BLOCK);
+                    let full1 = (sector + sectors) / SECTORS_PER_BLOCK;
+                    if full1 > full0 {
+                        trims.push(TrimOp {
+                            req: i,
+                            b0: full0,
+                            n: full1 - full0,
+                        });
+                    }
+                    if !zero {
+                        continue; // partial blocks of a discard are left alone
+                    }
+                    // Partial blocks at either end are written with zeros.
+                    let (b0, b1) = Self::block_range(sector, sectors);
+                    let mut partial = Vec::new();
+                    if sector % SECTORS_PER_BLOCK != 0 {
+                        partial.push(b0);
+                    }
+                    if (sector + sectors) % SECTORS_PER_BLOCK != 0
+                        && (b1 - 1 != b0 || partial.is_empty())
+                    {
+                        partial.push(b1 - 1);
+                    }
+                    for b in partial {
+                        let lo = (sector.max(b * SECTORS_PER_BLOCK) - b * SECTORS_PER_BLOCK)
+                            * SECTOR_SIZE;
+                        let hi = ((sector + sectors).min((b + 1) * SECTORS_PER_BLOCK)
+                            - b * SECTORS_PER_BLOCK)
+                            * SECTOR_SIZE;
+                        rmw.push((writes.len(), b, 0));
+                        writes.push(WriteOp {
+                            req: i,
+                            b0: b,
+                            n: 1,
+                            src: Src::Own(AlignedBuf::zeroed(BLOCK_SIZE)),
+                            overlay: Overlay::Zero(lo as usize, hi as usize),
+                        });
+                    }
+                }
+                Request::Flush => {}
+            }
+        }
+        if !rmw.is_empty() {
+            self.fill_old_contents(&mut writes, &rmw)?;
+        }
+        for w in &mut writes {
+            if let Src::Own(buf) = &mut w.src {
+                match std::mem::replace(&mut w.overlay, Overlay::None) {
+                    Overlay::None => {}
+                    Overlay::Data(d, off) => buf[off..off + d.len()].copy_from_slice(d),
+                    Overlay::Zero(lo, hi) => buf[lo..hi].fill(0),
+                }
+            }
+        }
+        Ok((reads, writes, trims))
+    }
+
+    /// Reads the current contents of partially written blocks into the
+    /// write buffers, keeping the bytes the write itself brings.
+    fn fill_old_contents(
+        &self,
+        writes: &mut [WriteOp<'_>],
+        rmw: &[(usize, u64, usize)],
+    ) -> Result<()> {
+        let mut old: Vec<AlignedBuf> = rmw.iter().map(|_| AlignedBuf::zeroed(BLOCK_SIZE)).collect();
+        let mut places = Vec::with_capacity(rmw.len());
+        let token;
+        {
+            let mut st = self.inner.state.lock();
+            let vol = st
+                .volumes
+                .get(&self.id)
+                .ok_or_else(|| Error::NoSuchVolume(self.name.clone()))?;
+            let mut segs = Vec::new();
+            for &(_, b, _) in rmw {
+                vol.map.lookup(b, 1, &mut segs);
+                places.push(match segs.first() {
+                    Some(Segment::Mapped { pblock, .. }) => Some(*pblock),
+                    _ => None,
+                });
+            }
+            token = st.io_begin();
+        }
+        let mut ops: Vec<IoOp> = old
+            .iter_mut()
+            .zip(&places)
+            .filter_map(|(buf, p)| {
+                p.map(|p| IoOp::Read {
+                    offset: p * BS,
+                    buf: &mut buf[..],
+                })
+            })
+            .collect();
+        let r = self
+            .inner
+            .dev
+            .submit(&mut ops)
+            .map_err(|e| Error::io("reading for a partial write", e));
+        drop(ops);
+        self.inner.state.lock().io_end(token);
+        r?;
+        for (k, &(w, _, at)) in rmw.iter().enumerate() {
+            if let Src::Own(buf) = &mut writes[w].src {
+                buf[at..at + BLOCK_SIZE].copy_from_slice(&old[k]);
+            }
+        }
+        Ok(())
+    }
+
+    /// Plans every operation under one metadata lock, runs the device I/O
+    /// as one batch, then publishes new mappings under a second lock.
+    fn execute(
+        &self,
+        reads: &mut [ReadOp<'_>],
+        writes: &mut [WriteOp<'_>],
+        trims: &[TrimOp],
+        results: &mut [Result<()>],
+    ) {
+        let mut read_plans: Vec<Vec<Piece>> = Vec::with_capacity(reads.len());
+        let mut write_plans: Vec<Vec<Piece>> = Vec::with_capacity(writes.len());
+        // (virtual block, physical block, count) of first writes.
+        let mut allocs: Vec<(u64, u64, u64)> = Vec::new();
+        let token;
+        {
+            let mut guard = self.inner.state.lock();
+            let st = &mut *guard;
+            let reserve = st.metadata_reserve();
+            let Some(vol) = st.volumes.get_mut(&self.id) else {
+                for r in results.iter_mut() {
+                    *r = Err(Error::NoSuchVolume(self.name.clone()));
+                }
+                return;
+            };
+            let mut segs = Vec::new();
+            for r in reads.iter() {
+                vol.map.lookup(r.b0, r.n, &mut segs);
+                read_plans.push(
+                    segs.iter()
+                        .map(|s| Piece {
+                            n: s.len(),
+                            pblock: match *s {
+                                Segment::Mapped { pblock, .. } => Some(pblock),
+                                _ => None,
+                            },
+                        })
+                        .collect(),
+                );
+            }
+            for w in writes.iter() {
+                let mut plan = Vec::new();
+                if results[w.req].is_ok() {
+                    vol.map.lookup(w.b0, w.n, &mut segs);
+                    let first_alloc = allocs.len();
+                    let mut failed = false;
+                    for s in &segs {
+                        match *s {
+                            Segment::Mapped { pblock, len, .. } => plan.push(Piece {
+                                n: len,
+                                pblock: Some(pblock),
+                            }),
+                            Segment::Hole { vblock, len } | Segment::Zero { vblock, len } => {
+                                if st.space.free_blocks() < len + reserve {
+                                    failed = true;
+                                    break;
+                                }
+                                let mut done = 0;
+                                while done < len {
+                                    let Some((p, n)) =
+                                        st.space.allocate_run(&mut vol.cursor, len - done)
+                                    else {
+                                        failed = true;
+                                        break;
+                                    };
+                                    plan.push(Piece { n, pblock: Some(p) });
+                                    allocs.push((vblock + done, p, n));
+                                    done += n;
+                                }
+                                if failed {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    if failed {
+                        for &(_, p, n) in &allocs[first_alloc..] {
+                            st.space.release(p, n);
+                        }
+                        allocs.truncate(first_alloc);
+                        plan.clear();
+                        results[w.req] = Err(Error::NoSpace);
+                    }
+                }
+                write_plans.push(plan);
+            }
+            let mut freed = Vec::new();
+            let mut entries = Vec::new();
+            for t in trims {
+                if results[t.req].is_err() {
+                    continue;
+                }
+                vol.map.unmap(t.b0, t.n, &mut freed);
+                let mut at = t.b0;
+                while at < t.b0 + t.n {
+                    let n = (t.b0 + t.n - at).min(u32::MAX as u64);
+                    entries.push(Entry::Unmap {
+                        volume: self.id,
+                        vblock: at,
+                        len: n as u32,
+                    });
+                    at += n;
+                }
+            }
+            st.free_later(&freed);
+            st.pending.extend(entries);
+            token = st.io_begin();
+        }
+
+        let mut ops: Vec<IoOp> = Vec::new();
+        let mut has_io = vec![false; results.len()];
+        for (r, plan) in reads.iter_mut().zip(&read_plans) {
+            let mut rest: &mut [u8] = match &mut r.dst {
+                Dst::User(b) => b,
+                Dst::Own(b, _, _) => &mut b[..],
+            };
+            for piece in plan {
+                let (this, tail) = std::mem::take(&mut rest).split_at_mut((piece.n * BS) as usize);
+                rest = tail;
+                match piece.pblock {
+                    Some(p) => {
+                        has_io[r.req] = true;
+                        ops.push(IoOp::Read {
+                            offset: p * BS,
+                            buf: this,
+                        });
+                    }
+                    None => this.fill(0),
+                }
+            }
+        }
+        for (w, plan) in writes.iter().zip(&write_plans) {
+            let mut rest: &[u8] = match &w.src {
+                Src::User(d) => d,
+                Src::Own(b) => &b[..],
+            };
+            for piece in plan {
+                let (this, tail) = rest.split_at((piece.n * BS) as usize);
+                rest = tail;
+                if let Some(p) = piece.pblock {
+                    has_io[w.req] = true;
+                    ops.push(IoOp::Write {
+                        offset: p * BS,
+                        buf: this,
+                    });
+                }
+            }
+        }
+        let io = self.inner.dev.submit(&mut ops);
+        drop(ops);
+        if let Err(e) = &io {
+            for (i, r) in results.iter_mut().enumerate() {
+                if has_io[i] && r.is_ok() {
+                    *r = Err(Error::io(
+                        format!("volume '{}' data", self.name),
+                        std::io::Error::new(e.kind(), e.to_string()),
+                    ));
+                }
+            }
+        }
+
+        let mut guard = self.inner.state.lock();
+        let st = &mut *guard;
+        let mut freed = Vec::new();
+        let mut entries = Vec::with_capacity(allocs.len());
+        match (io.is_ok(), st.volumes.get_mut(&self.id)) {
+            (true, Some(vol)) => {
+                for &(v, p, n) in &allocs {
+                    vol.map.map(v, p, n, &mut freed);
+                    entries.push(Entry::Map {
+                        volume: self.id,
+                        vblock: v,
+                        pblock: p,
+                        len: n as u32,
+                    });
+                }
+            }
+            _ => {
+                // Never mapped, never journaled: free at once.
+                for &(_, p, n) in &allocs {
+                    st.space.release(p, n);
+                }
+            }
+        }
+        st.free_later(&freed);
+        st.pending.extend(entries);
+        st.io_end(token);
+    }
+}
