@@ -718,7 +718,7 @@ fn check_size(size: u64) -> Result<()> {
             "volume size must be greater than zero".into(),
         ));
     }
-    if size % BLOCK_SIZE as u64 != 0 {
+    if !size.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(Error::InvalidArgument(format!(
             "volume size {size} is not a multiple of 4 KiB"
         )));

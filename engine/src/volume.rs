@@ -322,15 +322,11 @@ impl Volume {
                     let off = ((*sector % SECTORS_PER_BLOCK) * SECTOR_SIZE) as usize;
                     let aligned = off == 0
                         && buf.len() % BLOCK_SIZE == 0
-                        && (buf.as_ptr() as usize) % BLOCK_SIZE == 0;
+                        && (buf.as_ptr() as usize).is_multiple_of(BLOCK_SIZE);
                     let dst = if aligned {
-                        Dst::User(&mut **buf)
+                        Dst::User(buf)
                     } else {
-                        Dst::Own(
-                            AlignedBuf::zeroed(((b1 - b0) * BS) as usize),
-                            &mut **buf,
-                            off,
-                        )
+                        Dst::Own(AlignedBuf::zeroed(((b1 - b0) * BS) as usize), buf, off)
                     };
                     reads.push(ReadOp {
                         req: i,
@@ -345,11 +341,12 @@ impl Volume {
                     }
                     let (b0, b1) = Self::block_range(*sector, data.len() as u64 / SECTOR_SIZE);
                     let off = ((*sector % SECTORS_PER_BLOCK) * SECTOR_SIZE) as usize;
-                    let tail_partial = (off + data.len()) % BLOCK_SIZE != 0;
-                    let aligned =
-                        off == 0 && !tail_partial && (data.as_ptr() as usize) % BLOCK_SIZE == 0;
+                    let tail_partial = !(off + data.len()).is_multiple_of(BLOCK_SIZE);
+                    let aligned = off == 0
+                        && !tail_partial
+                        && (data.as_ptr() as usize).is_multiple_of(BLOCK_SIZE);
                     let (src, overlay) = if aligned {
-                        (Src::User(&**data), Overlay::None)
+                        (Src::User(data), Overlay::None)
                     } else {
                         let w = writes.len();
                         if off != 0 {
@@ -359,7 +356,7 @@ impl Volume {
                             rmw.push((w, b1 - 1, ((b1 - 1 - b0) * BS) as usize));
                         }
                         let b = AlignedBuf::zeroed(((b1 - b0) * BS) as usize);
-                        (Src::Own(b), Overlay::Data(&**data, off))
+                        (Src::Own(b), Overlay::Data(data, off))
                     };
                     writes.push(WriteOp {
                         req: i,

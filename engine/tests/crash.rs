@@ -145,7 +145,7 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
     (dev.take_trace(), h)
 }
 
-fn verify_image(img: Vec<u8>, k: usize, h: &History, what: &str) {
+fn verify_image(img: Vec<u8>, volume: &str, k: usize, h: &History, what: &str) {
     let dev = Arc::new(MemDevice::from_image(img));
     let report = check(dev.as_ref(), "crash").unwrap();
     assert!(
@@ -155,7 +155,7 @@ fn verify_image(img: Vec<u8>, k: usize, h: &History, what: &str) {
     );
     let pool = Pool::open(dev, "crash", &OpenOptions { read_only: true })
         .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
-    let vol = pool.open_volume("vm-1-disk-0").unwrap();
+    let vol = pool.open_volume(volume).unwrap();
     let mut buf = vec![0u8; VOL_BLOCKS as usize * BS];
     vol.read(0, &mut buf).unwrap();
     for b in 0..VOL_BLOCKS {
@@ -175,12 +175,14 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
     for k in 0..=trace.events.len() {
         verify_image(
             trace.crash_image(k, &mut |_, _| false),
+            "vm-1-disk-0",
             k,
             &h,
             &format!("seed {seed} point {k} (unflushed dropped)"),
         );
         verify_image(
             trace.crash_image(k, &mut |_, _| true),
+            "vm-1-disk-0",
             k,
             &h,
             &format!("seed {seed} point {k} (unflushed kept)"),
@@ -188,7 +190,13 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
         tried += 2;
         for s in 0..subsets_per_point {
             let img = trace.crash_image(k, &mut |_, _| rng.below(2) == 0);
-            verify_image(img, k, &h, &format!("seed {seed} point {k} subset {s}"));
+            verify_image(
+                img,
+                "vm-1-disk-0",
+                k,
+                &h,
+                &format!("seed {seed} point {k} subset {s}"),
+            );
             tried += 1;
         }
     }
@@ -207,4 +215,107 @@ fn crash_points_lose_nothing_acknowledged() {
     }
     eprintln!("crash points tried: {total}");
     assert!(total > 500);
+}
+
+/// Volume create, rename, resize and remove are durable when they return
+/// and atomic before: after a crash the pool names exactly the volumes of
+/// the last completed change, or of the change in progress.
+#[test]
+fn crash_points_during_volume_management() {
+    let dev = Arc::new(MemDevice::new(8 << 20));
+    let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
+    pool.create_volume("keep", VOL_BLOCKS * BS as u64).unwrap();
+    dev.start_trace();
+    let keep = pool.open_volume("keep").unwrap();
+    let mut rng = Rng(77);
+    let names = ["vm-1-disk-0", "vm-2-disk-0", "base-3-disk-0"];
+    // (trace length at start, at return, volume names afterwards)
+    let mut changes: Vec<(usize, usize, Vec<String>)> = vec![(0, 0, vec!["keep".to_string()])];
+    let mut h = History::default();
+    let mut current: HashMap<u64, u64> = HashMap::new();
+    h.flushes.push((0, current.clone()));
+    let mut tag = 1u64 << 40;
+    for step in 0..60 {
+        let start = dev.trace_len();
+        let name = names[rng.below(3) as usize];
+        let exists = pool.volume_info(name).is_ok();
+        let changed = match (step % 3, exists) {
+            (0, _) => {
+                let b = rng.below(VOL_BLOCKS);
+                tag += 1;
+                h.writes.push((start, b, tag));
+                current.insert(b, tag);
+                keep.write(b * 8, &pattern(tag)).unwrap();
+                if rng.below(2) == 0 {
+                    keep.flush().unwrap();
+                    h.flushes.push((dev.trace_len(), current.clone()));
+                }
+                false
+            }
+            (_, false) => pool
+                .create_volume(name, (1 + rng.below(64)) * 65536)
+                .is_ok(),
+            (_, true) => match rng.below(4) {
+                0 => pool.remove_volume(name).is_ok(),
+                1 => {
+                    let to = names[rng.below(3) as usize];
+                    pool.rename_volume(name, to).is_ok()
+                }
+                2 => {
+                    let v = pool.open_volume(name).unwrap();
+                    let _ = v.write(0, &pattern(tag));
+                    drop(v);
+                    pool.resize_volume(name, 4096, true).is_ok()
+                }
+                _ => {
+                    pool.checkpoint().unwrap();
+                    false
+                }
+            },
+        };
+        if changed {
+            let mut now: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+            now.sort();
+            changes.push((start, dev.trace_len(), now));
+        }
+    }
+    keep.flush().unwrap();
+    h.flushes.push((dev.trace_len(), current.clone()));
+    drop(keep);
+    pool.close().unwrap();
+    let trace = dev.take_trace();
+    let mut tried = 0;
+    for k in 0..=trace.events.len() {
+        for keep_unflushed in [false, true] {
+            let img = trace.crash_image(k, &mut |_, _| keep_unflushed);
+            verify_image(
+                img.clone(),
+                "keep",
+                k,
+                &h,
+                &format!("volume management point {k}"),
+            );
+            let pool = Pool::open(
+                Arc::new(MemDevice::from_image(img)),
+                "crash",
+                &OpenOptions { read_only: true },
+            )
+            .unwrap();
+            let mut got: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
+            got.sort();
+            let done = changes.iter().rposition(|c| c.1 <= k).unwrap_or(0);
+            let mut allowed = vec![&changes[done].2];
+            if let Some(next) = changes.get(done + 1) {
+                if next.0 < k {
+                    allowed.push(&next.2);
+                }
+            }
+            assert!(
+                allowed.contains(&&got),
+                "point {k}: volumes {got:?}, allowed {allowed:?}"
+            );
+            tried += 1;
+        }
+    }
+    eprintln!("volume-management crash points tried: {tried}");
 }

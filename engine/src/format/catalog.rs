@@ -75,7 +75,10 @@ impl VolumeRecord {
             .ok_or_else(|| bad("invalid volume name"))?
             .to_string();
         let size_bytes = get_u64(b, 16);
-        if size_bytes == 0 || size_bytes > MAX_VOLUME_BYTES || size_bytes % BLOCK_SIZE as u64 != 0 {
+        if size_bytes == 0
+            || size_bytes > MAX_VOLUME_BYTES
+            || !size_bytes.is_multiple_of(BLOCK_SIZE as u64)
+        {
             return Err(bad("volume size out of range"));
         }
         let header_blocks = [get_u64(b, 24), get_u64(b, 32)];
