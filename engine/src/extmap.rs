@@ -330,8 +330,18 @@ impl ExtentMap {
             return;
         };
         if leaf.extents.len() > NODE_CAPACITY {
-            // Appends (the common sequential case) leave a full left leaf.
-            let at = NODE_CAPACITY * 7 / 8;
+            // Appends to the last leaf (sequential writes) leave a nearly
+            // full left leaf; elsewhere split in half so random inserts
+            // keep leaves about 70 % full, on disk as in memory.
+            let last = self.leaves.range(key + 1..).next().is_none();
+            let Some(leaf) = self.leaves.get_mut(&key) else {
+                return;
+            };
+            let at = if last {
+                NODE_CAPACITY * 7 / 8
+            } else {
+                leaf.extents.len() / 2
+            };
             let right = leaf.extents.split_off(at);
             let right_key = right[0].vblock();
             self.next_version += 1;
