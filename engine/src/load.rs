@@ -46,6 +46,11 @@ pub(crate) fn read_superblock(
         copies.push((at, Superblock::decode(&b, at)));
     }
     if !saw_magic {
+        if has_other_pool_records(dev, size) {
+            return Err(Error::Corrupt(format!(
+                "{label} holds thinlun metadata but both superblock copies are missing (overwritten?)"
+            )));
+        }
         return Err(Error::NotAPool(label.to_string()));
     }
     for (_, r) in &copies {
@@ -101,6 +106,19 @@ pub(crate) fn read_superblock(
             errors.join("; ")
         ))),
     }
+}
+
+/// Whether the start of the LUN holds records only a pool writes (its
+/// allocation-group table sits right after the header zone and lock areas),
+/// to tell "superblocks destroyed" from "never a pool".
+fn has_other_pool_records(dev: &dyn BlockDevice, size: u64) -> bool {
+    use crate::format::magic;
+    let end = (size / BLOCK_SIZE as u64).min(1024);
+    let blocks: Vec<u64> = (crate::format::HEADER_ZONE_BLOCKS..end).collect();
+    read_blocks(dev, &blocks, "scanning for pool records").is_ok_and(|bufs| {
+        bufs.iter()
+            .any(|b| &b[0..8] == magic::AG_TABLE || &b[0..8] == magic::HOST_CHECKPOINT)
+    })
 }
 
 fn read_blocks(dev: &dyn BlockDevice, blocks: &[u64], what: &str) -> Result<Vec<AlignedBuf>> {

@@ -149,6 +149,16 @@ impl Pool {
     /// Creates a pool on a file (made sparse if missing) or block device.
     pub fn create_path(path: &Path, cfg: &PoolConfig) -> Result<Pool> {
         let label = path.display().to_string();
+        let created = !path.exists();
+        let result = Pool::create_new_file(path, &label, cfg);
+        if result.is_err() && created {
+            // Leave nothing behind from a failed create.
+            let _ = std::fs::remove_file(path);
+        }
+        result
+    }
+
+    fn create_new_file(path: &Path, label: &str, cfg: &PoolConfig) -> Result<Pool> {
         if !path.exists() {
             let size = cfg.size_bytes.ok_or_else(|| {
                 Error::InvalidArgument(format!("{label} does not exist; give a size to create it"))
@@ -157,20 +167,20 @@ impl Pool {
                 .write(true)
                 .create_new(true)
                 .open(path)
-                .map_err(|e| Error::io(&label, e))?;
-            f.set_len(size).map_err(|e| Error::io(&label, e))?;
+                .map_err(|e| Error::io(label, e))?;
+            f.set_len(size).map_err(|e| Error::io(label, e))?;
         } else if let Some(size) = cfg.size_bytes {
-            let meta = std::fs::metadata(path).map_err(|e| Error::io(&label, e))?;
+            let meta = std::fs::metadata(path).map_err(|e| Error::io(label, e))?;
             if meta.is_file() && meta.len() < size {
                 let f = std::fs::OpenOptions::new()
                     .write(true)
                     .open(path)
-                    .map_err(|e| Error::io(&label, e))?;
-                f.set_len(size).map_err(|e| Error::io(&label, e))?;
+                    .map_err(|e| Error::io(label, e))?;
+                f.set_len(size).map_err(|e| Error::io(label, e))?;
             }
         }
         let dev = open_device(path, false)?;
-        Pool::create(dev, &label, cfg)
+        Pool::create(dev, label, cfg)
     }
 
     /// Opens the pool on a file or block device.
@@ -333,6 +343,9 @@ impl Pool {
             warnings,
         });
         if !opts.read_only {
+            if !inner.warnings.is_empty() {
+                inner.rewrite_redundant_copies()?;
+            }
             let weak = Arc::downgrade(&inner);
             let ctl = inner.bg.clone();
             let t = std::thread::Builder::new()
@@ -872,7 +885,17 @@ impl Inner {
     /// Writes every changed tree copy-on-write, then the volume headers,
     /// then the host checkpoint that moves the journal's replay start.
     pub(crate) fn checkpoint_locked(&self, ctl: &mut CommitCtl) -> Result<()> {
-        let r = self.checkpoint_inner(ctl);
+        self.checkpoint_with(ctl, false)
+    }
+
+    /// A checkpoint that writes the headers and host checkpoint even when
+    /// nothing changed.
+    fn checkpoint_forced(&self, ctl: &mut CommitCtl) -> Result<()> {
+        self.checkpoint_with(ctl, true)
+    }
+
+    fn checkpoint_with(&self, ctl: &mut CommitCtl, force: bool) -> Result<()> {
+        let r = self.checkpoint_inner(ctl, force);
         if let Err(e) = &r {
             self.fail(e);
             for v in self.state.lock().volumes.values_mut() {
@@ -882,7 +905,7 @@ impl Inner {
         r
     }
 
-    fn checkpoint_inner(&self, ctl: &mut CommitCtl) -> Result<()> {
+    fn checkpoint_inner(&self, ctl: &mut CommitCtl, force: bool) -> Result<()> {
         let journal_seq = ctl.journal.last_seq();
         struct Plan {
             id: u64,
@@ -895,7 +918,10 @@ impl Inner {
         let mut node_writes: Vec<(u64, Vec<u8>)> = Vec::new();
         {
             let st = self.state.lock();
-            if ctl.journal.used_blocks() == 0 && st.volumes.values().all(|v| !v.map.is_dirty()) {
+            if !force
+                && ctl.journal.used_blocks() == 0
+                && st.volumes.values().all(|v| !v.map.is_dirty())
+            {
                 return Ok(());
             }
         }
@@ -1074,17 +1100,42 @@ impl Inner {
         Ok(())
     }
 
+    /// Opening found a damaged or stale copy of a two-copy record (read
+    /// from its twin): write every such record again, both copies.
+    fn rewrite_redundant_copies(&self) -> Result<()> {
+        let mut guard = self.commit.lock();
+        let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        {
+            let mut st = self.state.lock();
+            self.write_catalog(&mut st)?;
+            for v in st.volumes.values_mut() {
+                v.map.set_dirty();
+            }
+        }
+        self.commit_locked(ctl)?;
+        self.checkpoint_forced(ctl)
+    }
+
     fn shutdown(&self) -> Result<()> {
-        *self.bg.stop.lock() = true;
+        {
+            let mut stop = self.bg.stop.lock();
+            if *stop {
+                return Ok(()); // already closed
+            }
+            *stop = true;
+        }
         self.bg.wake.notify_all();
         if let Some(t) = self.bg_thread.lock().take() {
             if t.thread().id() != std::thread::current().id() {
                 let _ = t.join();
             }
         }
-        if self.read_only || self.failed.lock().is_some() {
+        if self.read_only {
             return Ok(());
         }
+        // A pool that failed earlier (possibly in the background) must not
+        // report a clean close: writes since its last commit may be lost.
+        self.writable()?;
         let mut guard = self.commit.lock();
         let Some(ctl) = guard.as_mut() else {
             return Ok(());

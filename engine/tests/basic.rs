@@ -188,13 +188,40 @@ fn not_a_pool_and_damaged_superblocks() {
     let mut one = img.clone();
     one[100] ^= 1;
     let p = Pool::open(
-        Arc::new(MemDevice::from_image(one)),
+        Arc::new(MemDevice::from_image(one.clone())),
         "x",
         &OpenOptions { read_only: true },
     )
     .unwrap();
     assert_eq!(p.volumes().len(), 1);
     assert!(!p.warnings().is_empty());
+    // Opening it for writing rewrites the damaged copy.
+    let one_dev = Arc::new(MemDevice::from_image(one.clone()));
+    drop(p);
+    let w = Pool::open(one_dev.clone(), "x", &OpenOptions::default()).unwrap();
+    assert!(!w.warnings().is_empty());
+    w.close().unwrap();
+    let report = check(one_dev.as_ref(), "x").unwrap();
+    assert!(
+        report.is_clean() && report.warnings.is_empty(),
+        "{:?}",
+        report.warnings
+    );
+    // Both superblocks wiped: the pool's other records still identify it.
+    let mut wiped = img.clone();
+    wiped[..4096].fill(0);
+    wiped[8 * 4096..9 * 4096].fill(0);
+    let e = Pool::open(
+        Arc::new(MemDevice::from_image(wiped)),
+        "x",
+        &OpenOptions { read_only: true },
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.to_string().contains("superblock copies are missing"),
+        "{e}"
+    );
     // Both damaged: a clear error.
     let mut both = img.clone();
     both[100] ^= 1;

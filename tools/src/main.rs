@@ -1,1 +1,201 @@
-fn main() {}
+//! thinctl: the admin command line for thinlun pools and thin volumes.
+//! This file holds the argument definitions and the dispatch; the work is
+//! in `cmd`, a thin layer over the engine API.
+
+mod cmd;
+mod error;
+mod human;
+mod json;
+mod size;
+mod table;
+
+use clap::{Parser, Subcommand};
+use error::{CliError, CliResult};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "thinctl",
+    version,
+    about = "Administer thinlun pools and their thin volumes",
+    after_help = "Sizes are bytes or a number with a binary unit: 4096, 64K, 1.5G, 8GiB.\n\
+                  Exit status: 0 success, 1 error, 2 usage error; check: 4 errors found, 8 could not check."
+)]
+struct Cli {
+    /// Pool file or block device
+    #[arg(short, long, env = "THINLUN_POOL", global = true, value_name = "PATH")]
+    pool: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a pool or show its status
+    #[command(subcommand)]
+    Pool(PoolCommand),
+    /// Verify the pool's metadata without changing anything (exit 0 clean, 4 errors, 8 could not check)
+    Check {
+        /// Never write (always true: check has no repair); accepted like fsck -n
+        #[arg(short = 'n', long)]
+        read_only: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a thin volume (no space is allocated until it is written)
+    Create {
+        name: String,
+        /// Virtual size, a multiple of 4 KiB
+        #[arg(value_parser = size_arg)]
+        size: u64,
+    },
+    /// List the volumes
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume
+    Info {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow or shrink a volume
+    Resize {
+        name: String,
+        #[arg(value_parser = size_arg)]
+        size: u64,
+        /// Allow shrinking, which discards the data past the new end
+        #[arg(long)]
+        force: bool,
+    },
+    /// Rename a volume
+    Rename { old: String, new: String },
+    /// Remove a volume and return its space to the pool
+    Remove { name: String },
+    /// Copy a raw image into a volume (created if missing); zero blocks take no space
+    Import {
+        name: String,
+        /// Image file, or - for stdin
+        file: PathBuf,
+        /// Size of the volume to create (required with stdin if the volume does not exist)
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+    },
+    /// Copy a volume out as a raw image (sparse when written to a file)
+    Export {
+        name: String,
+        /// Output file, or - for stdout
+        file: PathBuf,
+        /// Overwrite an existing file or device
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoolCommand {
+    /// Create a pool on a file (made, sparse, if missing) or block device
+    Create {
+        /// Pool size; default: the whole file or device
+        #[arg(long, value_parser = size_arg)]
+        size: Option<u64>,
+        /// Allocation chunk: a power of two from 64K to 1G [default: 1M]
+        #[arg(long, value_parser = size_arg)]
+        chunk_size: Option<u64>,
+        /// Hosts that may share the pool [default: 16]
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=100))]
+        max_hosts: Option<u32>,
+        /// Journal size per host (at least 256K) [default: scales with the pool]
+        #[arg(long, value_parser = size_arg)]
+        journal_size: Option<u64>,
+        /// Overwrite an existing pool
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show space use, volumes, journal and policy
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    size::parse_size(s)
+}
+
+fn run(cli: Cli) -> CliResult<()> {
+    let pool = cli.pool.as_deref();
+    match cli.command {
+        Command::Pool(PoolCommand::Create {
+            size,
+            chunk_size,
+            max_hosts,
+            journal_size,
+            force,
+        }) => cmd::pool::create(
+            pool,
+            cmd::pool::CreateArgs {
+                size,
+                chunk_size,
+                max_hosts,
+                journal_size,
+                force,
+            },
+        ),
+        Command::Pool(PoolCommand::Status { json }) => cmd::pool::status(pool, json),
+        Command::Check { read_only, json } => cmd::check::run(pool, read_only, json),
+        Command::Create { name, size } => cmd::volume::create(pool, &name, size),
+        Command::List { json } => cmd::volume::list(pool, json),
+        Command::Info { name, json } => cmd::volume::info(pool, &name, json),
+        Command::Resize { name, size, force } => cmd::volume::resize(pool, &name, size, force),
+        Command::Rename { old, new } => cmd::volume::rename(pool, &old, &new),
+        Command::Remove { name } => cmd::volume::remove(pool, &name),
+        Command::Import { name, file, size } => cmd::import::run(pool, &name, &file, size),
+        Command::Export { name, file, force } => cmd::export::run(pool, &name, &file, force),
+    }
+}
+
+/// clap's own errors, as one `thinctl:` line like every other error: its
+/// first paragraph, joined, without the "error: " prefix.
+fn usage_error(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let msg = first.join(" ");
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg);
+    format!("{msg} (see 'thinctl --help')")
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and the full help when a subcommand is missing.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("thinctl: {}", usage_error(&e));
+            return ExitCode::from(2);
+        }
+    };
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError { message, code }) => {
+            if !message.is_empty() {
+                // One line, whatever the engine or OS put in the message.
+                eprintln!("thinctl: {}", message.replace('\n', "; "));
+            }
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}

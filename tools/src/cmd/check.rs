@@ -1,0 +1,103 @@
+//! `check`: verifies a pool without changing it, with fsck's exit codes
+//! (0 clean, 4 errors left, 8 the check could not run).
+
+use super::{pool_path, require_exists, BLOCK};
+use crate::error::{emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED};
+use crate::human::{pct_str, size};
+use crate::json::Json;
+use std::path::Path;
+use thinlun::check::CheckReport;
+use thinlun::dev::FileDevice;
+
+/// `_read_only` is accepted for scripts that say so explicitly (fsck -n):
+/// the engine has no repair, so a check never writes.
+pub fn run(pool: Option<&Path>, _read_only: bool, json: bool) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    let failed = |e: CliError| e.with_code(EXIT_CHECK_FAILED);
+    require_exists(path).map_err(failed)?;
+    let label = path.display().to_string();
+    // The raw device, not Pool::open: a damaged pool must still be
+    // readable for the report, and nothing may be written or replayed.
+    let dev = FileDevice::open(path, false).map_err(|e| failed(CliError::io(&label, e)))?;
+    let report = thinlun::check::check(&dev, &label).map_err(|e| failed(e.into()))?;
+    if json {
+        emit(&report_json(&label, &report).render())?;
+    } else {
+        emit(&report_text(&label, &report))?;
+    }
+    if report.is_clean() {
+        return Ok(());
+    }
+    let n = report.errors.len();
+    Err(CliError::new(format!(
+        "{label}: check found {n} error{}",
+        if n == 1 { "" } else { "s" }
+    ))
+    .with_code(EXIT_CHECK_ERRORS))
+}
+
+fn report_text(label: &str, r: &CheckReport) -> String {
+    let bs = BLOCK as u64;
+    let mut out = String::new();
+    // When loading failed the figures are all zero and mean nothing.
+    if r.data_blocks > 0 {
+        out.push_str(&format!(
+            "{label}: {} volume{}, {} mapped in {} extent{}; data {} used of {} ({}), {} metadata; {} journal block{} replayed\n",
+            r.volumes,
+            plural(r.volumes),
+            size(r.mapped_blocks * bs),
+            r.extents,
+            plural(r.extents),
+            size(r.data_blocks.saturating_sub(r.free_blocks) * bs),
+            size(r.data_blocks * bs),
+            pct_str(r.data_blocks.saturating_sub(r.free_blocks), r.data_blocks),
+            size(r.metadata_blocks * bs),
+            r.journal_blocks_replayed,
+            plural(r.journal_blocks_replayed),
+        ));
+    }
+    for w in &r.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    for e in &r.errors {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    let verdict = match (r.errors.len(), r.warnings.len()) {
+        (0, 0) => "clean".to_string(),
+        (0, w) => format!(
+            "clean, {w} warning{} (damage that a redundant copy covers)",
+            plural(w as u64)
+        ),
+        (e, _) => format!(
+            "{e} error{} found; the pool needs attention",
+            plural(e as u64)
+        ),
+    };
+    out.push_str(&format!("{label}: {verdict}\n"));
+    out
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn report_json(label: &str, r: &CheckReport) -> Json {
+    let bs = BLOCK as u64;
+    Json::Object(vec![
+        ("pool", label.into()),
+        ("clean", r.is_clean().into()),
+        ("errors", r.errors.clone().into()),
+        ("warnings", r.warnings.clone().into()),
+        ("volumes", r.volumes.into()),
+        ("mapped_bytes", (r.mapped_blocks * bs).into()),
+        ("extents", r.extents.into()),
+        ("data_bytes", (r.data_blocks * bs).into()),
+        ("free_bytes", (r.free_blocks * bs).into()),
+        ("metadata_bytes", (r.metadata_blocks * bs).into()),
+        ("journal_blocks_replayed", r.journal_blocks_replayed.into()),
+    ])
+}

@@ -1,0 +1,115 @@
+//! The commands. Each one gathers what it will print, closes the pool, and
+//! only then prints, so nothing claims success before the pool is closed.
+
+pub mod check;
+pub mod export;
+pub mod import;
+pub mod pool;
+pub mod volume;
+
+use crate::error::{CliError, CliResult};
+use std::path::Path;
+use thinlun::{OpenOptions, Pool};
+
+/// Bytes moved per engine call by `import` and `export`: large enough to
+/// batch well, small enough to keep memory flat.
+pub const IO_CHUNK: usize = 1 << 20;
+pub const BLOCK: usize = thinlun::BLOCK_SIZE;
+
+/// The `--pool` path, or a message naming both ways to give it.
+pub fn pool_path(pool: Option<&Path>) -> CliResult<&Path> {
+    pool.ok_or_else(|| CliError::new("no pool given: use -p/--pool PATH or set THINLUN_POOL"))
+}
+
+/// A missing path would otherwise surface as a bare ENOENT from the engine.
+pub fn require_exists(path: &Path) -> CliResult<()> {
+    match std::fs::metadata(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(CliError::new(format!(
+            "{} does not exist (create a pool with 'thinctl pool create --size SIZE')",
+            path.display()
+        ))),
+        Err(e) => Err(CliError::io(&path.display().to_string(), e)),
+    }
+}
+
+/// Opens the pool for inspection: no writes, no lock, no journal replay
+/// written back.
+pub fn open_read_only(path: &Path) -> CliResult<Pool> {
+    require_exists(path)?;
+    let pool = Pool::open_path(path, &OpenOptions { read_only: true })?;
+    report_warnings(&pool);
+    Ok(pool)
+}
+
+/// Opens the pool for changes; pair with [`close`].
+pub fn open_read_write(path: &Path) -> CliResult<Pool> {
+    require_exists(path)?;
+    let pool = Pool::open_path(path, &OpenOptions::default())?;
+    report_warnings(&pool);
+    Ok(pool)
+}
+
+/// Runs `f` on the pool, then closes it explicitly so a failing final
+/// commit is reported rather than lost in a drop. The first error wins.
+pub fn with_pool<T>(pool: Pool, f: impl FnOnce(&Pool) -> CliResult<T>) -> CliResult<T> {
+    let result = f(&pool);
+    let closed = pool.close();
+    let value = result?;
+    closed.map_err(|e| CliError::new(format!("closing the pool: {e}")))?;
+    Ok(value)
+}
+
+fn report_warnings(pool: &Pool) {
+    for w in pool.warnings() {
+        eprintln!("thinctl: warning: {w}");
+    }
+}
+
+/// Whether a buffer holds only zero bytes (a block `import` need not write
+/// and `export` need not store).
+pub fn is_zero(buf: &[u8]) -> bool {
+    // Comparing u64 words is several times faster than bytes and needs no
+    // unsafe: chunks_exact leaves only a short tail.
+    let mut words = buf.chunks_exact(8);
+    words.all(|w| u64::from_ne_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]) == 0)
+        && words.remainder().iter().all(|&b| b == 0)
+}
+
+/// Splits `buf` (a whole number of blocks) into runs of all-zero and
+/// non-zero blocks: `(offset, len, zero)`.
+pub fn block_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
+    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+    for (i, block) in buf.chunks(BLOCK).enumerate() {
+        let zero = is_zero(block);
+        match runs.last_mut() {
+            Some(run) if run.2 == zero => run.1 += block.len(),
+            _ => runs.push((i * BLOCK, block.len(), zero)),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_zero_runs() {
+        let mut buf = vec![0u8; 5 * BLOCK];
+        buf[BLOCK + 7] = 1;
+        buf[2 * BLOCK] = 1;
+        buf[5 * BLOCK - 1] = 1;
+        assert_eq!(
+            block_runs(&buf),
+            vec![
+                (0, BLOCK, true),
+                (BLOCK, 2 * BLOCK, false),
+                (3 * BLOCK, BLOCK, true),
+                (4 * BLOCK, BLOCK, false)
+            ]
+        );
+        assert!(is_zero(&[0u8; 13]));
+        assert!(!is_zero(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]));
+    }
+}

@@ -1,0 +1,817 @@
+//! End-to-end tests of the `thinctl` binary: every command against a real
+//! pool file in a private temporary directory.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
+const BLOCK: usize = 4096;
+const MIB: usize = 1 << 20;
+
+/// A directory under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(test: &str) -> TempDir {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let dir =
+            std::env::temp_dir().join(format!("thinctl-test-{}-{n}-{test}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs thinctl with a clean environment (no THINLUN_POOL from the caller).
+fn run_with(args: &[&str], stdin: Option<&[u8]>, env_pool: Option<&Path>) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args).env_remove("THINLUN_POOL");
+    if let Some(p) = env_pool {
+        cmd.env("THINLUN_POOL", p);
+    }
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn thinctl");
+    if let Some(data) = stdin {
+        // Write from a thread so a large input cannot deadlock with output.
+        let mut pipe = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = pipe.write_all(&data);
+        });
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap();
+        return out;
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn pool_args<'a>(pool: &'a Path, args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["-p", pool.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Runs against `pool`, expects success, returns stdout.
+fn ok(pool: &Path, args: &[&str]) -> String {
+    let out = run_with(&pool_args(pool, args), None, None);
+    assert!(
+        out.status.success(),
+        "thinctl {args:?} failed ({:?}): {}",
+        out.status.code(),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Expects failure with `code` and exactly one `thinctl: ...` line on
+/// stderr; returns that line.
+fn fails_with(code: i32, args: &[&str], stdin: Option<&[u8]>) -> String {
+    let out = run_with(args, stdin, None);
+    let stderr = text(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "thinctl {args:?}: stderr {stderr:?}"
+    );
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
+    assert!(lines[0].starts_with("thinctl: "), "{stderr:?}");
+    lines[0].to_string()
+}
+
+fn fails(pool: &Path, args: &[&str]) -> String {
+    fails_with(1, &pool_args(pool, args), None)
+}
+
+fn new_pool(dir: &TempDir) -> PathBuf {
+    let pool = dir.path("pool.img");
+    ok(
+        &pool,
+        &["pool", "create", "--size", "64M", "--chunk-size", "64K"],
+    );
+    pool
+}
+
+// A minimal JSON reader, enough to prove `--json` output is valid JSON
+// and to look fields up without a serde dev-dependency.
+#[derive(Debug, PartialEq)]
+enum J {
+    Null,
+    Bool(bool),
+    Num(f64),
+    Str(String),
+    Arr(Vec<J>),
+    Obj(BTreeMap<String, J>),
+}
+
+impl J {
+    fn parse(s: &str) -> J {
+        let mut p = JsonParser {
+            s: s.as_bytes(),
+            i: 0,
+        };
+        let v = p.value();
+        p.ws();
+        assert_eq!(p.i, s.len(), "trailing data in JSON: {s}");
+        v
+    }
+
+    fn get(&self, key: &str) -> &J {
+        match self {
+            J::Obj(m) => m.get(key).unwrap_or_else(|| panic!("no key {key}")),
+            other => panic!("not an object: {other:?}"),
+        }
+    }
+
+    fn num(&self, key: &str) -> f64 {
+        match self.get(key) {
+            J::Num(n) => *n,
+            other => panic!("{key} is not a number: {other:?}"),
+        }
+    }
+
+    fn str(&self, key: &str) -> &str {
+        match self.get(key) {
+            J::Str(s) => s,
+            other => panic!("{key} is not a string: {other:?}"),
+        }
+    }
+
+    fn arr(&self) -> &[J] {
+        match self {
+            J::Arr(a) => a,
+            other => panic!("not an array: {other:?}"),
+        }
+    }
+}
+
+struct JsonParser<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl JsonParser<'_> {
+    fn ws(&mut self) {
+        while self.i < self.s.len() && b" \t\r\n".contains(&self.s[self.i]) {
+            self.i += 1;
+        }
+    }
+
+    fn eat(&mut self, c: u8) {
+        self.ws();
+        assert_eq!(
+            self.s.get(self.i),
+            Some(&c),
+            "expected {:?} at {}",
+            c as char,
+            self.i
+        );
+        self.i += 1;
+    }
+
+    fn lit(&mut self, word: &str, v: J) -> J {
+        assert!(self.s[self.i..].starts_with(word.as_bytes()));
+        self.i += word.len();
+        v
+    }
+
+    fn value(&mut self) -> J {
+        self.ws();
+        match self.s[self.i] {
+            b'{' => {
+                self.i += 1;
+                let mut m = BTreeMap::new();
+                self.ws();
+                if self.s[self.i] == b'}' {
+                    self.i += 1;
+                    return J::Obj(m);
+                }
+                loop {
+                    self.ws();
+                    let J::Str(k) = self.value() else {
+                        panic!("object key must be a string")
+                    };
+                    self.eat(b':');
+                    let v = self.value();
+                    m.insert(k, v);
+                    self.ws();
+                    self.i += 1;
+                    match self.s[self.i - 1] {
+                        b',' => continue,
+                        b'}' => return J::Obj(m),
+                        c => panic!("unexpected {:?} in object", c as char),
+                    }
+                }
+            }
+            b'[' => {
+                self.i += 1;
+                let mut a = Vec::new();
+                self.ws();
+                if self.s[self.i] == b']' {
+                    self.i += 1;
+                    return J::Arr(a);
+                }
+                loop {
+                    a.push(self.value());
+                    self.ws();
+                    self.i += 1;
+                    match self.s[self.i - 1] {
+                        b',' => continue,
+                        b']' => return J::Arr(a),
+                        c => panic!("unexpected {:?} in array", c as char),
+                    }
+                }
+            }
+            b'"' => {
+                self.i += 1;
+                let mut out = String::new();
+                loop {
+                    let c = self.s[self.i];
+                    self.i += 1;
+                    match c {
+                        b'"' => return J::Str(out),
+                        b'\\' => {
+                            let e = self.s[self.i];
+                            self.i += 1;
+                            out.push(match e {
+                                b'"' => '"',
+                                b'\\' => '\\',
+                                b'/' => '/',
+                                b'n' => '\n',
+                                b'r' => '\r',
+                                b't' => '\t',
+                                b'b' => '\u{8}',
+                                b'f' => '\u{c}',
+                                b'u' => {
+                                    let hex = std::str::from_utf8(&self.s[self.i..self.i + 4]);
+                                    self.i += 4;
+                                    let code = u32::from_str_radix(hex.unwrap(), 16).unwrap();
+                                    char::from_u32(code).expect("no surrogates expected")
+                                }
+                                _ => panic!("bad escape"),
+                            });
+                        }
+                        c if c < 0x20 => panic!("raw control character in JSON string"),
+                        _ => {
+                            // Copy one whole UTF-8 character.
+                            let start = self.i - 1;
+                            let len = match c {
+                                0xf0.. => 4,
+                                0xe0.. => 3,
+                                0xc0.. => 2,
+                                _ => 1,
+                            };
+                            self.i = start + len;
+                            out.push_str(std::str::from_utf8(&self.s[start..self.i]).unwrap());
+                        }
+                    }
+                }
+            }
+            b't' => self.lit("true", J::Bool(true)),
+            b'f' => self.lit("false", J::Bool(false)),
+            b'n' => self.lit("null", J::Null),
+            _ => {
+                let start = self.i;
+                while self.i < self.s.len() && b"+-.eE0123456789".contains(&self.s[self.i]) {
+                    self.i += 1;
+                }
+                let n = std::str::from_utf8(&self.s[start..self.i]).unwrap();
+                J::Num(n.parse().unwrap_or_else(|_| panic!("bad number {n:?}")))
+            }
+        }
+    }
+}
+
+/// An image with data, zero regions and an unaligned tail; returns it and
+/// how many of its 4 KiB blocks hold data.
+fn sample_image() -> (Vec<u8>, usize) {
+    let len = 3 * MIB + 5 * BLOCK + 1000;
+    let mut img = vec![0u8; len];
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut fill = |range: std::ops::Range<usize>, img: &mut Vec<u8>| {
+        for b in &mut img[range] {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            *b = seed as u8 | 1;
+        }
+    };
+    fill(0..2 * BLOCK, &mut img); // blocks 0, 1
+    fill(MIB + 100..MIB + 200, &mut img); // block 256
+    fill(2 * MIB - 10..2 * MIB + 10, &mut img); // blocks 511, 512 (straddles chunks)
+    fill(len - 10..len, &mut img); // the last, partial block
+    let data_blocks = img
+        .chunks(BLOCK)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count();
+    assert_eq!(data_blocks, 6);
+    (img, data_blocks)
+}
+
+#[test]
+fn pool_create_and_status() {
+    let dir = TempDir::new("status");
+    let pool = dir.path("pool.img");
+    let out = ok(
+        &pool,
+        &["pool", "create", "--size", "64M", "--chunk-size", "64K"],
+    );
+    assert!(out.starts_with("created pool "), "{out}");
+    assert_eq!(fs::metadata(&pool).unwrap().len(), 64 << 20);
+
+    ok(&pool, &["create", "a", "1G"]);
+    ok(&pool, &["create", "b", "64M"]);
+    let table = ok(&pool, &["pool", "status"]);
+    for want in [
+        "size:",
+        "64M (67108864 bytes)",
+        "chunk size:",
+        "64K",
+        "data used:",
+        "data free:",
+        "metadata used:",
+        "metadata reserved:",
+        "volumes:",
+        "provisioned:",
+        "1.1G",
+        "overcommit:",
+        "journal:",
+        "uuid:",
+        "format version:",
+        "data warnings at:",
+        "80%, 90%, 95%",
+    ] {
+        assert!(table.contains(want), "{want:?} missing from:\n{table}");
+    }
+    // Values start in one column.
+    let columns: Vec<usize> = table
+        .lines()
+        .map(|l| {
+            l.find(':').unwrap() + 1 + l[l.find(':').unwrap() + 1..].find(|c| c != ' ').unwrap()
+        })
+        .collect();
+    assert!(columns.windows(2).all(|w| w[0] == w[1]), "{table}");
+
+    let json = J::parse(&ok(&pool, &["pool", "status", "--json"]));
+    assert_eq!(json.num("size_bytes"), (64 << 20) as f64);
+    assert_eq!(json.num("chunk_bytes"), 65536.0);
+    assert_eq!(json.num("volumes"), 2.0);
+    assert_eq!(
+        json.num("provisioned_bytes"),
+        ((1 << 30) + (64 << 20)) as f64
+    );
+    let data = json.num("data_bytes");
+    let ratio = json.num("overcommit_ratio");
+    assert!((ratio - json.num("provisioned_bytes") / data).abs() < 1e-3);
+    assert_eq!(
+        json.num("data_used_bytes") + json.num("data_free_bytes"),
+        data
+    );
+    assert_eq!(json.num("format_version"), 1.0);
+    assert_eq!(json.str("uuid").len(), 36);
+    assert_eq!(json.str("pool"), pool.to_str().unwrap());
+    assert_eq!(json.get("policy").get("data_warn_pct").arr().len(), 3);
+
+    // An existing pool is not overwritten without --force.
+    let err = fails(&pool, &["pool", "create"]);
+    assert!(err.contains("--force"), "{err}");
+    ok(&pool, &["pool", "create", "--force"]);
+    assert_eq!(
+        J::parse(&ok(&pool, &["pool", "status", "--json"])).num("volumes"),
+        0.0
+    );
+}
+
+#[test]
+fn pool_create_rejects_bad_settings() {
+    let dir = TempDir::new("create-bad");
+    let pool = dir.path("pool.img");
+    let err = fails(&pool, &["pool", "create"]);
+    assert!(err.contains("--size"), "{err}");
+    let err = fails(&pool, &["pool", "create", "--size", "1000000"]);
+    assert!(err.contains("multiple of 4 KiB"), "{err}");
+    let err = fails(&pool, &["pool", "create", "--size", "1M"]);
+    assert!(err.contains("too small"), "{err}");
+    assert!(
+        !pool.exists(),
+        "a failed create must not leave a file behind"
+    );
+    let err = fails(
+        &pool,
+        &["pool", "create", "--size", "64M", "--chunk-size", "100K"],
+    );
+    assert!(err.contains("power of two"), "{err}");
+    let err = fails_with(
+        2,
+        &pool_args(
+            &pool,
+            &["pool", "create", "--size", "64M", "--max-hosts", "0"],
+        ),
+        None,
+    );
+    assert!(err.contains("--max-hosts"), "{err}");
+}
+
+#[test]
+fn volume_lifecycle() {
+    let dir = TempDir::new("lifecycle");
+    let pool = new_pool(&dir);
+    let out = ok(&pool, &["create", "vm-100-disk-0", "1G"]);
+    assert!(
+        out.contains("'vm-100-disk-0'") && out.contains("1.0G"),
+        "{out}"
+    );
+    ok(&pool, &["create", "base-9000-disk-1", "1.5G"]);
+
+    let list = ok(&pool, &["list"]);
+    let lines: Vec<&str> = list.lines().collect();
+    assert_eq!(lines.len(), 3, "{list}");
+    assert!(
+        lines[0].starts_with("NAME") && lines[0].contains("SIZE"),
+        "{list}"
+    );
+    assert!(lines[1].starts_with("base-9000-disk-1") && lines[1].contains("1.5G"));
+    assert!(lines[2].starts_with("vm-100-disk-0") && lines[2].contains("1.0G"));
+    // Right-aligned SIZE column: rows end the size at the same column.
+    let end = |l: &str, s: &str| l.find(s).unwrap() + s.len();
+    assert_eq!(end(lines[0], "SIZE"), end(lines[1], "1.5G"));
+    assert_eq!(end(lines[0], "SIZE"), end(lines[2], "1.0G"));
+
+    let json = J::parse(&ok(&pool, &["list", "--json"]));
+    let vols = json.arr();
+    assert_eq!(vols.len(), 2);
+    assert_eq!(vols[0].str("name"), "base-9000-disk-1");
+    assert_eq!(vols[0].num("size_bytes"), (3u64 << 29) as f64);
+    assert_eq!(vols[1].num("mapped_bytes"), 0.0);
+
+    let info = ok(&pool, &["info", "vm-100-disk-0"]);
+    assert!(info.contains("1.0G (1073741824 bytes)"), "{info}");
+    assert!(info.contains("UTC"), "{info}");
+    let j = J::parse(&ok(&pool, &["info", "vm-100-disk-0", "--json"]));
+    assert_eq!(j.num("size_bytes"), (1u64 << 30) as f64);
+    assert_eq!(j.get("read_only"), &J::Bool(false));
+
+    // Grow; shrink only with --force.
+    ok(&pool, &["resize", "vm-100-disk-0", "2G"]);
+    let size = |name: &str| J::parse(&ok(&pool, &["info", name, "--json"])).num("size_bytes");
+    assert_eq!(size("vm-100-disk-0"), (2u64 << 30) as f64);
+    let err = fails(&pool, &["resize", "vm-100-disk-0", "512M"]);
+    assert!(err.contains("--force"), "{err}");
+    assert_eq!(size("vm-100-disk-0"), (2u64 << 30) as f64);
+    ok(&pool, &["resize", "vm-100-disk-0", "512M", "--force"]);
+    assert_eq!(size("vm-100-disk-0"), (512u64 << 20) as f64);
+
+    let out = ok(&pool, &["rename", "vm-100-disk-0", "vm-101-disk-0"]);
+    assert!(out.contains("'vm-101-disk-0'"), "{out}");
+    let err = fails(&pool, &["info", "vm-100-disk-0"]);
+    assert!(err.contains("not found"), "{err}");
+    assert_eq!(size("vm-101-disk-0"), (512u64 << 20) as f64);
+
+    ok(&pool, &["remove", "vm-101-disk-0"]);
+    ok(&pool, &["remove", "base-9000-disk-1"]);
+    assert_eq!(ok(&pool, &["list"]).lines().count(), 1);
+    assert_eq!(ok(&pool, &["list", "--json"]).trim(), "[]");
+    assert!(ok(&pool, &["check"]).contains("clean"));
+}
+
+#[test]
+fn import_export_keeps_volumes_thin() {
+    let dir = TempDir::new("import");
+    let pool = new_pool(&dir);
+    let (img, data_blocks) = sample_image();
+    let src = dir.path("src.raw");
+    fs::write(&src, &img).unwrap();
+
+    let out = ok(&pool, &["import", "disk", src.to_str().unwrap()]);
+    assert!(out.contains(&format!("({} bytes)", img.len())), "{out}");
+    assert!(
+        out.contains(&format!("({} bytes) allocated", data_blocks * BLOCK)),
+        "{out}"
+    );
+    let info = J::parse(&ok(&pool, &["info", "disk", "--json"]));
+    let rounded = img.len().div_ceil(BLOCK) * BLOCK;
+    assert_eq!(info.num("size_bytes"), rounded as f64);
+    // Zero blocks took no space.
+    assert_eq!(info.num("mapped_bytes"), (data_blocks * BLOCK) as f64);
+
+    // Out to a file: identical bytes (plus zero padding to whole blocks),
+    // and sparse.
+    let dst = dir.path("dst.raw");
+    let out = ok(&pool, &["export", "disk", dst.to_str().unwrap()]);
+    assert!(
+        out.contains(&format!("({} bytes) of it data", data_blocks * BLOCK)),
+        "{out}"
+    );
+    let back = fs::read(&dst).unwrap();
+    assert_eq!(back.len(), rounded);
+    assert!(back[..img.len()] == img[..], "exported image differs");
+    assert!(back[img.len()..].iter().all(|&b| b == 0));
+    {
+        use std::os::unix::fs::MetadataExt;
+        let allocated = fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(
+            allocated < (rounded / 2) as u64,
+            "export should be sparse: {allocated} bytes allocated"
+        );
+    }
+    // Never clobbered without --force.
+    let err = fails(&pool, &["export", "disk", dst.to_str().unwrap()]);
+    assert!(err.contains("--force"), "{err}");
+    ok(&pool, &["export", "disk", dst.to_str().unwrap(), "--force"]);
+    assert_eq!(fs::read(&dst).unwrap(), back);
+
+    // Out to stdout: every byte.
+    let out = run_with(&pool_args(&pool, &["export", "disk", "-"]), None, None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(out.stdout == back, "stdout export differs");
+
+    // Importing over existing data: blocks that are zero in the new image
+    // must read as zeros and be unmapped, not keep the old data.
+    let mut img2 = vec![0u8; img.len()];
+    img2[MIB + 100..MIB + 200].copy_from_slice(&img[MIB + 100..MIB + 200]);
+    img2[5 * BLOCK] = 7;
+    let src2 = dir.path("src2.raw");
+    fs::write(&src2, &img2).unwrap();
+    ok(&pool, &["import", "disk", src2.to_str().unwrap()]);
+    let dst2 = dir.path("dst2.raw");
+    ok(&pool, &["export", "disk", dst2.to_str().unwrap()]);
+    let back2 = fs::read(&dst2).unwrap();
+    assert!(back2[..img2.len()] == img2[..], "re-import differs");
+    let info = J::parse(&ok(&pool, &["info", "disk", "--json"]));
+    assert_eq!(info.num("mapped_bytes"), (2 * BLOCK) as f64);
+
+    // An image larger than the existing volume is refused up front.
+    let big = dir.path("big.raw");
+    fs::write(&big, vec![1u8; rounded + BLOCK]).unwrap();
+    let err = fails(&pool, &["import", "disk", big.to_str().unwrap()]);
+    assert!(err.contains("larger than volume"), "{err}");
+    assert!(ok(&pool, &["check"]).contains("clean"));
+}
+
+#[test]
+fn import_from_stdin() {
+    let dir = TempDir::new("stdin");
+    let pool = new_pool(&dir);
+    let (img, data_blocks) = sample_image();
+
+    let err = fails_with(1, &pool_args(&pool, &["import", "piped", "-"]), Some(&img));
+    assert!(err.contains("--size"), "{err}");
+    let err = fails_with(
+        1,
+        &pool_args(&pool, &["import", "piped", "-", "--size", "1M"]),
+        Some(&img),
+    );
+    assert!(err.contains("larger than volume"), "{err}");
+    assert!(err.contains("removed"), "{err}");
+    assert!(fails(&pool, &["info", "piped"]).contains("not found"));
+
+    let out = run_with(
+        &pool_args(&pool, &["import", "piped", "-", "--size", "8M"]),
+        Some(&img),
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains(&format!("({} bytes) from stdin", img.len())));
+    let info = J::parse(&ok(&pool, &["info", "piped", "--json"]));
+    assert_eq!(info.num("size_bytes"), (8 * MIB) as f64);
+    assert_eq!(info.num("mapped_bytes"), (data_blocks * BLOCK) as f64);
+
+    let out = run_with(&pool_args(&pool, &["export", "piped", "-"]), None, None);
+    assert!(out.status.success());
+    assert_eq!(out.stdout.len(), 8 * MIB);
+    assert!(out.stdout[..img.len()] == img[..]);
+    assert!(out.stdout[img.len()..].iter().all(|&b| b == 0));
+}
+
+#[test]
+fn pool_from_environment_and_missing_pool() {
+    let dir = TempDir::new("env");
+    let pool = new_pool(&dir);
+    let out = run_with(&["create", "from-env", "4M"], None, Some(&pool));
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(ok(&pool, &["list"]).contains("from-env"));
+
+    let err = fails_with(1, &["list"], None);
+    assert!(
+        err.contains("--pool") && err.contains("THINLUN_POOL"),
+        "{err}"
+    );
+    let missing = dir.path("nope.img");
+    let err = fails(&missing, &["list"]);
+    assert!(err.contains("does not exist"), "{err}");
+    let err = fails(&missing, &["create", "v", "4M"]);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn rejects_bad_input() {
+    let dir = TempDir::new("bad");
+    let pool = new_pool(&dir);
+
+    // Not a pool.
+    let junk = dir.path("junk.img");
+    fs::write(&junk, vec![0u8; MIB]).unwrap();
+    for args in [&["list"][..], &["pool", "status"], &["create", "v", "1M"]] {
+        let err = fails(&junk, args);
+        assert!(err.contains("not a thinlun pool"), "{err}");
+    }
+    let err = fails(&dir.0, &["list"]);
+    assert!(err.contains("not a regular file"), "{err}");
+
+    // Names.
+    let err = fails(&pool, &["create", "bad/name", "1M"]);
+    assert!(err.contains("invalid volume name"), "{err}");
+    let err = fails(&pool, &["create", "a b", "1M"]);
+    assert!(err.contains("invalid volume name"), "{err}");
+    ok(&pool, &["create", "v", "1M"]);
+    ok(&pool, &["create", "w", "1M"]);
+    let err = fails(&pool, &["create", "v", "1M"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = fails(&pool, &["rename", "v", "w"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = fails(&pool, &["rename", "v", "no/pe"]);
+    assert!(err.contains("invalid volume name"), "{err}");
+
+    // Sizes: garbage and zero are usage errors; unaligned is refused.
+    for (size, want) in [
+        ("abc", "not a size"),
+        ("12Q", "unknown unit"),
+        ("1.2.3G", "not a size"),
+        ("0", "greater than zero"),
+        ("99999999999999999999", "too large"),
+        ("0.1K", "whole number"),
+    ] {
+        let err = fails_with(2, &pool_args(&pool, &["create", "x", size]), None);
+        assert!(err.contains(want), "{size}: {err}");
+    }
+    let err = fails(&pool, &["create", "x", "1000"]);
+    assert!(err.contains("multiple of 4 KiB"), "{err}");
+    let err = fails(&pool, &["resize", "v", "5000"]);
+    assert!(err.contains("multiple of 4 KiB"), "{err}");
+
+    // Anything on a volume that does not exist.
+    let out_file = dir.path("out.raw");
+    let out_str = out_file.to_str().unwrap();
+    for args in [
+        &["info", "ghost"][..],
+        &["resize", "ghost", "1M"],
+        &["rename", "ghost", "spirit"],
+        &["remove", "ghost"],
+        &["export", "ghost", out_str],
+        &["export", "ghost", "-"],
+    ] {
+        let err = fails(&pool, args);
+        assert!(err.contains("volume 'ghost' not found"), "{args:?}: {err}");
+    }
+    assert!(
+        !out_file.exists(),
+        "export of a missing volume created a file"
+    );
+    let err = fails(
+        &pool,
+        &["import", "v", dir.path("no-such-file").to_str().unwrap()],
+    );
+    assert!(err.contains("No such file"), "{err}");
+
+    // clap's own errors are one line too.
+    let err = fails_with(2, &pool_args(&pool, &["frobnicate"]), None);
+    assert!(err.contains("frobnicate"), "{err}");
+    let err = fails_with(2, &pool_args(&pool, &["create", "only-name"]), None);
+    assert!(err.contains("<SIZE>"), "{err}");
+}
+
+#[test]
+fn check_reports_health() {
+    let dir = TempDir::new("check");
+    let pool = new_pool(&dir);
+    ok(&pool, &["create", "v", "4M"]);
+    let src = dir.path("src.raw");
+    fs::write(&src, sample_image().0).unwrap();
+    ok(&pool, &["import", "v", src.to_str().unwrap()]);
+
+    let out = ok(&pool, &["check"]);
+    assert!(
+        out.contains("1 volume,") && out.trim_end().ends_with("clean"),
+        "{out}"
+    );
+    let j = J::parse(&ok(&pool, &["check", "--read-only", "--json"]));
+    assert_eq!(j.get("clean"), &J::Bool(true));
+    assert_eq!(j.get("errors").arr().len(), 0);
+    assert_eq!(j.num("volumes"), 1.0);
+
+    let image = fs::read(&pool).unwrap();
+    let damaged = |name: &str, f: &dyn Fn(&mut Vec<u8>)| {
+        let mut img = image.clone();
+        f(&mut img);
+        let path = dir.path(name);
+        fs::write(&path, img).unwrap();
+        path
+    };
+
+    // One superblock copy lost: still clean, with a warning.
+    let one = damaged("one.img", &|img| img[..BLOCK].fill(0));
+    let out = run_with(&pool_args(&one, &["check"]), None, None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("warning: ") && stdout.contains("1 warning"),
+        "{stdout}"
+    );
+
+    // Both copies with bad checksums: errors, exit 4, report on stdout.
+    let bad = damaged("bad.img", &|img| {
+        img[100] ^= 0xff;
+        img[8 * BLOCK + 100] ^= 0xff;
+    });
+    let out = run_with(&pool_args(&bad, &["check"]), None, None);
+    assert_eq!(out.status.code(), Some(4));
+    assert!(
+        text(&out.stdout).contains("error: "),
+        "{}",
+        text(&out.stdout)
+    );
+    assert!(text(&out.stdout).contains("both superblock copies are damaged"));
+    let err = fails_with(4, &pool_args(&bad, &["check", "--json"]), None);
+    assert!(err.contains("check found 1 error"), "{err}");
+    let j = J::parse(&text(
+        &run_with(&pool_args(&bad, &["check", "--json"]), None, None).stdout,
+    ));
+    assert_eq!(j.get("clean"), &J::Bool(false));
+    // Other commands refuse the damaged pool with the same reason.
+    let err = fails(&bad, &["list"]);
+    assert!(err.contains("both superblock copies are damaged"), "{err}");
+
+    // Both copies zeroed: nothing marks the LUN as a pool any more.
+    let zeroed = damaged("zeroed.img", &|img| {
+        img[..BLOCK].fill(0);
+        img[8 * BLOCK..9 * BLOCK].fill(0);
+    });
+    let err = fails_with(8, &pool_args(&zeroed, &["check"]), None);
+    assert!(err.contains("not a thinlun pool"), "{err}");
+    let err = fails_with(8, &pool_args(&dir.path("missing.img"), &["check"]), None);
+    assert!(err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn help_and_broken_pipe() {
+    let out = run_with(&["--help"], None, None);
+    assert!(out.status.success());
+    let help = text(&out.stdout);
+    for cmd in [
+        "pool",
+        "check",
+        "create",
+        "list",
+        "info",
+        "resize",
+        "rename",
+        "remove",
+        "import",
+        "export",
+        "THINLUN_POOL",
+    ] {
+        assert!(help.contains(cmd), "{cmd} missing from --help");
+    }
+
+    // A reader that goes away early must not make thinctl panic.
+    let dir = TempDir::new("pipe");
+    let pool = new_pool(&dir);
+    ok(&pool, &["create", "big", "32M"]);
+    let mut child = Command::new(BIN)
+        .args(pool_args(&pool, &["export", "big", "-"]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+}
