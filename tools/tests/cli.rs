@@ -767,12 +767,19 @@ fn check_reports_health() {
     let err = fails(&bad, &["list"]);
     assert!(err.contains("both superblock copies are damaged"), "{err}");
 
-    // Both copies zeroed: nothing marks the LUN as a pool any more.
+    // Both copies zeroed: the pool's other records still identify it.
     let zeroed = damaged("zeroed.img", &|img| {
         img[..BLOCK].fill(0);
         img[8 * BLOCK..9 * BLOCK].fill(0);
     });
-    let err = fails_with(8, &pool_args(&zeroed, &["check"]), None);
+    let out = run_with(&pool_args(&zeroed, &["check"]), None, None);
+    assert_eq!(out.status.code(), Some(4));
+    let report = text(&out.stdout) + &text(&out.stderr);
+    assert!(report.contains("superblock copies are missing"), "{report}");
+    // A file that never was a pool.
+    let plain = dir.path("plain.img");
+    std::fs::write(&plain, vec![0u8; 1 << 20]).unwrap();
+    let err = fails_with(8, &pool_args(&plain, &["check"]), None);
     assert!(err.contains("not a thinlun pool"), "{err}");
     let err = fails_with(8, &pool_args(&dir.path("missing.img"), &["check"]), None);
     assert!(err.contains("does not exist"), "{err}");
