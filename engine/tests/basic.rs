@@ -244,11 +244,25 @@ fn not_a_pool_and_damaged_superblocks() {
     .err()
     .unwrap();
     assert!(e.to_string().contains("truncated"), "{e}");
-    // Newer format version.
+    // Newer format version (validly sealed by that newer version).
     let mut newer = img.clone();
     for at in [0usize, 8 * 4096] {
-        newer[at + 8] = 2;
+        let blk = &mut newer[at..at + 4096];
+        blk[8] = 2;
+        blk[12..16].fill(0);
+        let crc = crc32fast::hash(blk);
+        blk[12..16].copy_from_slice(&crc.to_le_bytes());
     }
+    // A flipped bit in one copy's version field is damage, not a new format.
+    let mut flipped = img.clone();
+    flipped[8] ^= 2;
+    let p = Pool::open(
+        Arc::new(MemDevice::from_image(flipped)),
+        "x",
+        &OpenOptions { read_only: true },
+    )
+    .unwrap();
+    assert!(!p.warnings().is_empty());
     let e = Pool::open(
         Arc::new(MemDevice::from_image(newer)),
         "x",

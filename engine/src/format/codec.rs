@@ -86,19 +86,21 @@ pub fn open(b: &[u8], magic: &[u8; 8], at_block: u64, what: &str) -> Result<Head
             "{what} at block {at_block}: wrong magic (not a {what} record)"
         )));
     }
-    let version = get_u16(b, 8) as u32;
-    if version != FORMAT_VERSION {
-        return Err(Error::UnsupportedVersion {
-            found: version,
-            supported: FORMAT_VERSION,
-        });
-    }
+    // Checksum first: a flipped bit in the version field is damage, not a
+    // newer format.
     let stored = get_u32(b, CRC_OFFSET);
     let actual = block_crc(b);
     if stored != actual {
         return Err(Error::Corrupt(format!(
             "{what} at block {at_block}: checksum mismatch (stored {stored:08x}, computed {actual:08x})"
         )));
+    }
+    let version = get_u16(b, 8) as u32;
+    if version != FORMAT_VERSION {
+        return Err(Error::UnsupportedVersion {
+            found: version,
+            supported: FORMAT_VERSION,
+        });
     }
     let self_block = get_u64(b, 16);
     if self_block != at_block {

@@ -74,7 +74,8 @@ impl Entry {
         let volume = get_u64(b, 8);
         let vblock = get_u64(b, 16);
         let pblock = get_u64(b, 24);
-        if len == 0 || vblock + len as u64 > MAX_BLOCKS || pblock + len as u64 > MAX_BLOCKS {
+        // Fields come from disk: compare without adding, which could overflow.
+        if len == 0 || vblock > MAX_BLOCKS - len as u64 || pblock > MAX_BLOCKS - len as u64 {
             return None;
         }
         if b[1..4] != [0, 0, 0] {

@@ -132,10 +132,13 @@ impl Superblock {
         if get_u32(b, O_BLOCK_SIZE) as usize != BLOCK_SIZE {
             return Err(bad("unsupported block size"));
         }
-        if get_u32(b, O_INCOMPAT) != 0 {
+        // v1 knows no optional features. Unknown incompat or ro_compat bits
+        // mean a newer thinlun wrote structures this one could damage, so
+        // the pool is refused; compat bits are safe to ignore.
+        let (incompat, ro_compat) = (get_u32(b, O_INCOMPAT), get_u32(b, O_RO_COMPAT));
+        if incompat != 0 || ro_compat != 0 {
             return Err(Error::Corrupt(format!(
-                "superblock at block {at_block}: pool uses features this thinlun does not know (incompat {:#x})",
-                get_u32(b, O_INCOMPAT)
+                "superblock at block {at_block}: pool uses features this thinlun does not know (incompat {incompat:#x}, ro_compat {ro_compat:#x}); use a newer thinlun"
             )));
         }
         if get_u32(b, O_AG_BLOCKS) != AG_BLOCKS {

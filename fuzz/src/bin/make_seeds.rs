@@ -1,0 +1,361 @@
+//! Writes seed corpora for the fuzz targets: real records encoded with the
+//! engine's own encoders, at the block addresses the targets decode at.
+//!
+//! Usage: cargo run --bin make_seeds [-- OUT_DIR]   (default: fuzz/corpus)
+//! Writes OUT_DIR/<target>/seed-N and checks that every seed decodes.
+
+use std::path::{Path, PathBuf};
+use thinlun::format::catalog::{
+    self, decode_catalog, decode_volume_header, encode_catalog, encode_volume_header, CatalogBlock,
+    VolumeHeader, VolumeRecord, RECORDS_PER_BLOCK,
+};
+use thinlun::format::claims::{self, Claim, CLAIMS_PER_BLOCK};
+use thinlun::format::journal::{
+    decode_block, decode_host_checkpoint, encode_block, encode_host_checkpoint, Entry,
+    HostCheckpoint, JournalBlock, ENTRIES_PER_BLOCK,
+};
+use thinlun::format::node::{self, Extent, Node, EXTENT_ZERO, NODE_CAPACITY};
+use thinlun::format::superblock::{Policy, Superblock};
+use thinlun::format::{Layout, SUPERBLOCK_B};
+use thinlun_fuzz::{at, layout};
+
+/// Pool uuid of the seed superblocks (and of the host checkpoint's seed).
+const UUID: [u8; 16] = *b"\x3c\x1f\x8a\x02\x55\x90\x4e\x11\xa7\x0d\x62\xe4\x18\xbb\x09\x7f";
+
+// The journal block the targets decode lies in host 1's ring.
+const _: () = assert!(at::JOURNAL >= at::HOST_CHECKPOINT + 2);
+const _: () = assert!(at::JOURNAL < at::HOST_CHECKPOINT + 2 + at::RING_LEN as u64);
+
+fn write(dir: &Path, target: &str, seeds: &[Vec<u8>]) {
+    let d = dir.join(target);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    for (i, s) in seeds.iter().enumerate() {
+        let p = d.join(format!("seed-{i}"));
+        std::fs::write(&p, s).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+    }
+    println!("{}: {} seeds", d.display(), seeds.len());
+}
+
+fn superblocks() -> Vec<Vec<u8>> {
+    let l = layout();
+    // The fixed addresses the targets use must match the layout.
+    assert_eq!(l.ag_table_start, at::CLAIMS);
+    assert_eq!(l.host_region(1), at::HOST_CHECKPOINT);
+    assert_eq!(l.data_start, at::CATALOG);
+    assert!(l.is_data_block(at::VOLUME_HEADER) && l.is_data_block(at::NODE));
+    assert_eq!(l.max_hosts, at::MAX_HOSTS);
+    assert_eq!(l.journal_blocks - 2, at::RING_LEN);
+
+    let fresh = Superblock {
+        generation: 1,
+        layout: l,
+        uuid: UUID,
+        catalog_root: 0,
+        next_volume_id: 1,
+        created_unix: 1_700_000_000,
+        commit_unix: 1_700_000_000,
+        policy: Policy::default(),
+    };
+    let used = Superblock {
+        generation: 42,
+        catalog_root: at::CATALOG,
+        next_volume_id: 17,
+        commit_unix: 1_700_086_400,
+        policy: Policy {
+            data_warn_pct: [70, 85, 0],
+            meta_warn_pct: [50, 0, 0],
+            when_full: 1,
+            queue_timeout_ms: 5_000,
+            max_overcommit_pct: 400,
+        },
+        ..fresh.clone()
+    };
+    // Smallest geometry: 64 KiB chunks, one host, 64-block journal.
+    let small = Superblock {
+        layout: Layout::compute(4096, 4096, 16, 1, 64),
+        ..fresh.clone()
+    };
+    // Largest addresses: a pool that may grow to 2^48 - 1 blocks, 1 GiB
+    // chunks, 100 hosts, 8 MiB journals.
+    let big = Superblock {
+        layout: Layout::compute(1 << 40, (1 << 48) - 1, 1 << 18, 100, 2048),
+        catalog_root: 0,
+        ..used.clone()
+    };
+    let mut out = Vec::new();
+    for sb in [&fresh, &used, &small, &big] {
+        let b = sb.encode(at::SUPERBLOCK);
+        assert_eq!(&Superblock::decode(&b, at::SUPERBLOCK).unwrap(), sb);
+        out.push(b);
+    }
+    // Copy B: valid only once re-sealed at block 0.
+    out.push(used.encode(SUPERBLOCK_B));
+    out
+}
+
+fn nodes() -> Vec<Vec<u8>> {
+    let leaf = Node::Leaf(vec![
+        Extent {
+            vblock: 0,
+            pblock: 2048,
+            len: 256,
+            flags: 0,
+        },
+        Extent {
+            vblock: 256,
+            pblock: 0,
+            len: 16,
+            flags: EXTENT_ZERO,
+        },
+        Extent {
+            vblock: 300,
+            pblock: 4096,
+            len: 1,
+            flags: 0,
+        },
+        Extent {
+            vblock: (1 << 48) - 65535,
+            pblock: (1 << 48) - 65535,
+            len: 65535,
+            flags: 0,
+        },
+    ]);
+    let full = Node::Leaf(
+        (0..NODE_CAPACITY as u64)
+            .map(|i| Extent {
+                vblock: i * 3,
+                pblock: 10_000 + i * 2,
+                len: 2,
+                flags: (i % 2) as u8,
+            })
+            .collect(),
+    );
+    let empty = Node::Leaf(Vec::new());
+    let interior = Node::Interior {
+        level: 1,
+        children: vec![(0, 1541), (4000, 1542), (90_000, 1543)],
+    };
+    let root = Node::Interior {
+        level: 8,
+        children: vec![(0, 1600)],
+    };
+    let mut out = Vec::new();
+    for (n, vol) in [
+        (&leaf, 1),
+        (&full, 2),
+        (&empty, 3),
+        (&interior, 1),
+        (&root, 9),
+    ] {
+        let b = node::encode(n, vol, 7, at::NODE);
+        assert_eq!(&node::decode(&b, at::NODE).unwrap(), n);
+        out.push(b);
+    }
+    out
+}
+
+fn catalogs() -> Vec<Vec<u8>> {
+    let l = layout();
+    let rec = |id: u64, name: &str, flags: u32| VolumeRecord {
+        id,
+        flags,
+        name: name.into(),
+        size_bytes: 8 << 30,
+        header_blocks: [at::VOLUME_HEADER + 2 * id, at::VOLUME_HEADER + 2 * id + 1],
+        parent_id: if flags & catalog::flags::SNAPSHOT != 0 {
+            1
+        } else {
+            0
+        },
+        origin_id: 0,
+        created_unix: 1_700_000_000 + id,
+        active_host: if id == 1 { 1 } else { 0 },
+    };
+    let two = CatalogBlock {
+        records: vec![
+            rec(1, "vm-100-disk-0", 0),
+            rec(
+                2,
+                "base-9000-disk-1",
+                catalog::flags::BASE | catalog::flags::READ_ONLY,
+            ),
+        ],
+        next: 0,
+    };
+    let full = CatalogBlock {
+        records: (1..=RECORDS_PER_BLOCK as u64)
+            .map(|i| {
+                rec(
+                    i,
+                    &format!("vm-{i}-disk-0.snap_{}", "x".repeat(i as usize)),
+                    catalog::flags::SNAPSHOT,
+                )
+            })
+            .collect(),
+        next: at::CATALOG + 100,
+    };
+    let long = CatalogBlock {
+        records: vec![rec(3, &"n".repeat(128), 0)],
+        next: 0,
+    };
+    let empty = CatalogBlock {
+        records: Vec::new(),
+        next: 0,
+    };
+    let mut out = Vec::new();
+    for (i, cb) in [&two, &full, &long, &empty].into_iter().enumerate() {
+        let b = encode_catalog(cb, 5 + i as u64, at::CATALOG);
+        assert_eq!(&decode_catalog(&b, &l, at::CATALOG).unwrap(), cb);
+        out.push(b);
+    }
+    let headers = [
+        VolumeHeader {
+            volume_id: 1,
+            generation: 1,
+            root: 0,
+            depth: 0,
+            mapped_blocks: 0,
+            extent_count: 0,
+            journal_seq: 0,
+            journal_host: 1,
+        },
+        VolumeHeader {
+            volume_id: 7,
+            generation: 12,
+            root: at::NODE,
+            depth: 2,
+            mapped_blocks: 123_456,
+            extent_count: 789,
+            journal_seq: 4321,
+            journal_host: 1,
+        },
+    ];
+    for h in &headers {
+        let b = encode_volume_header(h, at::VOLUME_HEADER);
+        assert_eq!(&decode_volume_header(&b, at::VOLUME_HEADER).unwrap(), h);
+        out.push(b);
+    }
+    out
+}
+
+fn journals() -> Vec<Vec<u8>> {
+    let mixed = JournalBlock {
+        seq: 1,
+        nonce: 0x0123_4567_89ab_cdef,
+        prev_crc: 0xdead_beef,
+        entries: vec![
+            Entry::Map {
+                volume: 1,
+                vblock: 0,
+                pblock: 2048,
+                len: 256,
+            },
+            Entry::Unmap {
+                volume: 1,
+                vblock: 100,
+                len: 8,
+            },
+            Entry::Zero {
+                volume: 2,
+                vblock: 7,
+                len: 1,
+            },
+            Entry::Map {
+                volume: 3,
+                vblock: (1 << 48) - 1,
+                pblock: 1600,
+                len: 1,
+            },
+            Entry::Unmap {
+                volume: 3,
+                vblock: 0,
+                len: u32::MAX,
+            },
+        ],
+    };
+    let full = JournalBlock {
+        seq: 99_999,
+        nonce: 7,
+        prev_crc: 1,
+        entries: (0..ENTRIES_PER_BLOCK as u64)
+            .map(|i| Entry::Map {
+                volume: 1 + i % 3,
+                vblock: i * 10,
+                pblock: 5000 + i,
+                len: 1,
+            })
+            .collect(),
+    };
+    let empty = JournalBlock {
+        seq: 2,
+        nonce: 0,
+        prev_crc: 0,
+        entries: Vec::new(),
+    };
+    let mut out = Vec::new();
+    for jb in [&mixed, &full, &empty] {
+        let (b, crc) = encode_block(jb, at::JOURNAL);
+        assert_eq!(
+            decode_block(&b, at::JOURNAL).unwrap(),
+            Some((jb.clone(), crc))
+        );
+        out.push(b);
+    }
+    // A new pool's checkpoint: head 0, seq 1, prev_crc = chain seed
+    // (CRC32 of pool uuid || host id LE).
+    let mut seed = crc32fast::Hasher::new();
+    seed.update(&UUID);
+    seed.update(&1u32.to_le_bytes());
+    let ckpts = [
+        HostCheckpoint {
+            generation: 1,
+            head: 0,
+            seq: 1,
+            prev_crc: seed.finalize(),
+        },
+        HostCheckpoint {
+            generation: 9,
+            head: at::RING_LEN - 1,
+            seq: 5000,
+            prev_crc: 0x1234_5678,
+        },
+    ];
+    for h in &ckpts {
+        let b = encode_host_checkpoint(h, at::HOST_CHECKPOINT);
+        assert_eq!(
+            &decode_host_checkpoint(&b, at::HOST_CHECKPOINT, at::RING_LEN).unwrap(),
+            h
+        );
+        out.push(b);
+    }
+    out
+}
+
+fn claim_tables() -> Vec<Vec<u8>> {
+    let empty = vec![Claim::default(); CLAIMS_PER_BLOCK];
+    let some: Vec<Claim> = (0..CLAIMS_PER_BLOCK)
+        .map(|i| Claim {
+            owner: (i % (at::MAX_HOSTS as usize + 1)) as u16,
+            generation: i as u64 * 3,
+        })
+        .collect();
+    let mut out = Vec::new();
+    for c in [&empty, &some] {
+        let b = claims::encode(c, 1, at::CLAIMS);
+        assert_eq!(&claims::decode(&b, at::CLAIMS, at::MAX_HOSTS).unwrap(), c);
+        out.push(b);
+    }
+    out
+}
+
+fn main() {
+    let dir = std::env::args_os()
+        .nth(1)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus"));
+    write(&dir, "superblock", &superblocks());
+    write(&dir, "node", &nodes());
+    write(&dir, "catalog", &catalogs());
+    write(&dir, "journal", &journals());
+    write(&dir, "claims", &claim_tables());
+}
