@@ -3,7 +3,7 @@
 //! process memory and free space.
 
 use std::fs::OpenOptions;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Environment variable naming the directory for pool and raw files.
@@ -66,21 +66,41 @@ pub fn remove_if_exists(path: &Path) {
     }
 }
 
-/// Creates (or replaces) `path` as a file of `size` bytes whose every block
-/// has really been written (not just fallocated: reads of unwritten extents
-/// never reach the disk, and writes to them convert extents), then syncs it.
+/// Creates (or replaces) `path` as a file of `size` bytes (a multiple of
+/// 1 MiB) whose every block has really been written, not just fallocated:
+/// reads of unwritten extents never reach the disk, and writes to them
+/// convert extents. Written with O_DIRECT + io_uring in 1 MiB pieces, 32 at
+/// a time, then synced.
 pub fn write_full_file(path: &Path, size: u64) -> io::Result<()> {
+    use thinlun::dev::{AlignedBuf, BlockDevice, FileDevice, IoOp};
+    const PIECE: usize = 1 << 20;
+    const AT_ONCE: u64 = 32;
+    assert!(
+        size.is_multiple_of(PIECE as u64),
+        "size must be a multiple of 1 MiB"
+    );
     remove_if_exists(path);
-    let mut f = OpenOptions::new().write(true).create_new(true).open(path)?;
-    let mut chunk = vec![0u8; 1 << 20];
-    fill_pattern(&mut chunk, 0x5eed);
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(chunk.len() as u64) as usize;
-        f.write_all(&chunk[..n])?;
-        left -= n as u64;
+    {
+        let f = OpenOptions::new().write(true).create_new(true).open(path)?;
+        f.set_len(size)?;
     }
-    f.sync_all()
+    let dev = FileDevice::open(path, true)?;
+    let mut buf = AlignedBuf::zeroed(PIECE);
+    fill_pattern(&mut buf, 0x5eed);
+    let pieces = size / PIECE as u64;
+    let mut at = 0;
+    while at < pieces {
+        let n = AT_ONCE.min(pieces - at);
+        let mut ops: Vec<IoOp> = (at..at + n)
+            .map(|i| IoOp::Write {
+                offset: i * PIECE as u64,
+                buf: &buf[..],
+            })
+            .collect();
+        dev.submit(&mut ops)?;
+        at += n;
+    }
+    dev.flush()
 }
 
 /// xorshift64*: deterministic, fast, good enough to pick offsets.
@@ -141,6 +161,15 @@ pub fn rss_bytes() -> u64 {
 /// Peak resident set size in bytes.
 pub fn peak_rss_bytes() -> u64 {
     proc_status_kib("VmHWM").unwrap_or(0) * 1024
+}
+
+/// Bytes this process has caused to be written to storage so far
+/// (`write_bytes` of /proc/self/io; includes O_DIRECT writes from every
+/// thread of the process).
+pub fn storage_write_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/io").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:")?.trim().parse().ok())
 }
 
 /// Formats a count with thousands separators.
