@@ -70,11 +70,20 @@ pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
     report.data_blocks = st.space.total_blocks();
     report.free_blocks = st.space.free_blocks();
     report.metadata_blocks = st.metadata_blocks();
+    // Blocks in use = distinct data blocks + metadata; a block shared by
+    // several leaves (snapshots, clones) counts once.
     let used = report.data_blocks - report.free_blocks;
-    if used != report.mapped_blocks + report.metadata_blocks {
+    let leaf_refs: u64 = st
+        .distinct_leaves()
+        .iter()
+        .flat_map(|l| l.data_runs())
+        .map(|r| r.1)
+        .sum();
+    let data = leaf_refs - st.refs.extra_total();
+    if used != data + report.metadata_blocks {
         report.errors.push(format!(
-            "space accounting: {used} blocks in use but {} mapped + {} metadata",
-            report.mapped_blocks, report.metadata_blocks
+            "space accounting: {used} blocks in use but {data} hold data and {} metadata",
+            report.metadata_blocks
         ));
     }
     // Reserved multi-host structures must at least be intact.

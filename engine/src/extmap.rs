@@ -6,6 +6,8 @@
 use crate::format::node::{Extent, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
 use crate::format::MAX_BLOCKS;
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 
 /// An extent packed as on disk: (vblock | flags << 48, pblock | len << 48).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -37,8 +39,14 @@ impl Packed {
 /// What a virtual range resolves to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Segment {
-    /// Stored at `pblock..pblock+len`.
-    Mapped { vblock: u64, pblock: u64, len: u64 },
+    /// Stored at `pblock..pblock+len`; `shared_leaf` when the leaf holding
+    /// it is shared with a snapshot or clone (so the blocks are too).
+    Mapped {
+        vblock: u64,
+        pblock: u64,
+        len: u64,
+        shared_leaf: bool,
+    },
     /// Never written or unmapped: reads as zeros.
     Hole { vblock: u64, len: u64 },
     /// Explicitly zeroed.
@@ -55,15 +63,79 @@ impl Segment {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-struct Leaf {
+/// A leaf: up to one node's worth of extents. Leaves are shared (by
+/// reference count) between a volume and its snapshots and clones; a
+/// volume that changes a shared leaf changes its own copy.
+#[derive(Debug, Default)]
+pub(crate) struct Leaf {
     extents: Vec<Packed>,
-    /// Block holding this leaf as of the last checkpoint (0 = not on disk
-    /// or changed since).
-    disk: u64,
+    /// Block holding this leaf on disk (0 = not written yet). Atomic so a
+    /// checkpoint can record it in a leaf that is shared meanwhile; the
+    /// contents of a shared leaf never change.
+    disk: AtomicU64,
     /// Changes on every update, so a checkpoint can tell whether the leaf
     /// it wrote is still the current one.
     version: u64,
+}
+
+impl Clone for Leaf {
+    /// A copy is a new leaf: not on disk yet.
+    fn clone(&self) -> Leaf {
+        Leaf {
+            extents: self.extents.clone(),
+            disk: AtomicU64::new(0),
+            version: self.version,
+        }
+    }
+}
+
+impl Leaf {
+    pub(crate) fn new_loaded(extents: &[Extent], block: u64) -> Arc<Leaf> {
+        // Not `into_iter().collect()` from a Vec<Extent>: that would reuse
+        // the 24-byte-per-entry allocation for 16-byte entries.
+        let mut v = Vec::with_capacity(extents.len());
+        v.extend(extents.iter().map(|&e| Packed::pack(e)));
+        Arc::new(Leaf {
+            extents: v,
+            disk: AtomicU64::new(block),
+            version: 0,
+        })
+    }
+
+    pub(crate) fn disk(&self) -> u64 {
+        self.disk.load(Relaxed)
+    }
+
+    /// Whether every extent lies in virtual blocks `lo..hi`.
+    pub(crate) fn within(&self, lo: u64, hi: u64) -> bool {
+        self.extents.first().is_none_or(|e| e.vblock() >= lo)
+            && self.extents.last().is_none_or(|e| e.vend() <= hi)
+    }
+
+    /// Data runs the leaf maps (zero extents own no blocks).
+    pub(crate) fn data_runs(&self) -> impl Iterator<Item = Freed> + '_ {
+        self.extents
+            .iter()
+            .map(|p| p.unpack())
+            .filter(|e| !e.is_zero())
+            .map(|e| (e.pblock, e.len as u64))
+    }
+}
+
+/// Data reference changes caused by a mapping update: runs that gained a
+/// reference (a shared leaf was copied) and runs that lost one. Apply the
+/// gains first.
+#[derive(Debug, Default)]
+pub struct RefChanges {
+    pub added: Vec<Freed>,
+    pub dropped: Vec<Freed>,
+}
+
+impl RefChanges {
+    pub fn clear(&mut self) {
+        self.added.clear();
+        self.dropped.clear();
+    }
 }
 
 /// A leaf as a checkpoint sees it.
@@ -83,7 +155,7 @@ pub type Freed = (u64, u64);
 pub struct ExtentMap {
     /// Leaf key -> leaf. A leaf holds extents starting in [key, next key);
     /// when the map is not empty the first key is 0.
-    leaves: BTreeMap<u64, Leaf>,
+    leaves: BTreeMap<u64, Arc<Leaf>>,
     mapped_blocks: u64,
     extent_count: u64,
     /// Node blocks of the last checkpoint that are no longer part of the
@@ -120,6 +192,7 @@ impl ExtentMap {
         let mut pos = vblock;
         let start_key = self.leaf_key_for(vblock).unwrap_or(0);
         'leaves: for (_, leaf) in self.leaves.range(start_key..end.max(start_key + 1)) {
+            let shared_leaf = Arc::strong_count(leaf) > 1;
             let first = leaf.extents.partition_point(|e| e.vend() <= pos);
             for p in &leaf.extents[first..] {
                 let e = p.unpack();
@@ -145,6 +218,7 @@ impl ExtentMap {
                         vblock: pos,
                         pblock: e.pblock + skip,
                         len: n,
+                        shared_leaf,
                     }
                 });
                 pos += n;
@@ -160,18 +234,18 @@ impl ExtentMap {
 
     /// Maps `vblock..vblock+len` to `pblock..`; returns the physical runs it
     /// replaced.
-    pub fn map(&mut self, vblock: u64, pblock: u64, len: u64, freed: &mut Vec<Freed>) {
-        self.set(vblock, len, Some((pblock, 0)), freed);
+    pub fn map(&mut self, vblock: u64, pblock: u64, len: u64, ch: &mut RefChanges) {
+        self.set(vblock, len, Some((pblock, 0)), ch);
     }
 
     /// Marks `vblock..vblock+len` as explicitly zero.
-    pub fn zero(&mut self, vblock: u64, len: u64, freed: &mut Vec<Freed>) {
-        self.set(vblock, len, Some((0, EXTENT_ZERO)), freed);
+    pub fn zero(&mut self, vblock: u64, len: u64, ch: &mut RefChanges) {
+        self.set(vblock, len, Some((0, EXTENT_ZERO)), ch);
     }
 
     /// Unmaps `vblock..vblock+len`.
-    pub fn unmap(&mut self, vblock: u64, len: u64, freed: &mut Vec<Freed>) {
-        self.set(vblock, len, None, freed);
+    pub fn unmap(&mut self, vblock: u64, len: u64, ch: &mut RefChanges) {
+        self.set(vblock, len, None, ch);
     }
 
     /// Visits every extent in virtual order.
@@ -185,7 +259,7 @@ impl ExtentMap {
 
     /// The core update: replace whatever maps `[vblock, vblock+len)` with
     /// `new` (a physical start and flags) or nothing, leaf by leaf.
-    fn set(&mut self, vblock: u64, len: u64, new: Option<(u64, u8)>, freed: &mut Vec<Freed>) {
+    fn set(&mut self, vblock: u64, len: u64, new: Option<(u64, u8)>, ch: &mut RefChanges) {
         let end = vblock + len;
         let mut pos = vblock;
         while pos < end {
@@ -195,7 +269,7 @@ impl ExtentMap {
                     if new.is_none() {
                         return; // nothing mapped anywhere
                     }
-                    self.leaves.insert(0, Leaf::default());
+                    self.leaves.insert(0, Arc::new(Leaf::default()));
                     0
                 }
             };
@@ -218,7 +292,7 @@ impl ExtentMap {
                 };
                 (pb, f)
             });
-            self.set_in_leaf(key, pos, piece_end, piece_new, freed);
+            self.set_in_leaf(key, pos, piece_end, piece_new, ch);
             pos = piece_end;
         }
     }
@@ -229,19 +303,34 @@ impl ExtentMap {
         start: u64,
         end: u64,
         new: Option<(u64, u8)>,
-        freed: &mut Vec<Freed>,
+        ch: &mut RefChanges,
     ) {
-        let Some(leaf) = self.leaves.get_mut(&key) else {
+        let Some(arc) = self.leaves.get_mut(&key) else {
             return;
         };
+        {
+            let ext = &arc.extents;
+            let first = ext.partition_point(|e| e.vend() <= start);
+            if new.is_none() && ext.get(first).is_none_or(|e| e.vblock() >= end) {
+                return; // nothing to unmap here
+            }
+        }
+        if Arc::strong_count(arc) > 1 {
+            // Copy a shared leaf: its blocks gain the copy's reference;
+            // the on-disk block stays with the other holders.
+            ch.added.extend(arc.data_runs());
+        } else {
+            let d = arc.disk.swap(0, Relaxed);
+            if d != 0 {
+                self.stale_nodes.push(d);
+            }
+        }
+        let leaf = Arc::make_mut(arc);
         let ext = &mut leaf.extents;
         let first = ext.partition_point(|e| e.vend() <= start);
         let mut last = first;
         while last < ext.len() && ext[last].vblock() < end {
             last += 1;
-        }
-        if first == last && new.is_none() {
-            return; // nothing to unmap here
         }
         // Cut [start, end) out of the overlapping extents.
         let mut keep: Vec<Packed> = Vec::with_capacity(3);
@@ -257,7 +346,8 @@ impl ExtentMap {
                 }));
             }
             if !e.is_zero() {
-                freed.push((e.pblock + (cut_start - e.vblock), cut_end - cut_start));
+                ch.dropped
+                    .push((e.pblock + (cut_start - e.vblock), cut_end - cut_start));
                 removed_blocks += cut_end - cut_start;
             }
             if cut_end < e.vend() {
@@ -317,16 +407,12 @@ impl ExtentMap {
         self.dirty = true;
         self.next_version += 1;
         leaf.version = self.next_version;
-        if leaf.disk != 0 {
-            self.stale_nodes.push(leaf.disk);
-            leaf.disk = 0;
-        }
         self.rebalance(key);
     }
 
     /// Splits an overfull leaf, drops an empty one.
     fn rebalance(&mut self, key: u64) {
-        let Some(leaf) = self.leaves.get_mut(&key) else {
+        let Some(leaf) = self.leaves.get(&key) else {
             return;
         };
         if leaf.extents.len() > NODE_CAPACITY {
@@ -334,7 +420,8 @@ impl ExtentMap {
             // full left leaf; elsewhere split in half so random inserts
             // keep leaves about 70 % full, on disk as in memory.
             let last = self.leaves.range(key + 1..).next().is_none();
-            let Some(leaf) = self.leaves.get_mut(&key) else {
+            // The leaf was just changed, so this map holds its only copy.
+            let Some(leaf) = self.leaves.get_mut(&key).map(Arc::make_mut) else {
                 return;
             };
             let at = if last {
@@ -347,11 +434,11 @@ impl ExtentMap {
             self.next_version += 1;
             self.leaves.insert(
                 right_key,
-                Leaf {
+                Arc::new(Leaf {
                     extents: right,
-                    disk: 0,
+                    disk: AtomicU64::new(0),
                     version: self.next_version,
-                },
+                }),
             );
         } else if leaf.extents.is_empty() {
             self.leaves.remove(&key);
@@ -382,8 +469,8 @@ impl ExtentMap {
             .map(|(&key, l)| LeafSnapshot {
                 key,
                 version: l.version,
-                disk: l.disk,
-                extents: if l.disk == 0 {
+                disk: l.disk(),
+                extents: if l.disk() == 0 {
                     l.extents.iter().map(|p| p.unpack()).collect()
                 } else {
                     Vec::new()
@@ -402,8 +489,8 @@ impl ExtentMap {
     /// stale from now on.
     pub(crate) fn checkpoint_finish(&mut self, written: &[(u64, u64, u64)], interior: Vec<u64>) {
         for &(key, version, block) in written {
-            match self.leaves.get_mut(&key) {
-                Some(l) if l.version == version && l.disk == 0 => l.disk = block,
+            match self.leaves.get(&key) {
+                Some(l) if l.version == version && l.disk() == 0 => l.disk.store(block, Relaxed),
                 _ => self.stale_nodes.push(block),
             }
         }
@@ -421,41 +508,78 @@ impl ExtentMap {
     pub(crate) fn node_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         self.leaves
             .values()
-            .map(|l| l.disk)
+            .map(|l| l.disk())
             .filter(|&d| d != 0)
             .chain(self.interior_nodes.iter().copied())
             .chain(self.stale_nodes.iter().copied())
+    }
+
+    /// A new map sharing every leaf with this one: the mapping of a
+    /// snapshot or clone. Its interior nodes are its own (written by its
+    /// first checkpoint), so it starts dirty.
+    pub(crate) fn share(&self) -> ExtentMap {
+        ExtentMap {
+            leaves: self.leaves.clone(),
+            mapped_blocks: self.mapped_blocks,
+            extent_count: self.extent_count,
+            stale_nodes: Vec::new(),
+            interior_nodes: Vec::new(),
+            dirty: true,
+            next_version: self.next_version,
+        }
+    }
+
+    /// Gives up the map: returns the data runs and node blocks that no
+    /// other map shares (they are free once nothing on disk points here).
+    pub(crate) fn release_all(self) -> (Vec<Freed>, Vec<u64>) {
+        let mut data = Vec::new();
+        let mut nodes = self.interior_nodes;
+        nodes.extend(self.stale_nodes);
+        for leaf in self.leaves.into_values() {
+            if Arc::strong_count(&leaf) == 1 {
+                data.extend(leaf.data_runs());
+                if leaf.disk() != 0 {
+                    nodes.push(leaf.disk());
+                }
+            }
+        }
+        (data, nodes)
+    }
+
+    /// Leaves in key order with whether each is shared with another map.
+    pub(crate) fn leaf_refs(&self) -> impl Iterator<Item = (u64, &Arc<Leaf>)> + '_ {
+        self.leaves.iter().map(|(&k, l)| (k, l))
+    }
+
+    /// Blocks of this map in leaves it shares with no other map, whose data
+    /// runs `refs` does not count as shared: what removing it would free.
+    pub(crate) fn exclusive_blocks(&self, shared: &crate::refs::SharedRefs) -> u64 {
+        let mut runs = Vec::new();
+        let mut n = 0;
+        for leaf in self.leaves.values().filter(|l| Arc::strong_count(l) == 1) {
+            for (p, len) in leaf.data_runs() {
+                runs.clear();
+                shared.runs(p, len, &mut runs);
+                n += runs.iter().filter(|r| !r.2).map(|r| r.1).sum::<u64>();
+            }
+        }
+        n
     }
 
     pub(crate) fn leaf_count(&self) -> usize {
         self.leaves.len()
     }
 
-    /// Builds a map from a loaded tree: leaves (key, extents, block) in key
-    /// order and the interior node blocks.
-    pub(crate) fn from_loaded(
-        leaves: Vec<(u64, Vec<Extent>, u64)>,
-        interior: Vec<u64>,
-    ) -> ExtentMap {
+    /// Builds a map from loaded leaves (key order) and interior node blocks.
+    pub(crate) fn from_leaves(leaves: Vec<(u64, Arc<Leaf>)>, interior: Vec<u64>) -> ExtentMap {
         let mut m = ExtentMap {
             interior_nodes: interior,
             ..ExtentMap::default()
         };
-        for (key, extents, block) in leaves {
-            for e in &extents {
-                if !e.is_zero() {
-                    m.mapped_blocks += e.len as u64;
-                }
-            }
-            m.extent_count += extents.len() as u64;
-            m.leaves.insert(
-                key,
-                Leaf {
-                    extents: extents.into_iter().map(Packed::pack).collect(),
-                    disk: block,
-                    version: 0,
-                },
-            );
+        for (key, leaf) in leaves {
+            m.mapped_blocks += leaf.data_runs().map(|r| r.1).sum::<u64>();
+            m.extent_count += leaf.extents.len() as u64;
+            m.leaves.insert(key, leaf);
         }
         m
     }
@@ -493,7 +617,7 @@ mod tests {
         fn map_matches_block_model(ops in proptest::collection::vec((0u8..3, 0u64..3000, 1u64..400), 1..300)) {
             let mut m = ExtentMap::new();
             let mut model = std::collections::BTreeMap::new();
-            let mut freed = Vec::new();
+            let mut freed = RefChanges::default();
             let mut next_p = 1_000_000u64;
             for (op, v, len) in ops {
                 match op {
@@ -529,22 +653,58 @@ mod tests {
     #[test]
     fn freed_runs_are_exactly_the_replaced_blocks() {
         let mut m = ExtentMap::new();
-        let mut freed = Vec::new();
+        let mut freed = RefChanges::default();
         m.map(10, 500, 10, &mut freed);
-        assert!(freed.is_empty());
+        assert!(freed.dropped.is_empty());
         m.map(12, 900, 3, &mut freed);
-        assert_eq!(freed, vec![(502, 3)]);
+        assert_eq!(freed.dropped, vec![(502, 3)]);
         freed.clear();
         m.unmap(0, 100, &mut freed);
-        freed.sort();
-        assert_eq!(freed, vec![(500, 2), (505, 5), (900, 3)]);
+        freed.dropped.sort();
+        assert_eq!(freed.dropped, vec![(500, 2), (505, 5), (900, 3)]);
         assert_eq!(m.mapped_blocks(), 0);
+    }
+
+    #[test]
+    fn changing_a_shared_leaf_copies_it() {
+        let mut a = ExtentMap::new();
+        let mut ch = RefChanges::default();
+        a.map(0, 100, 4, &mut ch);
+        a.map(10, 200, 2, &mut ch);
+        let b = a.share();
+        ch.clear();
+        a.map(1, 300, 1, &mut ch);
+        // The copy took a reference to every run of the shared leaf, then
+        // dropped the block it replaced.
+        assert_eq!(ch.added, vec![(100, 4), (200, 2)]);
+        assert_eq!(ch.dropped, vec![(101, 1)]);
+        let mut segs = Vec::new();
+        b.lookup(1, 1, &mut segs);
+        assert!(matches!(
+            segs[0],
+            Segment::Mapped {
+                pblock: 101,
+                shared_leaf: false,
+                ..
+            }
+        ));
+        a.lookup(1, 1, &mut segs);
+        assert!(matches!(
+            segs[0],
+            Segment::Mapped {
+                pblock: 300,
+                shared_leaf: false,
+                ..
+            }
+        ));
+        let (data, _) = b.release_all();
+        assert_eq!(data, vec![(100, 4), (200, 2)]);
     }
 
     #[test]
     fn sequential_appends_merge_into_one_extent() {
         let mut m = ExtentMap::new();
-        let mut freed = Vec::new();
+        let mut freed = RefChanges::default();
         for i in 0..1000 {
             m.map(i, 7000 + i, 1, &mut freed);
         }
@@ -554,7 +714,7 @@ mod tests {
     #[test]
     fn many_scattered_extents_split_leaves() {
         let mut m = ExtentMap::new();
-        let mut freed = Vec::new();
+        let mut freed = RefChanges::default();
         for i in 0..10_000u64 {
             m.map((i * 7919) % 100_000 * 2, 1_000_000 + i * 2, 1, &mut freed);
         }

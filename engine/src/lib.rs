@@ -31,6 +31,7 @@ mod journal;
 mod load;
 mod names;
 mod pool;
+mod refs;
 mod space;
 mod state;
 mod util;

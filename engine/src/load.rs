@@ -4,15 +4,17 @@
 
 use crate::dev::{read_block, AlignedBuf, BlockDevice, IoOp};
 use crate::error::{Error, Result};
-use crate::extmap::ExtentMap;
+use crate::extmap::{ExtentMap, Leaf, RefChanges};
+use crate::format::catalog::flags;
 use crate::format::catalog::{decode_catalog, decode_volume_header, VolumeHeader, VolumeRecord};
 use crate::format::journal::{decode_block, decode_host_checkpoint, Entry, HostCheckpoint};
-use crate::format::node::{self, Extent, Node};
+use crate::format::node::{self, Node};
 use crate::format::superblock::{has_magic, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::space::{Cursor, SpaceMap};
 use crate::state::{State, Vol};
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 pub(crate) struct Loaded {
     pub state: State,
@@ -116,26 +118,36 @@ fn has_other_pool_records(dev: &dyn BlockDevice, size: u64) -> bool {
     let end = (size / BLOCK_SIZE as u64).min(1024);
     let blocks: Vec<u64> = (crate::format::HEADER_ZONE_BLOCKS..end).collect();
     read_blocks(dev, &blocks, "scanning for pool records").is_ok_and(|bufs| {
-        bufs.iter()
-            .any(|b| &b[0..8] == magic::AG_TABLE || &b[0..8] == magic::HOST_CHECKPOINT)
+        (0..blocks.len()).any(|i| {
+            let m = &bufs[i][0..8];
+            m == magic::AG_TABLE || m == magic::HOST_CHECKPOINT
+        })
     })
 }
 
-fn read_blocks(dev: &dyn BlockDevice, blocks: &[u64], what: &str) -> Result<Vec<AlignedBuf>> {
-    let mut bufs: Vec<AlignedBuf> = blocks
-        .iter()
-        .map(|_| AlignedBuf::zeroed(BLOCK_SIZE))
-        .collect();
-    let mut ops: Vec<IoOp> = bufs
-        .iter_mut()
+/// Blocks read in one batch into one aligned buffer.
+pub(crate) struct Blocks(AlignedBuf);
+
+impl std::ops::Index<usize> for Blocks {
+    type Output = [u8];
+    fn index(&self, i: usize) -> &[u8] {
+        &self.0[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
+    }
+}
+
+pub(crate) fn read_blocks(dev: &dyn BlockDevice, blocks: &[u64], what: &str) -> Result<Blocks> {
+    let mut buf = AlignedBuf::zeroed(blocks.len() * BLOCK_SIZE);
+    let mut ops: Vec<IoOp> = buf
+        .chunks_mut(BLOCK_SIZE)
         .zip(blocks)
-        .map(|(buf, &b)| IoOp::Read {
-            offset: b * BLOCK_SIZE as u64,
-            buf,
+        .map(|(b, &at)| IoOp::Read {
+            offset: at * BLOCK_SIZE as u64,
+            buf: b,
         })
         .collect();
     dev.submit(&mut ops).map_err(|e| Error::io(what, e))?;
-    Ok(bufs)
+    drop(ops);
+    Ok(Blocks(buf))
 }
 
 fn mark(
@@ -161,78 +173,104 @@ fn mark(
     })
 }
 
+/// Blocks read per batch while loading trees (bounds memory at open).
+const LOAD_BATCH: usize = 2048;
+
+/// Leaves already loaded, by block: snapshots and clones share leaves with
+/// their origin, and each shared leaf is read and counted once.
+pub(crate) type LeafCache = HashMap<u64, Arc<Leaf>>;
+
 /// Loads a volume's tree, level by level with batched reads, checking that
-/// every node's keys lie inside the range its parent gives it.
+/// every node's keys lie inside the range its parent gives it. Interior
+/// node blocks are appended to `interior_out`.
 fn load_tree(
     dev: &dyn BlockDevice,
-    state: &mut State,
+    cache: &mut LeafCache,
     rec: &VolumeRecord,
     h: &VolumeHeader,
+    interior_out: &mut Vec<u64>,
 ) -> Result<ExtentMap> {
     if h.root == 0 {
         return Ok(ExtentMap::new());
     }
-    let layout = state.sb.layout;
     let name = &rec.name;
     // (block, key lower bound, key upper bound, expected level)
     let mut level: Vec<(u64, u64, u64, u16)> = vec![(h.root, 0, u64::MAX, h.depth)];
     let mut interior = Vec::new();
-    let mut leaves = Vec::new();
+    let mut leaves: Vec<(u64, Arc<Leaf>)> = Vec::new();
+    let mut own_leaves = HashSet::new();
     while !level.is_empty() {
-        let blocks: Vec<u64> = level.iter().map(|l| l.0).collect();
-        for &b in &blocks {
-            mark(&mut state.space, &layout, b, 1, &|| {
-                format!("volume '{name}' tree")
-            })?;
-        }
-        let bufs = read_blocks(dev, &blocks, "reading mapping nodes")?;
         let mut next = Vec::new();
-        for ((block, lo, hi, want_level), buf) in level.into_iter().zip(bufs) {
-            let n = node::decode(&buf, block)?;
-            let bad = |what: &str| {
+        for batch in level.chunks(LOAD_BATCH) {
+            let bad = |block: u64, what: &str| {
                 Error::Corrupt(format!(
                     "volume '{name}': mapping node at block {block}: {what}"
                 ))
             };
-            match n {
-                Node::Leaf(extents) => {
-                    if want_level != 0 {
-                        return Err(bad("leaf found where an interior node belongs"));
+            // Shared leaves already loaded need no read.
+            let mut to_read = Vec::new();
+            for &(block, lo, hi, want_level) in batch {
+                match cache.get(&block) {
+                    Some(leaf) if want_level == 0 => {
+                        if !own_leaves.insert(block) {
+                            return Err(bad(block, "referenced twice in one tree"));
+                        }
+                        if !leaf.within(lo, hi) {
+                            return Err(bad(
+                                block,
+                                "extents outside the range the parent node gives",
+                            ));
+                        }
+                        leaves.push((lo, leaf.clone()));
                     }
-                    if extents.first().is_some_and(|e| e.vblock < lo)
-                        || extents.last().is_some_and(|e| e.vend() > hi)
-                    {
-                        return Err(bad("extents outside the range the parent node gives"));
-                    }
-                    leaves.push((lo, extents, block));
+                    _ => to_read.push((block, lo, hi, want_level)),
                 }
-                Node::Interior { level: l, children } => {
-                    if l != want_level || l == 0 {
-                        return Err(bad("wrong tree level"));
+            }
+            let blocks: Vec<u64> = to_read.iter().map(|l| l.0).collect();
+            let bufs = read_blocks(dev, &blocks, "reading mapping nodes")?;
+            for (i, &(block, lo, hi, want_level)) in to_read.iter().enumerate() {
+                match node::decode(&bufs[i], block)? {
+                    Node::Leaf(extents) => {
+                        if want_level != 0 {
+                            return Err(bad(block, "leaf found where an interior node belongs"));
+                        }
+                        if extents.first().is_some_and(|e| e.vblock < lo)
+                            || extents.last().is_some_and(|e| e.vend() > hi)
+                        {
+                            return Err(bad(
+                                block,
+                                "extents outside the range the parent node gives",
+                            ));
+                        }
+                        own_leaves.insert(block);
+                        let leaf = Leaf::new_loaded(&extents, block);
+                        cache.insert(block, leaf.clone());
+                        leaves.push((lo, leaf));
                     }
-                    if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi) {
-                        return Err(bad("child keys outside the range the parent node gives"));
+                    Node::Interior { level: l, children } => {
+                        if l != want_level || l == 0 {
+                            return Err(bad(block, "wrong tree level"));
+                        }
+                        if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi) {
+                            return Err(bad(
+                                block,
+                                "child keys outside the range the parent node gives",
+                            ));
+                        }
+                        for (i, &(key, child)) in children.iter().enumerate() {
+                            let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
+                            next.push((child, key, child_hi, l - 1));
+                        }
+                        interior.push(block);
                     }
-                    for (i, &(key, child)) in children.iter().enumerate() {
-                        let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
-                        next.push((child, key, child_hi, l - 1));
-                    }
-                    interior.push(block);
                 }
             }
         }
         level = next;
     }
     leaves.sort_by_key(|l| l.0);
-    for (_, extents, _) in &leaves {
-        for e in extents.iter().filter(|e| !e.is_zero()) {
-            let e: Extent = *e;
-            mark(&mut state.space, &layout, e.pblock, e.len as u64, &|| {
-                format!("volume '{name}' extent at virtual block {}", e.vblock)
-            })?;
-        }
-    }
-    let map = ExtentMap::from_loaded(leaves, interior);
+    interior_out.extend(&interior);
+    let map = ExtentMap::from_leaves(leaves, interior);
     if map.mapped_blocks() != h.mapped_blocks || map.extent_count() != h.extent_count {
         return Err(Error::Corrupt(format!(
             "volume '{name}': header says {} mapped blocks in {} extents, tree holds {} in {}",
@@ -285,6 +323,7 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
 
     // Catalog chain.
     let mut records = Vec::new();
+    let mut meta: Vec<(u64, String)> = Vec::new();
     let mut at = sb.catalog_root;
     let mut seen = HashSet::new();
     while at != 0 {
@@ -293,16 +332,22 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
                 "catalog chain loops back to block {at}"
             )));
         }
-        mark(&mut state.space, &layout, at, 1, &|| "catalog".to_string())?;
         let b = read_block(dev, at).map_err(|e| Error::io("reading catalog", e))?;
         let cb = decode_catalog(&b, &layout, at)?;
         state.catalog_blocks.push(at);
+        meta.push((at, "catalog".into()));
         records.extend(cb.records);
         at = cb.next;
     }
+    // Snapshot names are unique per volume, other names pool-wide.
     let mut names = HashMap::new();
     for r in &records {
-        if let Some(other) = names.insert(r.name.clone(), r.id) {
+        let scope = if r.flags & flags::SNAPSHOT != 0 {
+            r.parent_id
+        } else {
+            0
+        };
+        if let Some(other) = names.insert((scope, r.name.clone()), r.id) {
             return Err(Error::Corrupt(format!(
                 "catalog names two volumes '{}' (ids {other} and {})",
                 r.name, r.id
@@ -315,8 +360,26 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             )));
         }
     }
+    let ids: HashSet<u64> = records.iter().map(|r| r.id).collect();
+    for r in &records {
+        for (what, id) in [("parent", r.parent_id), ("origin", r.origin_id)] {
+            if id != 0 && !ids.contains(&id) {
+                return Err(Error::Corrupt(format!(
+                    "volume '{}' names missing {what} volume id {id}",
+                    r.name
+                )));
+            }
+        }
+        if r.flags & flags::SNAPSHOT != 0 && r.parent_id == 0 {
+            return Err(Error::Corrupt(format!(
+                "snapshot '{}' has no parent volume",
+                r.name
+            )));
+        }
+    }
 
     // Volume headers and trees.
+    let mut cache = LeafCache::new();
     for rec in records {
         if state.volumes.contains_key(&rec.id) {
             return Err(Error::Corrupt(format!(
@@ -325,9 +388,7 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             )));
         }
         for &hb in &rec.header_blocks {
-            mark(&mut state.space, &layout, hb, 1, &|| {
-                format!("volume '{}' header", rec.name)
-            })?;
+            meta.push((hb, format!("volume '{}' header", rec.name)));
         }
         let bufs = read_blocks(dev, &rec.header_blocks, "reading volume headers")?;
         let decode = |i: usize| {
@@ -351,7 +412,13 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             &format!("volume '{}' header", rec.name),
             &mut warnings,
         )?;
-        let map = load_tree(dev, &mut state, &rec, &header)?;
+        let mut interior = Vec::new();
+        let map = load_tree(dev, &mut cache, &rec, &header, &mut interior)?;
+        meta.extend(
+            interior
+                .into_iter()
+                .map(|b| (b, format!("volume '{}' tree", rec.name))),
+        );
         state.volumes.insert(
             rec.id,
             Vol {
@@ -362,6 +429,33 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
                 handles: 0,
             },
         );
+    }
+
+    // Data first, counting every distinct leaf's reference; then metadata,
+    // which must not overlap anything.
+    let mut already = Vec::new();
+    for leaf in cache.values() {
+        for (p, n) in leaf.data_runs() {
+            if !layout.is_data_block(p) || !layout.is_data_block(p + n - 1) {
+                return Err(Error::Corrupt(format!(
+                    "mapping leaf at block {} points outside the data area (blocks {p}..{})",
+                    leaf.disk(),
+                    p + n
+                )));
+            }
+            already.clear();
+            state.space.mark_or_share(p, n, &mut already);
+            for &(sp, sn) in &already {
+                state.refs.add(sp, sn);
+            }
+        }
+    }
+    meta.extend(cache.keys().map(|&b| (b, "mapping leaf".to_string())));
+    // Leaves must be held only by volumes from here on: a leaf held twice
+    // counts as shared, and changing it would copy it.
+    drop(cache);
+    for (b, what) in &meta {
+        mark(&mut state.space, &layout, *b, 1, &|| what.clone())?;
     }
 
     // This host's journal.
@@ -389,7 +483,7 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
     let jbufs = read_blocks(dev, &ring, "reading journal")?;
     let (mut pos, mut seq, mut prev_crc) = (host_ckpt.head, host_ckpt.seq, host_ckpt.prev_crc);
     let mut replayed = 0u64;
-    let mut freed = Vec::new();
+    let mut ch = RefChanges::default();
     for _ in 0..ring_len - 1 {
         let at = ring_start + pos as u64;
         let Some((jb, crc)) = decode_block(&jbufs[pos as usize], at)? else {
@@ -405,7 +499,8 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             if vol.header.journal_seq >= jb.seq {
                 continue; // already in the checkpointed tree
             }
-            freed.clear();
+            ch.clear();
+            let name = vol.rec.name.clone();
             match *e {
                 Entry::Map {
                     vblock,
@@ -413,21 +508,23 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
                     len,
                     ..
                 } => {
-                    vol.map.map(vblock, pblock, len as u64, &mut freed);
-                    for &(p, n) in &freed {
-                        state.space.release(p, n);
+                    vol.map.map(vblock, pblock, len as u64, &mut ch);
+                    for p in state.drop_refs(&ch) {
+                        state.space.release(p.0, p.1);
                     }
-                    let name = vol.rec.name.clone();
                     mark(&mut state.space, &layout, pblock, len as u64, &|| {
                         format!("journal block {at} (volume '{name}')")
                     })?;
                 }
-                Entry::Unmap { vblock, len, .. } => vol.map.unmap(vblock, len as u64, &mut freed),
-                Entry::Zero { vblock, len, .. } => vol.map.zero(vblock, len as u64, &mut freed),
-            }
-            if !matches!(e, Entry::Map { .. }) {
-                for &(p, n) in &freed {
-                    state.space.release(p, n);
+                Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
+                    if matches!(e, Entry::Zero { .. }) {
+                        vol.map.zero(vblock, len as u64, &mut ch);
+                    } else {
+                        vol.map.unmap(vblock, len as u64, &mut ch);
+                    }
+                    for p in state.drop_refs(&ch) {
+                        state.space.release(p.0, p.1);
+                    }
                 }
             }
         }

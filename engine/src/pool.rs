@@ -540,13 +540,17 @@ impl Pool {
             return Err(e);
         }
         // The catalog no longer names the volume and nothing has it open:
-        // its blocks are free at once.
-        vol.map.for_each(|e| {
-            if !e.is_zero() {
-                st.space.release(e.pblock, e.len as u64);
-            }
-        });
-        for b in vol.map.node_blocks().chain(vol.rec.header_blocks) {
+        // what it alone held is free at once.
+        let header_blocks = vol.rec.header_blocks;
+        let (data, nodes) = vol.map.release_all();
+        let ch = crate::extmap::RefChanges {
+            added: Vec::new(),
+            dropped: data,
+        };
+        for (p, n) in st.drop_refs(&ch) {
+            st.space.release(p, n);
+        }
+        for b in nodes.into_iter().chain(header_blocks) {
             st.space.release(b, 1);
         }
         Ok(())
@@ -616,8 +620,8 @@ impl Pool {
                     .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
                 let from = size_bytes / BLOCK_SIZE as u64;
                 let len = old_size / BLOCK_SIZE as u64 - from;
-                let mut freed = Vec::new();
-                vol.map.unmap(from, len, &mut freed);
+                let mut ch = crate::extmap::RefChanges::default();
+                vol.map.unmap(from, len, &mut ch);
                 vol.rec.size_bytes = size_bytes;
                 let mut at = from;
                 while at < from + len {
@@ -629,7 +633,7 @@ impl Pool {
                     });
                     at += n;
                 }
-                st.free_later(&freed);
+                st.apply_changes(&ch);
             }
             // The unmap is durable before the catalog names the new size.
             inner.commit_locked(ctl)?;
@@ -668,26 +672,23 @@ impl Pool {
     /// reusable). Returns the problems found.
     pub fn verify_space(&self) -> Vec<String> {
         let st = self.inner.state.lock();
-        let layout = st.sb.layout;
-        let mut fresh = crate::space::SpaceMap::new(&layout);
+        let mut fresh = crate::space::SpaceMap::new(&st.sb.layout);
+        let mut refs = crate::refs::SharedRefs::default();
         let mut problems = Vec::new();
-        let mut mark = |b: u64, n: u64, what: &str| {
-            if fresh.mark_used(b, n).is_err() {
-                problems.push(format!("{what}: block run {b}+{n} is referenced twice"));
-            }
-        };
-        for &b in &st.catalog_blocks {
-            mark(b, 1, "catalog");
-        }
-        for v in st.volumes.values() {
-            for b in v.map.node_blocks().chain(v.rec.header_blocks) {
-                mark(b, 1, &v.rec.name);
-            }
-            v.map.for_each(|e| {
-                if !e.is_zero() {
-                    mark(e.pblock, e.len as u64, &v.rec.name);
+        let mut already = Vec::new();
+        for leaf in st.distinct_leaves() {
+            for (p, n) in leaf.data_runs() {
+                already.clear();
+                fresh.mark_or_share(p, n, &mut already);
+                for &(sp, sn) in &already {
+                    refs.add(sp, sn);
                 }
-            });
+            }
+        }
+        for b in st.metadata_block_set() {
+            if fresh.mark_used(b, 1).is_err() {
+                problems.push(format!("metadata block {b} is also mapped as data"));
+            }
         }
         let live_used = st.space.total_blocks() - st.space.free_blocks();
         let referenced = fresh.total_blocks() - fresh.free_blocks();
@@ -695,6 +696,13 @@ impl Pool {
         if live_used != referenced + pending {
             problems.push(format!(
                 "space accounting: {live_used} blocks in use, {referenced} referenced + {pending} awaiting reuse"
+            ));
+        }
+        if refs.shared_blocks() != st.refs.shared_blocks() {
+            problems.push(format!(
+                "reference counts: {} blocks counted as shared, {} found shared",
+                st.refs.shared_blocks(),
+                refs.shared_blocks()
             ));
         }
         problems

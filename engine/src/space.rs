@@ -54,42 +54,17 @@ impl SpaceMap {
         self.used[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
 
-    /// Splits a run (relative to the data area) into pieces that stay
-    /// inside one chunk and one bitmap word: (word index, mask, chunk).
-    fn pieces(&self, start: u64, len: u64) -> impl Iterator<Item = (usize, u64, usize)> + '_ {
-        let end = start + len;
-        let mut i = start;
-        std::iter::from_fn(move || {
-            if i >= end {
-                return None;
-            }
-            let word_end = (i / 64 + 1) * 64;
-            let chunk_end = (i / self.chunk_blocks + 1) * self.chunk_blocks;
-            let stop = end.min(word_end).min(chunk_end);
-            let n = stop - i;
-            let mask = if n == 64 {
-                u64::MAX
-            } else {
-                ((1u64 << n) - 1) << (i % 64)
-            };
-            let piece = ((i / 64) as usize, mask, (i / self.chunk_blocks) as usize);
-            i = stop;
-            Some(piece)
-        })
-    }
-
     /// Marks a run used; fails (changing nothing) if any block already was.
     pub fn mark_used(&mut self, pblock: u64, len: u64) -> Result<(), DoubleUse> {
         let start = pblock - self.data_start;
-        for (w, mask, _) in self.pieces(start, len) {
+        for (w, mask, _) in pieces(start, len, self.chunk_blocks) {
             let clash = self.used[w] & mask;
             if clash != 0 {
                 let first = w as u64 * 64 + clash.trailing_zeros() as u64;
                 return Err(DoubleUse(self.data_start + first));
             }
         }
-        let pieces: Vec<_> = self.pieces(start, len).collect();
-        for (w, mask, c) in pieces {
+        for (w, mask, c) in pieces(start, len, self.chunk_blocks) {
             self.used[w] |= mask;
             self.chunk_free[c] -= mask.count_ones();
         }
@@ -97,11 +72,38 @@ impl SpaceMap {
         Ok(())
     }
 
+    /// Marks a run used where it is free; pushes the runs that already were
+    /// in use to `already` (data shared by several mapping leaves).
+    pub fn mark_or_share(&mut self, pblock: u64, len: u64, already: &mut Vec<(u64, u64)>) {
+        let start = pblock - self.data_start;
+        for (w, mask, c) in pieces(start, len, self.chunk_blocks) {
+            let old = self.used[w] & mask;
+            let new = mask & !old;
+            self.used[w] |= new;
+            self.chunk_free[c] -= new.count_ones();
+            self.free_blocks -= new.count_ones() as u64;
+            let mut bits = old;
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                let run = (bits >> b).trailing_ones() as u64;
+                let at = self.data_start + w as u64 * 64 + b;
+                match already.last_mut() {
+                    Some((p, n)) if *p + *n == at => *n += run,
+                    _ => already.push((at, run)),
+                }
+                bits &= !(if run == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << run) - 1) << b
+                });
+            }
+        }
+    }
+
     /// Returns a run to the free pool (blocks already free are ignored).
     pub fn release(&mut self, pblock: u64, len: u64) {
         let start = pblock - self.data_start;
-        let pieces: Vec<_> = self.pieces(start, len).collect();
-        for (w, mask, c) in pieces {
+        for (w, mask, c) in pieces(start, len, self.chunk_blocks) {
             let n = (self.used[w] & mask).count_ones();
             self.used[w] &= !mask;
             self.chunk_free[c] += n;
@@ -166,6 +168,30 @@ impl SpaceMap {
         let (c, &free) = self.chunk_free.iter().enumerate().max_by_key(|(_, &f)| f)?;
         (free > 0).then_some(c as u64)
     }
+}
+
+/// Splits a run (relative to the data area) into pieces that stay inside
+/// one chunk and one bitmap word: (word index, mask, chunk).
+fn pieces(start: u64, len: u64, chunk_blocks: u64) -> impl Iterator<Item = (usize, u64, usize)> {
+    let end = start + len;
+    let mut i = start;
+    std::iter::from_fn(move || {
+        if i >= end {
+            return None;
+        }
+        let word_end = (i / 64 + 1) * 64;
+        let chunk_end = (i / chunk_blocks + 1) * chunk_blocks;
+        let stop = end.min(word_end).min(chunk_end);
+        let n = stop - i;
+        let mask = if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << (i % 64)
+        };
+        let piece = ((i / 64) as usize, mask, (i / chunk_blocks) as usize);
+        i = stop;
+        Some(piece)
+    })
 }
 
 #[cfg(test)]

@@ -7,12 +7,15 @@
 //! or in-place write that looked the block up before it was freed is still
 //! in flight. Both are tracked here.
 
-use crate::extmap::{ExtentMap, Freed};
+use crate::extmap::Leaf;
+use crate::extmap::{ExtentMap, Freed, RefChanges};
 use crate::format::catalog::{VolumeHeader, VolumeRecord};
 use crate::format::journal::Entry;
 use crate::format::superblock::Superblock;
+use crate::refs::SharedRefs;
 use crate::space::{Cursor, SpaceMap};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 
 pub(crate) struct Vol {
     pub rec: VolumeRecord,
@@ -37,6 +40,8 @@ pub(crate) struct State {
     pub sb: Superblock,
     pub volumes: BTreeMap<u64, Vol>,
     pub space: SpaceMap,
+    /// References to data blocks beyond the first (snapshots, clones).
+    pub refs: SharedRefs,
     /// Allocation cursor of metadata (nodes, headers, catalog).
     pub meta_cursor: Cursor,
     pub catalog_blocks: Vec<u64>,
@@ -57,6 +62,7 @@ impl State {
             sb,
             volumes: BTreeMap::new(),
             space,
+            refs: SharedRefs::default(),
             meta_cursor: Cursor::default(),
             catalog_blocks: Vec::new(),
             pending: Vec::new(),
@@ -109,6 +115,26 @@ impl State {
         }
     }
 
+    /// Applies the reference changes of a mapping update (gains first) and
+    /// returns the runs whose last reference went.
+    pub fn drop_refs(&mut self, ch: &RefChanges) -> Vec<Freed> {
+        for &(p, n) in &ch.added {
+            self.refs.add(p, n);
+        }
+        let mut gone = Vec::new();
+        for &(p, n) in &ch.dropped {
+            self.refs.release(p, n, &mut gone);
+        }
+        gone
+    }
+
+    /// Reference changes of a live mapping update: freed runs become
+    /// reusable once the change is durable and no I/O still uses them.
+    pub fn apply_changes(&mut self, ch: &RefChanges) {
+        let gone = self.drop_refs(ch);
+        self.free_later(&gone);
+    }
+
     /// Moves frees that are now safe into the free-space map.
     pub fn reclaim(&mut self) {
         if self.pending_frees.is_empty() {
@@ -143,14 +169,33 @@ impl State {
         nodes + self.catalog_blocks.len() as u64 + 64
     }
 
-    /// Metadata blocks in use (nodes, headers, catalog).
+    /// Every metadata block in use (catalog, headers, nodes), each once
+    /// even where volumes share leaves.
+    pub fn metadata_block_set(&self) -> HashSet<u64> {
+        let mut set: HashSet<u64> = self.catalog_blocks.iter().copied().collect();
+        for v in self.volumes.values() {
+            set.extend(v.rec.header_blocks);
+            set.extend(v.map.node_blocks());
+        }
+        set
+    }
+
     pub fn metadata_blocks(&self) -> u64 {
-        let nodes: u64 = self
-            .volumes
-            .values()
-            .map(|v| v.map.node_blocks().count() as u64 + 2)
-            .sum();
-        nodes + self.catalog_blocks.len() as u64
+        self.metadata_block_set().len() as u64
+    }
+
+    /// Each mapping leaf once, however many volumes share it.
+    pub fn distinct_leaves(&self) -> Vec<&Arc<Leaf>> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for v in self.volumes.values() {
+            for (_, leaf) in v.map.leaf_refs() {
+                if seen.insert(Arc::as_ptr(leaf)) {
+                    out.push(leaf);
+                }
+            }
+        }
+        out
     }
 
     /// Allocates one metadata block.

@@ -509,6 +509,8 @@ impl Volume {
                 return;
             };
             let mut segs = Vec::new();
+            let mut runs = Vec::new();
+            let mut targets: Vec<(u64, u64, Option<u64>)> = Vec::new();
             for r in reads.iter() {
                 vol.map.lookup(r.b0, r.n, &mut segs);
                 read_plans.push(
@@ -529,33 +531,63 @@ impl Volume {
                     vol.map.lookup(w.b0, w.n, &mut segs);
                     let first_alloc = allocs.len();
                     let mut failed = false;
+                    // Overwrite in place only what this volume alone
+                    // holds; shared blocks (snapshots, clones) and holes
+                    // get new blocks: copy-on-write at 4 KiB.
+                    targets.clear();
                     for s in &segs {
                         match *s {
-                            Segment::Mapped { pblock, len, .. } => plan.push(Piece {
-                                n: len,
-                                pblock: Some(pblock),
-                            }),
-                            Segment::Hole { vblock, len } | Segment::Zero { vblock, len } => {
-                                if st.space.free_blocks() < len + reserve {
-                                    failed = true;
-                                    break;
-                                }
-                                let mut done = 0;
-                                while done < len {
-                                    let Some((p, n)) =
-                                        st.space.allocate_run(&mut vol.cursor, len - done)
-                                    else {
-                                        failed = true;
-                                        break;
-                                    };
-                                    plan.push(Piece { n, pblock: Some(p) });
-                                    allocs.push((vblock + done, p, n));
-                                    done += n;
-                                }
-                                if failed {
-                                    break;
+                            Segment::Mapped {
+                                vblock,
+                                len,
+                                shared_leaf: true,
+                                ..
+                            } => {
+                                targets.push((vblock, len, None));
+                            }
+                            Segment::Mapped {
+                                vblock,
+                                pblock,
+                                len,
+                                shared_leaf: false,
+                            } => {
+                                runs.clear();
+                                st.refs.runs(pblock, len, &mut runs);
+                                for &(p, n, shared) in &runs {
+                                    let v = vblock + (p - pblock);
+                                    targets.push((v, n, (!shared).then_some(p)));
                                 }
                             }
+                            Segment::Hole { vblock, len } | Segment::Zero { vblock, len } => {
+                                targets.push((vblock, len, None));
+                            }
+                        }
+                    }
+                    for &(vblock, len, in_place) in &targets {
+                        if let Some(p) = in_place {
+                            plan.push(Piece {
+                                n: len,
+                                pblock: Some(p),
+                            });
+                            continue;
+                        }
+                        if st.space.free_blocks() < len + reserve {
+                            failed = true;
+                            break;
+                        }
+                        let mut done = 0;
+                        while done < len {
+                            let Some((p, n)) = st.space.allocate_run(&mut vol.cursor, len - done)
+                            else {
+                                failed = true;
+                                break;
+                            };
+                            plan.push(Piece { n, pblock: Some(p) });
+                            allocs.push((vblock + done, p, n));
+                            done += n;
+                        }
+                        if failed {
+                            break;
                         }
                     }
                     if failed {
@@ -569,13 +601,13 @@ impl Volume {
                 }
                 write_plans.push(plan);
             }
-            let mut freed = Vec::new();
+            let mut ch = crate::extmap::RefChanges::default();
             let mut entries = Vec::new();
             for t in trims {
                 if results[t.req].is_err() {
                     continue;
                 }
-                vol.map.unmap(t.b0, t.n, &mut freed);
+                vol.map.unmap(t.b0, t.n, &mut ch);
                 let mut at = t.b0;
                 while at < t.b0 + t.n {
                     let n = (t.b0 + t.n - at).min(u32::MAX as u64);
@@ -587,7 +619,7 @@ impl Volume {
                     at += n;
                 }
             }
-            st.free_later(&freed);
+            st.apply_changes(&ch);
             st.pending.extend(entries);
             token = st.io_begin();
         }
@@ -646,12 +678,12 @@ impl Volume {
 
         let mut guard = self.inner.state.lock();
         let st = &mut *guard;
-        let mut freed = Vec::new();
+        let mut ch = crate::extmap::RefChanges::default();
         let mut entries = Vec::with_capacity(allocs.len());
         match (io.is_ok(), st.volumes.get_mut(&self.id)) {
             (true, Some(vol)) => {
                 for &(v, p, n) in &allocs {
-                    vol.map.map(v, p, n, &mut freed);
+                    vol.map.map(v, p, n, &mut ch);
                     entries.push(Entry::Map {
                         volume: self.id,
                         vblock: v,
@@ -667,7 +699,7 @@ impl Volume {
                 }
             }
         }
-        st.free_later(&freed);
+        st.apply_changes(&ch);
         st.pending.extend(entries);
         st.io_end(token);
     }
