@@ -112,6 +112,10 @@ impl Leaf {
             && self.extents.last().is_none_or(|e| e.vend() <= hi)
     }
 
+    pub(crate) fn extents(&self) -> impl Iterator<Item = Extent> + '_ {
+        self.extents.iter().map(|p| p.unpack())
+    }
+
     /// Data runs the leaf maps (zero extents own no blocks).
     pub(crate) fn data_runs(&self) -> impl Iterator<Item = Freed> + '_ {
         self.extents
@@ -570,6 +574,53 @@ impl ExtentMap {
         self.leaves.len()
     }
 
+    /// Virtual block runs where `other` maps differently from `self`.
+    /// Leaves both maps share are skipped without looking inside, so the
+    /// cost follows the changes, not the size.
+    pub(crate) fn diff(&self, other: &ExtentMap, out: &mut Vec<(u64, u64)>) {
+        let mut keys: Vec<u64> = self
+            .leaves
+            .keys()
+            .chain(other.leaves.keys())
+            .copied()
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let (mut sa, mut sb) = (Vec::new(), Vec::new());
+        for (i, &lo) in keys.iter().enumerate() {
+            let hi = keys.get(i + 1).copied().unwrap_or(MAX_BLOCKS);
+            let leaf_at = |m: &ExtentMap| {
+                m.leaves
+                    .range(..=lo)
+                    .next_back()
+                    .map(|(_, l)| Arc::as_ptr(l))
+            };
+            if leaf_at(self).is_some() && leaf_at(self) == leaf_at(other) {
+                continue;
+            }
+            // The last interval reaches the end of the address space: stop
+            // at the last mapped block of either map.
+            let end = if i + 1 == keys.len() {
+                let last = |m: &ExtentMap| {
+                    m.leaves
+                        .values()
+                        .next_back()
+                        .and_then(|l| l.extents.last())
+                        .map_or(0, |e| e.vend())
+                };
+                last(self).max(last(other)).max(lo)
+            } else {
+                hi
+            };
+            if end <= lo {
+                continue;
+            }
+            self.lookup(lo, end - lo, &mut sa);
+            other.lookup(lo, end - lo, &mut sb);
+            diff_segments(lo, &sa, &sb, out);
+        }
+    }
+
     /// Builds a map from loaded leaves (key order) and interior node blocks.
     pub(crate) fn from_leaves(leaves: Vec<(u64, Arc<Leaf>)>, interior: Vec<u64>) -> ExtentMap {
         let mut m = ExtentMap {
@@ -582,6 +633,47 @@ impl ExtentMap {
             m.leaves.insert(key, leaf);
         }
         m
+    }
+}
+
+/// Appends to `out` the runs (from `start`) where two segment lists of the
+/// same range resolve differently.
+fn diff_segments(start: u64, a: &[Segment], b: &[Segment], out: &mut Vec<(u64, u64)>) {
+    // What a block resolves to: Some(pblock), or None for zeros.
+    fn at(s: &Segment, off: u64) -> Option<u64> {
+        match *s {
+            Segment::Mapped { pblock, .. } => Some(pblock + off),
+            _ => None,
+        }
+    }
+    let (mut i, mut j) = (0, 0);
+    let (mut oa, mut ob) = (0u64, 0u64);
+    let mut pos = start;
+    while i < a.len() && j < b.len() {
+        let n = (a[i].len() - oa).min(b[j].len() - ob);
+        let (pa, pb) = (at(&a[i], oa), at(&b[j], ob));
+        let differs = match (pa, pb) {
+            (None, None) => false,
+            (Some(x), Some(y)) => x != y,
+            _ => true,
+        };
+        if differs {
+            match out.last_mut() {
+                Some((s, l)) if *s + *l == pos => *l += n,
+                _ => out.push((pos, n)),
+            }
+        }
+        pos += n;
+        oa += n;
+        ob += n;
+        if oa == a[i].len() {
+            i += 1;
+            oa = 0;
+        }
+        if ob == b[j].len() {
+            j += 1;
+            ob = 0;
+        }
     }
 }
 

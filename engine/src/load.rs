@@ -457,6 +457,8 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
     for (b, what) in &meta {
         mark(&mut state.space, &layout, *b, 1, &|| what.clone())?;
     }
+    let meta_blocks: HashSet<u64> = meta.iter().map(|m| m.0).collect();
+    drop(meta);
 
     // This host's journal.
     let region = layout.host_region(host_id);
@@ -508,13 +510,27 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
                     len,
                     ..
                 } => {
-                    vol.map.map(vblock, pblock, len as u64, &mut ch);
+                    let len = len as u64;
+                    if !layout.is_data_block(pblock)
+                        || !layout.is_data_block(pblock + len - 1)
+                        || (pblock..pblock + len).any(|b| meta_blocks.contains(&b))
+                    {
+                        return Err(Error::Corrupt(format!(
+                            "journal block {at} (volume '{name}') maps blocks {pblock}..{} outside the data area or onto metadata",
+                            pblock + len
+                        )));
+                    }
+                    vol.map.map(vblock, pblock, len, &mut ch);
                     for p in state.drop_refs(&ch) {
                         state.space.release(p.0, p.1);
                     }
-                    mark(&mut state.space, &layout, pblock, len as u64, &|| {
-                        format!("journal block {at} (volume '{name}')")
-                    })?;
+                    // The block may already be held by a snapshot taken
+                    // after this write but before its entry was journaled.
+                    already.clear();
+                    state.space.mark_or_share(pblock, len, &mut already);
+                    for &(sp, sn) in &already {
+                        state.refs.add(sp, sn);
+                    }
                 }
                 Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
                     if matches!(e, Entry::Zero { .. }) {

@@ -86,6 +86,10 @@ pub struct VolumeInfo {
     pub snapshot: bool,
     pub base: bool,
     pub created_unix: u64,
+    /// For a snapshot: the volume it was taken of.
+    pub snapshot_of: Option<String>,
+    /// For a linked clone: the base or snapshot it shares data with.
+    pub clone_of: Option<String>,
 }
 
 /// Pool-wide figures, as `pool status` shows them.
@@ -429,7 +433,7 @@ impl Pool {
 
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
-        let mut v: Vec<VolumeInfo> = st.volumes.values().map(info_of).collect();
+        let mut v: Vec<VolumeInfo> = st.volumes.values().map(|x| info_of(&st, x)).collect();
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
@@ -437,7 +441,7 @@ impl Pool {
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         let st = self.inner.state.lock();
         st.volume_by_name(name)
-            .map(info_of)
+            .map(|v| info_of(&st, v))
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))
     }
 
@@ -514,11 +518,13 @@ impl Pool {
             st.volumes.remove(&id);
             return Err(e);
         }
-        Ok(info_of(&st.volumes[&id]))
+        Ok(info_of(&st, &st.volumes[&id]))
     }
 
-    /// Removes a volume; its space returns to the pool.
-    pub fn remove_volume(&self, name: &str) -> Result<()> {
+    /// Removes a volume or snapshot (`vol@snap`); its space returns to the
+    /// pool. A volume with snapshots needs `recursive`; one that clones
+    /// depend on cannot be removed until they are removed or flattened.
+    pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
         self.inner.writable()?;
         let inner = &self.inner;
         let _ctl = inner.commit.lock();
@@ -526,32 +532,22 @@ impl Pool {
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        if st.volumes[&id].handles > 0 {
-            return Err(Error::Busy(format!(
-                "volume '{name}' is open; close it before removing it"
-            )));
-        }
-        let vol = st
-            .volumes
-            .remove(&id)
-            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let ids = crate::snapshot::check_removable(&st, id, recursive)?;
+        let removed: Vec<Vol> = ids.iter().filter_map(|id| st.volumes.remove(id)).collect();
         if let Err(e) = inner.write_catalog(&mut st) {
-            st.volumes.insert(id, vol);
+            for v in removed {
+                st.volumes.insert(v.rec.id, v);
+            }
             return Err(e);
         }
-        // The catalog no longer names the volume and nothing has it open:
-        // what it alone held is free at once.
-        let header_blocks = vol.rec.header_blocks;
-        let (data, nodes) = vol.map.release_all();
-        let ch = crate::extmap::RefChanges {
-            added: Vec::new(),
-            dropped: data,
-        };
-        for (p, n) in st.drop_refs(&ch) {
-            st.space.release(p, n);
-        }
-        for b in nodes.into_iter().chain(header_blocks) {
-            st.space.release(b, 1);
+        // The catalog no longer names them and nothing has them open: what
+        // only they held is free at once.
+        for v in removed {
+            let header_blocks = v.rec.header_blocks;
+            crate::snapshot::release_map(&mut st, v.map);
+            for b in header_blocks {
+                st.space.release(b, 1);
+            }
         }
         Ok(())
     }
@@ -652,7 +648,7 @@ impl Pool {
             }
             return Err(e);
         }
-        Ok(info_of(&st.volumes[&id]))
+        Ok(info_of(&st, &st.volumes[&id]))
     }
 
     /// Opens a volume for I/O.
@@ -752,10 +748,11 @@ fn check_size(size: u64) -> Result<()> {
     Ok(())
 }
 
-fn info_of(v: &Vol) -> VolumeInfo {
+pub(crate) fn info_of(st: &State, v: &Vol) -> VolumeInfo {
+    let name_of = |id: u64| st.volumes.get(&id).map(|p| st.display_name(p));
     VolumeInfo {
         id: v.rec.id,
-        name: v.rec.name.clone(),
+        name: st.display_name(v),
         size_bytes: v.rec.size_bytes,
         mapped_bytes: v.map.mapped_blocks() * BLOCK_SIZE as u64,
         extents: v.map.extent_count(),
@@ -763,6 +760,16 @@ fn info_of(v: &Vol) -> VolumeInfo {
         snapshot: v.rec.flags & catalog::flags::SNAPSHOT != 0,
         base: v.rec.flags & catalog::flags::BASE != 0,
         created_unix: v.rec.created_unix,
+        snapshot_of: if v.rec.flags & catalog::flags::SNAPSHOT != 0 {
+            name_of(v.rec.parent_id)
+        } else {
+            None
+        },
+        clone_of: if v.rec.origin_id != 0 {
+            name_of(v.rec.origin_id)
+        } else {
+            None
+        },
     }
 }
 
@@ -820,6 +827,84 @@ fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
             }
         }
     }
+}
+
+/// A volume's tree as a checkpoint writes it: the nodes it writes, and the
+/// header that makes them current once durable.
+pub(crate) struct TreePlan {
+    pub id: u64,
+    /// (leaf key, leaf version, block) of every leaf written.
+    pub written: Vec<(u64, u64, u64)>,
+    pub interior: Vec<u64>,
+    pub header: VolumeHeader,
+    /// Node blocks the new tree no longer uses (free once it is durable).
+    pub unused: Vec<u64>,
+}
+
+/// Plans a copy-on-write write of volume `id`'s tree: new blocks for the
+/// leaves changed since its last checkpoint and for all interior nodes,
+/// encoded into `node_writes`.
+pub(crate) fn plan_tree(
+    st: &mut State,
+    id: u64,
+    journal_seq: u64,
+    node_writes: &mut Vec<(u64, Vec<u8>)>,
+) -> Result<TreePlan> {
+    let vol = st
+        .volumes
+        .get_mut(&id)
+        .ok_or_else(|| Error::NoSuchVolume(format!("id {id}")))?;
+    let (leaves, unused) = vol.map.checkpoint_begin();
+    let (mapped, extents, old_header) =
+        (vol.map.mapped_blocks(), vol.map.extent_count(), vol.header);
+    let mut written = Vec::new();
+    let mut children: Vec<(u64, u64)> = Vec::with_capacity(leaves.len());
+    for leaf in leaves {
+        if leaf.disk != 0 {
+            children.push((leaf.key, leaf.disk));
+            continue;
+        }
+        let at = st.alloc_meta().ok_or(Error::NoSpace)?;
+        node_writes.push((
+            at,
+            node::encode(&Node::Leaf(leaf.extents), id, journal_seq, at),
+        ));
+        written.push((leaf.key, leaf.version, at));
+        children.push((leaf.key, at));
+    }
+    let mut interior = Vec::new();
+    let mut depth = 0u16;
+    while children.len() > 1 {
+        depth += 1;
+        let mut parents = Vec::new();
+        for group in children.chunks(NODE_CAPACITY) {
+            let at = st.alloc_meta().ok_or(Error::NoSpace)?;
+            let n = Node::Interior {
+                level: depth,
+                children: group.to_vec(),
+            };
+            node_writes.push((at, node::encode(&n, id, journal_seq, at)));
+            interior.push(at);
+            parents.push((group[0].0, at));
+        }
+        children = parents;
+    }
+    let header = VolumeHeader {
+        generation: old_header.generation + 1,
+        root: children.first().map_or(0, |c| c.1),
+        depth,
+        mapped_blocks: mapped,
+        extent_count: extents,
+        journal_seq,
+        ..old_header
+    };
+    Ok(TreePlan {
+        id,
+        written,
+        interior,
+        header,
+        unused,
+    })
 }
 
 impl Inner {
@@ -915,13 +1000,6 @@ impl Inner {
 
     fn checkpoint_inner(&self, ctl: &mut CommitCtl, force: bool) -> Result<()> {
         let journal_seq = ctl.journal.last_seq();
-        struct Plan {
-            id: u64,
-            written: Vec<(u64, u64, u64)>,
-            interior: Vec<u64>,
-            header: VolumeHeader,
-            unused: Vec<u64>,
-        }
         let mut plans = Vec::new();
         let mut node_writes: Vec<(u64, Vec<u8>)> = Vec::new();
         {
@@ -935,7 +1013,6 @@ impl Inner {
         }
         {
             let mut st = self.state.lock();
-            let st = &mut *st;
             let ids: Vec<u64> = st
                 .volumes
                 .iter()
@@ -943,62 +1020,7 @@ impl Inner {
                 .map(|(&id, _)| id)
                 .collect();
             for id in ids {
-                let Some(vol) = st.volumes.get_mut(&id) else {
-                    continue;
-                };
-                let (leaves, unused) = vol.map.checkpoint_begin();
-                let (mapped, extents) = (vol.map.mapped_blocks(), vol.map.extent_count());
-                let mut written = Vec::new();
-                let mut children: Vec<(u64, u64)> = Vec::with_capacity(leaves.len());
-                for leaf in leaves {
-                    if leaf.disk != 0 {
-                        children.push((leaf.key, leaf.disk));
-                        continue;
-                    }
-                    let at = st.alloc_meta().ok_or(Error::NoSpace)?;
-                    node_writes.push((
-                        at,
-                        node::encode(&Node::Leaf(leaf.extents), id, journal_seq, at),
-                    ));
-                    written.push((leaf.key, leaf.version, at));
-                    children.push((leaf.key, at));
-                }
-                let mut interior = Vec::new();
-                let mut depth = 0u16;
-                while children.len() > 1 {
-                    depth += 1;
-                    let mut parents = Vec::new();
-                    for group in children.chunks(NODE_CAPACITY) {
-                        let at = st.alloc_meta().ok_or(Error::NoSpace)?;
-                        let n = Node::Interior {
-                            level: depth,
-                            children: group.to_vec(),
-                        };
-                        node_writes.push((at, node::encode(&n, id, journal_seq, at)));
-                        interior.push(at);
-                        parents.push((group[0].0, at));
-                    }
-                    children = parents;
-                }
-                let Some(vol) = st.volumes.get(&id) else {
-                    continue;
-                };
-                let header = VolumeHeader {
-                    generation: vol.header.generation + 1,
-                    root: children.first().map_or(0, |c| c.1),
-                    depth,
-                    mapped_blocks: mapped,
-                    extent_count: extents,
-                    journal_seq,
-                    ..vol.header
-                };
-                plans.push(Plan {
-                    id,
-                    written,
-                    interior,
-                    header,
-                    unused,
-                });
+                plans.push(plan_tree(&mut st, id, journal_seq, &mut node_writes)?);
             }
         }
         let dev = self.dev.as_ref();

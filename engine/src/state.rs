@@ -9,7 +9,7 @@
 
 use crate::extmap::Leaf;
 use crate::extmap::{ExtentMap, Freed, RefChanges};
-use crate::format::catalog::{VolumeHeader, VolumeRecord};
+use crate::format::catalog::{flags, VolumeHeader, VolumeRecord};
 use crate::format::journal::Entry;
 use crate::format::superblock::Superblock;
 use crate::refs::SharedRefs;
@@ -74,12 +74,58 @@ impl State {
         }
     }
 
+    /// Finds a volume by name: `vol` for volumes, bases and clones,
+    /// `vol@snap` for a snapshot of `vol`.
     pub fn volume_by_name(&self, name: &str) -> Option<&Vol> {
-        self.volumes.values().find(|v| v.rec.name == name)
+        match name.split_once('@') {
+            None => self
+                .volumes
+                .values()
+                .find(|v| v.rec.flags & flags::SNAPSHOT == 0 && v.rec.name == name),
+            Some((vol, snap)) => {
+                let parent = self.volume_by_name(vol)?.rec.id;
+                self.volumes.values().find(|v| {
+                    v.rec.flags & flags::SNAPSHOT != 0
+                        && v.rec.parent_id == parent
+                        && v.rec.name == snap
+                })
+            }
+        }
     }
 
     pub fn id_by_name(&self, name: &str) -> Option<u64> {
         self.volume_by_name(name).map(|v| v.rec.id)
+    }
+
+    /// The name users address a volume by (`vol@snap` for snapshots).
+    pub fn display_name(&self, v: &Vol) -> String {
+        if v.rec.flags & flags::SNAPSHOT != 0 {
+            let parent = self
+                .volumes
+                .get(&v.rec.parent_id)
+                .map_or("?", |p| p.rec.name.as_str());
+            format!("{parent}@{}", v.rec.name)
+        } else {
+            v.rec.name.clone()
+        }
+    }
+
+    /// Snapshots of volume `id`, oldest first.
+    pub fn snapshots_of(&self, id: u64) -> Vec<u64> {
+        self.volumes
+            .values()
+            .filter(|v| v.rec.flags & flags::SNAPSHOT != 0 && v.rec.parent_id == id)
+            .map(|v| v.rec.id)
+            .collect()
+    }
+
+    /// Clones made from volume `id` (a base or snapshot).
+    pub fn clones_of(&self, id: u64) -> Vec<u64> {
+        self.volumes
+            .values()
+            .filter(|v| v.rec.origin_id == id)
+            .map(|v| v.rec.id)
+            .collect()
     }
 
     /// Registers an I/O that is about to use block addresses it looked up.

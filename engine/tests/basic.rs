@@ -105,9 +105,12 @@ fn discard_and_remove_return_space() {
     let mut b = vec![1u8; 4096];
     vol.read(0, &mut b).unwrap();
     assert!(b.iter().all(|&x| x == 0));
-    assert!(matches!(pool.remove_volume("a"), Err(Error::Busy(_))));
+    assert!(matches!(
+        pool.remove_volume("a", false),
+        Err(Error::Busy(_))
+    ));
     drop(vol);
-    pool.remove_volume("a").unwrap();
+    pool.remove_volume("a", false).unwrap();
     assert_eq!(pool.status().data_free_bytes, free0);
     pool.close().unwrap();
     assert!(check(dev.as_ref(), "mem").unwrap().is_clean());

@@ -256,7 +256,7 @@ fn crash_points_during_volume_management() {
                 .create_volume(name, (1 + rng.below(64)) * 65536)
                 .is_ok(),
             (_, true) => match rng.below(4) {
-                0 => pool.remove_volume(name).is_ok(),
+                0 => pool.remove_volume(name, false).is_ok(),
                 1 => {
                     let to = names[rng.below(3) as usize];
                     pool.rename_volume(name, to).is_ok()

@@ -35,7 +35,7 @@ pub fn run(pool: Option<&Path>, name: &str, file: &Path, size_arg: Option<u64>) 
             Ok(n) => Ok((n, p.volume_info(name)?.mapped_bytes)),
             Err(e) if created => {
                 // A half-imported volume this command made is useless.
-                match p.remove_volume(name) {
+                match p.remove_volume(name, false) {
                     Ok(()) => Err(CliError::new(format!(
                         "{e} (the new volume '{name}' was removed)"
                     ))),

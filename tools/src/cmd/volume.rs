@@ -103,7 +103,7 @@ pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
 
 pub fn remove(pool: Option<&Path>, name: &str) -> CliResult<()> {
     let pool = open_read_write(pool_path(pool)?)?;
-    with_pool(pool, |p| Ok(p.remove_volume(name)?))?;
+    with_pool(pool, |p| Ok(p.remove_volume(name, false)?))?;
     emit(&format!("removed volume '{name}'\n"))
 }
 
