@@ -94,6 +94,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Serve a volume to a VM over vhost-user-blk until SIGTERM/SIGINT
+    Serve(cmd::serve::ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -156,6 +158,7 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::Remove { name } => cmd::volume::remove(pool, &name),
         Command::Import { name, file, size } => cmd::import::run(pool, &name, &file, size),
         Command::Export { name, file, force } => cmd::export::run(pool, &name, &file, force),
+        Command::Serve(args) => cmd::serve::run(pool, &args),
     }
 }
 

@@ -1,8 +1,38 @@
 //! vhost-user-blk server for thinlun volumes.
 //!
-//! The server is a thin layer over the engine's public API; the virtio
-//! request handling lands here. Until then the crate only names the
-//! virtio-blk block size it will advertise, derived from the engine.
+//! QEMU (or any vhost-user front end) attaches to a Unix socket and the
+//! server answers virtio-blk requests from a [`thinlun::Volume`]:
+//!
+//! - [`request`]: parsing a descriptor chain into a request (pure);
+//! - [`config`]: the virtio-blk configuration space and feature bits;
+//! - [`guest`]: guest memory access and translation to host slices;
+//! - [`backend`]: the vhost-user backend and the per-queue data path;
+//! - [`server`]: the accept / serve / re-listen loop;
+//! - [`signals`]: stopping on SIGTERM/SIGINT.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use thinlun::{OpenOptions, Pool};
+//! use thinlun_vhost::{Server, ServeOptions};
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let pool = Pool::open_path("pool.img".as_ref(), &OpenOptions::default())?;
+//! let vol = Arc::new(pool.open_volume("vm-100-disk-0")?);
+//! let opts = ServeOptions::new("/run/vm-100.sock".as_ref(), "vm-100-disk-0");
+//! let mut server = Server::new(vol.clone(), &opts)?;
+//! server.run()?; // until server.stop_handle().stop() is called
+//! # Ok(()) }
+//! ```
 
-/// Logical block size the server advertises to guests (virtio-blk `BLK_SIZE`).
+pub mod backend;
+pub mod config;
+pub mod guest;
+pub mod request;
+pub mod server;
+pub mod signals;
+
+pub use backend::{Durability, StatsSnapshot};
+pub use config::BlkConfig;
+pub use server::{default_serial, ServeOptions, Server, StopHandle};
+
+/// Logical block size the server advertises to guests by default.
 pub const DEFAULT_GUEST_BLOCK_SIZE: u32 = thinlun::SECTOR_SIZE as u32;

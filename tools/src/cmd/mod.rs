@@ -5,6 +5,7 @@ pub mod check;
 pub mod export;
 pub mod import;
 pub mod pool;
+pub mod serve;
 pub mod volume;
 
 use crate::error::{CliError, CliResult};
