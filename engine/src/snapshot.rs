@@ -194,6 +194,14 @@ impl Pool {
             return Err(e);
         }
         release_map(&mut st, old);
+        // The volume takes the snapshot's size back too (as zfs rollback).
+        let snap_size = st.volumes[&snap_id].rec.size_bytes;
+        if st.volumes[&vol_id].rec.size_bytes != snap_size {
+            if let Some(v) = st.volumes.get_mut(&vol_id) {
+                v.rec.size_bytes = snap_size;
+            }
+            inner.write_catalog(&mut st)?;
+        }
         drop(st);
         drop(guard);
         for name in newer {
