@@ -319,3 +319,144 @@ fn crash_points_during_volume_management() {
     }
     eprintln!("volume-management crash points tried: {tried}");
 }
+
+/// Snapshots, clones, rollback and snapshot removal are crash-consistent:
+/// after a power loss at any point every snapshot that exists holds exactly
+/// what its volume held when it was taken, a rolled-back volume holds its
+/// snapshot's content, and the pool checks clean.
+#[test]
+fn crash_points_with_snapshots_clones_and_rollback() {
+    let dev = Arc::new(MemDevice::new(8 << 20));
+    let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
+    pool.create_volume("vm-1-disk-0", VOL_BLOCKS * BS as u64)
+        .unwrap();
+    pool.create_volume("r", 16 * BS as u64).unwrap();
+    dev.start_trace();
+    let keep = pool.open_volume("vm-1-disk-0").unwrap();
+    let mut rng = Rng(4242);
+    let mut h = History::default();
+    let mut current: HashMap<u64, u64> = HashMap::new();
+    h.flushes.push((0, current.clone()));
+    // Snapshot name -> (content, trace length when created).
+    let mut snaps: Vec<(String, HashMap<u64, u64>, usize)> = Vec::new();
+    let mut removed: Vec<(String, usize)> = Vec::new();
+    // Rollbacks of "r": (trace length at return, tag it must hold), and
+    // when each later write to r started.
+    let mut rollbacks: Vec<(usize, u64)> = Vec::new();
+    let mut r_writes: Vec<usize> = Vec::new();
+    let mut tag = 1u64 << 41;
+    for step in 0..70 {
+        let start = dev.trace_len();
+        match rng.below(10) {
+            0..=4 => {
+                let b = rng.below(VOL_BLOCKS);
+                tag += 1;
+                h.writes.push((start, b, tag));
+                current.insert(b, tag);
+                keep.write(b * 8, &pattern(tag)).unwrap();
+                if rng.below(3) == 0 {
+                    keep.flush().unwrap();
+                    h.flushes.push((dev.trace_len(), current.clone()));
+                }
+            }
+            5 | 6 => {
+                let name = format!("vm-1-disk-0@s{step}");
+                pool.create_snapshot(&name).unwrap();
+                snaps.push((name, current.clone(), dev.trace_len()));
+            }
+            7 if snaps.len() > 2 => {
+                let (name, _, _) = snaps.remove(rng.below(snaps.len() as u64 - 1) as usize);
+                pool.remove_volume(&name, false).unwrap();
+                removed.push((name, dev.trace_len()));
+            }
+            8 if !snaps.is_empty() => {
+                let src = snaps[rng.below(snaps.len() as u64) as usize].0.clone();
+                let clone = format!("clone-{step}");
+                pool.clone_volume(&src, &clone).unwrap();
+                let c = pool.open_volume(&clone).unwrap();
+                c.write(0, &pattern(tag + 1000)).unwrap();
+                c.flush().unwrap();
+                drop(c);
+                // The source snapshot must stay while the clone exists.
+                snaps.retain(|s| s.0 != src);
+            }
+            _ => {
+                // Write r, snapshot it, scribble, roll back.
+                let r = pool.open_volume("r").unwrap();
+                tag += 1;
+                r_writes.push(dev.trace_len());
+                r.write(0, &pattern(tag)).unwrap();
+                pool.create_snapshot(&format!("r@x{step}")).unwrap();
+                r.write(0, &pattern(tag + 7)).unwrap();
+                drop(r);
+                pool.rollback(&format!("r@x{step}"), true).unwrap();
+                rollbacks.push((dev.trace_len(), tag));
+            }
+        }
+    }
+    keep.flush().unwrap();
+    h.flushes.push((dev.trace_len(), current.clone()));
+    drop(keep);
+    pool.close().unwrap();
+    let trace = dev.take_trace();
+    let mut tried = 0;
+    for k in 0..=trace.events.len() {
+        for kept in [false, true] {
+            let img = trace.crash_image(k, &mut |_, _| kept);
+            verify_image(
+                img.clone(),
+                "vm-1-disk-0",
+                k,
+                &h,
+                &format!("snapshot point {k}"),
+            );
+            let p = Pool::open(
+                Arc::new(MemDevice::from_image(img)),
+                "crash",
+                &OpenOptions { read_only: true },
+            )
+            .unwrap();
+            assert!(
+                p.verify_space().is_empty(),
+                "point {k}: {:?}",
+                p.verify_space()
+            );
+            for (name, content, created) in &snaps {
+                let Ok(v) = p.open_volume(name) else {
+                    assert!(
+                        *created > k,
+                        "point {k}: snapshot {name} created at {created} is missing"
+                    );
+                    continue;
+                };
+                let mut buf = vec![0u8; VOL_BLOCKS as usize * BS];
+                v.read(0, &mut buf).unwrap();
+                for b in 0..VOL_BLOCKS {
+                    let got = tag_of(&buf[b as usize * BS..(b as usize + 1) * BS]);
+                    let want = content.get(&b).copied().unwrap_or(0);
+                    assert_eq!(got, Some(want), "point {k}: snapshot {name} block {b}");
+                }
+            }
+            for (name, gone_at) in &removed {
+                if *gone_at <= k {
+                    assert!(
+                        p.open_volume(name).is_err(),
+                        "point {k}: removed {name} is back"
+                    );
+                }
+            }
+            // Once a rollback returned, and until r is written again, r
+            // holds the snapshot's content.
+            if let Some(&(done, want)) = rollbacks.iter().rev().find(|r| r.0 <= k) {
+                if !r_writes.iter().any(|&w| w >= done && w < k) {
+                    let v = p.open_volume("r").unwrap();
+                    let mut buf = vec![0u8; BS];
+                    v.read(0, &mut buf).unwrap();
+                    assert_eq!(tag_of(&buf), Some(want), "point {k}: r after rollback");
+                }
+            }
+            tried += 1;
+        }
+    }
+    eprintln!("snapshot crash points tried: {tried}");
+}

@@ -97,12 +97,26 @@ proptest! {
 
 #[derive(Clone, Debug)]
 enum SnapOp {
-    Write { clone: bool, block: u64, blocks: u64, byte: u8 },
-    Discard { block: u64, blocks: u64 },
+    Write {
+        clone: bool,
+        block: u64,
+        blocks: u64,
+        byte: u8,
+    },
+    Discard {
+        block: u64,
+        blocks: u64,
+    },
     Snapshot,
-    Rollback { pick: usize },
-    RemoveSnapshot { pick: usize },
-    Clone { pick: usize },
+    Rollback {
+        pick: usize,
+    },
+    RemoveSnapshot {
+        pick: usize,
+    },
+    Clone {
+        pick: usize,
+    },
     Flatten,
     RemoveClone,
     Grow,
