@@ -24,9 +24,11 @@
 
 pub mod check;
 pub mod dev;
+pub mod diffstream;
 mod error;
 mod extmap;
 pub mod format;
+pub mod guard;
 mod journal;
 mod load;
 mod names;

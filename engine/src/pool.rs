@@ -105,8 +105,16 @@ pub struct PoolStatus {
     pub metadata_used_bytes: u64,
     pub metadata_reserved_bytes: u64,
     pub pending_free_bytes: u64,
+    /// Writable volumes (clones included), snapshots, base images, clones.
     pub volumes: u64,
+    pub snapshots: u64,
+    pub bases: u64,
+    pub clones: u64,
+    /// Sum of the sizes of all volumes but snapshots (overcommit =
+    /// provisioned / data size).
     pub provisioned_bytes: u64,
+    pub data_used_pct: u8,
+    pub metadata_used_pct: u8,
     pub journal_used_blocks: u32,
     pub journal_capacity_blocks: u32,
     pub max_hosts: u32,
@@ -135,6 +143,9 @@ pub(crate) struct Inner {
     bg: Arc<BackgroundCtl>,
     bg_thread: Mutex<Option<JoinHandle<()>>>,
     pub warnings: Vec<String>,
+    /// Highest data and metadata threshold last reported.
+    pub threshold_seen: Mutex<[u8; 2]>,
+    pub is_block_device: bool,
 }
 
 /// An open pool. Cheap to clone; the pool closes cleanly (commit and
@@ -313,6 +324,10 @@ impl Pool {
     /// journal, and (unless read-only) starts the background committer.
     pub fn open(dev: Arc<dyn BlockDevice>, label: &str, opts: &OpenOptions) -> Result<Pool> {
         let host_id = SINGLE_HOST_ID;
+        let is_block_device = std::fs::metadata(label).is_ok_and(|m| {
+            use std::os::unix::fs::FileTypeExt;
+            m.file_type().is_block_device()
+        });
         let Loaded {
             state,
             host_ckpt,
@@ -345,6 +360,8 @@ impl Pool {
             bg: Arc::new(BackgroundCtl::default()),
             bg_thread: Mutex::new(None),
             warnings,
+            threshold_seen: Mutex::new([0, 0]),
+            is_block_device,
         });
         if !opts.read_only {
             if !inner.warnings.is_empty() {
@@ -411,6 +428,13 @@ impl Pool {
             })
             .unwrap_or((0, l.journal_blocks - HOST_CHECKPOINT_BLOCKS - 1));
         let b = BLOCK_SIZE as u64;
+        let count = |mask: u32, want: u32| {
+            st.volumes
+                .values()
+                .filter(|v| v.rec.flags & mask == want)
+                .count() as u64
+        };
+        use catalog::flags::{BASE, SNAPSHOT};
         PoolStatus {
             uuid: format_uuid(&st.sb.uuid),
             format_version: FORMAT_VERSION,
@@ -422,8 +446,13 @@ impl Pool {
             metadata_used_bytes: st.metadata_blocks() * b,
             metadata_reserved_bytes: st.metadata_reserve() * b,
             pending_free_bytes: st.pending_free_blocks() * b,
-            volumes: st.volumes.len() as u64,
-            provisioned_bytes: st.volumes.values().map(|v| v.rec.size_bytes).sum(),
+            volumes: count(SNAPSHOT | BASE, 0),
+            snapshots: count(SNAPSHOT, SNAPSHOT),
+            bases: count(BASE, BASE),
+            clones: st.volumes.values().filter(|v| v.rec.origin_id != 0).count() as u64,
+            provisioned_bytes: provisioned(&st),
+            data_used_pct: crate::guard::data_used_pct(&st),
+            metadata_used_pct: crate::guard::meta_used_pct(&st),
             journal_used_blocks: jused,
             journal_capacity_blocks: jcap,
             max_hosts: l.max_hosts,
@@ -448,6 +477,17 @@ impl Pool {
     /// Creates a thin volume of `size_bytes` (a multiple of 4 KiB); no
     /// space is allocated until it is written.
     pub fn create_volume(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo> {
+        self.create_volume_with(name, size_bytes, false)
+    }
+
+    /// Like [`Pool::create_volume`]; `allow_overcommit` ignores the pool's
+    /// overcommit limit.
+    pub fn create_volume_with(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        allow_overcommit: bool,
+    ) -> Result<VolumeInfo> {
         check_size(size_bytes)?;
         if !is_valid_volume_name(name) {
             return Err(Error::InvalidName(name.to_string()));
@@ -459,6 +499,7 @@ impl Pool {
         if st.id_by_name(name).is_some() {
             return Err(Error::VolumeExists(name.to_string()));
         }
+        check_overcommit(&st, size_bytes, allow_overcommit)?;
         let id = st.sb.next_volume_id;
         let (a, b) = match (st.alloc_meta(), st.alloc_meta()) {
             (Some(a), Some(b)) => (a, b),
@@ -601,6 +642,10 @@ impl Pool {
                 .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
             (v.rec.id, v.rec.size_bytes)
         };
+        if size_bytes > old_size {
+            let st = inner.state.lock();
+            check_overcommit(&st, size_bytes - old_size, allow_shrink)?;
+        }
         if size_bytes < old_size {
             if !allow_shrink {
                 return Err(Error::InvalidArgument(format!(
@@ -727,6 +772,32 @@ fn open_device(path: &Path, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
         })?;
     }
     Ok(Arc::new(dev))
+}
+
+/// Sum of the sizes of all volumes but snapshots.
+pub(crate) fn provisioned(st: &State) -> u64 {
+    st.volumes
+        .values()
+        .filter(|v| v.rec.flags & catalog::flags::SNAPSHOT == 0)
+        .map(|v| v.rec.size_bytes)
+        .sum()
+}
+
+/// Refuses to provision `extra` more bytes past the pool's overcommit limit.
+pub(crate) fn check_overcommit(st: &State, extra: u64, force: bool) -> Result<()> {
+    let limit = st.sb.policy.max_overcommit_pct as u128;
+    if limit == 0 || force {
+        return Ok(());
+    }
+    let data = st.space.total_blocks() as u128 * BLOCK_SIZE as u128;
+    let after = provisioned(st) as u128 + extra as u128;
+    if after * 100 > data * limit {
+        return Err(Error::InvalidArgument(format!(
+            "this would provision {after} bytes on {data} bytes of data space, past the pool's overcommit limit of {:.2}x; use --force",
+            limit as f64 / 100.0
+        )));
+    }
+    Ok(())
 }
 
 fn check_size(size: u64) -> Result<()> {

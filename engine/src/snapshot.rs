@@ -71,6 +71,7 @@ impl Pool {
             if st.id_by_name(new).is_some() {
                 return Err(Error::VolumeExists(new.to_string()));
             }
+            crate::pool::check_overcommit(st, src.rec.size_bytes, false)?;
             Ok((new.to_string(), 0, 0, src.rec.id))
         })
     }

@@ -114,6 +114,53 @@ impl SpaceMap {
         }
     }
 
+    /// Runs of free blocks (absolute block numbers), in order.
+    pub fn free_runs(&self) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (w, &word) in self.used.iter().enumerate() {
+            if word == u64::MAX {
+                continue;
+            }
+            let mut free = !word;
+            let base = w as u64 * 64;
+            while free != 0 {
+                let b = free.trailing_zeros() as u64;
+                let run = (free >> b).trailing_ones() as u64;
+                let at = base + b;
+                if at >= self.total_blocks() {
+                    break;
+                }
+                let run = run.min(self.total_blocks() - at);
+                match out.last_mut() {
+                    Some((p, n)) if *p + *n == self.data_start + at => *n += run,
+                    _ => out.push((self.data_start + at, run)),
+                }
+                free &= !(if b + run >= 64 {
+                    u64::MAX << b
+                } else {
+                    ((1u64 << run) - 1) << b
+                });
+            }
+        }
+        out
+    }
+
+    /// Extends the map to a grown data area (new chunks are free).
+    pub fn grow(&mut self, layout: &Layout) {
+        let chunks = layout.data_chunks();
+        if chunks <= self.chunks {
+            return;
+        }
+        let blocks = chunks * self.chunk_blocks;
+        let added = blocks - self.total_blocks();
+        self.used.resize(blocks.div_ceil(64) as usize, 0);
+        self.chunk_free
+            .resize(chunks as usize, self.chunk_blocks as u32);
+        self.empty_hint = self.empty_hint.min(self.chunks);
+        self.chunks = chunks;
+        self.free_blocks += added;
+    }
+
     fn set(&mut self, i: u64) {
         self.used[(i / 64) as usize] |= 1 << (i % 64);
         self.chunk_free[(i / self.chunk_blocks) as usize] -= 1;

@@ -165,7 +165,62 @@ impl Volume {
 
     /// Runs a batch of requests as if issued concurrently; returns one
     /// result per request, in order.
+    ///
+    /// Writes that need new blocks when the pool is full fail with
+    /// [`Error::NoSpace`], after space freed but not yet committed has been
+    /// made reusable, and, under the pool's `queue` policy, after waiting
+    /// for space up to the policy's timeout.
     pub fn submit(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
+        let mut results = self.submit_once(reqs);
+        let since = std::time::Instant::now();
+        let mut committed_frees = false;
+        loop {
+            let retry: Vec<usize> = (0..reqs.len())
+                .filter(|&i| matches!(results[i], Err(Error::NoSpace)))
+                .collect();
+            if retry.is_empty() {
+                return results;
+            }
+            let needed: u64 = retry
+                .iter()
+                .map(|&i| match &reqs[i] {
+                    Request::Write { data, .. } => (data.len() as u64).div_ceil(BS),
+                    _ => 1,
+                })
+                .sum();
+            let pending = self.inner.state.lock().pending_free_blocks() > 0;
+            if pending && !committed_frees {
+                committed_frees = true;
+                if self.inner.flush().is_err() {
+                    return results;
+                }
+            } else if !self.inner.wait_for_space(needed, since) {
+                return results;
+            }
+            let mut again: Vec<Request<'_>> = retry
+                .iter()
+                .filter_map(|&i| match &reqs[i] {
+                    Request::Write { sector, data } => Some(Request::Write {
+                        sector: *sector,
+                        data,
+                    }),
+                    Request::WriteZeroes { sector, sectors } => Some(Request::WriteZeroes {
+                        sector: *sector,
+                        sectors: *sectors,
+                    }),
+                    _ => None,
+                })
+                .collect();
+            if again.len() != retry.len() {
+                return results;
+            }
+            for (k, r) in self.submit_once(&mut again).into_iter().enumerate() {
+                results[retry[k]] = r;
+            }
+        }
+    }
+
+    fn submit_once(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
         let mut results: Vec<Result<()>> = reqs.iter().map(|_| Ok(())).collect();
         let (size, read_only) = {
             let st = self.inner.state.lock();

@@ -149,3 +149,66 @@ fn second_writer_process_is_refused() {
     let again = Arc::new(Pool::open_path(&f.0, &OpenOptions::default()).unwrap());
     assert_eq!(again.volumes().len(), 0);
 }
+
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
+    let f = TempFile::new("trim");
+    let cfg = PoolConfig {
+        size_bytes: Some(128 * MIB),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::create_path(&f.0, &cfg).unwrap();
+    pool.create_volume("v", 64 * MIB).unwrap();
+    let v = pool.open_volume("v").unwrap();
+    v.write(0, &vec![3u8; 32 * MIB as usize]).unwrap();
+    v.flush().unwrap();
+    let full = allocated_bytes(&f.0);
+    v.discard(0, 24 * MIB / 512).unwrap();
+    drop(v);
+    let trimmed = pool.trim(false).unwrap();
+    assert!(trimmed >= 24 * MIB, "trimmed {trimmed}");
+    let after = allocated_bytes(&f.0);
+    assert!(
+        after + 20 * MIB < full,
+        "file uses {after} bytes after trim, {full} before"
+    );
+    let v = pool.open_volume("v").unwrap();
+    let mut buf = vec![0u8; 4096];
+    v.read(30 * MIB / 512, &mut buf).unwrap();
+    assert!(
+        buf.iter().all(|&b| b == 3),
+        "data that was not discarded survives trim"
+    );
+    drop(v);
+
+    // Grow: refused until the file is bigger, then the new space is usable.
+    assert!(matches!(
+        pool.grow(),
+        Err(thinlun::Error::InvalidArgument(_))
+    ));
+    let before = pool.status();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&f.0)
+        .unwrap()
+        .set_len(256 * MIB)
+        .unwrap();
+    assert_eq!(pool.grow().unwrap(), 256 * MIB);
+    let st = pool.status();
+    assert_eq!(st.size_bytes, 256 * MIB);
+    assert_eq!(st.data_free_bytes - before.data_free_bytes, 128 * MIB);
+    pool.create_volume("big", 200 * MIB).unwrap();
+    let big = pool.open_volume("big").unwrap();
+    big.write(0, &vec![4u8; 150 * MIB as usize]).unwrap();
+    drop(big);
+    pool.close().unwrap();
+    let report = check(&FileDevice::open(&f.0, false).unwrap(), "file").unwrap();
+    assert!(report.is_clean(), "{:?}", report.errors);
+    let p = Pool::open_path(&f.0, &OpenOptions { read_only: true }).unwrap();
+    assert_eq!(p.status().size_bytes, 256 * MIB);
+}
