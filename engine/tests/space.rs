@@ -170,7 +170,7 @@ fn metadata_never_runs_out_before_data() {
             Err(e) => panic!("{e}"),
         }
         i += 1;
-        if i % 300 == 0 {
+        if i.is_multiple_of(300) {
             pool.create_snapshot(&format!("v@s{snaps}")).unwrap();
             snaps += 1;
         }
