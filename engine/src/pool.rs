@@ -900,6 +900,27 @@ fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
     }
 }
 
+/// A node to write at block `at`; encoded (checksummed) outside the
+/// metadata lock so a checkpoint stalls the data path as little as possible.
+pub(crate) struct NodeWrite {
+    pub at: u64,
+    pub node: Node,
+    pub volume: u64,
+    pub generation: u64,
+}
+
+/// Encodes and writes nodes in batches.
+pub(crate) fn write_nodes(dev: &dyn BlockDevice, nodes: &[NodeWrite]) -> Result<()> {
+    for batch in nodes.chunks(1024) {
+        let blocks: Vec<(u64, Vec<u8>)> = batch
+            .iter()
+            .map(|w| (w.at, node::encode(&w.node, w.volume, w.generation, w.at)))
+            .collect();
+        write_blocks(dev, &blocks).map_err(|e| Error::io("writing mapping nodes", e))?;
+    }
+    Ok(())
+}
+
 /// A volume's tree as a checkpoint writes it: the nodes it writes, and the
 /// header that makes them current once durable.
 pub(crate) struct TreePlan {
@@ -919,7 +940,7 @@ pub(crate) fn plan_tree(
     st: &mut State,
     id: u64,
     journal_seq: u64,
-    node_writes: &mut Vec<(u64, Vec<u8>)>,
+    node_writes: &mut Vec<NodeWrite>,
 ) -> Result<TreePlan> {
     let vol = st
         .volumes
@@ -936,10 +957,12 @@ pub(crate) fn plan_tree(
             continue;
         }
         let at = st.alloc_meta().ok_or(Error::NoSpace)?;
-        node_writes.push((
+        node_writes.push(NodeWrite {
             at,
-            node::encode(&Node::Leaf(leaf.extents), id, journal_seq, at),
-        ));
+            node: Node::Leaf(leaf.extents),
+            volume: id,
+            generation: journal_seq,
+        });
         written.push((leaf.key, leaf.version, at));
         children.push((leaf.key, at));
     }
@@ -954,7 +977,12 @@ pub(crate) fn plan_tree(
                 level: depth,
                 children: group.to_vec(),
             };
-            node_writes.push((at, node::encode(&n, id, journal_seq, at)));
+            node_writes.push(NodeWrite {
+                at,
+                node: n,
+                volume: id,
+                generation: journal_seq,
+            });
             interior.push(at);
             parents.push((group[0].0, at));
         }
@@ -1072,7 +1100,7 @@ impl Inner {
     fn checkpoint_inner(&self, ctl: &mut CommitCtl, force: bool) -> Result<()> {
         let journal_seq = ctl.journal.last_seq();
         let mut plans = Vec::new();
-        let mut node_writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut node_writes: Vec<NodeWrite> = Vec::new();
         {
             let st = self.state.lock();
             if !force
@@ -1097,9 +1125,7 @@ impl Inner {
         let dev = self.dev.as_ref();
         let io = |what: &'static str| move |e| Error::io(what, e);
         if !node_writes.is_empty() {
-            for batch in node_writes.chunks(1024) {
-                write_blocks(dev, batch).map_err(io("writing mapping nodes"))?;
-            }
+            write_nodes(dev, &node_writes)?;
             dev.flush().map_err(io("flushing mapping nodes"))?;
         }
         let headers_for = |copy: usize| -> Vec<(u64, Vec<u8>)> {

@@ -474,9 +474,7 @@ impl Inner {
         let dev = self.dev.as_ref();
         let io = |what: &'static str| move |e| Error::io(what, e);
         let r = (|| {
-            for batch in node_writes.chunks(1024) {
-                write_blocks(dev, batch).map_err(io("writing mapping nodes"))?;
-            }
+            crate::pool::write_nodes(dev, &node_writes)?;
             dev.flush().map_err(io("flushing mapping nodes"))?;
             let blocks = st.volumes[&id].rec.header_blocks;
             for at in blocks {
