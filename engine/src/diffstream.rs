@@ -625,6 +625,13 @@ pub fn import_diff(pool: &Pool, volume: &str, input: &mut dyn Read) -> Result<Di
             return Err(Error::ReadOnly(volume.to_string()));
         }
     }
+    if !h.to.is_empty() {
+        // Most likely the stream was applied already.
+        let to_full = format!("{volume}@{}", h.to);
+        if pool.volume_info(&to_full).is_ok() {
+            return Err(Error::VolumeExists(to_full));
+        }
+    }
     if !h.from.is_empty() {
         let from_full = format!("{volume}@{}", h.from);
         if existing.is_none() {
@@ -655,12 +662,6 @@ pub fn import_diff(pool: &Pool, volume: &str, input: &mut dyn Read) -> Result<Di
                 "the stream is a full copy (no starting snapshot) and volume '{volume}' is not empty ({} bytes mapped); import it into a new or empty volume",
                 info.mapped_bytes
             )));
-        }
-    }
-    if !h.to.is_empty() {
-        let to_full = format!("{volume}@{}", h.to);
-        if pool.volume_info(&to_full).is_ok() {
-            return Err(Error::VolumeExists(to_full));
         }
     }
     let undo = match &existing {
@@ -803,7 +804,10 @@ mod tests {
         p
     }
 
-    fn decode_all(bytes: &[u8]) -> Result<(DiffHeader, Vec<(u8, u64, u64)>)> {
+    /// A record as (b'd' or b'z', offset, length).
+    type Rec = (u8, u64, u64);
+
+    fn decode_all(bytes: &[u8]) -> Result<(DiffHeader, Vec<Rec>)> {
         let mut input = bytes;
         let mut r = DiffReader::new(&mut input)?;
         let h = r.header().clone();

@@ -72,12 +72,14 @@ impl JournalWriter {
     /// the device is flushed.
     pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry]) -> Result<()> {
         let mut blocks: Vec<(u64, AlignedBuf)> = Vec::new();
+        let commit_first = self.next_seq;
         for chunk in entries.chunks(ENTRIES_PER_BLOCK) {
             let at = self.ring_start + self.tail as u64;
             let jb = JournalBlock {
                 seq: self.next_seq,
                 nonce: self.nonce,
                 prev_crc: self.prev_crc,
+                commit_first,
                 entries: chunk.to_vec(),
             };
             let (bytes, crc) = encode_block(&jb, at);

@@ -283,6 +283,23 @@ fn load_tree(
     Ok(map)
 }
 
+/// Looks past a journal position that ends the replay for a valid block of
+/// a commit that began after sequence `seq`; returns its block address.
+fn later_commit(ring: &Blocks, ring_start: u64, ring_len: u32, from: u32, seq: u64) -> Option<u64> {
+    (1..ring_len).find_map(|k| {
+        let pos = (from + k) % ring_len;
+        let at = ring_start + pos as u64;
+        match decode_block(&ring[pos as usize], at) {
+            Ok(Some((jb, _)))
+                if jb.seq > seq && jb.commit_first > seq && jb.seq - seq < ring_len as u64 =>
+            {
+                Some(at)
+            }
+            _ => None,
+        }
+    })
+}
+
 /// Reads both copies of a two-copy record and keeps the valid newer one.
 fn newer_of<T>(
     copies: [(u64, Result<T>); 2],
@@ -488,12 +505,18 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
     let mut ch = RefChanges::default();
     for _ in 0..ring_len - 1 {
         let at = ring_start + pos as u64;
-        let Some((jb, crc)) = decode_block(&jbufs[pos as usize], at)? else {
+        let next = decode_block(&jbufs[pos as usize], at)?;
+        let Some((jb, crc)) = next.filter(|(jb, _)| jb.seq == seq && jb.prev_crc == prev_crc)
+        else {
+            // The end of the journal, unless a later commit follows: then
+            // this block was durable and is damaged.
+            if let Some(later) = later_commit(&jbufs, ring_start, ring_len, pos, seq) {
+                return Err(Error::Corrupt(format!(
+                    "journal block {at} (sequence {seq}) is damaged or missing but block {later} of a later commit follows: acknowledged changes would be lost"
+                )));
+            }
             break;
         };
-        if jb.seq != seq || jb.prev_crc != prev_crc {
-            break;
-        }
         for e in &jb.entries {
             let Some(vol) = state.volumes.get_mut(&e.volume()) else {
                 continue; // volume removed after this entry

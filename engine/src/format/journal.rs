@@ -112,6 +112,10 @@ pub struct JournalBlock {
     pub nonce: u64,
     /// CRC of the previous journal block (the chain).
     pub prev_crc: u32,
+    /// Sequence of the first block of the commit this block belongs to.
+    /// A damaged block followed by a block of a later commit was durable
+    /// (commits are flushed in order): that is corruption, not a torn tail.
+    pub commit_first: u64,
     pub entries: Vec<Entry>,
 }
 
@@ -122,6 +126,7 @@ pub fn encode_block(jb: &JournalBlock, at_block: u64) -> (Vec<u8>, u32) {
     let mut b = vec![0u8; BLOCK_SIZE];
     put_u64(&mut b, HEADER_LEN, jb.nonce);
     put_u32(&mut b, HEADER_LEN + 8, jb.prev_crc);
+    put_u64(&mut b, HEADER_LEN + 16, jb.commit_first);
     for (i, e) in jb.entries.iter().enumerate() {
         let off = ENTRIES_AT + i * ENTRY_LEN;
         e.encode(&mut b[off..off + ENTRY_LEN]);
@@ -167,6 +172,7 @@ pub fn decode_block(b: &[u8], at_block: u64) -> Result<Option<(JournalBlock, u32
             seq: hdr.seq,
             nonce: get_u64(b, HEADER_LEN),
             prev_crc: get_u32(b, HEADER_LEN + 8),
+            commit_first: get_u64(b, HEADER_LEN + 16),
             entries,
         },
         get_u32(b, 12),
@@ -229,6 +235,7 @@ mod tests {
             seq: 10,
             nonce: 0xfeed,
             prev_crc: 0x1234,
+            commit_first: 9,
             entries: vec![
                 Entry::Map {
                     volume: 1,

@@ -241,6 +241,7 @@ fn catalogs() -> Vec<Vec<u8>> {
 fn journals() -> Vec<Vec<u8>> {
     let mixed = JournalBlock {
         seq: 1,
+        commit_first: 1,
         nonce: 0x0123_4567_89ab_cdef,
         prev_crc: 0xdead_beef,
         entries: vec![
@@ -275,6 +276,7 @@ fn journals() -> Vec<Vec<u8>> {
     };
     let full = JournalBlock {
         seq: 99_999,
+        commit_first: 99_999,
         nonce: 7,
         prev_crc: 1,
         entries: (0..ENTRIES_PER_BLOCK as u64)
@@ -288,6 +290,7 @@ fn journals() -> Vec<Vec<u8>> {
     };
     let empty = JournalBlock {
         seq: 2,
+        commit_first: 2,
         nonce: 0,
         prev_crc: 0,
         entries: Vec::new(),
