@@ -593,8 +593,25 @@ impl Pool {
         Ok(())
     }
 
+    /// Renames a volume, or a snapshot within its volume (`vol@a` to
+    /// `vol@b`, or just `b`).
     pub fn rename_volume(&self, old: &str, new: &str) -> Result<()> {
-        if !is_valid_volume_name(new) {
+        let (new_full, new_name) = match old.split_once('@') {
+            None => (new.to_string(), new),
+            Some((vol, _)) => {
+                let snap = match new.split_once('@') {
+                    None => new,
+                    Some((v, s)) if v == vol => s,
+                    Some(_) => {
+                        return Err(Error::InvalidArgument(format!(
+                            "a snapshot stays with its volume: rename '{old}' to '{vol}@NEW'"
+                        )))
+                    }
+                };
+                (format!("{vol}@{snap}"), snap)
+            }
+        };
+        if !is_valid_volume_name(new_name) {
             return Err(Error::InvalidName(new.to_string()));
         }
         self.inner.writable()?;
@@ -604,22 +621,45 @@ impl Pool {
         let id = st
             .id_by_name(old)
             .ok_or_else(|| Error::NoSuchVolume(old.to_string()))?;
-        if old == new {
+        if old == new_full {
             return Ok(());
         }
-        if st.id_by_name(new).is_some() {
-            return Err(Error::VolumeExists(new.to_string()));
+        if st.id_by_name(&new_full).is_some() {
+            return Err(Error::VolumeExists(new_full));
         }
-        if let Some(v) = st.volumes.get_mut(&id) {
-            v.rec.name = new.to_string();
-        }
+        let Some(v) = st.volumes.get_mut(&id) else {
+            return Err(Error::NoSuchVolume(old.to_string()));
+        };
+        let old_name = std::mem::replace(&mut v.rec.name, new_name.to_string());
         if let Err(e) = inner.write_catalog(&mut st) {
             if let Some(v) = st.volumes.get_mut(&id) {
-                v.rec.name = old.to_string();
+                v.rec.name = old_name;
             }
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Virtual byte ranges (offset, length) of a volume that hold data, in
+    /// order (for exports that skip what was never written).
+    pub fn mapped_ranges(&self, name: &str) -> Result<Vec<(u64, u64)>> {
+        let st = self.inner.state.lock();
+        let v = st
+            .volume_by_name(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let bs = BLOCK_SIZE as u64;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        v.map.for_each(|e| {
+            if e.is_zero() {
+                return;
+            }
+            let (off, len) = (e.vblock * bs, e.len as u64 * bs);
+            match out.last_mut() {
+                Some((o, l)) if *o + *l == off => *l += len,
+                _ => out.push((off, len)),
+            }
+        });
+        Ok(out)
     }
 
     /// Changes a volume's size. Shrinking drops the data past the new end
@@ -640,6 +680,9 @@ impl Pool {
             let v = st
                 .volume_by_name(name)
                 .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+            if v.rec.flags & catalog::flags::READ_ONLY != 0 {
+                return Err(Error::ReadOnly(name.to_string()));
+            }
             (v.rec.id, v.rec.size_bytes)
         };
         if size_bytes > old_size {

@@ -305,3 +305,27 @@ fn diff_lists_changed_ranges_and_depth_costs_nothing() {
         assert_eq!(read_block(&pool, &format!("v@s{depth}"), 1), 1);
     }
 }
+
+#[test]
+fn snapshots_and_bases_cannot_be_resized_and_snapshots_rename_within_their_volume() {
+    let (_dev, pool) = new_pool();
+    pool.create_volume("v", 4 * MIB).unwrap();
+    pool.create_volume("t", 4 * MIB).unwrap();
+    pool.open_volume("v").unwrap().write(0, &block(1)).unwrap();
+    pool.create_snapshot("v@s").unwrap();
+    assert!(matches!(
+        pool.resize_volume("v@s", 4096, true),
+        Err(Error::ReadOnly(_))
+    ));
+    pool.rename_volume("v@s", "v@t").unwrap();
+    pool.rename_volume("v@t", "u").unwrap();
+    assert!(pool.volume_info("v@u").unwrap().snapshot);
+    assert!(pool.rename_volume("v@u", "t@u").is_err());
+    assert_eq!(read_block(&pool, "v@u", 0), 1);
+    pool.make_base("t", None).unwrap();
+    assert!(matches!(
+        pool.resize_volume("t", 8 * MIB, false),
+        Err(Error::ReadOnly(_))
+    ));
+    assert_eq!(pool.mapped_ranges("v").unwrap(), vec![(0, 4096)]);
+}

@@ -74,8 +74,13 @@ enum Command {
     },
     /// Rename a volume
     Rename { old: String, new: String },
-    /// Remove a volume and return its space to the pool
-    Remove { name: String },
+    /// Remove a volume or snapshot (VOL@SNAP) and return its space to the pool
+    Remove {
+        name: String,
+        /// Also remove the volume's snapshots
+        #[arg(short, long)]
+        recursive: bool,
+    },
     /// Copy a raw image into a volume (created if missing); zero blocks take no space
     Import {
         name: String,
@@ -96,6 +101,8 @@ enum Command {
     },
     /// Serve a volume to a VM over vhost-user-blk until SIGTERM/SIGINT
     Serve(cmd::serve::ServeArgs),
+    #[command(flatten)]
+    Snap(cmd::snapshot::SnapCommand),
 }
 
 #[derive(Subcommand)]
@@ -155,10 +162,11 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::Info { name, json } => cmd::volume::info(pool, &name, json),
         Command::Resize { name, size, force } => cmd::volume::resize(pool, &name, size, force),
         Command::Rename { old, new } => cmd::volume::rename(pool, &old, &new),
-        Command::Remove { name } => cmd::volume::remove(pool, &name),
+        Command::Remove { name, recursive } => cmd::volume::remove(pool, &name, recursive),
         Command::Import { name, file, size } => cmd::import::run(pool, &name, &file, size),
         Command::Export { name, file, force } => cmd::export::run(pool, &name, &file, force),
         Command::Serve(args) => cmd::serve::run(pool, &args),
+        Command::Snap(c) => cmd::snapshot::run(pool, c),
     }
 }
 

@@ -2,10 +2,13 @@
 //! only then prints, so nothing claims success before the pool is closed.
 
 pub mod check;
+pub mod diff;
+pub mod du;
 pub mod export;
 pub mod import;
 pub mod pool;
 pub mod serve;
+pub mod snapshot;
 pub mod volume;
 
 use crate::error::{CliError, CliResult};

@@ -1,4 +1,5 @@
-//! Volume life cycle: create, list, info, resize, rename, remove.
+//! Volume life cycle: create, list, info, resize, rename, remove. `list`
+//! shows snapshots under their volume.
 
 use super::{open_read_only, open_read_write, pool_path, with_pool};
 use crate::error::{emit, CliResult};
@@ -21,7 +22,7 @@ pub fn create(pool: Option<&Path>, name: &str, bytes: u64) -> CliResult<()> {
 
 pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
     let pool = open_read_only(pool_path(pool)?)?;
-    let vols = with_pool(pool, |p| Ok(p.volumes()))?;
+    let vols = tree_order(with_pool(pool, |p| Ok(p.volumes()))?);
     if json {
         let items: Vec<Json> = vols.iter().map(info_json).collect();
         return emit(&Json::Array(items).render());
@@ -33,18 +34,59 @@ pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
         ("USE%", true),
         ("EXTENTS", true),
         ("FLAGS", false),
+        ("ORIGIN", false),
     ]);
     for v in &vols {
         t.row(vec![
-            v.name.clone(),
+            indented_name(v),
             size(v.size_bytes),
             size(v.mapped_bytes),
             pct_str(v.mapped_bytes, v.size_bytes),
             v.extents.to_string(),
             flags(v),
+            origin(v),
         ]);
     }
     emit(&t.render())
+}
+
+/// Volumes by name, each followed by its snapshots, oldest first (what
+/// `list` and `du` show).
+pub fn tree_order(vols: Vec<VolumeInfo>) -> Vec<VolumeInfo> {
+    let (mut snaps, vols): (Vec<VolumeInfo>, Vec<VolumeInfo>) =
+        vols.into_iter().partition(|v| v.snapshot);
+    snaps.sort_by_key(|s| s.id);
+    let mut out = Vec::with_capacity(vols.len() + snaps.len());
+    for v in vols {
+        let name = v.name.clone();
+        out.push(v);
+        let (mine, rest): (Vec<VolumeInfo>, Vec<VolumeInfo>) = snaps
+            .into_iter()
+            .partition(|s| s.snapshot_of.as_deref() == Some(name.as_str()));
+        out.extend(mine);
+        snaps = rest;
+    }
+    // Snapshots whose volume is unknown (none expected) still show.
+    out.extend(snaps);
+    out
+}
+
+/// Snapshots indented under their volume.
+pub fn indented_name(v: &VolumeInfo) -> String {
+    if v.snapshot {
+        format!("  {}", v.name)
+    } else {
+        v.name.clone()
+    }
+}
+
+/// What a volume derives from: a snapshot's volume, a clone's source.
+fn origin(v: &VolumeInfo) -> String {
+    match (&v.snapshot_of, &v.clone_of) {
+        (_, Some(c)) => format!("clone of {c}"),
+        (Some(s), None) => format!("snapshot of {s}"),
+        (None, None) => "-".to_string(),
+    }
 }
 
 pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
@@ -74,6 +116,7 @@ pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
         ("read-only", yes_no(v.read_only)),
         ("snapshot", yes_no(v.snapshot)),
         ("base", yes_no(v.base)),
+        ("origin", origin(&v)),
         (
             "created",
             format!("{} ({})", utc(v.created_unix), v.created_unix),
@@ -84,8 +127,13 @@ pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
 pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
     let pool = open_read_write(pool_path(pool)?)?;
     let (old, new) = with_pool(pool, |p| {
-        let old = p.volume_info(name)?.size_bytes;
-        Ok((old, p.resize_volume(name, bytes, force)?))
+        let info = p.volume_info(name)?;
+        // The engine resizes read-only volumes too, which would change a
+        // snapshot's or base's content: refuse here until it does.
+        if info.read_only {
+            return Err(thinlun::Error::ReadOnly(info.name).into());
+        }
+        Ok((info.size_bytes, p.resize_volume(name, bytes, force)?))
     })?;
     emit(&format!(
         "resized volume '{name}' from {} to {} ({} bytes)\n",
@@ -101,18 +149,42 @@ pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
     emit(&format!("renamed volume '{old}' to '{new}'\n"))
 }
 
-pub fn remove(pool: Option<&Path>, name: &str) -> CliResult<()> {
+pub fn remove(pool: Option<&Path>, name: &str, recursive: bool) -> CliResult<()> {
     let pool = open_read_write(pool_path(pool)?)?;
-    with_pool(pool, |p| Ok(p.remove_volume(name, false)?))?;
-    emit(&format!("removed volume '{name}'\n"))
+    let (snapshot, snaps) = with_pool(pool, |p| {
+        let info = p.volume_info(name)?;
+        let snaps: Vec<String> = p
+            .volumes()
+            .into_iter()
+            .filter(|s| s.snapshot_of.as_deref() == Some(name))
+            .map(|s| s.name)
+            .collect();
+        p.remove_volume(name, recursive)?;
+        Ok((info.snapshot, snaps))
+    })?;
+    if snapshot {
+        return emit(&format!("removed snapshot '{name}'\n"));
+    }
+    if snaps.is_empty() {
+        return emit(&format!("removed volume '{name}'\n"));
+    }
+    emit(&format!(
+        "removed volume '{name}' and its snapshots {}\n",
+        snaps.join(", ")
+    ))
 }
 
 fn flags(v: &VolumeInfo) -> String {
-    let set: Vec<&str> = [(v.read_only, "ro"), (v.snapshot, "snap"), (v.base, "base")]
-        .iter()
-        .filter(|f| f.0)
-        .map(|f| f.1)
-        .collect();
+    let set: Vec<&str> = [
+        (v.read_only, "ro"),
+        (v.snapshot, "snap"),
+        (v.base, "base"),
+        (v.clone_of.is_some(), "clone"),
+    ]
+    .iter()
+    .filter(|f| f.0)
+    .map(|f| f.1)
+    .collect();
     if set.is_empty() {
         "-".to_string()
     } else {
@@ -121,7 +193,7 @@ fn flags(v: &VolumeInfo) -> String {
 }
 
 fn info_json(v: &VolumeInfo) -> Json {
-    Json::Object(vec![
+    let mut fields = vec![
         ("name", v.name.as_str().into()),
         ("id", v.id.into()),
         ("size_bytes", v.size_bytes.into()),
@@ -131,6 +203,15 @@ fn info_json(v: &VolumeInfo) -> Json {
         ("read_only", v.read_only.into()),
         ("snapshot", v.snapshot.into()),
         ("base", v.base.into()),
+        ("clone", v.clone_of.is_some().into()),
         ("created_unix", v.created_unix.into()),
-    ])
+    ];
+    // Present only when they apply (the JSON writer has no null).
+    if let Some(s) = &v.snapshot_of {
+        fields.push(("snapshot_of", s.as_str().into()));
+    }
+    if let Some(c) = &v.clone_of {
+        fields.push(("clone_of", c.as_str().into()));
+    }
+    Json::Object(fields)
 }

@@ -1,0 +1,244 @@
+//! Snapshots, base images, linked clones, rollback, flatten, usage and
+//! incremental backups: the argument definitions of these commands (merged
+//! into thinctl's top level) and the small ones themselves. `du` and the
+//! diff commands are in their own modules.
+
+use super::{open_read_write, pool_path, with_pool};
+use crate::error::{emit, CliResult};
+use crate::human::size;
+use clap::Subcommand;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use thinlun::Pool;
+
+#[derive(Subcommand)]
+pub enum SnapCommand {
+    /// Take a read-only, crash-consistent snapshot VOL@SNAP (O(1))
+    Snapshot {
+        #[arg(value_name = "VOL@SNAP")]
+        name: String,
+    },
+    /// Make a volume the content of its snapshot VOL@SNAP again (O(1))
+    Rollback {
+        #[arg(value_name = "VOL@SNAP")]
+        name: String,
+        /// Also remove the volume's snapshots newer than VOL@SNAP
+        #[arg(long)]
+        force: bool,
+    },
+    /// Turn a volume into a read-only base image that clones can share
+    Base {
+        name: String,
+        /// Rename it too (e.g. vm-100-disk-0 -> base-100-disk-0)
+        #[arg(long = "name", value_name = "NEW")]
+        name_as: Option<String>,
+    },
+    /// Make a writable linked clone NEW of a base image or snapshot (O(1))
+    Clone {
+        #[arg(value_name = "SRC")]
+        source: String,
+        new: String,
+    },
+    /// Copy the data a linked clone still shares, making it independent
+    Flatten { name: String },
+    /// Space per volume and snapshot: provisioned, mapped, exclusive, shared
+    Du {
+        /// One volume (with its snapshots) or one snapshot; default: all
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the extents that differ between a snapshot and a later snapshot or its volume
+    Diff {
+        #[arg(value_name = "VOL@SNAP")]
+        from: String,
+        #[arg(value_name = "VOL[@SNAP]")]
+        to: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the changes from FROM to TO as an incremental backup stream
+    #[command(
+        override_usage = "thinctl export-diff [--force] FROM TO FILE|-\n       \
+                          thinctl export-diff [--force] [--from SNAP] TO FILE|-",
+        after_help = "FROM is VOL@SNAP or SNAP (a snapshot of TO's volume); - or leaving it out\n\
+                      makes a full stream (everything TO holds). TO is VOL@SNAP or the live VOL.\n\
+                      FILE - is stdout. Apply the stream with 'thinctl import-diff VOL FILE|-'."
+    )]
+    ExportDiff {
+        /// [FROM] TO FILE|- (see below)
+        #[arg(num_args = 2..=3, required = true, value_name = "ARG")]
+        args: Vec<String>,
+        /// Snapshot the changes start from (instead of a FROM argument)
+        #[arg(long, value_name = "SNAP")]
+        from: Option<String>,
+        /// Overwrite an existing file
+        #[arg(long)]
+        force: bool,
+    },
+    /// Apply an incremental backup stream onto VOL (which must hold its starting snapshot)
+    ImportDiff {
+        #[arg(value_name = "VOL")]
+        name: String,
+        /// Stream file, or - for stdin
+        file: PathBuf,
+    },
+}
+
+pub fn run(pool: Option<&Path>, c: SnapCommand) -> CliResult<()> {
+    match c {
+        SnapCommand::Snapshot { name } => snapshot(pool, &name),
+        SnapCommand::Rollback { name, force } => rollback(pool, &name, force),
+        SnapCommand::Base { name, name_as } => base(pool, &name, name_as.as_deref()),
+        SnapCommand::Clone { source, new } => clone(pool, &source, &new),
+        SnapCommand::Flatten { name } => flatten(pool, &name),
+        SnapCommand::Du { name, json } => super::du::run(pool, name.as_deref(), json),
+        SnapCommand::Diff { from, to, json } => super::diff::diff(pool, &from, &to, json),
+        SnapCommand::ExportDiff { args, from, force } => {
+            super::diff::export(pool, &args, from.as_deref(), force)
+        }
+        SnapCommand::ImportDiff { name, file } => super::diff::import(pool, &name, &file),
+    }
+}
+
+fn snapshot(pool: Option<&Path>, name: &str) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let info = with_pool(pool, |p| Ok(p.create_snapshot(name)?))?;
+    emit(&format!(
+        "created snapshot '{}' ({} mapped)\n",
+        info.name,
+        size(info.mapped_bytes)
+    ))
+}
+
+/// Names of the snapshots of `name`'s volume newer than `name`.
+fn newer_snapshots(p: &Pool, name: &str) -> Vec<String> {
+    let Ok(snap) = p.volume_info(name) else {
+        return Vec::new();
+    };
+    p.volumes()
+        .into_iter()
+        .filter(|v| v.snapshot && v.snapshot_of == snap.snapshot_of && v.id > snap.id)
+        .map(|v| v.name)
+        .collect()
+}
+
+fn rollback(pool: Option<&Path>, name: &str, force: bool) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let removed = with_pool(pool, |p| {
+        let newer = newer_snapshots(p, name);
+        p.rollback(name, force)?;
+        Ok(newer)
+    })?;
+    let vol = name.split_once('@').map_or(name, |x| x.0);
+    let mut out = format!("rolled back '{vol}' to '{name}'\n");
+    if !removed.is_empty() {
+        out.push_str(&format!(
+            "removed newer snapshots: {}\n",
+            removed.join(", ")
+        ));
+    }
+    emit(&out)
+}
+
+fn base(pool: Option<&Path>, name: &str, new_name: Option<&str>) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let info = with_pool(pool, |p| Ok(p.make_base(name, new_name)?))?;
+    let renamed = if info.name != name {
+        format!(" (renamed from '{name}')")
+    } else {
+        String::new()
+    };
+    emit(&format!(
+        "'{}' is now a read-only base image{renamed}\n",
+        info.name
+    ))
+}
+
+fn clone(pool: Option<&Path>, source: &str, new: &str) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let info = with_pool(pool, |p| Ok(p.clone_volume(source, new)?))?;
+    emit(&format!(
+        "created linked clone '{}' of '{source}' ({}, {} shared)\n",
+        info.name,
+        size(info.size_bytes),
+        size(info.mapped_bytes)
+    ))
+}
+
+/// A one-line progress bar on stderr, redrawn at most every 100 ms; only
+/// when stderr is a terminal.
+struct Progress {
+    on: bool,
+    label: String,
+    last: Option<Instant>,
+}
+
+impl Progress {
+    fn new(label: String) -> Progress {
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            label,
+            last: None,
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if !self.on {
+            return;
+        }
+        let now = Instant::now();
+        if done < total
+            && self
+                .last
+                .is_some_and(|t| now - t < Duration::from_millis(100))
+        {
+            return;
+        }
+        self.last = Some(now);
+        const WIDTH: u64 = 30;
+        let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
+        let bar: String = (0..WIDTH)
+            .map(|i| if i < filled { '#' } else { '.' })
+            .collect();
+        let bs = thinlun::BLOCK_SIZE as u64;
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "\r{} [{bar}] {pct:3}% {}/{}",
+            self.label,
+            size(done * bs),
+            size(total * bs)
+        );
+        let _ = err.flush();
+    }
+
+    fn finish(&self) {
+        if self.on && self.last.is_some() {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+fn flatten(pool: Option<&Path>, name: &str) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let (origin, copied) = with_pool(pool, |p| {
+        let origin = p.volume_info(name)?.clone_of;
+        let mut bar = Progress::new(format!("flattening '{name}'"));
+        let mut total = 0;
+        let r = p.flatten(name, &mut |done, all| {
+            total = all;
+            bar.update(done, all);
+        });
+        bar.finish();
+        r?;
+        Ok((origin, total * thinlun::BLOCK_SIZE as u64))
+    })?;
+    let was = origin.map_or(String::new(), |o| format!(" from '{o}'"));
+    emit(&format!(
+        "flattened '{name}': copied the {} ({copied} bytes) it shared{was}; it is independent now\n",
+        size(copied)
+    ))
+}
