@@ -115,6 +115,8 @@ pub struct PoolStatus {
     pub provisioned_bytes: u64,
     pub data_used_pct: u8,
     pub metadata_used_pct: u8,
+    /// Warning thresholds currently crossed ("data 90%", "metadata 80%").
+    pub thresholds_crossed: Vec<String>,
     pub journal_used_blocks: u32,
     pub journal_capacity_blocks: u32,
     pub max_hosts: u32,
@@ -453,6 +455,7 @@ impl Pool {
             provisioned_bytes: provisioned(&st),
             data_used_pct: crate::guard::data_used_pct(&st),
             metadata_used_pct: crate::guard::meta_used_pct(&st),
+            thresholds_crossed: crate::guard::crossed_names(&st),
             journal_used_blocks: jused,
             journal_capacity_blocks: jcap,
             max_hosts: l.max_hosts,

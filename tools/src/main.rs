@@ -51,6 +51,15 @@ enum Command {
         /// Virtual size, a multiple of 4 KiB
         #[arg(value_parser = size_arg)]
         size: u64,
+        /// Create it even past the pool's overcommit limit
+        #[arg(long)]
+        force: bool,
+    },
+    /// Return the pool's free space to the file system (hole punch) or, with
+    /// --discard, to the SAN (BLKDISCARD on a block device)
+    Trim {
+        #[arg(long)]
+        discard: bool,
     },
     /// List the volumes
     List {
@@ -130,6 +139,26 @@ enum PoolCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change warning thresholds, the when-full policy or the overcommit limit
+    Set {
+        /// Data use warnings, e.g. 80,90,95 (percent, ascending) or none
+        #[arg(long, value_parser = cmd::space::thresholds_arg)]
+        data_thresholds: Option<cmd::space::Thresholds>,
+        /// Metadata use warnings, e.g. 80,90,95 or none
+        #[arg(long, value_parser = cmd::space::thresholds_arg)]
+        metadata_thresholds: Option<cmd::space::Thresholds>,
+        /// When data space is full: error (fail with ENOSPC) or queue (wait)
+        #[arg(long, value_name = "error|queue")]
+        when_full: Option<String>,
+        /// How long queued writes wait for space, in seconds
+        #[arg(long, value_name = "SECS")]
+        queue_timeout: Option<u32>,
+        /// Refuse volumes past this provisioned/data ratio (e.g. 2.5), or none
+        #[arg(long, value_name = "RATIO|none")]
+        max_overcommit: Option<String>,
+    },
+    /// Extend the pool onto its grown file or LUN
+    Grow,
 }
 
 fn size_arg(s: &str) -> Result<u64, String> {
@@ -156,8 +185,26 @@ fn run(cli: Cli) -> CliResult<()> {
             },
         ),
         Command::Pool(PoolCommand::Status { json }) => cmd::pool::status(pool, json),
+        Command::Pool(PoolCommand::Set {
+            data_thresholds,
+            metadata_thresholds,
+            when_full,
+            queue_timeout,
+            max_overcommit,
+        }) => cmd::space::set(
+            pool,
+            cmd::space::PolicyArgs {
+                data_thresholds,
+                metadata_thresholds,
+                when_full,
+                queue_timeout_secs: queue_timeout,
+                max_overcommit,
+            },
+        ),
+        Command::Pool(PoolCommand::Grow) => cmd::space::grow(pool),
+        Command::Trim { discard } => cmd::space::trim(pool, discard),
         Command::Check { read_only, json } => cmd::check::run(pool, read_only, json),
-        Command::Create { name, size } => cmd::volume::create(pool, &name, size),
+        Command::Create { name, size, force } => cmd::volume::create(pool, &name, size, force),
         Command::List { json } => cmd::volume::list(pool, json),
         Command::Info { name, json } => cmd::volume::info(pool, &name, json),
         Command::Resize { name, size, force } => cmd::volume::resize(pool, &name, size, force),

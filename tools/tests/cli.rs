@@ -822,3 +822,74 @@ fn help_and_broken_pipe() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(stderr.is_empty(), "{stderr}");
 }
+
+#[test]
+fn space_policy_trim_and_grow() {
+    let dir = TempDir::new("space");
+    let pool = new_pool(&dir);
+    let out = ok(
+        &pool,
+        &[
+            "pool",
+            "set",
+            "--data-thresholds",
+            "50,70",
+            "--when-full",
+            "queue",
+            "--queue-timeout",
+            "3",
+            "--max-overcommit",
+            "2",
+        ],
+    );
+    assert!(
+        out.contains("queue writes up to 3 s") && out.contains("2.00x"),
+        "{out}"
+    );
+    let data_bytes = J::parse(&ok(&pool, &["pool", "status", "--json"])).num("data_bytes") as u64;
+    let big = format!("{}", data_bytes / 4096 * 4096);
+    ok(&pool, &["create", "a", &big]);
+    ok(&pool, &["create", "b", &big]);
+    let e = fails(&pool, &["create", "c", "1M"]);
+    assert!(e.contains("overcommit") && e.contains("--force"), "{e}");
+    ok(&pool, &["create", "c", "1M", "--force"]);
+    // Fill past both thresholds; status shows them crossed.
+    let img = dir.path("fill.raw");
+    fs::write(
+        &img,
+        vec![0x5au8; (data_bytes as usize) * 3 / 4 / BLOCK * BLOCK],
+    )
+    .unwrap();
+    ok(&pool, &["import", "a", img.to_str().unwrap()]);
+    let st = ok(&pool, &["pool", "status"]);
+    assert!(
+        st.contains("thresholds crossed:   data 50%, data 70%"),
+        "{st}"
+    );
+    // Space freed by removal goes back to the file system with trim.
+    ok(&pool, &["remove", "a"]);
+    let trimmed = ok(&pool, &["trim"]);
+    assert!(trimmed.contains("released"), "{trimmed}");
+    // Grow after the file grew; refused when there is nothing to grow.
+    let e = fails(&pool, &["pool", "grow"]);
+    assert!(e.contains("nothing to grow"), "{e}");
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&pool)
+        .unwrap()
+        .set_len(128 * MIB as u64)
+        .unwrap();
+    let grown = ok(&pool, &["pool", "grow"]);
+    assert!(grown.contains("to 128M"), "{grown}");
+    for bad in [
+        vec!["pool", "set", "--data-thresholds", "90,80"],
+        vec!["pool", "set", "--when-full", "sometimes"],
+        vec!["pool", "set", "--max-overcommit", "0.5"],
+    ] {
+        let out = run_with(&pool_args(&pool, &bad), None, None);
+        assert!(
+            !out.status.success() && !text(&out.stderr).contains("panicked"),
+            "{bad:?}"
+        );
+    }
+}

@@ -9,6 +9,7 @@ pub mod import;
 pub mod pool;
 pub mod serve;
 pub mod snapshot;
+pub mod space;
 pub mod volume;
 
 use crate::error::{CliError, CliResult};

@@ -120,7 +120,14 @@ fn status_text(label: &str, s: &PoolStatus) -> String {
         ("awaiting reuse", size(s.pending_free_bytes)),
         ("metadata used", size(s.metadata_used_bytes)),
         ("metadata reserved", size(s.metadata_reserved_bytes)),
-        ("volumes", s.volumes.to_string()),
+        ("metadata use", format!("{}%", s.metadata_used_pct)),
+        (
+            "volumes",
+            format!(
+                "{} ({} snapshots, {} base images, {} linked clones)",
+                s.volumes, s.snapshots, s.bases, s.clones
+            ),
+        ),
         ("provisioned", size(s.provisioned_bytes)),
         (
             "overcommit",
@@ -139,6 +146,14 @@ fn status_text(label: &str, s: &PoolStatus) -> String {
             ),
         ),
         ("max hosts", s.max_hosts.to_string()),
+        (
+            "thresholds crossed",
+            if s.thresholds_crossed.is_empty() {
+                "none".to_string()
+            } else {
+                s.thresholds_crossed.join(", ")
+            },
+        ),
         ("data warnings at", thresholds(&p.data_warn_pct)),
         ("metadata warnings at", thresholds(&p.meta_warn_pct)),
         ("when full", when_full(p)),
@@ -146,7 +161,7 @@ fn status_text(label: &str, s: &PoolStatus) -> String {
             "max overcommit",
             match p.max_overcommit_pct {
                 0 => "no limit".to_string(),
-                pct => format!("{pct}%"),
+                pct => format!("{:.2}x", pct as f64 / 100.0),
             },
         ),
     ])
@@ -178,7 +193,20 @@ fn status_json(label: &str, s: &PoolStatus) -> Json {
         ("pending_free_bytes", s.pending_free_bytes.into()),
         ("metadata_used_bytes", s.metadata_used_bytes.into()),
         ("metadata_reserved_bytes", s.metadata_reserved_bytes.into()),
+        ("metadata_used_pct", (s.metadata_used_pct as u64).into()),
         ("volumes", s.volumes.into()),
+        ("snapshots", s.snapshots.into()),
+        ("bases", s.bases.into()),
+        ("clones", s.clones.into()),
+        (
+            "thresholds_crossed",
+            Json::Array(
+                s.thresholds_crossed
+                    .iter()
+                    .map(|t| t.as_str().into())
+                    .collect(),
+            ),
+        ),
         ("provisioned_bytes", s.provisioned_bytes.into()),
         (
             "overcommit_ratio",

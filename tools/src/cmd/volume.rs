@@ -9,9 +9,9 @@ use crate::table::{fields, Table};
 use std::path::Path;
 use thinlun::VolumeInfo;
 
-pub fn create(pool: Option<&Path>, name: &str, bytes: u64) -> CliResult<()> {
+pub fn create(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
     let pool = open_read_write(pool_path(pool)?)?;
-    let info = with_pool(pool, |p| Ok(p.create_volume(name, bytes)?))?;
+    let info = with_pool(pool, |p| Ok(p.create_volume_with(name, bytes, force)?))?;
     emit(&format!(
         "created volume '{}' ({}, {} bytes)\n",
         info.name,

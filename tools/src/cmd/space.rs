@@ -1,0 +1,147 @@
+//! Space management: pool policy (`pool set`), `pool grow` and `trim`.
+
+use super::{open_read_write, pool_path, with_pool};
+use crate::error::{emit, CliError, CliResult};
+use crate::human::size;
+use std::path::Path;
+use thinlun::format::superblock::Policy;
+
+/// Up to three warning thresholds in percent (one clap value).
+#[derive(Clone, Debug)]
+pub struct Thresholds(pub Vec<u8>);
+
+/// Changes to the pool policy; `None` keeps the current value.
+pub struct PolicyArgs {
+    pub data_thresholds: Option<Thresholds>,
+    pub metadata_thresholds: Option<Thresholds>,
+    pub when_full: Option<String>,
+    pub queue_timeout_secs: Option<u32>,
+    pub max_overcommit: Option<String>,
+}
+
+/// Parses "80,90,95" (up to three ascending percentages; "none" for none).
+pub fn thresholds_arg(s: &str) -> Result<Thresholds, String> {
+    if s == "none" {
+        return Ok(Thresholds(Vec::new()));
+    }
+    let v: Vec<u8> = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .trim_end_matches('%')
+                .parse::<u8>()
+                .map_err(|_| format!("'{x}' is not a percentage"))
+        })
+        .collect::<Result<_, _>>()?;
+    if v.len() > 3 {
+        return Err("at most three thresholds".into());
+    }
+    Ok(Thresholds(v))
+}
+
+fn apply(mut p: Policy, a: PolicyArgs) -> CliResult<Policy> {
+    let pad = |Thresholds(v): Thresholds| {
+        let mut t = [0u8; 3];
+        // Unused slots first, so the set ones stay ascending at the end.
+        let skip = 3 - v.len();
+        t[skip..].copy_from_slice(&v);
+        t
+    };
+    if let Some(t) = a.data_thresholds {
+        p.data_warn_pct = pad(t);
+    }
+    if let Some(t) = a.metadata_thresholds {
+        p.meta_warn_pct = pad(t);
+    }
+    match a.when_full.as_deref() {
+        None => {}
+        Some("error") => p.when_full = 0,
+        Some("queue") => p.when_full = 1,
+        Some(other) => {
+            return Err(CliError::new(format!(
+                "--when-full takes 'error' or 'queue', not '{other}'"
+            )))
+        }
+    }
+    if let Some(secs) = a.queue_timeout_secs {
+        p.queue_timeout_ms = secs.saturating_mul(1000);
+    }
+    match a.max_overcommit.as_deref() {
+        None => {}
+        Some("none") => p.max_overcommit_pct = 0,
+        Some(r) => {
+            let ratio: f64 = r.trim_end_matches('x').parse().map_err(|_| {
+                CliError::new(format!(
+                    "--max-overcommit takes a ratio such as 2.5 or 'none', not '{r}'"
+                ))
+            })?;
+            if !(1.0..=1_000_000.0).contains(&ratio) {
+                return Err(CliError::new(
+                    "--max-overcommit must be at least 1.0".to_string(),
+                ));
+            }
+            p.max_overcommit_pct = (ratio * 100.0).round() as u32;
+        }
+    }
+    Ok(p)
+}
+
+pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let policy = with_pool(pool, |p| {
+        let new = apply(p.status().policy, args)?;
+        p.set_policy(new)?;
+        Ok(new)
+    })?;
+    emit(&format!(
+        "policy: data warnings at {:?}, metadata warnings at {:?}, when full: {}, overcommit limit: {}\n",
+        policy.data_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
+        policy.meta_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
+        if policy.when_full == 1 {
+            format!("queue writes up to {} s", policy.queue_timeout_ms / 1000)
+        } else {
+            "fail writes (ENOSPC)".to_string()
+        },
+        match policy.max_overcommit_pct {
+            0 => "none".to_string(),
+            x => format!("{:.2}x", x as f64 / 100.0),
+        }
+    ))
+}
+
+pub fn grow(pool: Option<&Path>) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let (old, new) = with_pool(pool, |p| {
+        let old = p.status().size_bytes;
+        Ok((old, p.grow()?))
+    })?;
+    emit(&format!(
+        "pool grown from {} to {} ({new} bytes)\n",
+        size(old),
+        size(new)
+    ))
+}
+
+pub fn trim(pool: Option<&Path>, discard: bool) -> CliResult<()> {
+    let pool = open_read_write(pool_path(pool)?)?;
+    let bytes = with_pool(pool, |p| Ok(p.trim(discard)?))?;
+    emit(&format!(
+        "released {} ({bytes} bytes) of free space to the storage below\n",
+        size(bytes)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds_parse() {
+        assert_eq!(thresholds_arg("80,90,95").unwrap().0, vec![80, 90, 95]);
+        assert_eq!(thresholds_arg("85%").unwrap().0, vec![85]);
+        assert!(thresholds_arg("none").unwrap().0.is_empty());
+        assert!(thresholds_arg("80,x").is_err());
+        assert!(thresholds_arg("1,2,3,4").is_err());
+        assert!(thresholds_arg("300").is_err());
+    }
+}
