@@ -7,6 +7,7 @@ pub mod du;
 pub mod export;
 pub mod import;
 pub mod pool;
+pub mod serve;
 pub mod snapshot;
 pub mod space;
 pub mod volume;

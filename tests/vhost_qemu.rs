@@ -1,0 +1,366 @@
+//! End to end: a real QEMU guest (the lab in ../shared/lab) on
+//! `thinctl serve`, a pool file underneath.
+//!
+//! - `guest_checks_pass`: device limits as Linux sees them (discard,
+//!   write-zeroes, topology, serial, queues), a discard round trip, then the
+//!   lab's example script: mkfs, mount, fsck, read-back, fio verify.
+//! - `guest_survives_server_kill`: the same example script with QEMU
+//!   reconnecting (`reconnect-ms`), while the server is killed with SIGKILL
+//!   and restarted twice (during the file write and during fio verify).
+//!
+//! Skipped with a note when QEMU, the guest kernel or the lab scripts are
+//! not there (run `bash ../shared/lab/install-qemu.sh` as root; the test
+//! runs it itself when it is root and QEMU is missing, unless
+//! THINLUN_E2E_INSTALL=0). The guest runs under TCG: each test takes about
+//! 30 to 60 seconds.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One guest at a time: two TCG guests on two cores would each take twice
+/// as long.
+static GUEST: Mutex<()> = Mutex::new(());
+
+fn lab_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab")
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn have_guest_kernel() -> bool {
+    std::fs::read_dir("/boot").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("vmlinuz-") && n.contains("cloud")
+        })
+    })
+}
+
+/// Whether the lab can run here; prints why not.
+fn lab_ready() -> bool {
+    let lab = lab_dir();
+    if !lab.join("run-guest.sh").exists() {
+        eprintln!(
+            "SKIP: no guest lab at {} (shared/ beside the checkout)",
+            lab.display()
+        );
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if (!have_qemu() || !have_guest_kernel())
+        && root
+        && std::env::var("THINLUN_E2E_INSTALL").as_deref() != Ok("0")
+    {
+        eprintln!("installing QEMU and the guest kernel with install-qemu.sh");
+        let _ = Command::new("bash")
+            .arg(lab.join("install-qemu.sh"))
+            .stdout(Stdio::null())
+            .status();
+    }
+    if !have_qemu() {
+        eprintln!(
+            "SKIP: qemu-system-x86_64 not available (run ../shared/lab/install-qemu.sh as root)"
+        );
+        return false;
+    }
+    if !have_guest_kernel() {
+        eprintln!(
+            "SKIP: no /boot/vmlinuz-*cloud* guest kernel (run ../shared/lab/install-qemu.sh)"
+        );
+        return false;
+    }
+    true
+}
+
+/// The `thinctl` binary of this workspace, built if needed.
+fn thinctl() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "thinctl"])
+        .current_dir(&ws)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p thinctl failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| ws.join("target"));
+    target.join("debug/thinctl")
+}
+
+struct Lab {
+    dir: PathBuf,
+    thinctl: PathBuf,
+    pool: PathBuf,
+    sock: PathBuf,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let dir = std::env::temp_dir().join(format!("thinlun-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let lab = Lab {
+            thinctl: thinctl(),
+            pool: dir.join("pool.img"),
+            sock: dir.join("vhost.sock"),
+            dir,
+        };
+        lab.ctl(&["pool", "create", "--size", "2G"]);
+        lab.ctl(&["create", "vm-e2e-disk", "1G"]);
+        lab
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.thinctl)
+            .arg("-p")
+            .arg(&self.pool)
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "thinctl {args:?}: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    /// Starts `thinctl serve` and waits for its socket.
+    fn serve(&self, queues: u32) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("serve.log"))
+            .unwrap();
+        let _ = std::fs::remove_file(&self.sock);
+        let mut child = Command::new(&self.thinctl)
+            .arg("-p")
+            .arg(&self.pool)
+            .args(["serve", "vm-e2e-disk", "--socket"])
+            .arg(&self.sock)
+            .args(["--queues", &queues.to_string()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.sock.exists() {
+            let log = || std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("serve exited with {status} before listening:\n{}", log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "server socket did not appear:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// Starts the guest; its console lines arrive on the channel.
+    fn guest(&self, script: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
+        let mut cmd = Command::new("bash");
+        cmd.arg(lab_dir().join("run-guest.sh"))
+            .arg(&self.sock)
+            .arg(script)
+            .env("GUEST_TIMEOUT", "150")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        let err = child.stderr.take().unwrap();
+        let tx2 = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx2.send(format!("[qemu] {line}"));
+            }
+        });
+        (child, rx)
+    }
+
+    /// Stops the server with SIGTERM; it must exit cleanly and remove its
+    /// socket, and the pool must check clean.
+    fn stop(&self, mut server: Child) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+        let status = server.wait().unwrap();
+        let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+        assert!(status.success(), "serve exited with {status}:\n{log}");
+        assert!(!self.sock.exists(), "socket left behind");
+        assert!(log.contains("stopped serving"), "no clean stop in:\n{log}");
+        for l in log.lines() {
+            eprintln!("server: {l}");
+        }
+        let check = self.ctl(&["check"]);
+        assert!(check.contains("clean"), "pool check: {check}");
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Collects the console until GUEST-END (or the guest exits). `on_event`
+/// sees each line, and `None` at least every 200 ms.
+fn console(rx: &mpsc::Receiver<String>, mut on_event: impl FnMut(Option<&str>)) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut lines = Vec::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let line = line.replace('\r', "");
+                on_event(Some(&line));
+                let end = line.contains("GUEST-END");
+                lines.push(line);
+                if end {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => on_event(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    lines
+}
+
+/// Every expected check passed, nothing failed, the script ended with 0.
+fn assert_guest_ok(lines: &[String], expected: &[&str]) {
+    let text = lines.join("\n");
+    for name in expected {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("CHECK {name} ok"))),
+            "check '{name}' did not pass; console:\n{text}"
+        );
+    }
+    assert!(!text.contains("FAIL"), "a check failed; console:\n{text}");
+    assert!(
+        lines.iter().any(|l| l.contains("GUEST-END rc=0")),
+        "no 'GUEST-END rc=0'; console:\n{text}"
+    );
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("CHECK") || l.contains("INFO"))
+    {
+        eprintln!("guest: {}", l.trim());
+    }
+}
+
+const EXAMPLE_CHECKS: &[&str] = &["mkfs", "mount", "fsck", "readback", "fio-verify"];
+
+#[test]
+fn guest_checks_pass() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_ready() {
+        return;
+    }
+    let lab = Lab::new("checks");
+    let features = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/vhost-features.sh"),
+    )
+    .unwrap()
+    .replace("@SERIAL@", "vm-e2e-disk")
+    .replace("@NQ@", "2");
+    let example = std::fs::read_to_string(lab_dir().join("example-guest.sh")).unwrap();
+    let script = lab.dir.join("guest.sh");
+    std::fs::write(&script, format!("{features}\n{example}")).unwrap();
+
+    let server = lab.serve(2);
+    let started = Instant::now();
+    let (mut guest, rx) = lab.guest(&script, &[("NQ", "2")]);
+    let lines = console(&rx, |_| {});
+    let _ = guest.wait();
+    eprintln!("guest ran {:.1} s", started.elapsed().as_secs_f64());
+    let mut expected = vec![
+        "discard-supported",
+        "discard-granularity",
+        "write-zeroes-supported",
+        "physical-block",
+        "write-cache",
+        "serial",
+        "queues",
+        "max-segments",
+        "discard-reads-zeros",
+    ];
+    expected.extend_from_slice(EXAMPLE_CHECKS);
+    assert_guest_ok(&lines, &expected);
+    lab.stop(server);
+}
+
+#[test]
+fn guest_survives_server_kill() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_ready() {
+        return;
+    }
+    let lab = Lab::new("reconnect");
+    let mut server = Some(lab.serve(1));
+    let started = Instant::now();
+    let (mut guest, rx) = lab.guest(&lab_dir().join("example-guest.sh"), &[("RECONNECT", "500")]);
+    let mut kills = Vec::new();
+    let mut fio_kill_at = None;
+    let lines = console(&rx, |line| {
+        let mut why = None;
+        if line.is_some_and(|l| l.contains("CHECK mount ok")) {
+            // While the guest writes its 16 MiB file.
+            std::thread::sleep(Duration::from_millis(300));
+            why = Some("during the file write");
+        }
+        if line.is_some_and(|l| l.contains("CHECK readback ok")) {
+            fio_kill_at = Some(Instant::now() + Duration::from_secs(3));
+        }
+        if fio_kill_at.is_some_and(|t| Instant::now() >= t) {
+            fio_kill_at = None;
+            why = Some("during fio verify");
+        }
+        if let Some(why) = why {
+            // SIGKILL: no flush, no clean close, in the middle of I/O.
+            let mut s = server.take().unwrap();
+            s.kill().unwrap();
+            let _ = s.wait();
+            kills.push(format!(
+                "killed {why} at {:.1} s",
+                started.elapsed().as_secs_f64()
+            ));
+            server = Some(lab.serve(1));
+        }
+    });
+    let _ = guest.wait();
+    eprintln!(
+        "guest ran {:.1} s; {}",
+        started.elapsed().as_secs_f64(),
+        kills.join(", ")
+    );
+    assert_eq!(kills.len(), 2, "the server was killed twice mid-run");
+    assert_guest_ok(&lines, EXAMPLE_CHECKS);
+    lab.stop(server.take().unwrap());
+}
