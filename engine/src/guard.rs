@@ -92,8 +92,15 @@ fn crossed(thresholds: [u8; 3], pct: u8) -> Vec<u8> {
 
 pub(crate) fn crossed_names(st: &State) -> Vec<String> {
     let p = st.sb.policy;
-    let mut out: Vec<String> = crossed(p.data_warn_pct, data_used_pct(st)).into_iter().map(|t| format!("data {t}%")).collect();
-    out.extend(crossed(p.meta_warn_pct, meta_used_pct(st)).into_iter().map(|t| format!("metadata {t}%")));
+    let mut out: Vec<String> = crossed(p.data_warn_pct, data_used_pct(st))
+        .into_iter()
+        .map(|t| format!("data {t}%"))
+        .collect();
+    out.extend(
+        crossed(p.meta_warn_pct, meta_used_pct(st))
+            .into_iter()
+            .map(|t| format!("metadata {t}%")),
+    );
     out
 }
 

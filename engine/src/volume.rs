@@ -171,7 +171,7 @@ impl Volume {
     /// made reusable, and, under the pool's `queue` policy, after waiting
     /// for space up to the policy's timeout.
     pub fn submit(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
-        let mut results = self.submit_once(reqs);
+        let mut results = self.submit_in_waves(reqs);
         let since = std::time::Instant::now();
         let mut committed_frees = false;
         loop {
@@ -214,10 +214,70 @@ impl Volume {
             if again.len() != retry.len() {
                 return results;
             }
-            for (k, r) in self.submit_once(&mut again).into_iter().enumerate() {
+            for (k, r) in self.submit_in_waves(&mut again).into_iter().enumerate() {
                 results[retry[k]] = r;
             }
         }
+    }
+
+    /// Requests of one batch that modify the same 4 KiB block would each
+    /// read-modify-write it from the same old contents, and all but one
+    /// change would be lost: such requests run in successive waves, in
+    /// batch order. Everything else stays one batch.
+    fn submit_in_waves(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
+        let ranges: Vec<Option<(u64, u64)>> = reqs
+            .iter()
+            .map(|r| match r {
+                Request::Write { sector, data } if !data.is_empty() => {
+                    Some(Self::block_range(*sector, data.len() as u64 / SECTOR_SIZE))
+                }
+                Request::Discard { sector, sectors } | Request::WriteZeroes { sector, sectors }
+                    if *sectors > 0 =>
+                {
+                    Some(Self::block_range(*sector, *sectors))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut wave = vec![0usize; reqs.len()];
+        let mut any = false;
+        for i in 0..reqs.len() {
+            let Some((a0, a1)) = ranges[i] else { continue };
+            for j in 0..i {
+                if let Some((b0, b1)) = ranges[j] {
+                    if a0 < b1 && b0 < a1 && wave[i] <= wave[j] {
+                        wave[i] = wave[j] + 1;
+                        any = true;
+                    }
+                }
+            }
+        }
+        if !any {
+            return self.submit_once(reqs);
+        }
+        // Flushes cover everything before them: they go last.
+        let last = wave.iter().copied().max().unwrap_or(0);
+        for (i, r) in reqs.iter().enumerate() {
+            if matches!(r, Request::Flush) {
+                wave[i] = last;
+            }
+        }
+        let mut results: Vec<Result<()>> = reqs.iter().map(|_| Ok(())).collect();
+        for w in 0..=last {
+            let idx: Vec<usize> = (0..reqs.len()).filter(|&i| wave[i] == w).collect();
+            // Move this wave's requests out (a placeholder stays behind)
+            // and back afterwards.
+            let mut batch: Vec<Request<'_>> = idx
+                .iter()
+                .map(|&i| std::mem::replace(&mut reqs[i], Request::Flush))
+                .collect();
+            let rs = self.submit_once(&mut batch);
+            for ((&i, r), req) in idx.iter().zip(rs).zip(batch) {
+                results[i] = r;
+                reqs[i] = req;
+            }
+        }
+        results
     }
 
     fn submit_once(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {

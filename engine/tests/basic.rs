@@ -285,3 +285,48 @@ fn not_a_pool_and_damaged_superblocks() {
     ));
     let _ = d.size_bytes();
 }
+
+#[test]
+fn partial_writes_to_one_block_in_one_batch_all_land() {
+    use thinlun::Request;
+    let (_dev, pool) = new_pool(64 * MIB);
+    pool.create_volume("v", MIB).unwrap();
+    let vol = pool.open_volume("v").unwrap();
+    let a = [0xaau8; 512];
+    let b = [0xbbu8; 512];
+    let c = [0xccu8; 1024];
+    let mut out = [0u8; 512];
+    let mut reqs = [
+        Request::Write {
+            sector: 0,
+            data: &a,
+        },
+        Request::Write {
+            sector: 1,
+            data: &b,
+        },
+        Request::WriteZeroes {
+            sector: 8,
+            sectors: 1,
+        },
+        Request::Write {
+            sector: 6,
+            data: &c,
+        }, // straddles into block 1
+        Request::Read {
+            sector: 20,
+            buf: &mut out,
+        },
+        Request::Flush,
+    ];
+    for r in vol.submit(&mut reqs) {
+        r.unwrap();
+    }
+    let mut all = vec![0u8; 2 * 4096];
+    vol.read(0, &mut all).unwrap();
+    assert!(all[..512].iter().all(|&x| x == 0xaa));
+    assert!(all[512..1024].iter().all(|&x| x == 0xbb));
+    assert!(all[1024..3072].iter().all(|&x| x == 0));
+    assert!(all[3072..4096].iter().all(|&x| x == 0xcc));
+    assert!(all[4096..].iter().all(|&x| x == 0));
+}
