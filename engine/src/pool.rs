@@ -1094,6 +1094,45 @@ impl Inner {
         r
     }
 
+    /// Makes the mapping changes of completed writes survive a crash of
+    /// this process (not a power loss, which still needs [`Inner::flush`]):
+    /// their journal blocks are written after the data they point to is
+    /// flushed, without the flush that would make the journal itself
+    /// durable. Costs one device flush when there are changes, none
+    /// otherwise (overwrites in place change no mapping).
+    pub(crate) fn persist(&self) -> Result<()> {
+        if self.state.lock().pending.is_empty() {
+            return Ok(());
+        }
+        self.writable()?;
+        let mut guard = self.commit.lock();
+        let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        let entries = std::mem::take(&mut self.state.lock().pending);
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let r = (|| {
+            if !ctl.journal.has_room(entries.len()) {
+                // Rare: fold everything into the trees instead.
+                self.state
+                    .lock()
+                    .pending
+                    .splice(0..0, entries.iter().copied());
+                return self.commit_locked(ctl);
+            }
+            let dev = self.dev.as_ref();
+            dev.flush().map_err(|e| Error::io("flushing data", e))?;
+            // The batch number is not advanced: frees of these changes
+            // become reusable with the next real commit, whose first flush
+            // makes these journal blocks durable.
+            ctl.journal.append(dev, &entries)
+        })();
+        if let Err(e) = &r {
+            self.fail(e);
+        }
+        r
+    }
+
     /// Group commit: data flush, then the journal blocks of every pending
     /// change, then a second flush. Frees become reusable afterwards.
     pub(crate) fn commit_locked(&self, ctl: &mut CommitCtl) -> Result<()> {

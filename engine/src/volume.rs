@@ -158,6 +158,14 @@ impl Volume {
         self.inner.flush()
     }
 
+    /// Makes every completed write survive a crash of this process (a
+    /// server restarted under a reconnecting VM), though not a power loss:
+    /// that needs [`Volume::flush`]. One device flush when mappings
+    /// changed, nothing for overwrites in place.
+    pub fn persist(&self) -> Result<()> {
+        self.inner.persist()
+    }
+
     fn one(&self, r: Request<'_>) -> Result<()> {
         let mut reqs = [r];
         self.submit(&mut reqs).pop().unwrap_or(Ok(()))

@@ -36,9 +36,9 @@ const ZERO_BUF: usize = 1 << 20;
 /// How completed writes are made to survive a crash of this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Durability {
-    /// Commit the engine's journal before completing any batch that
-    /// changed the volume: a `kill -9` of the server (and a reconnecting
-    /// QEMU) loses no completed write. Power loss still needs FLUSH.
+    /// Journal new mappings (`Volume::persist`) before completing a batch
+    /// that made any: a `kill -9` of the server (and a reconnecting QEMU)
+    /// loses no completed write. Power loss still needs FLUSH.
     ProcessCrash,
     /// Commit only on guest FLUSH (and the engine's background commit):
     /// a server crash loses unflushed writes, as a power loss would.
@@ -113,8 +113,8 @@ struct Inner {
     dev: Arc<Device>,
     mem: Mutex<Gm>,
     event_idx: AtomicBool,
-    /// The guest turned the write cache off (CONFIG_WCE): commit before
-    /// completing writes, as with [`Durability::ProcessCrash`].
+    /// The guest turned the write cache off (CONFIG_WCE): commit (flush)
+    /// before completing writes.
     write_through: AtomicBool,
     /// Per queue: `next_used` was taken from the used ring in guest memory
     /// since the queue was (re)started.
@@ -341,11 +341,15 @@ impl BlkBackend {
             }
             p.ops = first..ops.len();
         }
-        let commit = modifies
-            && (dev.durability == Durability::ProcessCrash
-                || self.inner.write_through.load(Ordering::Relaxed));
+        // Write-through (WCE off): every write is durable before it
+        // completes. Otherwise, by default, completed writes must survive
+        // a restart of this server: `persist` journals new mappings after
+        // flushing their data (one device flush, and only when mappings
+        // changed), short of the full commit a guest FLUSH asks for.
+        let write_through = modifies && self.inner.write_through.load(Ordering::Relaxed);
+        let persist = modifies && !write_through && dev.durability == Durability::ProcessCrash;
         let commit_at = ops.len();
-        if commit {
+        if write_through {
             ops.push(Op::Flush);
         }
 
@@ -359,7 +363,8 @@ impl BlkBackend {
                 .collect();
             results.extend(dev.volume.submit(&mut batch));
         }
-        let commit_failed = commit && results.get(commit_at).is_none_or(|r| r.is_err());
+        let commit_failed = (write_through && results.get(commit_at).is_none_or(|r| r.is_err()))
+            || (persist && dev.volume.persist().is_err());
 
         // Statuses, bounce copies, and the used lengths.
         let mut done = Vec::with_capacity(n);
