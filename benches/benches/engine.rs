@@ -220,7 +220,7 @@ impl FirstWrites {
     fn recycle(&mut self) {
         if self.vol.take().is_some() {
             self.pool
-                .remove_volume(&Self::name(self.generation))
+                .remove_volume(&Self::name(self.generation), false)
                 .expect("removing the filled volume");
         }
         self.generation += 1;
