@@ -251,6 +251,11 @@ fn console(rx: &mpsc::Receiver<String>, mut on_event: impl FnMut(Option<&str>)) 
     lines
 }
 
+/// Whether the guest got as far as running its script.
+fn booted(lines: &[String]) -> bool {
+    lines.iter().any(|l| l.contains("GUEST-BEGIN"))
+}
+
 /// Every expected check passed, nothing failed, the script ended with 0.
 fn assert_guest_ok(lines: &[String], expected: &[&str]) {
     let text = lines.join("\n");
@@ -295,11 +300,23 @@ fn guest_checks_pass() {
     std::fs::write(&script, format!("{features}\n{example}")).unwrap();
 
     let server = lab.serve(2);
-    let started = Instant::now();
-    let (mut guest, rx) = lab.guest(&script, &[("NQ", "2")]);
-    let lines = console(&rx, |_| {});
-    let _ = guest.wait();
-    eprintln!("guest ran {:.1} s", started.elapsed().as_secs_f64());
+    let mut lines = Vec::new();
+    // Under TCG a starved host can keep the guest kernel from booting at
+    // all (RCU stalls before init); that is the machine, not the server:
+    // one more try. A guest that boots must pass every check.
+    for attempt in 1..=2 {
+        let started = Instant::now();
+        let (mut guest, rx) = lab.guest(&script, &[("NQ", "2")]);
+        lines = console(&rx, |_| {});
+        let _ = guest.wait();
+        eprintln!(
+            "guest ran {:.1} s (attempt {attempt})",
+            started.elapsed().as_secs_f64()
+        );
+        if booted(&lines) {
+            break;
+        }
+    }
     let mut expected = vec![
         "discard-supported",
         "discard-granularity",
@@ -324,42 +341,50 @@ fn guest_survives_server_kill() {
     }
     let lab = Lab::new("reconnect");
     let mut server = Some(lab.serve(1));
-    let started = Instant::now();
-    let (mut guest, rx) = lab.guest(&lab_dir().join("example-guest.sh"), &[("RECONNECT", "500")]);
     let mut kills = Vec::new();
-    let mut fio_kill_at = None;
-    let lines = console(&rx, |line| {
-        let mut why = None;
-        if line.is_some_and(|l| l.contains("CHECK mount ok")) {
-            // While the guest writes its 16 MiB file.
-            std::thread::sleep(Duration::from_millis(300));
-            why = Some("during the file write");
+    let mut lines = Vec::new();
+    // One more try only if the guest never booted (see guest_checks_pass).
+    for attempt in 1..=2 {
+        let started = Instant::now();
+        let (mut guest, rx) =
+            lab.guest(&lab_dir().join("example-guest.sh"), &[("RECONNECT", "500")]);
+        let mut fio_kill_at = None;
+        lines = console(&rx, |line| {
+            let mut why = None;
+            if line.is_some_and(|l| l.contains("CHECK mount ok")) {
+                // While the guest writes its 16 MiB file.
+                std::thread::sleep(Duration::from_millis(300));
+                why = Some("during the file write");
+            }
+            if line.is_some_and(|l| l.contains("CHECK readback ok")) {
+                fio_kill_at = Some(Instant::now() + Duration::from_secs(3));
+            }
+            if fio_kill_at.is_some_and(|t| Instant::now() >= t) {
+                fio_kill_at = None;
+                why = Some("during fio verify");
+            }
+            if let Some(why) = why {
+                // SIGKILL: no flush, no clean close, in the middle of I/O.
+                let mut s = server.take().unwrap();
+                s.kill().unwrap();
+                let _ = s.wait();
+                kills.push(format!(
+                    "killed {why} at {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ));
+                server = Some(lab.serve(1));
+            }
+        });
+        let _ = guest.wait();
+        eprintln!(
+            "guest ran {:.1} s (attempt {attempt}); {}",
+            started.elapsed().as_secs_f64(),
+            kills.join(", ")
+        );
+        if booted(&lines) {
+            break;
         }
-        if line.is_some_and(|l| l.contains("CHECK readback ok")) {
-            fio_kill_at = Some(Instant::now() + Duration::from_secs(3));
-        }
-        if fio_kill_at.is_some_and(|t| Instant::now() >= t) {
-            fio_kill_at = None;
-            why = Some("during fio verify");
-        }
-        if let Some(why) = why {
-            // SIGKILL: no flush, no clean close, in the middle of I/O.
-            let mut s = server.take().unwrap();
-            s.kill().unwrap();
-            let _ = s.wait();
-            kills.push(format!(
-                "killed {why} at {:.1} s",
-                started.elapsed().as_secs_f64()
-            ));
-            server = Some(lab.serve(1));
-        }
-    });
-    let _ = guest.wait();
-    eprintln!(
-        "guest ran {:.1} s; {}",
-        started.elapsed().as_secs_f64(),
-        kills.join(", ")
-    );
+    }
     assert_eq!(kills.len(), 2, "the server was killed twice mid-run");
     assert_guest_ok(&lines, EXAMPLE_CHECKS);
     lab.stop(server.take().unwrap());

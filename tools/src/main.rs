@@ -110,6 +110,13 @@ enum Command {
     },
     /// Serve a volume to a VM over vhost-user-blk until SIGTERM/SIGINT
     Serve(cmd::serve::ServeArgs),
+    /// Serve volumes of the pool, added and removed at run time through a
+    /// control socket, until SIGTERM/SIGINT
+    Daemon(cmd::daemon::DaemonArgs),
+    /// Ask the serving process (daemon or serve) to serve another volume
+    ServeAdd(cmd::daemon::ServeAddArgs),
+    /// Ask the serving process to stop serving a volume
+    ServeRemove(cmd::daemon::ServeRemoveArgs),
     #[command(flatten)]
     Snap(cmd::snapshot::SnapCommand),
 }
@@ -213,6 +220,9 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::Import { name, file, size } => cmd::import::run(pool, &name, &file, size),
         Command::Export { name, file, force } => cmd::export::run(pool, &name, &file, force),
         Command::Serve(args) => cmd::serve::run(pool, &args),
+        Command::Daemon(args) => cmd::daemon::run(pool, &args),
+        Command::ServeAdd(args) => cmd::daemon::add(pool, &args),
+        Command::ServeRemove(args) => cmd::daemon::remove(pool, &args),
         Command::Snap(c) => cmd::snapshot::run(pool, c),
     }
 }

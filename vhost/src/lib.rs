@@ -8,6 +8,8 @@
 //! - [`guest`]: guest memory access and translation to host slices;
 //! - [`backend`]: the vhost-user backend and the per-queue data path;
 //! - [`server`]: the accept / serve / re-listen loop;
+//! - [`control`]: serving many volumes of one pool, changed at run time
+//!   through a control socket (snapshots too);
 //! - [`signals`]: stopping on SIGTERM/SIGINT.
 //!
 //! ```no_run
@@ -25,6 +27,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod control;
 pub mod guest;
 pub mod request;
 pub mod server;
@@ -32,6 +35,7 @@ pub mod signals;
 
 pub use backend::{Durability, StatsSnapshot};
 pub use config::BlkConfig;
+pub use control::{default_control_path, Daemon};
 pub use server::{default_serial, ServeOptions, Server, StopHandle};
 
 /// Logical block size the server advertises to guests by default.

@@ -56,7 +56,7 @@ pub fn default_serial(name: &str, id: u64) -> String {
 
 /// Only a stale socket may be replaced: not another file, and not a
 /// socket some server still listens on.
-fn check_stale_socket(path: &Path) -> io::Result<()> {
+pub(crate) fn check_stale_socket(path: &Path) -> io::Result<()> {
     use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
@@ -92,7 +92,9 @@ struct StopInner {
 }
 
 impl StopHandle {
-    fn new() -> io::Result<StopHandle> {
+    /// A handle not tied to a server yet (the control loop of
+    /// [`crate::control::Daemon`] waits on it).
+    pub fn new() -> io::Result<StopHandle> {
         Ok(StopHandle {
             inner: Arc::new(StopInner {
                 stopped: AtomicBool::new(false),
@@ -113,6 +115,11 @@ impl StopHandle {
 
     pub fn is_stopped(&self) -> bool {
         self.inner.stopped.load(Ordering::SeqCst)
+    }
+
+    /// Readable (POLLIN) once a stop was asked.
+    pub(crate) fn wake_fd(&self) -> std::os::unix::io::RawFd {
+        self.inner.wake.as_raw_fd()
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Option<ShutdownHandle>> {

@@ -2,6 +2,7 @@
 //! only then prints, so nothing claims success before the pool is closed.
 
 pub mod check;
+pub mod daemon;
 pub mod diff;
 pub mod du;
 pub mod export;
@@ -65,7 +66,7 @@ pub fn with_pool<T>(pool: Pool, f: impl FnOnce(&Pool) -> CliResult<T>) -> CliRes
     Ok(value)
 }
 
-fn report_warnings(pool: &Pool) {
+pub fn report_warnings(pool: &Pool) {
     for w in pool.warnings() {
         eprintln!("thinctl: warning: {w}");
     }

@@ -1,17 +1,17 @@
 //! `serve`: a volume to a VM over vhost-user-blk, until SIGTERM/SIGINT.
-//! A thin layer over `thinlun-vhost`: open, serve, then flush, close the
-//! pool and remove the socket.
+//! A thin layer over `thinlun-vhost`: open, serve (a [`Daemon`] with one
+//! volume and a control socket, so snapshots and more volumes can be asked
+//! of it), then flush, close the pool and remove the sockets.
 
-use super::{open_read_only, pool_path, require_exists, with_pool};
+use super::{open_read_only, pool_path, require_exists};
 use crate::error::{CliError, CliResult};
 use crate::human::size;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thinlun::{OpenOptions, Pool};
 use thinlun_vhost::signals::block_stop_signals;
-use thinlun_vhost::{default_serial, Durability, ServeOptions, Server};
+use thinlun_vhost::{default_control_path, Daemon, Durability, ServeOptions};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -34,9 +34,13 @@ pub struct ServeArgs {
     /// process then loses unflushed writes (as a power loss would)
     #[arg(long)]
     pub lazy_commit: bool,
+    /// Control socket (snapshots, more volumes) [default: <pool path>.ctl;
+    /// none with --read-only]
+    #[arg(long, value_name = "PATH", env = "THINLUN_CONTROL")]
+    pub control: Option<PathBuf>,
 }
 
-fn block_size(s: &str) -> Result<u32, String> {
+pub fn block_size(s: &str) -> Result<u32, String> {
     match s {
         "512" => Ok(512),
         "4096" | "4K" | "4k" => Ok(4096),
@@ -48,7 +52,7 @@ fn block_size(s: &str) -> Result<u32, String> {
 /// server restarted right after a crash can find the pool still locked
 /// for a moment, while the kernel tears down the dead process's io_uring
 /// (which holds the file, and so its lock).
-fn open_writable_waiting(path: &Path) -> CliResult<Pool> {
+pub fn open_writable_waiting(path: &Path) -> CliResult<Pool> {
     let deadline = Instant::now() + LOCK_WAIT;
     let mut noted = false;
     loop {
@@ -86,54 +90,73 @@ pub fn run(pool: Option<&std::path::Path>, args: &ServeArgs) -> CliResult<()> {
     };
     let info = pool.volume_info(&args.name)?;
     let read_only = args.read_only || info.read_only;
-    let vol = Arc::new(pool.open_volume(&args.name)?);
-    let opts = ServeOptions {
-        num_queues: args.queues,
-        read_only,
+    // A read-only pool is not locked: the control socket belongs to the
+    // process writing it, so a read-only server opens one only if told.
+    let control = match (&args.control, args.read_only) {
+        (Some(c), _) => Some(c.clone()),
+        (None, false) => Some(default_control_path(path)),
+        (None, true) => None,
+    };
+    let template = ServeOptions {
+        read_only: args.read_only,
         block_size: args.block_size,
-        opt_io_bytes: pool.status().chunk_bytes,
         durability: if args.lazy_commit {
             Durability::FlushOnly
         } else {
             Durability::ProcessCrash
         },
-        ..ServeOptions::new(&args.socket, &default_serial(&info.name, info.id))
+        ..ServeOptions::new(&args.socket, &args.name)
     };
-    let name = args.name.clone();
-    let (stats, connections) = with_pool(pool, move |_| {
-        let mut server = Server::new(vol.clone(), &opts)
-            .map_err(|e| CliError::new(format!("serving '{}': {e}", args.name)))?;
-        signals
-            .stop_on_signal(server.stop_handle())
-            .map_err(|e| CliError::io("starting the signal thread", e))?;
-        eprintln!(
-            "thinctl: serving '{}' ({}{}, {} queue{}, {}-byte blocks) on {}",
-            args.name,
-            size(info.size_bytes),
-            if read_only { ", read-only" } else { "" },
-            args.queues,
-            if args.queues == 1 { "" } else { "s" },
-            args.block_size,
-            args.socket.display()
-        );
-        let served = server.run();
-        let stats = server.stats();
-        let connections = server.connections();
-        // Dropping the server removes the socket.
-        drop(server);
-        let flushed = if read_only { Ok(()) } else { vol.flush() };
-        drop(vol);
-        served.map_err(|e| CliError::new(format!("serving '{}': {e}", args.name)))?;
-        flushed?;
-        Ok((stats, connections))
-    })?;
-    // Only once the pool is closed cleanly.
+    let mut daemon = Daemon::new(pool, control.as_deref(), template)
+        .map_err(|e| CliError::new(format!("serving '{}': {e}", args.name)))?;
+    let socket = std::path::absolute(&args.socket).unwrap_or_else(|_| args.socket.clone());
+    daemon
+        .add(&args.name, &socket, args.queues)
+        .map_err(CliError::new)?;
+    signals
+        .stop_on_signal(daemon.stop_handle())
+        .map_err(|e| CliError::io("starting the signal thread", e))?;
     eprintln!(
-        "thinctl: stopped serving '{name}': {connections} connection{}, {} requests in {} batches, {} errors",
-        if connections == 1 { "" } else { "s" },
-        stats.requests,
-        stats.batches,
-        stats.errors
+        "thinctl: serving '{}' ({}{}, {} queue{}, {}-byte blocks) on {}",
+        args.name,
+        size(info.size_bytes),
+        if read_only { ", read-only" } else { "" },
+        args.queues,
+        if args.queues == 1 { "" } else { "s" },
+        args.block_size,
+        args.socket.display()
     );
-    Ok(())
+    run_daemon(daemon)
+}
+
+/// Answers the control socket until SIGTERM/SIGINT (the signal thread
+/// must be started on the daemon's stop handle), then stops every volume,
+/// flushes, closes the pool and removes the sockets. Reports each volume
+/// only once the pool is closed cleanly.
+pub fn run_daemon(mut daemon: Daemon) -> CliResult<()> {
+    if let Some(c) = daemon.control_path() {
+        eprintln!("thinctl: control socket {}", c.display());
+    }
+    let ran = daemon.run();
+    let stopped = daemon.shutdown().map_err(CliError::new)?;
+    let mut failed = Vec::new();
+    for s in &stopped {
+        eprintln!(
+            "thinctl: stopped serving '{}': {} connection{}, {} requests in {} batches, {} errors",
+            s.name,
+            s.connections,
+            if s.connections == 1 { "" } else { "s" },
+            s.stats.requests,
+            s.stats.batches,
+            s.stats.errors
+        );
+        if let Some(e) = &s.error {
+            failed.push(format!("serving '{}': {e}", s.name));
+        }
+    }
+    ran.map_err(|e| CliError::io("control socket", e))?;
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(CliError::new(failed.join("; "))),
+    }
 }

@@ -18,6 +18,10 @@ pub enum SnapCommand {
     Snapshot {
         #[arg(value_name = "VOL@SNAP")]
         name: String,
+        /// Control socket of the process serving the pool, asked when the
+        /// pool is held by it [default: <pool path>.ctl]
+        #[arg(long, value_name = "PATH", env = "THINLUN_CONTROL")]
+        control: Option<PathBuf>,
     },
     /// Make a volume the content of its snapshot VOL@SNAP again (O(1))
     Rollback {
@@ -88,7 +92,7 @@ pub enum SnapCommand {
 
 pub fn run(pool: Option<&Path>, c: SnapCommand) -> CliResult<()> {
     match c {
-        SnapCommand::Snapshot { name } => snapshot(pool, &name),
+        SnapCommand::Snapshot { name, control } => snapshot(pool, &name, control.as_deref()),
         SnapCommand::Rollback { name, force } => rollback(pool, &name, force),
         SnapCommand::Base { name, name_as } => base(pool, &name, name_as.as_deref()),
         SnapCommand::Clone { source, new } => clone(pool, &source, &new),
@@ -102,8 +106,18 @@ pub fn run(pool: Option<&Path>, c: SnapCommand) -> CliResult<()> {
     }
 }
 
-fn snapshot(pool: Option<&Path>, name: &str) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
+fn snapshot(pool: Option<&Path>, name: &str, control: Option<&Path>) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    super::require_exists(path)?;
+    let pool = match Pool::open_path(path, &thinlun::OpenOptions::default()) {
+        // Held by a serving process: it takes the snapshot (crash-consistent
+        // with the guests' in-flight writes).
+        Err(thinlun::Error::Busy(why)) => {
+            return super::daemon::snapshot_via_control(path, control, name, &why);
+        }
+        r => r?,
+    };
+    super::report_warnings(&pool);
     let info = with_pool(pool, |p| Ok(p.create_snapshot(name)?))?;
     emit(&format!(
         "created snapshot '{}' ({} mapped)\n",

@@ -1,0 +1,674 @@
+//! `thinctl daemon`: many volumes of one pool served from one process,
+//! added and removed at run time through its control socket, snapshots of
+//! served volumes taken by `thinctl snapshot` through that socket, and bad
+//! control input answered with error lines. The volumes are driven by a
+//! real vhost-user front end without a VM (`virtio-driver`, the client of
+//! `vhost_client.rs`, of which the minimum is copied here).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use thinlun::{OpenOptions, Pool};
+use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
+use virtio_driver::{
+    iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
+    VirtioTransport,
+};
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const T_FLUSH: u32 = 4;
+const S_OK: u8 = 0;
+/// Status value the server never writes: "not answered".
+const UNTOUCHED: u8 = 0xee;
+const QUEUE_SIZE: u16 = 128;
+const DATA_MEM: usize = 8 << 20;
+
+/// Per-request memory shared with the device: header, discard/write-zeroes
+/// ranges or the GET_ID answer, and the status byte.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct RawReq {
+    header: [u8; 16],
+    extra: [u8; 64],
+    status: u8,
+}
+
+// SAFETY: plain bytes, any bit pattern is valid.
+unsafe impl ByteValued for RawReq {}
+
+type Transport = dyn VirtioTransport<VirtioBlkConfig, RawReq>;
+
+/// A scratch directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "thinlun-vhost-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Shared memory for data buffers, registered with the device.
+struct DataMem {
+    ptr: *mut u8,
+    len: usize,
+    _file: File,
+}
+
+impl DataMem {
+    fn new(len: usize) -> DataMem {
+        // SAFETY: a fresh memfd, sized and mapped shared; the mapping lives
+        // as long as DataMem.
+        unsafe {
+            let fd = libc::memfd_create(c"thinlun-test-data".as_ptr(), 0);
+            assert!(fd >= 0);
+            let file = File::from_raw_fd(fd);
+            file.set_len(len as u64).unwrap();
+            let ptr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            );
+            assert_ne!(ptr, libc::MAP_FAILED);
+            DataMem {
+                ptr: ptr as *mut u8,
+                len,
+                _file: file,
+            }
+        }
+    }
+
+    #[allow(clippy::mut_from_ref)]
+    fn slice(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off + len <= self.len);
+        // SAFETY: within the mapping; tests use disjoint ranges per request.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
+    }
+}
+
+impl Drop for DataMem {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what new() mapped.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// One piece of a request's descriptor chain.
+#[derive(Clone, Copy)]
+#[allow(dead_code)] // `Extra` is not needed here; kept as in vhost_client.rs
+enum Part {
+    /// The 16-byte header, or only its first n bytes.
+    Header(usize),
+    /// n bytes of `extra`, device-readable or device-writable.
+    Extra(usize, bool),
+    /// Data buffer at (offset, len) of the data memory.
+    Data(usize, usize, bool),
+    Status,
+}
+
+struct Client {
+    // Queues borrow the transport's queue memory: dropped first.
+    queues: Vec<Virtqueue<'static, RawReq>>,
+    transport: Box<Transport>,
+    mem: DataMem,
+}
+
+impl Client {
+    fn connect(sock: &Path, nq: usize) -> Client {
+        let wanted = VirtioFeatureFlags::VERSION_1.bits()
+            | VirtioFeatureFlags::RING_EVENT_IDX.bits()
+            | VirtioFeatureFlags::RING_INDIRECT_DESC.bits()
+            | VirtioBlkFeatureFlags::all().bits();
+        let vu = VhostUser::<VirtioBlkConfig, RawReq>::new(sock.to_str().unwrap(), wanted).unwrap();
+        let mut transport: Box<Transport> = Box::new(vu);
+        let feats = VirtioFeatureFlags::from_bits_truncate(transport.get_features());
+        let layout = VirtqueueLayout::new::<RawReq>(nq, QUEUE_SIZE as usize, feats).unwrap();
+        let translators: Vec<_> = (0..nq).map(|_| transport.iova_translator()).collect();
+        let qmem = transport.alloc_queue_mem(&layout).unwrap();
+        let base = qmem.as_mut_ptr();
+        let queues: Vec<Virtqueue<'static, RawReq>> = translators
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                // SAFETY: disjoint parts of the transport's queue memory,
+                // which lives (in `transport`) longer than the queues.
+                let part = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        base.add(i * layout.end_offset),
+                        layout.end_offset,
+                    )
+                };
+                Virtqueue::new(t, part, QUEUE_SIZE, feats).unwrap()
+            })
+            .collect();
+        transport.setup_queues(&queues).unwrap();
+        let mut queues = queues;
+        for q in queues.iter_mut() {
+            // Keep used_event current so the server signals completions.
+            q.set_used_notif_enabled(true);
+        }
+        let mem = DataMem::new(DATA_MEM);
+        transport
+            .map_mem_region(mem.ptr as usize, mem.len, mem._file.as_raw_fd(), 0)
+            .unwrap();
+        Client {
+            queues,
+            transport,
+            mem,
+        }
+    }
+
+    /// Queues one request; returns its chain id.
+    fn add(&mut self, q: usize, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u16 {
+        let mem = &self.mem;
+        self.queues[q]
+            .add_request(|req, add_desc| {
+                req.header = [0; 16];
+                req.header[..4].copy_from_slice(&rtype.to_le_bytes());
+                req.header[8..].copy_from_slice(&sector.to_le_bytes());
+                req.extra = [0; 64];
+                req.extra[..extra.len()].copy_from_slice(extra);
+                req.status = UNTOUCHED;
+                for p in parts {
+                    let (base, len, write): (*mut u8, usize, bool) = match *p {
+                        Part::Header(n) => (req.header.as_mut_ptr(), n, false),
+                        Part::Extra(n, w) => (req.extra.as_mut_ptr(), n, w),
+                        Part::Data(off, len, w) => (mem.slice(off, len).as_mut_ptr(), len, w),
+                        Part::Status => (&mut req.status as *mut u8, 1, true),
+                    };
+                    add_desc(
+                        iovec {
+                            iov_base: base as *mut libc::c_void,
+                            iov_len: len,
+                        },
+                        write,
+                    )?;
+                }
+                Ok(())
+            })
+            .unwrap()
+    }
+
+    /// Kicks queue `q` and waits for the given chains; returns (id, request
+    /// memory) in completion order.
+    fn run(&mut self, q: usize, ids: &[u16]) -> Vec<(u16, RawReq)> {
+        self.transport.get_submission_notifier(q).notify().unwrap();
+        let fd = self.transport.get_completion_fd(q);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut done = Vec::new();
+        while done.len() < ids.len() {
+            for c in self.queues[q].completions() {
+                done.push((c.id, c.req));
+            }
+            if done.len() >= ids.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "requests not completed in time");
+            let mut pfd = libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            if unsafe { libc::poll(&mut pfd, 1, 50) } > 0 {
+                let _ = fd.read();
+            }
+        }
+        done
+    }
+
+    /// One request, run alone; returns its status byte.
+    fn one(&mut self, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u8 {
+        let id = self.add(0, rtype, sector, extra, parts);
+        let done = self.run(0, &[id]);
+        assert_eq!(done[0].0, id);
+        done[0].1.status
+    }
+
+    fn write(&mut self, sector: u64, off: usize, len: usize) -> u8 {
+        self.one(
+            T_OUT,
+            sector,
+            &[],
+            &[Part::Header(16), Part::Data(off, len, false), Part::Status],
+        )
+    }
+
+    fn read(&mut self, sector: u64, off: usize, len: usize) -> u8 {
+        self.one(
+            T_IN,
+            sector,
+            &[],
+            &[Part::Header(16), Part::Data(off, len, true), Part::Status],
+        )
+    }
+
+    fn data(&self, off: usize, len: usize) -> &mut [u8] {
+        self.mem.slice(off, len)
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// Compares without printing megabytes on failure.
+#[track_caller]
+fn same(got: &[u8], want: &[u8], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: first difference at byte {i} (sector {}): got {:#x}, want {:#x}",
+            i / 512,
+            got[i],
+            want[i]
+        );
+    }
+}
+
+/// The `thinctl` binary of this workspace, built if needed (as in
+/// vhost_qemu.rs: a test cannot name another package's binary).
+fn thinctl() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = Command::new(cargo)
+        .args(["build", "-q", "-p", "thinctl"])
+        .current_dir(&ws)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build -p thinctl failed");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| ws.join("target"));
+    target.join("debug/thinctl")
+}
+
+/// A pool file in a scratch directory and the `thinctl` to run on it.
+struct Lab {
+    dir: TempDir,
+    thinctl: PathBuf,
+    pool: PathBuf,
+}
+
+impl Lab {
+    fn new(tag: &str) -> Lab {
+        let dir = TempDir::new(tag);
+        let lab = Lab {
+            thinctl: thinctl(),
+            pool: dir.0.join("pool.img"),
+            dir,
+        };
+        lab.ctl(&["pool", "create", "--size", "256M"]);
+        lab
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    fn control(&self) -> PathBuf {
+        let mut s = std::fs::canonicalize(&self.pool).unwrap().into_os_string();
+        s.push(".ctl");
+        PathBuf::from(s)
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.thinctl)
+            .arg("-p")
+            .arg(&self.pool)
+            .args(args)
+            .env_remove("THINLUN_CONTROL")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs thinctl, which must succeed; its stdout.
+    fn ctl(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "thinctl {args:?}: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+
+    /// Runs thinctl, which must fail; its stderr.
+    fn ctl_fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "thinctl {args:?} succeeded: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Starts `thinctl <args>` (daemon or serve) and waits until its
+    /// control socket answers.
+    fn start(&self, args: &[&str]) -> Child {
+        let log = File::create(self.path("daemon.log")).unwrap();
+        let mut child = Command::new(&self.thinctl)
+            .arg("-p")
+            .arg(&self.pool)
+            .args(args)
+            .env_remove("THINLUN_CONTROL")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while UnixStream::connect(self.control()).is_err() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("thinctl {args:?} exited with {st}:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no control socket:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM; the process must exit cleanly and leave no socket.
+    fn stop(&self, mut child: Child, sockets: &[&Path]) {
+        // SAFETY: sending a signal to our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        let log = self.log();
+        assert!(status.success(), "exited with {status}:\n{log}");
+        assert!(log.contains("stopped serving"), "no clean stop in:\n{log}");
+        for s in sockets {
+            assert!(!s.exists(), "{} left behind:\n{log}", s.display());
+        }
+        assert!(!self.control().exists(), "control socket left behind");
+        let check = self.ctl(&["check"]);
+        assert!(check.contains("clean"), "pool check: {check}");
+    }
+}
+
+/// Sends raw bytes to the control socket (closing the write side when
+/// `close` is set) and returns the reply line.
+fn raw_request(control: &Path, bytes: &[u8], close: bool) -> String {
+    let mut s = UnixStream::connect(control).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // A long line may be answered (and the connection closed) before all
+    // of it was written: that is fine.
+    let _ = s.write_all(bytes);
+    if close {
+        let _ = s.shutdown(std::net::Shutdown::Write);
+    }
+    let mut reply = String::new();
+    BufReader::new(&mut s).read_line(&mut reply).unwrap();
+    reply
+}
+
+/// Reads `len` bytes at byte offset `off` of a volume or snapshot of a
+/// closed pool.
+fn read_back(pool: &Path, name: &str, off: u64, len: usize) -> Vec<u8> {
+    let p = Pool::open_path(pool, &OpenOptions { read_only: true }).unwrap();
+    let v = p.open_volume(name).unwrap();
+    let mut buf = vec![0u8; len];
+    v.read(off / 512, &mut buf).unwrap();
+    drop(v);
+    drop(p);
+    buf
+}
+
+const LEN: usize = 256 << 10;
+
+#[test]
+fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
+    let lab = Lab::new("daemon");
+    lab.ctl(&["create", "vol-a", "64M"]);
+    lab.ctl(&["create", "vol-b", "64M"]);
+    let daemon = lab.start(&["daemon"]);
+    let ctl = lab.control();
+
+    // Nothing served yet; two volumes added at run time.
+    assert_eq!(raw_request(&ctl, b"list\n", false), "ok 0\n");
+    let (sa, sb) = (lab.path("a.sock"), lab.path("b.sock"));
+    let out = lab.ctl(&["serve-add", "vol-a", "--socket", sa.to_str().unwrap()]);
+    assert!(out.contains("serving vol-a"), "{out}");
+    lab.ctl(&[
+        "serve-add",
+        "vol-b",
+        "--socket",
+        sb.to_str().unwrap(),
+        "--queues",
+        "2",
+    ]);
+    assert!(sa.exists() && sb.exists());
+    let list = raw_request(&ctl, b"list\n", false);
+    assert_eq!(
+        list,
+        format!("ok 2 vol-a={} vol-b={}\n", sa.display(), sb.display())
+    );
+    // The same volume twice, an unknown volume, another's socket: refused.
+    let e = lab.ctl_fails(&[
+        "serve-add",
+        "vol-a",
+        "--socket",
+        lab.path("c.sock").to_str().unwrap(),
+    ]);
+    assert!(e.contains("already served"), "{e}");
+    let e = lab.ctl_fails(&[
+        "serve-add",
+        "nope",
+        "--socket",
+        lab.path("c.sock").to_str().unwrap(),
+    ]);
+    assert!(e.contains("not found"), "{e}");
+    let e = lab.ctl_fails(&["serve-add", "vol-b", "--socket", sa.to_str().unwrap()]);
+    assert!(
+        e.contains("socket of 'vol-a'") || e.contains("already served"),
+        "{e}"
+    );
+
+    // Write to both through vhost-user.
+    let mut ca = Client::connect(&sa, 1);
+    let mut cb = Client::connect(&sb, 2);
+    let before = pattern(1, LEN);
+    ca.data(0, LEN).copy_from_slice(&before);
+    assert_eq!(ca.write(0, 0, LEN), S_OK);
+    let b_data = pattern(2, LEN);
+    cb.data(0, LEN).copy_from_slice(&b_data);
+    assert_eq!(cb.write(2048, 0, LEN), S_OK);
+
+    // A snapshot of the served volume, taken by the daemon for thinctl.
+    let out = lab.ctl(&["snapshot", "vol-a@s1"]);
+    assert!(
+        out.contains("created snapshot 'vol-a@s1'") && out.contains("serving the pool"),
+        "{out}"
+    );
+    // Taking it again fails with the engine's reason, through the socket.
+    let e = lab.ctl_fails(&["snapshot", "vol-a@s1"]);
+    assert!(e.contains("already exists"), "{e}");
+
+    // Writes after the snapshot: half the old range, and a new range.
+    let after = pattern(3, LEN);
+    ca.data(LEN, LEN).copy_from_slice(&after);
+    assert_eq!(ca.write(LEN as u64 / 1024, LEN, LEN / 2), S_OK); // at byte LEN/2
+    assert_eq!(ca.write(8192, LEN, LEN), S_OK); // at 4 MiB
+    assert_eq!(
+        ca.one(T_FLUSH, 0, &[], &[Part::Header(16), Part::Status]),
+        S_OK
+    );
+    assert_eq!(ca.read(0, 2 * LEN, LEN), S_OK);
+    same(
+        &ca.data(2 * LEN, LEN)[..LEN / 2],
+        &before[..LEN / 2],
+        "vol-a head",
+    );
+    same(
+        &ca.data(2 * LEN, LEN)[LEN / 2..],
+        &after[..LEN / 2],
+        "vol-a tail",
+    );
+
+    // Bad control input: an error line each, and the daemon lives on.
+    let long = vec![b'x'; 10_000];
+    for (bytes, close) in [
+        (&b"\n"[..], false),
+        (b"bogus\n", false),
+        (b"add\n", false),
+        (b"add vol-a relative.sock\n", false),
+        (b"add vol-c /tmp/x.sock 0\n", false),
+        (b"snapshot vol-a\n", false),
+        (b"snapshot nope@s\n", false),
+        (b"snapshot vol-a@bad/name\n", false),
+        (b"remove nope\n", false),
+        (b"list please\n", false),
+        (b"\xff\xfe\x00\n", false),
+        (b"status", true), // no newline: still one request
+        (&long[..], false),
+    ] {
+        let reply = raw_request(&ctl, bytes, close);
+        if bytes == b"status" {
+            assert!(reply.starts_with("ok size_bytes="), "{reply}");
+            assert!(
+                reply.contains("snapshots=1") && reply.contains("served=2"),
+                "{reply}"
+            );
+        } else {
+            assert!(
+                reply.starts_with("error ") && reply.ends_with('\n') && reply.lines().count() == 1,
+                "{:?} -> {reply:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
+            );
+        }
+    }
+    // A client that connects and says nothing, then one that talks.
+    let silent = UnixStream::connect(&ctl).unwrap();
+    drop(silent);
+    assert!(raw_request(&ctl, b"list\n", false).starts_with("ok 2 "));
+
+    // Removing a volume at run time (its front end still connected): the
+    // socket goes, the other volume keeps working.
+    let out = lab.ctl(&["serve-remove", "vol-b"]);
+    assert!(out.contains("stopped vol-b"), "{out}");
+    assert!(!sb.exists(), "socket of a removed volume left behind");
+    drop(cb);
+    let e = lab.ctl_fails(&["serve-remove", "vol-b"]);
+    assert!(e.contains("not served"), "{e}");
+    assert_eq!(
+        raw_request(&ctl, b"list\n", false),
+        format!("ok 1 vol-a={}\n", sa.display())
+    );
+    assert_eq!(ca.read(8192, 2 * LEN, LEN), S_OK);
+    same(ca.data(2 * LEN, LEN), &after, "vol-a after removing vol-b");
+    // And it can be served again.
+    lab.ctl(&["serve-add", "vol-b", "--socket", sb.to_str().unwrap()]);
+    let mut cb = Client::connect(&sb, 1);
+    assert_eq!(cb.read(2048, 0, LEN), S_OK);
+    same(cb.data(0, LEN), &b_data, "vol-b served again");
+    drop(cb);
+    drop(ca);
+
+    lab.stop(daemon, &[&sa, &sb]);
+
+    // The snapshot holds exactly what was written before it, the volume
+    // what was written after.
+    let snap = read_back(&lab.pool, "vol-a@s1", 0, 2 * LEN);
+    same(&snap[..LEN], &before, "snapshot");
+    assert!(
+        snap[LEN..].iter().all(|&b| b == 0),
+        "snapshot past the data"
+    );
+    let snap_new = read_back(&lab.pool, "vol-a@s1", 4 << 20, LEN);
+    assert!(
+        snap_new.iter().all(|&b| b == 0),
+        "snapshot holds a later write"
+    );
+    let vol = read_back(&lab.pool, "vol-a", 0, LEN);
+    same(&vol[..LEN / 2], &before[..LEN / 2], "volume head");
+    same(&vol[LEN / 2..], &after[..LEN / 2], "volume tail");
+    same(
+        &read_back(&lab.pool, "vol-a", 4 << 20, LEN),
+        &after,
+        "volume new range",
+    );
+    same(
+        &read_back(&lab.pool, "vol-b", 1 << 20, LEN),
+        &b_data,
+        "vol-b",
+    );
+}
+
+#[test]
+fn serve_opens_a_control_socket_for_snapshots() {
+    let lab = Lab::new("serve-ctl");
+    lab.ctl(&["create", "vm-1", "16M"]);
+    let sock = lab.path("vm.sock");
+    let server = lab.start(&["serve", "vm-1", "--socket", sock.to_str().unwrap()]);
+    let mut c = Client::connect(&sock, 1);
+    let data = pattern(7, LEN);
+    c.data(0, LEN).copy_from_slice(&data);
+    assert_eq!(c.write(0, 0, LEN), S_OK);
+    // Without a control socket the busy pool is reported as before.
+    let e = lab.ctl_fails(&[
+        "snapshot",
+        "vm-1@x",
+        "--control",
+        lab.path("none.ctl").to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("open for writing by another thinlun process"),
+        "{e}"
+    );
+    let out = lab.ctl(&["snapshot", "vm-1@before"]);
+    assert!(out.contains("created snapshot 'vm-1@before'"), "{out}");
+    c.data(0, LEN).fill(0x5a);
+    assert_eq!(c.write(0, 0, 4096), S_OK);
+    // Other changes still need the pool: refused while it is served.
+    let e = lab.ctl_fails(&["create", "vm-2", "16M"]);
+    assert!(e.contains("open for writing"), "{e}");
+    drop(c);
+    lab.stop(server, &[&sock]);
+    same(
+        &read_back(&lab.pool, "vm-1@before", 0, LEN),
+        &data,
+        "snapshot",
+    );
+    let vol = read_back(&lab.pool, "vm-1", 0, LEN);
+    assert!(vol[..4096].iter().all(|&b| b == 0x5a));
+    same(&vol[4096..], &data[4096..], "volume");
+}
