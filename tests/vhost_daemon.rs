@@ -523,6 +523,21 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     let e = lab.ctl_fails(&["snapshot", "vol-a@s1"]);
     assert!(e.contains("already exists"), "{e}");
 
+    // The pool file grows while served: the daemon grows the pool.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lab.pool)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let out = lab.ctl(&["pool", "grow"]);
+    assert!(
+        out.contains("to 512M") && out.contains("serving it"),
+        "{out}"
+    );
+    let e = lab.ctl_fails(&["pool", "grow"]);
+    assert!(e.contains("nothing to grow"), "{e}");
+
     // Writes after the snapshot: half the old range, and a new range.
     let after = pattern(3, LEN);
     ca.data(LEN, LEN).copy_from_slice(&after);

@@ -66,6 +66,8 @@ pub fn default_control_path(pool: &Path) -> PathBuf {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Request {
     Snapshot(String),
+    /// Grow the pool onto its grown file or LUN.
+    Grow,
     Add {
         name: String,
         socket: PathBuf,
@@ -82,7 +84,9 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let usage = |u: &str| Err(format!("usage: {u}"));
     match words.as_slice() {
-        [] => Err("empty request (commands: snapshot, add, remove, list, status)".to_string()),
+        [] => {
+            Err("empty request (commands: snapshot, grow, add, remove, list, status)".to_string())
+        }
         ["snapshot", spec] => {
             if !spec.contains('@') {
                 return Err(format!("'{spec}' is not a snapshot name; use VOL@SNAP"));
@@ -111,8 +115,9 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         ["remove", name] => Ok(Request::Remove(name.to_string())),
         ["remove", ..] => usage("remove VOL"),
         ["list"] => Ok(Request::List),
+        ["grow"] => Ok(Request::Grow),
         ["status"] => Ok(Request::Status),
-        ["list" | "status", ..] => Err(format!("'{}' takes no arguments", words[0])),
+        ["list" | "status" | "grow", ..] => Err(format!("'{}' takes no arguments", words[0])),
         [cmd, ..] => Err(format!(
             "unknown command '{}' (commands: snapshot, add, remove, list, status)",
             cmd.chars().take(64).collect::<String>()
@@ -379,6 +384,13 @@ impl Daemon {
                     .map_err(|e| e.to_string())?;
                 eprintln!("thinlun-vhost: created snapshot '{}'", info.name);
                 Ok(format!("{} mapped_bytes={}", info.name, info.mapped_bytes))
+            }
+            Request::Grow => {
+                // Served volumes see the new space at once: allocation
+                // happens in this process.
+                let bytes = self.pool().grow().map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: pool grown to {bytes} bytes");
+                Ok(format!("size_bytes={bytes}"))
             }
             Request::Add {
                 name,

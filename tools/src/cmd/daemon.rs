@@ -131,6 +131,27 @@ pub fn remove(pool: Option<&Path>, args: &ServeRemoveArgs) -> CliResult<()> {
 
 /// `snapshot VOL@SNAP` for a pool another process holds (`busy` is why it
 /// could not be opened): asks that process through its control socket.
+/// `pool grow` for a pool another process serves: that process grows it.
+pub fn grow_via_control(pool: &Path, busy: &str) -> CliResult<()> {
+    let control = default_control_path(pool);
+    if !control.exists() {
+        return Err(CliError::new(format!(
+            "{busy} (and it has no control socket at {})",
+            control.display()
+        )));
+    }
+    let t = ask(&control, "grow")?;
+    let bytes = t
+        .strip_prefix("size_bytes=")
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    emit(&format!(
+        "pool grown to {} ({bytes} bytes) by the process serving it (control socket {})\n",
+        size(bytes),
+        control.display()
+    ))
+}
+
 pub fn snapshot_via_control(
     pool: &Path,
     control: Option<&Path>,

@@ -110,7 +110,15 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
 }
 
 pub fn grow(pool: Option<&Path>) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
+    let path = pool_path(pool)?;
+    let pool = match thinlun::Pool::open_path(path, &thinlun::OpenOptions::default()) {
+        Ok(p) => p,
+        // Served by another process: it grows the pool it holds.
+        Err(e @ thinlun::Error::Busy(_)) => {
+            return super::daemon::grow_via_control(path, &e.to_string())
+        }
+        Err(_) => open_read_write(path)?,
+    };
     let (old, new) = with_pool(pool, |p| {
         let old = p.status().size_bytes;
         Ok((old, p.grow()?))
