@@ -460,6 +460,12 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     let lab = Lab::new("daemon");
     lab.ctl(&["create", "vol-a", "64M"]);
     lab.ctl(&["create", "vol-b", "64M"]);
+    // Past a 1 % warning threshold before the daemon starts: it must log
+    // the crossing once, not once a second.
+    lab.ctl(&["pool", "set", "--data-thresholds", "1"]);
+    let filler = lab.path("filler.raw");
+    std::fs::write(&filler, vec![0x11u8; 4 << 20]).unwrap();
+    lab.ctl(&["import", "filler", filler.to_str().unwrap()]);
     let daemon = lab.start(&["daemon"]);
     let ctl = lab.control();
 
@@ -522,6 +528,12 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     // Taking it again fails with the engine's reason, through the socket.
     let e = lab.ctl_fails(&["snapshot", "vol-a@s1"]);
     assert!(e.contains("already exists"), "{e}");
+
+    let crossings = lab
+        .log()
+        .matches("crossed the 1% warning threshold")
+        .count();
+    assert_eq!(crossings, 1, "daemon log:\n{}", lab.log());
 
     // The pool file grows while served: the daemon grows the pool.
     std::fs::OpenOptions::new()

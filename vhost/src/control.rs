@@ -437,9 +437,11 @@ impl Daemon {
                     revents: 0,
                 });
             }
+            // Wake every second to log space warnings as they are crossed.
             // SAFETY: `fds` is a valid array of pollfd for the duration of
             // the call; the descriptors are owned by `self`.
-            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            self.log_thresholds();
             if r < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -453,6 +455,14 @@ impl Daemon {
             if fds.len() > 1 && fds[1].revents & libc::POLLIN != 0 {
                 self.accept_one();
             }
+        }
+    }
+
+    /// Logs each warning threshold of the pool once per crossing (as LVM's
+    /// dmeventd does for thin pools).
+    fn log_thresholds(&self) {
+        for ev in self.pool().threshold_events() {
+            eprintln!("thinlun-vhost: warning: {ev}");
         }
     }
 
