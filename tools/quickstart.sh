@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # A first session with thinlun: a pool in a sparse file, a thin volume, a
-# raw disk image written into it and read back, and a consistency check.
+# raw disk image written into it and read back, a snapshot, a base image
+# and a linked clone, usage, and the clone served over vhost-user-blk (to a
+# benchmark client, and to a real QEMU guest when the lab is beside us).
 # Usage: bash tools/quickstart.sh [DIR]   (default /var/tmp/thinlun-demo)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/var/tmp/thinlun-demo}
 mkdir -p "$dir"
 
-cargo build --release -q -p thinctl
+cargo build --release -q -p thinctl -p thinlun-vhost --example vhost_bench
 thinctl() {
   echo "+ thinctl $*" >&2
   target/release/thinctl "$@"
@@ -30,8 +32,29 @@ thinctl rename vm-100-disk-0 vm-101-disk-0
 thinctl export vm-101-disk-0 "$dir/disk.out"
 cmp -n $((64 << 20)) "$dir/disk.raw" "$dir/disk.out"
 echo "exported image matches the original (first 64 MiB; the rest reads as zeros)"
+thinctl snapshot vm-101-disk-0@installed
+thinctl base vm-101-disk-0 --name base-101-disk-0
+thinctl clone base-101-disk-0 vm-102-disk-0
+thinctl list
+thinctl du
+
+# Serve the linked clone to QEMU over vhost-user-blk; here a client without
+# a VM writes to it for two seconds.
+sock="$dir/vm-102.sock"
+target/release/thinctl serve vm-102-disk-0 --socket "$sock" --queues 2 2>"$dir/serve.log" &
+server=$!
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.1; done
+target/release/examples/vhost_bench "$sock" randwrite 2 32 2 64
+lab=../shared/lab
+if [ -x "$lab/run-guest.sh" ] && command -v qemu-system-x86_64 >/dev/null; then
+  echo "+ booting a QEMU guest on $sock (mkfs, fsck, fio verify)" >&2
+  "$lab/run-guest.sh" "$sock" "$lab/example-guest.sh" | grep -E 'CHECK|GUEST-END'
+fi
+kill -TERM "$server"; wait "$server" || true
+tail -n 1 "$dir/serve.log"
+thinctl diff base-101-disk-0@installed base-101-disk-0
 thinctl pool status
 thinctl check
-thinctl remove vm-101-disk-0
-thinctl pool status --json
+thinctl remove vm-102-disk-0
+thinctl remove base-101-disk-0 --recursive
 echo "pool file: $THINLUN_POOL ($(du -h "$THINLUN_POOL" | cut -f1) on disk for $(du -h --apparent-size "$THINLUN_POOL" | cut -f1))"
