@@ -104,7 +104,8 @@ impl FileDevice {
             let mut done = 0;
             let mut short: Vec<usize> = Vec::new();
             while done < batch.len() {
-                if let Err(e) = ring.submit_and_wait(1) {
+                // Wait for everything still outstanding in one call.
+                if let Err(e) = ring.submit_and_wait(batch.len() - done) {
                     if e.raw_os_error() == Some(libc::EINTR) {
                         continue;
                     }
