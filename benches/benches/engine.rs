@@ -15,8 +15,21 @@
 //!   never-written blocks of a fresh 1 GiB volume (each block written once,
 //!   in random order; when the volume is full it is removed and a fresh one
 //!   created, outside the timed region).
+//! * `rand4k_qd32/thinlun_cow_write`: 32 random 4 KiB writes to a fully
+//!   written 1 GiB volume right after a snapshot of it: each block is
+//!   written once after the snapshot, so every write is a copy-on-write of
+//!   shared data; when every block has been written, the snapshot is
+//!   removed and a new one taken, outside the timed region.
+//! * `rand4k_flush8/*`: 8 random 4 KiB writes followed by a flush, as a
+//!   database commits: raw is 8 writes then `fdatasync`; thinlun is one
+//!   `Volume::submit` of 8 `Request::Write` and a `Request::Flush`, as
+//!   overwrites of the fully written volume (`thinlun_overwrite_flush`) and
+//!   as first writes (`thinlun_first_write_flush`, whose flush also commits
+//!   the journal).
 //! * `seq1m_qd32/*`: 32 consecutive 1 MiB reads / writes per batch, walking
 //!   the 1 GiB raw file / volume (thinlun writes are overwrites).
+//! * `snapshot/create_1g`: `Pool::create_snapshot` of the fully written
+//!   1 GiB volume (the snapshot is removed again outside the timed region).
 //!
 //! Criterion runs one benchmark after another, so a raw figure and its
 //! thinlun counterpart are measured seconds to minutes apart; on a shared or
@@ -46,18 +59,25 @@ use thinlun_benches::{
 
 /// Requests per batch (the queue depth).
 const QD: usize = 32;
+/// Writes per flush in the flush-heavy cases.
+const FLUSH_EVERY: usize = 8;
 const BS: u64 = BLOCK_SIZE as u64;
 /// Size of the raw file and of each volume.
 const DATA_BYTES: u64 = 1 << 30;
 const DATA_BLOCKS: u64 = DATA_BYTES / BS;
-/// The pool: the full volume, a first-write volume, metadata and headroom.
-const POOL_BYTES: u64 = 3 << 30;
+/// The pool: the fully written volume, two first-write volumes, the
+/// copy-on-write volume and its snapshot (which ends up holding 1 GiB of
+/// its own), metadata and headroom.
+const POOL_BYTES: u64 = 6 << 30;
 /// Sequential request size.
 const SEQ: usize = 1 << 20;
 const SEQ_PER_PASS: u64 = DATA_BYTES / SEQ as u64;
 
 const RAND: &str = "rand4k_qd32";
+const FLUSHG: &str = "rand4k_flush8";
 const SEQG: &str = "seq1m_qd32";
+const SNAPG: &str = "snapshot";
+const SNAP_ID: &str = "create_1g";
 
 /// One batch of I/O; returns the time the batch itself took (setup such as
 /// recreating an exhausted volume is excluded).
@@ -93,9 +113,10 @@ fn timed(f: impl FnOnce()) -> Duration {
 
 // --- the operations ---------------------------------------------------------
 
-/// 32 random 4 KiB reads (`write == false`) or writes on the raw file.
-fn raw_random(raw: &FileDevice, write: bool, seed: u64) -> Op<'_> {
-    let mut bufs = bufs(QD, BLOCK_SIZE, seed);
+/// `n` random 4 KiB reads (`write == false`) or writes on the raw file; with
+/// `flush`, followed by an `fdatasync` (`BlockDevice::flush`).
+fn raw_random(raw: &FileDevice, n: usize, write: bool, flush: bool, seed: u64) -> Op<'_> {
+    let mut bufs = bufs(n, BLOCK_SIZE, seed);
     let mut rng = Rng::new(seed);
     Box::new(move || {
         let mut ops: Vec<IoOp> = bufs
@@ -109,13 +130,19 @@ fn raw_random(raw: &FileDevice, write: bool, seed: u64) -> Op<'_> {
                 }
             })
             .collect();
-        timed(|| raw.submit(&mut ops).expect("raw I/O"))
+        timed(|| {
+            raw.submit(&mut ops).expect("raw I/O");
+            if flush {
+                raw.flush().expect("raw fdatasync");
+            }
+        })
     })
 }
 
-/// 32 random 4 KiB reads or writes on a fully written volume.
-fn thinlun_random(vol: &Volume, write: bool, seed: u64) -> Op<'_> {
-    let mut bufs = bufs(QD, BLOCK_SIZE, seed);
+/// `n` random 4 KiB reads or writes on a fully written volume; with
+/// `flush`, a `Request::Flush` ends the batch.
+fn thinlun_random(vol: &Volume, n: usize, write: bool, flush: bool, seed: u64) -> Op<'_> {
+    let mut bufs = bufs(n, BLOCK_SIZE, seed);
     let mut rng = Rng::new(seed);
     Box::new(move || {
         let mut reqs: Vec<Request> = bufs
@@ -129,6 +156,9 @@ fn thinlun_random(vol: &Volume, write: bool, seed: u64) -> Op<'_> {
                 }
             })
             .collect();
+        if flush {
+            reqs.push(Request::Flush);
+        }
         timed(|| check_all(vol.submit(&mut reqs)))
     })
 }
@@ -186,60 +216,108 @@ fn thinlun_seq(vol: &Volume, write: bool, bufs: SeqBufs) -> Op<'_> {
     })
 }
 
-/// Volumes filled by first writes in random block order.
-struct FirstWrites {
+/// Writes `vol` completely with 1 MiB writes, then flushes.
+fn fill_volume(vol: &Volume, bufs: &SeqBufs) {
+    let mut fill = thinlun_seq(vol, true, bufs.clone());
+    for _ in 0..SEQ_PER_PASS / QD as u64 {
+        fill();
+    }
+    vol.flush().expect("flush");
+}
+
+/// Writes each block of a volume once, in random order, in batches: into
+/// fresh volumes (first writes: when one is full it is removed and a new
+/// one created) or into a fully written volume right after a snapshot of
+/// it (copy-on-write: when every block has been written once, the snapshot
+/// is removed and a new one taken). The recycling is not timed.
+struct OnceEach {
     pool: Pool,
+    kind: Kind,
     vol: Option<Volume>,
     generation: u32,
     order: Vec<u32>,
     next: usize,
     rng: Rng,
     data: Vec<AlignedBuf>,
+    /// Requests per batch; `flush` ends each batch with `Request::Flush`.
+    n: usize,
+    flush: bool,
 }
 
-impl FirstWrites {
-    fn name(g: u32) -> String {
-        format!("fresh-{g}")
-    }
+enum Kind {
+    /// Fresh volumes named `{prefix}-{generation}`.
+    Fresh(&'static str),
+    /// Snapshots `{volume}@s{generation}` of this (fully written) volume.
+    Snapshot(&'static str),
+}
 
-    fn new(pool: Pool) -> FirstWrites {
-        let mut fw = FirstWrites {
+impl OnceEach {
+    fn new(pool: Pool, kind: Kind, n: usize, flush: bool, seed: u64) -> OnceEach {
+        let vol = match kind {
+            Kind::Fresh(_) => None,
+            Kind::Snapshot(v) => Some(pool.open_volume(v).expect("opening the volume")),
+        };
+        let mut o = OnceEach {
             pool,
-            vol: None,
+            kind,
+            vol,
             generation: 0,
             order: (0..DATA_BLOCKS as u32).collect(),
             next: 0,
-            rng: Rng::new(0xf1457),
-            data: bufs(QD, BLOCK_SIZE, 3),
+            rng: Rng::new(seed),
+            data: bufs(n, BLOCK_SIZE, seed),
+            n,
+            flush,
         };
-        fw.recycle();
-        fw
+        o.recycle();
+        o
     }
 
-    /// Replaces the volume by a fresh, empty one.
+    /// The name of what generation `g` creates (a volume or a snapshot).
+    fn name(&self, g: u32) -> String {
+        match self.kind {
+            Kind::Fresh(prefix) => format!("{prefix}-{g}"),
+            Kind::Snapshot(vol) => format!("{vol}@s{g}"),
+        }
+    }
+
+    /// Starts a new round: a fresh volume, or a new snapshot in place of
+    /// the old one.
     fn recycle(&mut self) {
-        if self.vol.take().is_some() {
+        if self.generation > 0 {
+            if let Kind::Fresh(_) = self.kind {
+                self.vol = None;
+            }
             self.pool
-                .remove_volume(&Self::name(self.generation), false)
-                .expect("removing the filled volume");
+                .remove_volume(&self.name(self.generation), false)
+                .expect("removing the previous round's volume or snapshot");
         }
         self.generation += 1;
-        let name = Self::name(self.generation);
-        self.pool
-            .create_volume(&name, DATA_BYTES)
-            .expect("creating a fresh volume");
-        self.vol = Some(self.pool.open_volume(&name).expect("opening it"));
+        let name = self.name(self.generation);
+        match self.kind {
+            Kind::Fresh(_) => {
+                self.pool
+                    .create_volume(&name, DATA_BYTES)
+                    .expect("creating a fresh volume");
+                self.vol = Some(self.pool.open_volume(&name).expect("opening it"));
+            }
+            Kind::Snapshot(_) => {
+                self.pool
+                    .create_snapshot(&name)
+                    .expect("creating a snapshot");
+            }
+        }
         self.rng.shuffle(&mut self.order);
         self.next = 0;
     }
 
-    /// One batch of 32 first writes (the recycling before it is not timed).
+    /// One batch (the recycling before it is not timed).
     fn batch(&mut self) -> Duration {
-        if self.next + QD > self.order.len() {
+        if self.next + self.n > self.order.len() {
             self.recycle();
         }
         let vol = self.vol.as_ref().expect("volume open");
-        let blocks = &self.order[self.next..self.next + QD];
+        let blocks = &self.order[self.next..self.next + self.n];
         let mut reqs: Vec<Request> = blocks
             .iter()
             .zip(&self.data)
@@ -248,10 +326,48 @@ impl FirstWrites {
                 data: d,
             })
             .collect();
+        if self.flush {
+            reqs.push(Request::Flush);
+        }
         let d = timed(|| check_all(vol.submit(&mut reqs)));
-        self.next += QD;
+        self.next += self.n;
         d
     }
+
+    /// Rounds begun, and the extents of the current volume.
+    fn describe(&self) -> String {
+        let vol = match self.kind {
+            Kind::Fresh(_) => self.name(self.generation),
+            Kind::Snapshot(v) => v.to_string(),
+        };
+        let extents = self.pool.volume_info(&vol).map_or(0, |i| i.extents);
+        let what = match self.kind {
+            Kind::Fresh(_) => "fresh volume(s)",
+            Kind::Snapshot(_) => "snapshot(s)",
+        };
+        format!(
+            "{} {what}; '{vol}' holds {extents} extents",
+            self.generation
+        )
+    }
+}
+
+/// What one raw/thinlun pair is and how its figures are shown.
+#[derive(Clone, Copy)]
+struct Meta {
+    label: &'static str,
+    group: &'static str,
+    raw_id: &'static str,
+    tl_id: &'static str,
+    /// Units per batch (requests, or MiB) and their name.
+    per_batch: f64,
+    unit: &'static str,
+}
+
+struct Case<'a> {
+    meta: Meta,
+    raw: Op<'a>,
+    tl: Op<'a>,
 }
 
 /// Runs two operations interleaved in `slice`-long turns (ABBA order) for
@@ -339,90 +455,168 @@ fn main() {
         },
     )
     .expect("creating the pool");
-    pool.create_volume("full", DATA_BYTES)
-        .expect("creating volume");
-    let full = pool.open_volume("full").expect("opening volume");
     let seq_bufs: SeqBufs = Rc::new(RefCell::new(bufs(QD, SEQ, 100)));
-    {
-        let mut fill = thinlun_seq(&full, true, seq_bufs.clone());
-        for _ in 0..SEQ_PER_PASS / QD as u64 {
-            fill();
-        }
+    for name in ["full", "cow"] {
+        pool.create_volume(name, DATA_BYTES)
+            .expect("creating volume");
+        let v = pool.open_volume(name).expect("opening volume");
+        fill_volume(&v, &seq_bufs);
     }
-    full.flush().expect("flush");
+    let full = pool.open_volume("full").expect("opening volume");
     pool.checkpoint().expect("checkpoint");
     let info = pool.volume_info("full").expect("info");
     eprintln!(
-        "setup: raw file {} MiB, pool {} MiB ({}), volume 'full' {} MiB mapped in {} extents; {:.1} s",
+        "setup: raw file {} MiB, pool {} MiB ({}), volumes 'full' and 'cow' {} MiB mapped \
+         in {} extents each; {:.1} s",
         DATA_BYTES >> 20,
         POOL_BYTES >> 20,
-        if sparse { "sparse file" } else { "fully written file" },
+        if sparse {
+            "sparse file"
+        } else {
+            "fully written file"
+        },
         info.mapped_bytes >> 20,
         info.extents,
         t.elapsed().as_secs_f64()
     );
 
-    let mut fw = FirstWrites::new(pool.clone());
-    // (summary label, group, raw id, raw op, thinlun id, thinlun op)
-    let mut cases: Vec<(&str, &str, &str, Op, &str, Op)> = vec![
-        (
-            "4K random read",
-            RAND,
-            "raw_read",
-            raw_random(&raw, false, 11),
-            "thinlun_read",
-            thinlun_random(&full, false, 11),
-        ),
-        (
-            "4K random overwrite",
-            RAND,
-            "raw_write",
-            raw_random(&raw, true, 12),
-            "thinlun_overwrite",
-            thinlun_random(&full, true, 12),
-        ),
-        (
-            "4K random first write",
-            RAND,
-            "raw_write",
-            raw_random(&raw, true, 13),
-            "thinlun_first_write",
-            Box::new(|| fw.batch()),
-        ),
-        (
-            "1M sequential read",
-            SEQG,
-            "raw_read",
-            raw_seq(&raw, false, seq_bufs.clone()),
-            "thinlun_read",
-            thinlun_seq(&full, false, seq_bufs.clone()),
-        ),
-        (
-            "1M sequential write",
-            SEQG,
-            "raw_write",
-            raw_seq(&raw, true, seq_bufs.clone()),
-            "thinlun_write",
-            thinlun_seq(&full, true, seq_bufs.clone()),
-        ),
+    let mut fw = OnceEach::new(pool.clone(), Kind::Fresh("fresh"), QD, false, 0xf1457);
+    let mut fwf = OnceEach::new(
+        pool.clone(),
+        Kind::Fresh("fresh-flush"),
+        FLUSH_EVERY,
+        true,
+        0xf1458,
+    );
+    let mut cow = OnceEach::new(pool.clone(), Kind::Snapshot("cow"), QD, false, 0xc0c0);
+    let meta = |label, group, raw_id, tl_id, per_batch, unit| Meta {
+        label,
+        group,
+        raw_id,
+        tl_id,
+        per_batch,
+        unit,
+    };
+    let (qd, f8) = (QD as f64, FLUSH_EVERY as f64);
+    let mib = (QD * SEQ) as f64 / (1 << 20) as f64;
+    let mut cases: Vec<Case> = vec![
+        Case {
+            meta: meta(
+                "4K random read",
+                RAND,
+                "raw_read",
+                "thinlun_read",
+                qd,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, QD, false, false, 11),
+            tl: thinlun_random(&full, QD, false, false, 11),
+        },
+        Case {
+            meta: meta(
+                "4K random overwrite",
+                RAND,
+                "raw_write",
+                "thinlun_overwrite",
+                qd,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, QD, true, false, 12),
+            tl: thinlun_random(&full, QD, true, false, 12),
+        },
+        Case {
+            meta: meta(
+                "4K random first write",
+                RAND,
+                "raw_write",
+                "thinlun_first_write",
+                qd,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, QD, true, false, 13),
+            tl: Box::new(|| fw.batch()),
+        },
+        Case {
+            meta: meta(
+                "4K random write after snapshot",
+                RAND,
+                "raw_write",
+                "thinlun_cow_write",
+                qd,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, QD, true, false, 14),
+            tl: Box::new(|| cow.batch()),
+        },
+        Case {
+            meta: meta(
+                "4K overwrite, flush every 8",
+                FLUSHG,
+                "raw_write_fdatasync",
+                "thinlun_overwrite_flush",
+                f8,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, FLUSH_EVERY, true, true, 15),
+            tl: thinlun_random(&full, FLUSH_EVERY, true, true, 15),
+        },
+        Case {
+            meta: meta(
+                "4K first write, flush every 8",
+                FLUSHG,
+                "raw_write_fdatasync",
+                "thinlun_first_write_flush",
+                f8,
+                "ops/s",
+            ),
+            raw: raw_random(&raw, FLUSH_EVERY, true, true, 16),
+            tl: Box::new(|| fwf.batch()),
+        },
+        Case {
+            meta: meta(
+                "1M sequential read",
+                SEQG,
+                "raw_read",
+                "thinlun_read",
+                mib,
+                "MiB/s",
+            ),
+            raw: raw_seq(&raw, false, seq_bufs.clone()),
+            tl: thinlun_seq(&full, false, seq_bufs.clone()),
+        },
+        Case {
+            meta: meta(
+                "1M sequential write",
+                SEQG,
+                "raw_write",
+                "thinlun_write",
+                mib,
+                "MiB/s",
+            ),
+            raw: raw_seq(&raw, true, seq_bufs.clone()),
+            tl: thinlun_seq(&full, true, seq_bufs.clone()),
+        },
     ];
+    let metas: Vec<Meta> = cases.iter().map(|c| c.meta).collect();
 
     // --- criterion ----------------------------------------------------------
-    for group in [RAND, SEQG] {
+    for group in [RAND, FLUSHG, SEQG] {
         let mut g = c.benchmark_group(group);
-        if group == RAND {
-            g.throughput(Throughput::Elements(QD as u64));
-        } else {
-            g.throughput(Throughput::Bytes((QD * SEQ) as u64));
-            g.sampling_mode(SamplingMode::Flat);
-        }
-        let mut done: Vec<&str> = Vec::new();
-        for (_, grp, raw_id, raw_op, tl_id, tl_op) in cases.iter_mut() {
-            if *grp != group {
-                continue;
+        match group {
+            RAND => g.throughput(Throughput::Elements(QD as u64)),
+            FLUSHG => g.throughput(Throughput::Elements(FLUSH_EVERY as u64)),
+            _ => {
+                g.sampling_mode(SamplingMode::Flat);
+                g.throughput(Throughput::Bytes((QD * SEQ) as u64))
             }
-            // raw_write serves two cases; measure it once.
-            for (id, op) in [(*raw_id, raw_op), (*tl_id, tl_op)] {
+        };
+        let mut done: Vec<&str> = Vec::new();
+        for case in cases.iter_mut().filter(|c| c.meta.group == group) {
+            // raw_write serves several cases; measure it once.
+            for (id, op) in [
+                (case.meta.raw_id, &mut case.raw),
+                (case.meta.tl_id, &mut case.tl),
+            ] {
                 if done.contains(&id) {
                     continue;
                 }
@@ -435,24 +629,55 @@ fn main() {
         g.finish();
     }
 
+    // Snapshot creation of the fully written 1 GiB volume; each snapshot
+    // is removed again outside the timed region.
+    let mut snap_times: Vec<Duration> = Vec::new();
+    {
+        let mut g = c.benchmark_group(SNAPG);
+        g.sampling_mode(SamplingMode::Flat);
+        g.measurement_time(Duration::from_secs(2));
+        let mut n = 0u64;
+        g.bench_function(SNAP_ID, |b| {
+            b.iter_custom(|iters| {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    n += 1;
+                    let name = format!("full@bench{n}");
+                    let d = timed(|| {
+                        pool.create_snapshot(&name).expect("snapshot");
+                    });
+                    pool.remove_volume(&name, false).expect("removing it");
+                    snap_times.push(d);
+                    total += d;
+                }
+                total
+            })
+        });
+        g.finish();
+    }
+
     // --- interleaved pairs ----------------------------------------------------
     let mut paired_rates = Vec::new();
     if paired_secs > 0 {
         eprintln!("interleaved pairs: {paired_secs} s each");
-        for (label, _, _, raw_op, _, tl_op) in cases.iter_mut() {
+        for case in cases.iter_mut() {
             paired_rates.push((
-                *label,
-                paired(raw_op, tl_op, Duration::from_secs(paired_secs)),
+                case.meta.label,
+                paired(
+                    &mut case.raw,
+                    &mut case.tl,
+                    Duration::from_secs(paired_secs),
+                ),
             ));
         }
     }
     drop(cases);
-    let (fresh_volumes, last_extents) = (
-        fw.generation,
-        pool.volume_info(&FirstWrites::name(fw.generation))
-            .map_or(0, |i| i.extents),
-    );
-    drop(fw);
+    let rounds = [
+        ("first writes", fw.describe()),
+        ("first writes with flushes", fwf.describe()),
+        ("writes after a snapshot", cow.describe()),
+    ];
+    drop((fw, fwf, cow));
 
     drop(full);
     pool.close().expect("closing the pool");
@@ -462,59 +687,21 @@ fn main() {
         remove_if_exists(&pool_path);
     }
     c.final_summary();
-    eprintln!(
-        "first writes used {fresh_volumes} fresh volume(s); the last holds {last_extents} extents"
-    );
-    summary(started, &paired_rates);
+    for (what, d) in rounds {
+        eprintln!("{what} used {d}");
+    }
+    summary(started, &metas, &paired_rates, &snap_times);
 }
 
 /// Prints raw vs thinlun side by side: criterion's estimates of this run
-/// (read back from its estimates.json) and the interleaved pairs.
-fn summary(since: std::time::SystemTime, paired: &[(&str, (f64, f64))]) {
-    let qd = QD as f64;
-    let mib = (QD * SEQ) as f64 / (1 << 20) as f64;
-    let rows: [(&str, &str, &str, &str, f64, &str); 5] = [
-        (
-            "4K random read",
-            RAND,
-            "raw_read",
-            "thinlun_read",
-            qd,
-            "ops/s",
-        ),
-        (
-            "4K random overwrite",
-            RAND,
-            "raw_write",
-            "thinlun_overwrite",
-            qd,
-            "ops/s",
-        ),
-        (
-            "4K random first write",
-            RAND,
-            "raw_write",
-            "thinlun_first_write",
-            qd,
-            "ops/s",
-        ),
-        (
-            "1M sequential read",
-            SEQG,
-            "raw_read",
-            "thinlun_read",
-            mib,
-            "MiB/s",
-        ),
-        (
-            "1M sequential write",
-            SEQG,
-            "raw_write",
-            "thinlun_write",
-            mib,
-            "MiB/s",
-        ),
-    ];
+/// (read back from its estimates.json) and the interleaved pairs; then the
+/// snapshot creation times.
+fn summary(
+    since: std::time::SystemTime,
+    metas: &[Meta],
+    paired: &[(&str, (f64, f64))],
+    snap_times: &[Duration],
+) {
     let dir = criterion_dir();
     let per_sec = |group: &str, id: &str, units: f64| {
         dir.as_ref()
@@ -522,13 +709,13 @@ fn summary(since: std::time::SystemTime, paired: &[(&str, (f64, f64))]) {
             .map(|ns| units * 1e9 / ns)
     };
     println!();
-    println!("Summary: raw file vs thinlun, QD {QD}, this run");
+    println!("Summary: raw file vs thinlun, this run (QD {QD}; flush cases: {FLUSH_EVERY} writes + flush)");
     println!(
-        "{:<22} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | unit",
+        "{:<30} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | unit",
         "", "criterion", "", "", "paired", "", ""
     );
     println!(
-        "{:<22} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} |",
+        "{:<30} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} |",
         "case", "raw", "thinlun", "ratio", "raw", "thinlun", "ratio"
     );
     let cell = |x: Option<f64>| x.map_or_else(|| "-".to_string(), |v| format!("{v:.0}"));
@@ -536,22 +723,44 @@ fn summary(since: std::time::SystemTime, paired: &[(&str, (f64, f64))]) {
         (Some(a), Some(b)) => format!("{:.3}", b / a),
         _ => "-".to_string(),
     };
-    for (name, group, raw_id, tl_id, units, unit) in rows {
-        let (cr, ct) = (per_sec(group, raw_id, units), per_sec(group, tl_id, units));
+    for m in metas {
+        let (cr, ct) = (
+            per_sec(m.group, m.raw_id, m.per_batch),
+            per_sec(m.group, m.tl_id, m.per_batch),
+        );
         let (pr, pt) = paired
             .iter()
-            .find(|(l, _)| *l == name)
+            .find(|(l, _)| *l == m.label)
             .map_or((None, None), |(_, (r, t))| {
-                (Some(r * units), Some(t * units))
+                (Some(r * m.per_batch), Some(t * m.per_batch))
             });
         println!(
-            "{name:<22} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | {unit}",
+            "{:<30} | {:>9} {:>9} {:>6} | {:>9} {:>9} {:>6} | {}",
+            m.label,
             cell(cr),
             cell(ct),
             ratio(cr, ct),
             cell(pr),
             cell(pt),
-            ratio(pr, pt)
+            ratio(pr, pt),
+            m.unit
+        );
+    }
+    if !snap_times.is_empty() {
+        let mut v: Vec<f64> = snap_times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+        let crit = dir
+            .as_ref()
+            .and_then(|d| criterion_estimate_ns(d, SNAPG, SNAP_ID, since))
+            .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", ns / 1e6));
+        println!(
+            "Snapshot of the fully written 1 GiB volume: criterion {crit} ms; over all {} \
+             snapshots taken: median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            v.len(),
+            at(0.5),
+            at(0.99),
+            v[v.len() - 1]
         );
     }
     if let Some(d) = dir {

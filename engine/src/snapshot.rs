@@ -18,6 +18,13 @@ use crate::state::{State, Vol};
 use crate::util::now_unix;
 use parking_lot::MutexGuard;
 
+/// Whether a tree is written for a volume nothing refers to yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fresh {
+    Yes,
+    No,
+}
+
 /// What a volume uses, as `du` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Usage {
@@ -188,7 +195,7 @@ impl Pool {
         };
         // Journal entries up to now describe the old content: the new
         // header says replay starts after them.
-        if let Err(e) = inner.write_tree_now(&mut st, vol_id, journal_seq) {
+        if let Err(e) = inner.write_tree_now(&mut st, vol_id, journal_seq, Fresh::No) {
             if let Some(v) = st.volumes.get_mut(&vol_id) {
                 v.map = old;
             }
@@ -445,8 +452,10 @@ impl Inner {
         st.sb.next_volume_id += 1;
         st.volumes.insert(id, vol);
         // Tree and header first, then the catalog that names the volume.
+        // Nothing points at the new blocks yet, so they need no flush of
+        // their own: the catalog's first flush covers them.
         let r = self
-            .write_tree_now(&mut st, id, journal_seq)
+            .write_tree_now(&mut st, id, journal_seq, Fresh::Yes)
             .and_then(|_| self.write_catalog(&mut st));
         if let Err(e) = r {
             if let Some(v) = st.volumes.remove(&id) {
@@ -468,18 +477,29 @@ impl Inner {
         st: &mut MutexGuard<'_, State>,
         id: u64,
         journal_seq: u64,
+        fresh: Fresh,
     ) -> Result<()> {
         let mut node_writes = Vec::new();
         let plan: TreePlan = plan_tree(st, id, journal_seq, &mut node_writes)?;
         let dev = self.dev.as_ref();
         let io = |what: &'static str| move |e| Error::io(what, e);
+        let headers: Vec<(u64, Vec<u8>)> = st.volumes[&id]
+            .rec
+            .header_blocks
+            .iter()
+            .map(|&at| (at, encode_volume_header(&plan.header, at)))
+            .collect();
         let r = (|| {
             crate::pool::write_nodes(dev, &node_writes)?;
+            if fresh == Fresh::Yes {
+                // Unreferenced until the caller's catalog commit flushes.
+                return write_blocks(dev, &headers).map_err(io("writing volume headers"));
+            }
+            // The tree, then one header copy at a time: a torn write
+            // leaves the other copy (old or new tree) intact.
             dev.flush().map_err(io("flushing mapping nodes"))?;
-            let blocks = st.volumes[&id].rec.header_blocks;
-            for at in blocks {
-                write_blocks(dev, &[(at, encode_volume_header(&plan.header, at))])
-                    .map_err(io("writing volume header"))?;
+            for h in &headers {
+                write_blocks(dev, std::slice::from_ref(h)).map_err(io("writing volume header"))?;
                 dev.flush().map_err(io("flushing volume header"))?;
             }
             Ok(())

@@ -247,6 +247,13 @@ impl Volume {
                 _ => None,
             })
             .collect();
+        // Common case first: no two modifying requests share a block
+        // (sorted by start, neighbours do not overlap): one batch.
+        let mut sorted: Vec<(u64, u64)> = ranges.iter().flatten().copied().collect();
+        sorted.sort_unstable();
+        if sorted.windows(2).all(|w| w[0].1 <= w[1].0) {
+            return self.submit_once(reqs);
+        }
         let mut wave = vec![0usize; reqs.len()];
         let mut any = false;
         for i in 0..reqs.len() {

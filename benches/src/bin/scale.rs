@@ -11,6 +11,7 @@
 //!   --reuse       reuse an existing scale pool instead of rebuilding it
 //!   --keep        keep the pool file afterwards
 //!   --no-stall    skip the checkpoint stall probe
+//!   --no-snap     skip the snapshot timing
 //! ```
 //!
 //! The pool file (`scale-pool.img`, sparse) lives in `$THINLUN_BENCH_DIR`
@@ -27,6 +28,12 @@
 //!   live and peak heap bytes with a wrapping global allocator: exact, and
 //!   unaffected by memory the C allocator keeps after a free. Counting is off
 //!   in the timing children, so it does not slow the timed calls.
+//! * A child (`snap`) times `Pool::create_snapshot` of the 1 TiB volume and
+//!   of a small volume (1 GiB, `SMALL_EXTENTS` extents) that it creates in
+//!   the same pool, alternately, `SNAP_REPS` times each; every snapshot is
+//!   removed again (also timed), then the small volume, so the pool is left
+//!   as it was. Same device, same pool: the two medians differ only by what
+//!   depends on the volume's size.
 //! * A last child (`stall`) measures how long a checkpoint of a nearly
 //!   all-dirty tree stalls concurrent reads (see `stall`); it leaves the
 //!   extent count unchanged.
@@ -128,6 +135,12 @@ const POOL_EXTRA: u64 = 512 << 20;
 const MIB: f64 = (1 << 20) as f64;
 /// Extra blocks the stall probe writes to dirty (nearly) every leaf.
 const STALL_WRITES: u64 = 16_384;
+/// Snapshots taken of each volume by the `snap` child (median reported).
+const SNAP_REPS: usize = 7;
+/// The small volume the snapshot timing compares with.
+const SMALL_VOLUME: &str = "scale-small";
+const SMALL_BYTES: u64 = 1 << 30;
+const SMALL_EXTENTS: u64 = 1000;
 
 struct Args {
     extents: u64,
@@ -135,6 +148,7 @@ struct Args {
     reuse: bool,
     keep: bool,
     stall: bool,
+    snap: bool,
 }
 
 fn parse_args() -> Args {
@@ -144,6 +158,7 @@ fn parse_args() -> Args {
         reuse: false,
         keep: false,
         stall: true,
+        snap: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -158,6 +173,7 @@ fn parse_args() -> Args {
             "--reuse" => a.reuse = true,
             "--keep" => a.keep = true,
             "--no-stall" => a.stall = false,
+            "--no-snap" => a.snap = false,
             // `cargo bench` style flags, harmless here.
             "--bench" => {}
             other => {
@@ -201,8 +217,9 @@ fn main() {
         child("ro-heap", &path),
         child("check-heap", &path),
     ];
+    let snap = args.snap.then(|| child("snap", &path));
     let st = args.stall.then(|| child("stall", &path));
-    report(&path, &rw, &ro, &ck, &heap, st.as_ref());
+    report(&path, &rw, &ro, &ck, &heap, st.as_ref(), snap.as_ref());
     if !args.keep {
         remove_if_exists(&path);
     }
@@ -436,6 +453,79 @@ fn stall(path: &Path, out: &mut Vec<(&'static str, f64)>) {
     ]);
 }
 
+/// Snapshot timing (in a fresh process): creates a small volume next to
+/// the big one, then takes and removes `SNAP_REPS` snapshots of each,
+/// alternating big and small so that drift of the disk hits both alike.
+/// Reports the medians and how many bytes each snapshot wrote to storage.
+fn snapshots(path: &Path, out: &mut Vec<(&'static str, f64)>) {
+    let pool = Pool::open_path(path, &OpenOptions::default()).expect("open");
+    let _ = pool.remove_volume(SMALL_VOLUME, true); // left by an interrupted run
+    pool.create_volume(SMALL_VOLUME, SMALL_BYTES)
+        .expect("creating the small volume");
+    {
+        let vol = pool.open_volume(SMALL_VOLUME).expect("small volume");
+        let mut data = AlignedBuf::zeroed(BLOCK_SIZE);
+        fill_pattern(&mut data, 9);
+        let stride = SMALL_BYTES / BS / SMALL_EXTENTS;
+        let mut reqs: Vec<Request> = (0..SMALL_EXTENTS)
+            .map(|k| Request::Write {
+                sector: k * stride * BS / SECTOR_SIZE,
+                data: &data[..],
+            })
+            .collect();
+        for r in vol.submit(&mut reqs) {
+            r.expect("small volume write");
+        }
+        vol.flush().expect("flush");
+    }
+    // Both trees clean on disk, as they are for a volume at rest.
+    pool.checkpoint().expect("checkpoint");
+    let big_extents = pool.volume_info(VOLUME).expect("volume").extents;
+    let small_extents = pool.volume_info(SMALL_VOLUME).expect("volume").extents;
+    let mut t = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    let mut written = [Vec::new(), Vec::new()];
+    for i in 0..SNAP_REPS {
+        for (k, vol) in [VOLUME, SMALL_VOLUME].into_iter().enumerate() {
+            let name = format!("{vol}@probe{i}");
+            let w0 = storage_write_bytes();
+            let t0 = Instant::now();
+            pool.create_snapshot(&name).expect("snapshot");
+            t[k][0].push(t0.elapsed().as_secs_f64());
+            if let (Some(a), Some(b)) = (w0, storage_write_bytes()) {
+                written[k].push((b - a) as f64);
+            }
+            let t1 = Instant::now();
+            pool.remove_volume(&name, false)
+                .expect("removing the snapshot");
+            t[k][1].push(t1.elapsed().as_secs_f64());
+        }
+    }
+    pool.remove_volume(SMALL_VOLUME, false)
+        .expect("removing the small volume");
+    pool.close().expect("close");
+    let med = |v: &Vec<f64>| {
+        if v.is_empty() {
+            -1.0
+        } else {
+            median(v.clone())
+        }
+    };
+    let max = |v: &Vec<f64>| v.iter().copied().fold(0.0, f64::max);
+    out.extend([
+        ("big_extents", big_extents as f64),
+        ("small_extents", small_extents as f64),
+        ("snap_big_ms", med(&t[0][0]) * 1e3),
+        ("snap_big_max_ms", max(&t[0][0]) * 1e3),
+        ("snap_small_ms", med(&t[1][0]) * 1e3),
+        ("snap_small_max_ms", max(&t[1][0]) * 1e3),
+        ("remove_big_ms", med(&t[0][1]) * 1e3),
+        ("remove_small_ms", med(&t[1][1]) * 1e3),
+        ("snap_big_written", med(&written[0])),
+        ("snap_small_written", med(&written[1])),
+        ("reps", SNAP_REPS as f64),
+    ]);
+}
+
 /// Re-executes this binary to measure one thing in a fresh process.
 fn child(mode: &str, path: &Path) -> HashMap<String, f64> {
     let exe = std::env::current_exe().expect("current exe");
@@ -523,6 +613,7 @@ fn measure(mode: &str, path: &Path) {
             }
         }
         "stall" => stall(path, &mut out),
+        "snap" => snapshots(path, &mut out),
         other => panic!("unknown measurement {other}"),
     }
     let kv: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -559,6 +650,7 @@ fn report(
     ck: &[HashMap<String, f64>],
     heap: &[HashMap<String, f64>; 3],
     st: Option<&HashMap<String, f64>>,
+    snap: Option<&HashMap<String, f64>>,
 ) {
     let r = &rw[0];
     let extents = r["extents"];
@@ -630,6 +722,31 @@ fn report(
         ck.iter().all(|c| c["clean"] == 1.0),
         ck.len()
     );
+    if let Some(s) = snap {
+        println!(
+            "  snapshot creation (median of {:.0}, each snapshot removed again; fresh process, \
+             trees clean on disk):",
+            s["reps"]
+        );
+        for (what, k) in [("1 TiB volume", "big"), ("1 GiB volume", "small")] {
+            println!(
+                "    {what}, {:>9} extents: create {:.3} ms (max {:.3}), wrote {:.0} KiB; \
+                 remove {:.3} ms",
+                group_digits(s[&format!("{k}_extents")] as u64),
+                s[&format!("snap_{k}_ms")],
+                s[&format!("snap_{k}_max_ms")],
+                s[&format!("snap_{k}_written")] / 1024.0,
+                s[&format!("remove_{k}_ms")],
+            );
+        }
+        println!(
+            "    1 TiB / 1 GiB: {:.0}x the extents, {:.2}x the time, {:.0} KiB more written \
+             (the new tree's interior nodes; its leaves are shared)",
+            s["big_extents"] / s["small_extents"],
+            s["snap_big_ms"] / s["snap_small_ms"],
+            (s["snap_big_written"] - s["snap_small_written"]) / 1024.0,
+        );
+    }
     if let Some(s) = st {
         println!(
             "  checkpoint stall probe: {} extra first writes dirtied the tree; the checkpoint \

@@ -1,0 +1,95 @@
+//! thinlun through the engine directly: `Volume::submit` batches of `qd`
+//! requests in this process, as the vhost-user-blk server would issue them
+//! for one drained virtqueue.
+
+use crate::pattern::{Measured, Pattern};
+use std::time::{Duration, Instant};
+use thinlun::dev::AlignedBuf;
+use thinlun::{Request, Volume, SECTOR_SIZE};
+use thinlun_benches::fill_pattern;
+
+/// User + system CPU time of this process (all threads, including the
+/// pool's background committer).
+pub fn self_cpu() -> Duration {
+    cpu_of(libc::RUSAGE_SELF)
+}
+
+/// User + system CPU time of the waited-for children.
+pub fn children_cpu() -> Duration {
+    cpu_of(libc::RUSAGE_CHILDREN)
+}
+
+fn cpu_of(who: libc::c_int) -> Duration {
+    // SAFETY: a zeroed rusage is valid for getrusage to fill.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(who, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Batches of up to `qd` requests of `bs` bytes for about `secs` (or until
+/// the pattern is exhausted). Every request of a batch is given the batch's
+/// latency: they are handed over together and complete together.
+pub fn run(
+    vol: &Volume,
+    pattern: &mut Pattern,
+    qd: usize,
+    bs: usize,
+    write: bool,
+    secs: f64,
+) -> Measured {
+    let mut bufs: Vec<AlignedBuf> = (0..qd)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(bs);
+            fill_pattern(&mut b, 0x3333 + i as u64);
+            b
+        })
+        .collect();
+    let mut lat: Vec<f64> = Vec::new();
+    let mut exhausted = false;
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(secs);
+    while Instant::now() < until {
+        let offs: Vec<u64> = (0..qd).map_while(|_| pattern.next()).collect();
+        if offs.len() < qd {
+            exhausted = true;
+        }
+        if offs.is_empty() {
+            break;
+        }
+        let mut reqs: Vec<Request> = bufs
+            .iter_mut()
+            .zip(&offs)
+            .map(|(b, &off)| {
+                let sector = off / SECTOR_SIZE;
+                if write {
+                    Request::Write { sector, data: b }
+                } else {
+                    Request::Read { sector, buf: b }
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        for r in vol.submit(&mut reqs) {
+            if let Err(e) = r {
+                panic!("thinlun request failed: {e}");
+            }
+        }
+        let us = t.elapsed().as_secs_f64() * 1e6;
+        lat.extend(std::iter::repeat_n(us, offs.len()));
+        if exhausted {
+            break;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = self_cpu() - cpu0;
+    let mut m = Measured::from_latencies(lat, secs, exhausted);
+    if m.ios > 0 {
+        m.cpu_us_per_io = Some(cpu.as_secs_f64() * 1e6 / m.ios as f64);
+    }
+    m
+}

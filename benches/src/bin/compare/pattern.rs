@@ -1,0 +1,111 @@
+//! Access patterns and what a run measured.
+
+use thinlun_benches::Rng;
+
+/// Byte offsets for one run.
+pub enum Pattern {
+    /// Uniformly random `bs`-aligned offsets (with repeats).
+    Random { rng: Rng, blocks: u64, bs: u64 },
+    /// Every `bs` block once, in random order; then exhausted.
+    Once {
+        order: Vec<u32>,
+        next: usize,
+        bs: u64,
+    },
+    /// Consecutive `bs` requests, wrapping at the end.
+    Seq { pos: u64, blocks: u64, bs: u64 },
+}
+
+impl Pattern {
+    pub fn random(size: u64, bs: u64, seed: u64) -> Pattern {
+        Pattern::Random {
+            rng: Rng::new(seed),
+            blocks: size / bs,
+            bs,
+        }
+    }
+
+    pub fn once(size: u64, bs: u64, seed: u64) -> Pattern {
+        let mut order: Vec<u32> = (0..(size / bs) as u32).collect();
+        Rng::new(seed).shuffle(&mut order);
+        Pattern::Once { order, next: 0, bs }
+    }
+
+    pub fn seq(size: u64, bs: u64) -> Pattern {
+        Pattern::Seq {
+            pos: 0,
+            blocks: size / bs,
+            bs,
+        }
+    }
+
+    /// The next offset, or `None` when a `Once` pattern is used up.
+    #[allow(clippy::should_implement_trait)]
+    pub fn next(&mut self) -> Option<u64> {
+        match self {
+            Pattern::Random { rng, blocks, bs } => Some(rng.below(*blocks) * *bs),
+            Pattern::Once { order, next, bs } => {
+                let b = *order.get(*next)?;
+                *next += 1;
+                Some(b as u64 * *bs)
+            }
+            Pattern::Seq { pos, blocks, bs } => {
+                let at = *pos;
+                *pos = (*pos + 1) % *blocks;
+                Some(at * *bs)
+            }
+        }
+    }
+}
+
+/// What one run measured.
+#[derive(Clone, Debug, Default)]
+pub struct Measured {
+    pub ios: u64,
+    pub secs: f64,
+    /// Per-request latency percentiles in microseconds, where known.
+    pub p50_us: Option<f64>,
+    pub p99_us: Option<f64>,
+    /// CPU time of the storage stack per request (the server for
+    /// vhost-user-blk, the process otherwise), where known.
+    pub cpu_us_per_io: Option<f64>,
+    /// Resident set size of the server at the end of the run.
+    pub server_rss: Option<u64>,
+    /// The pattern ran out (every block written once) before the time was up.
+    pub exhausted: bool,
+    pub note: String,
+}
+
+impl Measured {
+    /// From per-request latencies (µs), over `secs` of wall time.
+    pub fn from_latencies(mut lat: Vec<f64>, secs: f64, exhausted: bool) -> Measured {
+        let ios = lat.len() as u64;
+        let (p50, p99) = percentiles(&mut lat);
+        Measured {
+            ios,
+            secs,
+            p50_us: p50,
+            p99_us: p99,
+            exhausted,
+            ..Measured::default()
+        }
+    }
+
+    pub fn iops(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.ios as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// (p50, p99) of a sample, sorting it.
+pub fn percentiles(v: &mut [f64]) -> (Option<f64>, Option<f64>) {
+    if v.is_empty() {
+        return (None, None);
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (Some(at(0.5)), Some(at(0.99)))
+}
