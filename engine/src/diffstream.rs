@@ -14,15 +14,14 @@
 //!
 //! ```no_run
 //! use thinlun::diffstream::{export_diff, import_diff};
-//! # fn main() -> thinlun::Result<()> {
-//! # let (src, dst): (thinlun::Pool, thinlun::Pool) = todo!();
+//! # fn demo(src: &thinlun::Pool, dst: &thinlun::Pool) -> thinlun::Result<()> {
 //! // Full copy of vm-1@mon, then only what changed up to vm-1@tue.
 //! let mut full = Vec::new();
-//! export_diff(&src, None, "vm-1@mon", &mut full)?;
-//! import_diff(&dst, "vm-1", &mut full.as_slice())?; // creates vm-1, vm-1@mon
+//! export_diff(src, None, "vm-1@mon", &mut full)?;
+//! import_diff(dst, "vm-1", &mut full.as_slice())?; // creates vm-1, vm-1@mon
 //! let mut incr = Vec::new();
-//! export_diff(&src, Some("mon"), "vm-1@tue", &mut incr)?;
-//! import_diff(&dst, "vm-1", &mut incr.as_slice())?; // needs vm-1@mon, unchanged
+//! export_diff(src, Some("mon"), "vm-1@tue", &mut incr)?;
+//! import_diff(dst, "vm-1", &mut incr.as_slice())?; // needs vm-1@mon, unchanged
 //! # Ok(()) }
 //! ```
 

@@ -504,15 +504,7 @@ impl Pool {
         }
         check_overcommit(&st, size_bytes, allow_overcommit)?;
         let id = st.sb.next_volume_id;
-        let (a, b) = match (st.alloc_meta(), st.alloc_meta()) {
-            (Some(a), Some(b)) => (a, b),
-            (a, b) => {
-                for x in [a, b].into_iter().flatten() {
-                    st.space.release(x, 1);
-                }
-                return Err(Error::NoSpace);
-            }
-        };
+        let [a, b] = st.alloc_header_pair()?;
         let header = VolumeHeader {
             volume_id: id,
             generation: 1,

@@ -413,15 +413,7 @@ impl Inner {
             .ok_or_else(|| Error::NoSuchVolume(source.to_string()))?;
         let (name, vflags, parent_id, origin_id) = admit(&st.volumes[&src_id], &st)?;
         let id = st.sb.next_volume_id;
-        let (a, b) = match (st.alloc_meta(), st.alloc_meta()) {
-            (Some(a), Some(b)) => (a, b),
-            (a, b) => {
-                for x in [a, b].into_iter().flatten() {
-                    st.space.release(x, 1);
-                }
-                return Err(Error::NoSpace);
-            }
-        };
+        let [a, b] = st.alloc_header_pair()?;
         let src = &st.volumes[&src_id];
         let vol = Vol {
             rec: VolumeRecord {

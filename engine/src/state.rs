@@ -244,6 +244,19 @@ impl State {
         out
     }
 
+    /// Allocates the two header blocks of a new volume (both or neither).
+    pub fn alloc_header_pair(&mut self) -> crate::Result<[u64; 2]> {
+        match (self.alloc_meta(), self.alloc_meta()) {
+            (Some(a), Some(b)) => Ok([a, b]),
+            (a, b) => {
+                for x in [a, b].into_iter().flatten() {
+                    self.space.release(x, 1);
+                }
+                Err(crate::Error::NoSpace)
+            }
+        }
+    }
+
     /// Allocates one metadata block.
     pub fn alloc_meta(&mut self) -> Option<u64> {
         self.space
