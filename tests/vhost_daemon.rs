@@ -47,6 +47,21 @@ struct Lab {
     dir: TempDir,
     thinctl: PathBuf,
     pool: PathBuf,
+    /// Processes started, killed on drop so a failing test leaves none.
+    servers: std::cell::RefCell<Vec<u32>>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for &pid in self.servers.borrow().iter() {
+            // Only a process that is still our child: a server already
+            // stopped and reaped may have had its pid reused.
+            if parent_of(pid) == Some(std::process::id()) {
+                // SAFETY: plain syscall on our own child process.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
 }
 
 impl Lab {
@@ -56,6 +71,7 @@ impl Lab {
             thinctl: thinctl(),
             pool: dir.0.join("pool.img"),
             dir,
+            servers: Default::default(),
         };
         lab.ctl(&["pool", "create", "--size", "256M"]);
         lab
@@ -118,6 +134,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .unwrap();
+        self.servers.borrow_mut().push(child.id());
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(self.control()).is_err() {
             if let Some(st) = child.try_wait().unwrap() {
@@ -427,4 +444,16 @@ fn serve_opens_a_control_socket_for_snapshots() {
     let vol = read_back(&lab.pool, "vm-1", 0, LEN);
     assert!(vol[..4096].iter().all(|&b| b == 0x5a));
     same(&vol[4096..], &data[4096..], "volume");
+}
+
+/// Parent pid of a live process, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }

@@ -105,6 +105,8 @@ struct Lab {
     thinctl: PathBuf,
     pool: PathBuf,
     sock: PathBuf,
+    /// Servers started, killed on drop so a failing test leaves none.
+    servers: std::cell::RefCell<Vec<u32>>,
 }
 
 impl Lab {
@@ -117,6 +119,7 @@ impl Lab {
             pool: dir.join("pool.img"),
             sock: dir.join("vhost.sock"),
             dir,
+            servers: Default::default(),
         };
         lab.ctl(&["pool", "create", "--size", "2G"]);
         lab.ctl(&["create", "vm-e2e-disk", "1G"]);
@@ -158,6 +161,7 @@ impl Lab {
             .stderr(log)
             .spawn()
             .unwrap();
+        self.servers.borrow_mut().push(child.id());
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.sock.exists() {
             let log = || std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
@@ -224,6 +228,14 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for &pid in self.servers.borrow().iter() {
+            // Only a process that is still our child: a server already
+            // stopped and reaped may have had its pid reused.
+            if parent_of(pid) == Some(std::process::id()) {
+                // SAFETY: plain syscall on our own child process.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            }
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -388,4 +400,16 @@ fn guest_survives_server_kill() {
     assert_eq!(kills.len(), 2, "the server was killed twice mid-run");
     assert_guest_ok(&lines, EXAMPLE_CHECKS);
     lab.stop(server.take().unwrap());
+}
+
+/// Parent pid of a live process, from /proc.
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
