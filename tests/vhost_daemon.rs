@@ -17,6 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use thinlun::{OpenOptions, Pool};
+use thinlun_tests::{parent_of, thinctl};
 use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
 use virtio_driver::{
     iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
@@ -24,23 +25,6 @@ use virtio_driver::{
 };
 
 include!("vhost_common.rs");
-
-/// The `thinctl` binary of this workspace, built if needed (as in
-/// vhost_qemu.rs: a test cannot name another package's binary).
-fn thinctl() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "thinctl"])
-        .current_dir(&ws)
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "cargo build -p thinctl failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| ws.join("target"));
-    target.join("debug/thinctl")
-}
 
 /// A pool file in a scratch directory and the `thinctl` to run on it.
 struct Lab {
@@ -444,16 +428,4 @@ fn serve_opens_a_control_socket_for_snapshots() {
     let vol = read_back(&lab.pool, "vm-1", 0, LEN);
     assert!(vol[..4096].iter().all(|&b| b == 0x5a));
     same(&vol[4096..], &data[4096..], "volume");
-}
-
-/// Parent pid of a live process, from /proc.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }

@@ -20,6 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use thinlun_tests::{parent_of, thinctl};
 
 /// One guest at a time: two TCG guests on two cores would each take twice
 /// as long.
@@ -82,22 +83,6 @@ fn lab_ready() -> bool {
         return false;
     }
     true
-}
-
-/// The `thinctl` binary of this workspace, built if needed.
-fn thinctl() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
-    let ws = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let status = Command::new(cargo)
-        .args(["build", "-q", "-p", "thinctl"])
-        .current_dir(&ws)
-        .status()
-        .expect("running cargo build");
-    assert!(status.success(), "cargo build -p thinctl failed");
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| ws.join("target"));
-    target.join("debug/thinctl")
 }
 
 struct Lab {
@@ -400,16 +385,4 @@ fn guest_survives_server_kill() {
     assert_eq!(kills.len(), 2, "the server was killed twice mid-run");
     assert_guest_ok(&lines, EXAMPLE_CHECKS);
     lab.stop(server.take().unwrap());
-}
-
-/// Parent pid of a live process, from /proc.
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces, so split after ')'.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
