@@ -54,7 +54,14 @@ fn run_on(dev: &Path) {
     let report = check(&FileDevice::open(dev, false).unwrap(), "loop").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
     assert_eq!(report.mapped_blocks, 256);
-    let pool = Pool::open_path(dev, &OpenOptions { read_only: true }).unwrap();
+    let pool = Pool::open_path(
+        dev,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let vol = pool.open_volume("vm-100-disk-0").unwrap();
     let mut buf = vec![0u8; 4096];
     for i in 0..256u64 {

@@ -174,7 +174,14 @@ fn raw_request(control: &Path, bytes: &[u8], close: bool) -> String {
 /// Reads `len` bytes at byte offset `off` of a volume or snapshot of a
 /// closed pool.
 fn read_back(pool: &Path, name: &str, off: u64, len: usize) -> Vec<u8> {
-    let p = Pool::open_path(pool, &OpenOptions { read_only: true }).unwrap();
+    let p = Pool::open_path(
+        pool,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let v = p.open_volume(name).unwrap();
     let mut buf = vec![0u8; len];
     v.read(off / 512, &mut buf).unwrap();

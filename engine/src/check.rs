@@ -35,7 +35,13 @@ impl CheckReport {
 /// at all or holds no pool; damage is reported in the report.
 pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
     let mut report = CheckReport::default();
-    let loaded = match load(dev, label, SINGLE_HOST_ID) {
+    // A shared pool's journals belong to their hosts; a single-host pool's
+    // journal is replayed as opening it would.
+    let host = match crate::load::read_superblock(dev, label, &mut Vec::new()) {
+        Ok(sb) if sb.shared.is_some() => 0,
+        _ => SINGLE_HOST_ID,
+    };
+    let loaded = match load(dev, label, host) {
         Ok(l) => l,
         Err(e @ (Error::NotAPool(_) | Error::Io { .. } | Error::UnsupportedVersion { .. })) => {
             return Err(e)
@@ -100,6 +106,7 @@ pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
                 .push(format!("reading allocation-group table: {e}")),
         }
     }
+    check_leases(dev, &layout, &mut report);
     let ring_len = layout.journal_blocks - HOST_CHECKPOINT_BLOCKS;
     for host in 1..=layout.max_hosts {
         let region = layout.host_region(host);
@@ -120,4 +127,32 @@ pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
         }
     }
     Ok(report)
+}
+
+/// Host slots and lock registers: a damaged one is only a warning (its
+/// host rewrites it on its next renewal, or it is treated as a dead host's
+/// after the dead time), but an admin should know.
+fn check_leases(dev: &dyn BlockDevice, layout: &crate::format::Layout, report: &mut CheckReport) {
+    use crate::format::lease::{HostSlot, LockRegister};
+    for h in 1..=layout.max_hosts {
+        let (slot, reg) = (layout.host_slot(h), layout.lock_register(h));
+        match read_block(dev, slot) {
+            Ok(b) => {
+                if let Err(e) = HostSlot::decode(&b, slot, h) {
+                    report.warnings.push(format!("host {h}: {e}"));
+                }
+            }
+            Err(e) => report.errors.push(format!("reading host slot {h}: {e}")),
+        }
+        match read_block(dev, reg) {
+            Ok(b) => {
+                if let Err(e) = LockRegister::decode(&b, reg, h) {
+                    report.warnings.push(format!("host {h}: {e}"));
+                }
+            }
+            Err(e) => report
+                .errors
+                .push(format!("reading lock register {h}: {e}")),
+        }
+    }
 }

@@ -111,6 +111,7 @@ impl Pool {
         validate_policy(&policy)?;
         self.inner.writable()?;
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let old = st.sb.policy;
@@ -201,6 +202,7 @@ impl Pool {
             .dev
             .size_bytes()
             .map_err(|e| Error::io("reading the LUN size", e))?;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let l = st.sb.layout;

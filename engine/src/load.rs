@@ -332,7 +332,38 @@ fn newer_of<T>(
     }
 }
 
+/// Loads the pool as `host_id` (replaying that host's journal; 0 replays
+/// none). On a shared pool another host may checkpoint a volume it has
+/// active while we read its tree; such a read is validated seqlock-style
+/// (the header generation must not change across it) and retried.
 pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Loaded> {
+    let mut tries = 0;
+    loop {
+        match load_once(dev, label, host_id)? {
+            Some(l) => return Ok(l),
+            None if tries < 50 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(2 * tries));
+            }
+            None => {
+                return Err(Error::Busy(
+                    "volume trees kept changing while the pool was read; try again".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// The newest valid generation of a volume's header pair, if readable.
+fn header_generation(dev: &dyn BlockDevice, rec: &VolumeRecord) -> Option<u64> {
+    let bufs = read_blocks(dev, &rec.header_blocks, "reading volume headers").ok()?;
+    (0..2)
+        .filter_map(|i| decode_volume_header(&bufs[i], rec.header_blocks[i]).ok())
+        .map(|h| h.generation)
+        .max()
+}
+
+fn load_once(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Option<Loaded>> {
     let mut warnings = Vec::new();
     let sb = read_superblock(dev, label, &mut warnings)?;
     let layout = sb.layout;
@@ -420,6 +451,8 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
                 }
             })
         };
+        // Active on another host: that host may rewrite the tree meanwhile.
+        let foreign = rec.active_host != 0 && rec.active_host as u32 != host_id;
         let header = newer_of(
             [
                 (rec.header_blocks[0], decode(0)),
@@ -428,9 +461,17 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             |h| h.generation,
             &format!("volume '{}' header", rec.name),
             &mut warnings,
-        )?;
+        );
+        let header = match header {
+            Err(_) if foreign => return Ok(None),
+            h => h?,
+        };
         let mut interior = Vec::new();
-        let map = load_tree(dev, &mut cache, &rec, &header, &mut interior)?;
+        let map = load_tree(dev, &mut cache, &rec, &header, &mut interior);
+        if foreign && header_generation(dev, &rec) != Some(header.generation) {
+            return Ok(None);
+        }
+        let map = map?;
         meta.extend(
             interior
                 .into_iter()
@@ -477,6 +518,23 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
     let meta_blocks: HashSet<u64> = meta.iter().map(|m| m.0).collect();
     drop(meta);
 
+    if host_id == 0 {
+        let host_ckpt = HostCheckpoint {
+            generation: 0,
+            head: 0,
+            seq: 0,
+            prev_crc: 0,
+        };
+        return Ok(Some(Loaded {
+            state,
+            host_ckpt,
+            tail: 0,
+            next_seq: 0,
+            prev_crc: 0,
+            replayed_blocks: 0,
+            warnings,
+        }));
+    }
     // This host's journal.
     let region = layout.host_region(host_id);
     let ring_len = layout.journal_blocks - HOST_CHECKPOINT_BLOCKS;
@@ -521,7 +579,7 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
             let Some(vol) = state.volumes.get_mut(&e.volume()) else {
                 continue; // volume removed after this entry
             };
-            if vol.header.journal_seq >= jb.seq {
+            if vol.header.journal_host == host_id && vol.header.journal_seq >= jb.seq {
                 continue; // already in the checkpointed tree
             }
             ch.clear();
@@ -572,7 +630,7 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
         prev_crc = crc;
         pos = (pos + 1) % ring_len;
     }
-    Ok(Loaded {
+    Ok(Some(Loaded {
         state,
         host_ckpt,
         tail: pos,
@@ -580,5 +638,5 @@ pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<L
         prev_crc,
         replayed_blocks: replayed,
         warnings,
-    })
+    }))
 }

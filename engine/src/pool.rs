@@ -53,6 +53,8 @@ pub struct PoolConfig {
     pub journal_bytes: Option<u64>,
     /// Overwrite an existing pool.
     pub force: bool,
+    /// Share the pool between hosts through leases on the LUN.
+    pub shared: Option<SharedConfig>,
 }
 
 impl Default for PoolConfig {
@@ -63,6 +65,7 @@ impl Default for PoolConfig {
             max_hosts: 16,
             journal_bytes: None,
             force: false,
+            shared: None,
         }
     }
 }
@@ -72,6 +75,37 @@ impl Default for PoolConfig {
 pub struct OpenOptions {
     /// Inspect only: no writes, no journal replay written back.
     pub read_only: bool,
+    /// Who this process is on a shared pool (needed to write one; ignored
+    /// by single-host pools).
+    pub host: Option<HostOptions>,
+}
+
+/// Identity of a host on a shared pool (docs/LOCKING.md).
+#[derive(Clone, Debug, Default)]
+pub struct HostOptions {
+    /// 1..=the pool's host count; unique per host.
+    pub host_id: u32,
+    /// Recorded in the host slot for messages; default: the machine's
+    /// host name.
+    pub host_name: Option<String>,
+    /// Have the kernel SIGKILL this process if its lease goes unrenewed
+    /// past the fence time (a frozen process must never wake up and
+    /// write). Servers and thinctl turn it on; tests that run several
+    /// hosts in one process cannot.
+    pub watchdog: bool,
+    /// Where the per-host-id lock files live; default /run/thinlun (or
+    /// $THINLUN_RUN_DIR).
+    pub run_dir: Option<std::path::PathBuf>,
+}
+
+/// Sharing parameters of a new pool.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedConfig {
+    /// The I/O timeout every lease interval derives from (sanlock: 10 s).
+    pub io_timeout_ms: u32,
+    /// Allocation-group size in bytes (default 1 GiB); each host claims
+    /// whole groups to allocate in.
+    pub group_bytes: Option<u64>,
 }
 
 /// What a volume is, as `list` and `info` show it.
@@ -121,6 +155,10 @@ pub struct PoolStatus {
     pub journal_capacity_blocks: u32,
     pub max_hosts: u32,
     pub policy: Policy,
+    /// A shared pool's lease I/O timeout; `None` for a single-host pool.
+    pub shared_io_timeout_ms: Option<u32>,
+    /// The host id this process joined a shared pool as.
+    pub host_id: Option<u32>,
 }
 
 pub(crate) struct CommitCtl {
@@ -145,6 +183,8 @@ pub(crate) struct Inner {
     bg: Arc<BackgroundCtl>,
     bg_thread: Mutex<Option<JoinHandle<()>>>,
     pub warnings: Vec<String>,
+    /// Leases and group claims of a shared pool.
+    pub shared: Option<crate::shared::SharedCtx>,
     /// Highest data and metadata threshold last reported.
     pub threshold_seen: Mutex<[u8; 2]>,
     pub is_block_device: bool,
@@ -249,10 +289,33 @@ impl Pool {
             .max((64u64 << 40) / BLOCK_SIZE as u64)
             .min(MAX_BLOCKS - 1);
         let chunk_blocks = (chunk / BLOCK_SIZE as u64) as u32;
-        let layout = Layout::compute(
+        let ag_blocks = match cfg.shared.and_then(|s| s.group_bytes) {
+            Some(g) => {
+                let b = g / BLOCK_SIZE as u64;
+                if !b.is_power_of_two() || b < chunk_blocks as u64 || b > u32::MAX as u64 {
+                    return Err(Error::InvalidArgument(format!(
+                        "allocation-group size {g} must be a power of two of at least one chunk"
+                    )));
+                }
+                b as u32
+            }
+            None => crate::format::AG_BLOCKS.max(chunk_blocks),
+        };
+        // Small groups bound how far the pool may grow (the claim table is
+        // sized at creation).
+        let max_pool_blocks = max_pool_blocks.min(crate::format::MAX_AGS * ag_blocks as u64);
+        if let Some(s) = cfg.shared {
+            if s.io_timeout_ms == 0 {
+                return Err(Error::InvalidArgument(
+                    "the I/O timeout must be positive".into(),
+                ));
+            }
+        }
+        let layout = Layout::compute_with_groups(
             pool_blocks,
             max_pool_blocks,
             chunk_blocks,
+            ag_blocks,
             cfg.max_hosts,
             journal_blocks,
         );
@@ -285,6 +348,9 @@ impl Pool {
             created_unix: now,
             commit_unix: now,
             policy: Policy::default(),
+            shared: cfg.shared.map(|s| crate::format::superblock::SharedParams {
+                io_timeout_ms: s.io_timeout_ms,
+            }),
         };
         // Reserved regions start zeroed; claim table and host checkpoints
         // start valid and empty.
@@ -319,13 +385,59 @@ impl Pool {
             write_blocks(dev.as_ref(), &[(at, sb.encode(at))]).map_err(io)?;
             dev.flush().map_err(io)?;
         }
-        Pool::open(dev, label, &OpenOptions::default())
+        // A shared pool needs a host identity to be written; the creator
+        // gets a read-only handle.
+        let opts = OpenOptions {
+            read_only: sb.shared.is_some(),
+            host: None,
+        };
+        Pool::open(dev, label, &opts)
     }
 
     /// Opens an existing pool: verifies and loads its metadata, replays the
     /// journal, and (unless read-only) starts the background committer.
     pub fn open(dev: Arc<dyn BlockDevice>, label: &str, opts: &OpenOptions) -> Result<Pool> {
-        let host_id = SINGLE_HOST_ID;
+        let sb = crate::load::read_superblock(dev.as_ref(), label, &mut Vec::new())?;
+        match (sb.shared, opts.read_only) {
+            (None, ro) => Pool::open_as(dev, label, ro, SINGLE_HOST_ID, None, None),
+            // Inspecting a shared pool replays no host's journal: each is
+            // its host's business.
+            (Some(_), true) => Pool::open_as(dev, label, true, 0, None, None),
+            (Some(params), false) => {
+                let host = opts.host.as_ref().ok_or_else(|| {
+                    Error::InvalidArgument(format!(
+                        "{label} is shared by several hosts: give this host's id (--host-id N or THINLUN_HOST_ID) to write it"
+                    ))
+                })?;
+                crate::shared::open_shared(dev, label, &sb, params, host)
+            }
+        }
+    }
+
+    /// Opens the pool as host `d` to fold a dead host's journal into the
+    /// trees (allocating only in the groups `claims` gives it), for
+    /// [`Pool::close`] right after.
+    pub(crate) fn open_for_recovery(
+        dev: Arc<dyn BlockDevice>,
+        label: &str,
+        d: u32,
+        claims: &[claims::Claim],
+    ) -> Result<Pool> {
+        Pool::open_as(dev, label, false, d, None, Some(claims))
+    }
+
+    /// Opens the pool as `host_id` (0 = replay no journal). `restrict`
+    /// narrows allocation to the groups that host claimed; `shared` makes
+    /// it a member of a shared pool (its background thread is started by
+    /// the caller then, after joining).
+    pub(crate) fn open_as(
+        dev: Arc<dyn BlockDevice>,
+        label: &str,
+        read_only: bool,
+        host_id: u32,
+        shared: Option<crate::shared::SharedCtx>,
+        restrict: Option<&[claims::Claim]>,
+    ) -> Result<Pool> {
         let is_block_device = std::fs::metadata(label).is_ok_and(|m| {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_block_device()
@@ -339,19 +451,26 @@ impl Pool {
             warnings,
             ..
         } = load(dev.as_ref(), label, host_id)?;
+        let mut state = state;
         let layout = state.sb.layout;
+        let group_free =
+            restrict.map(|c| crate::shared::restrict_to_claims(&mut state, c, host_id));
+        if let (Some(sh), Some(g)) = (&shared, group_free) {
+            sh.set_group_free(g);
+        }
         let journal = JournalWriter::new(
-            layout.host_region(host_id),
+            layout.host_region(host_id.max(1)),
             layout.journal_blocks,
             &host_ckpt,
             tail,
             next_seq,
             prev_crc,
         );
+        let background = shared.is_none() && restrict.is_none();
         let inner = Arc::new(Inner {
             dev,
             label: label.to_string(),
-            read_only: opts.read_only,
+            read_only,
             host_id,
             state: Mutex::new(state),
             commit: Mutex::new(Some(CommitCtl { journal, host_ckpt })),
@@ -362,22 +481,31 @@ impl Pool {
             bg: Arc::new(BackgroundCtl::default()),
             bg_thread: Mutex::new(None),
             warnings,
+            shared,
             threshold_seen: Mutex::new([0, 0]),
             is_block_device,
         });
-        if !opts.read_only {
-            if !inner.warnings.is_empty() {
-                inner.rewrite_redundant_copies()?;
+        let pool = Pool { inner };
+        if !read_only {
+            if !pool.inner.warnings.is_empty() {
+                pool.inner.rewrite_redundant_copies()?;
             }
-            let weak = Arc::downgrade(&inner);
-            let ctl = inner.bg.clone();
-            let t = std::thread::Builder::new()
-                .name("thinlun-commit".into())
-                .spawn(move || background(weak, ctl))
-                .map_err(|e| Error::io("starting the background committer", e))?;
-            *inner.bg_thread.lock() = Some(t);
+            if background {
+                pool.start_background()?;
+            }
         }
-        Ok(Pool { inner })
+        Ok(pool)
+    }
+
+    pub(crate) fn start_background(&self) -> Result<()> {
+        let weak = Arc::downgrade(&self.inner);
+        let ctl = self.inner.bg.clone();
+        let t = std::thread::Builder::new()
+            .name("thinlun-commit".into())
+            .spawn(move || background(weak, ctl))
+            .map_err(|e| Error::io("starting the background committer", e))?;
+        *self.inner.bg_thread.lock() = Some(t);
+        Ok(())
     }
 
     /// Problems found while opening that did not prevent it (a damaged copy
@@ -460,6 +588,8 @@ impl Pool {
             journal_capacity_blocks: jcap,
             max_hosts: l.max_hosts,
             policy: st.sb.policy,
+            shared_io_timeout_ms: st.sb.shared.map(|s| s.io_timeout_ms),
+            host_id: self.inner.shared.as_ref().map(|_| self.inner.host_id),
         }
     }
 
@@ -497,6 +627,7 @@ impl Pool {
         }
         self.inner.writable()?;
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         if st.id_by_name(name).is_some() {
@@ -525,6 +656,7 @@ impl Pool {
             origin_id: 0,
             created_unix: now_unix(),
             active_host: 0,
+            active_gen: 0,
         };
         let r = write_blocks(
             inner.dev.as_ref(),
@@ -563,12 +695,16 @@ impl Pool {
     pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
         self.inner.writable()?;
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
         let ids = crate::snapshot::check_removable(&st, id, recursive)?;
+        for &i in &ids {
+            inner.check_not_active_elsewhere(&st, i)?;
+        }
         let removed: Vec<Vol> = ids.iter().filter_map(|id| st.volumes.remove(id)).collect();
         if let Err(e) = inner.write_catalog(&mut st) {
             for v in removed {
@@ -611,6 +747,7 @@ impl Pool {
         }
         self.inner.writable()?;
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let id = st
@@ -668,6 +805,7 @@ impl Pool {
         check_size(size_bytes)?;
         self.inner.writable()?;
         let inner = &self.inner;
+        let _g = inner.global()?;
         let mut ctl_guard = inner.commit.lock();
         let ctl = ctl_guard.as_mut().ok_or(Error::PoolReadOnly)?;
         let (id, old_size) = {
@@ -675,6 +813,7 @@ impl Pool {
             let v = st
                 .volume_by_name(name)
                 .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+            inner.check_not_active_elsewhere(&st, v.rec.id)?;
             if v.rec.flags & catalog::flags::READ_ONLY != 0 {
                 return Err(Error::ReadOnly(name.to_string()));
             }
@@ -735,7 +874,14 @@ impl Pool {
     }
 
     /// Opens a volume for I/O.
+    ///
+    /// On a shared pool a writable volume is activated exclusively for
+    /// this host first (as `lvchange -aey`); it is released when its last
+    /// handle closes. Snapshots and base images need no activation.
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
+        if self.inner.shared.is_some() {
+            self.inner.activate(name)?;
+        }
         let mut st = self.inner.state.lock();
         let id = st
             .id_by_name(name)
@@ -798,7 +944,10 @@ impl Drop for Inner {
 fn open_device(path: &Path, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
     let label = path.display().to_string();
     let dev = FileDevice::open(path, !read_only).map_err(|e| Error::io(&label, e))?;
-    if !read_only {
+    // A shared pool is guarded by its leases, not by a local flock.
+    let shared = crate::load::read_superblock(&dev, &label, &mut Vec::new())
+        .is_ok_and(|sb| sb.shared.is_some());
+    if !read_only && !shared {
         dev.lock_exclusive().map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 Error::Busy(format!(
@@ -1320,6 +1469,14 @@ impl Inner {
         self.checkpoint_forced(ctl)
     }
 
+    pub(crate) fn stop_background(&self) {
+        *self.bg.stop.lock() = true;
+        self.bg.wake.notify_all();
+        if let Some(t) = self.bg_thread.lock().take() {
+            let _ = t.join();
+        }
+    }
+
     fn shutdown(&self) -> Result<()> {
         {
             let mut stop = self.bg.stop.lock();
@@ -1340,11 +1497,14 @@ impl Inner {
         // A pool that failed earlier (possibly in the background) must not
         // report a clean close: writes since its last commit may be lost.
         self.writable()?;
-        let mut guard = self.commit.lock();
-        let Some(ctl) = guard.as_mut() else {
-            return Ok(());
-        };
-        self.commit_locked(ctl)?;
-        self.checkpoint_locked(ctl)
+        {
+            let mut guard = self.commit.lock();
+            let Some(ctl) = guard.as_mut() else {
+                return Ok(());
+            };
+            self.commit_locked(ctl)?;
+            self.checkpoint_locked(ctl)?;
+        }
+        self.leave()
     }
 }

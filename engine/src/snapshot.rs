@@ -94,11 +94,13 @@ impl Pool {
             }
         }
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        inner.check_not_active_elsewhere(&st, id)?;
         let v = &st.volumes[&id];
         if v.rec.flags & flags::SNAPSHOT != 0 {
             return Err(Error::InvalidArgument(format!(
@@ -137,11 +139,13 @@ impl Pool {
     pub fn rollback(&self, spec: &str, force: bool) -> Result<()> {
         self.inner.writable()?;
         let inner = &self.inner;
+        let global = inner.global()?;
         let newer: Vec<String> = {
             let st = inner.state.lock();
             let snap = st
                 .volume_by_name(spec)
                 .ok_or_else(|| Error::NoSuchVolume(spec.to_string()))?;
+            inner.check_not_active_elsewhere(&st, snap.rec.id)?;
             if snap.rec.flags & flags::SNAPSHOT == 0 {
                 return Err(Error::InvalidArgument(format!(
                     "'{spec}' is not a snapshot (use VOL@SNAP)"
@@ -212,6 +216,7 @@ impl Pool {
         }
         drop(st);
         drop(guard);
+        drop(global);
         for name in newer {
             self.remove_volume(&name, false)?;
         }
@@ -257,6 +262,7 @@ impl Pool {
         vol.flush()?;
         drop(vol);
         let inner = &self.inner;
+        let _g = inner.global()?;
         let _ctl = inner.commit.lock();
         let mut st = inner.state.lock();
         let old_origin = st.volumes.get(&id).map_or(0, |v| v.rec.origin_id);
@@ -401,6 +407,7 @@ impl Inner {
         admit: impl FnOnce(&Vol, &State) -> Result<(String, u32, u64, u64)>,
     ) -> Result<VolumeInfo> {
         self.writable()?;
+        let _g = self.global()?;
         // Writes in flight could still land in blocks the new volume is
         // about to share: wait for them and hold new ones off.
         let _stripes = self.lock_all_stripes();
@@ -412,6 +419,10 @@ impl Inner {
             .id_by_name(source)
             .ok_or_else(|| Error::NoSuchVolume(source.to_string()))?;
         let (name, vflags, parent_id, origin_id) = admit(&st.volumes[&src_id], &st)?;
+        if vflags & flags::SNAPSHOT != 0 {
+            // Only the host writing a volume knows its current mapping.
+            self.check_not_active_elsewhere(&st, src_id)?;
+        }
         let id = st.sb.next_volume_id;
         let [a, b] = st.alloc_header_pair()?;
         let src = &st.volumes[&src_id];
@@ -426,6 +437,7 @@ impl Inner {
                 origin_id,
                 created_unix: now_unix(),
                 active_host: 0,
+                active_gen: 0,
             },
             map: src.map.share(),
             header: VolumeHeader {

@@ -20,6 +20,10 @@ pub struct SpaceMap {
     free_blocks: u64,
     /// Hint: no chunk below this index is entirely free.
     empty_hint: u64,
+    /// On a shared pool, chunks of allocation groups this host has not
+    /// claimed: they look full here, and frees landing in them are left
+    /// to the group's owner to find (at its next reload).
+    foreign: Option<Vec<bool>>,
 }
 
 /// A block already in use was claimed again (corruption or a bug).
@@ -39,7 +43,39 @@ impl SpaceMap {
             chunk_free: vec![chunk_blocks as u32; chunks as usize],
             free_blocks: blocks,
             empty_hint: 0,
+            foreign: None,
         }
+    }
+
+    /// Allows allocation only in chunks for which `owned` is true (the
+    /// allocation groups this host claimed). Called once, after the map
+    /// was built from every tree on the LUN.
+    pub fn restrict(&mut self, owned: &dyn Fn(u64) -> bool) {
+        let mut foreign = vec![false; self.chunks as usize];
+        for c in 0..self.chunks {
+            if owned(c) {
+                continue;
+            }
+            foreign[c as usize] = true;
+            let free = self.chunk_free[c as usize] as u64;
+            self.free_blocks -= free;
+            self.chunk_free[c as usize] = 0;
+            let start = c * self.chunk_blocks;
+            for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
+                self.used[w] |= mask;
+            }
+        }
+        self.foreign = Some(foreign);
+        self.empty_hint = 0;
+    }
+
+    /// Free blocks per chunk, as the map stands (for choosing groups).
+    pub fn chunk_free_blocks(&self) -> &[u32] {
+        &self.chunk_free
+    }
+
+    fn is_foreign(&self, c: usize) -> bool {
+        self.foreign.as_ref().is_some_and(|f| f[c])
     }
 
     pub fn total_blocks(&self) -> u64 {
@@ -104,6 +140,9 @@ impl SpaceMap {
     pub fn release(&mut self, pblock: u64, len: u64) {
         let start = pblock - self.data_start;
         for (w, mask, c) in pieces(start, len, self.chunk_blocks) {
+            if self.is_foreign(c) {
+                continue;
+            }
             let n = (self.used[w] & mask).count_ones();
             self.used[w] &= !mask;
             self.chunk_free[c] += n;
@@ -157,8 +196,21 @@ impl SpaceMap {
         self.chunk_free
             .resize(chunks as usize, self.chunk_blocks as u32);
         self.empty_hint = self.empty_hint.min(self.chunks);
+        let old_chunks = self.chunks;
         self.chunks = chunks;
         self.free_blocks += added;
+        if let Some(f) = self.foreign.as_mut() {
+            // New space belongs to no host until one claims its group.
+            f.resize(chunks as usize, true);
+            for c in old_chunks..chunks {
+                self.free_blocks -= self.chunk_free[c as usize] as u64;
+                self.chunk_free[c as usize] = 0;
+                let start = c * self.chunk_blocks;
+                for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
+                    self.used[w] |= mask;
+                }
+            }
+        }
     }
 
     fn set(&mut self, i: u64) {

@@ -198,6 +198,28 @@ impl State {
         });
     }
 
+    /// Takes over what a freshly loaded state cannot know from the LUN:
+    /// commit numbering, in-flight I/O, frees not yet reusable (kept out of
+    /// the fresh free map) and each volume's open handles and cursor.
+    pub fn adopt_from(&mut self, old: &mut State) {
+        self.batch = old.batch;
+        self.committed = old.committed;
+        self.io_epoch = old.io_epoch;
+        self.active_io = std::mem::take(&mut old.active_io);
+        self.pending = std::mem::take(&mut old.pending);
+        self.pending_frees = std::mem::take(&mut old.pending_frees);
+        let mut already = Vec::new();
+        for f in &self.pending_frees {
+            self.space.mark_or_share(f.pblock, f.len, &mut already);
+        }
+        for (id, v) in self.volumes.iter_mut() {
+            if let Some(o) = old.volumes.get(id) {
+                v.handles = o.handles;
+                v.cursor = o.cursor;
+            }
+        }
+    }
+
     /// Blocks freed but not yet reusable.
     pub fn pending_free_blocks(&self) -> u64 {
         self.pending_frees.iter().map(|f| f.len).sum()

@@ -60,8 +60,22 @@ pub struct Volume {
 
 impl Drop for Volume {
     fn drop(&mut self) {
-        if let Some(v) = self.inner.state.lock().volumes.get_mut(&self.id) {
-            v.handles = v.handles.saturating_sub(1);
+        let last = match self.inner.state.lock().volumes.get_mut(&self.id) {
+            Some(v) => {
+                v.handles = v.handles.saturating_sub(1);
+                v.handles == 0
+            }
+            None => false,
+        };
+        if last && self.inner.shared.is_some() {
+            // On a shared pool the last close releases the activation so
+            // another host may take the volume (live migration).
+            if let Err(e) = self.inner.deactivate(self.id) {
+                eprintln!(
+                    "thinlun: volume '{}' stays active on this host: releasing it failed: {e}",
+                    self.name
+                );
+            }
         }
     }
 }
@@ -202,6 +216,8 @@ impl Volume {
                 if self.inner.flush().is_err() {
                     return results;
                 }
+            } else if self.inner.claim_more_space() {
+                // A shared pool's host claimed another allocation group.
             } else if !self.inner.wait_for_space(needed, since) {
                 return results;
             }

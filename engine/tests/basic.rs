@@ -193,7 +193,10 @@ fn not_a_pool_and_damaged_superblocks() {
     let p = Pool::open(
         Arc::new(MemDevice::from_image(one.clone())),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert_eq!(p.volumes().len(), 1);
@@ -217,7 +220,10 @@ fn not_a_pool_and_damaged_superblocks() {
     let e = Pool::open(
         Arc::new(MemDevice::from_image(wiped)),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .err()
     .unwrap();
@@ -232,7 +238,10 @@ fn not_a_pool_and_damaged_superblocks() {
     let e = Pool::open(
         Arc::new(MemDevice::from_image(both)),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .err()
     .unwrap();
@@ -242,7 +251,10 @@ fn not_a_pool_and_damaged_superblocks() {
     let e = Pool::open(
         Arc::new(MemDevice::from_image(short)),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .err()
     .unwrap();
@@ -262,14 +274,20 @@ fn not_a_pool_and_damaged_superblocks() {
     let p = Pool::open(
         Arc::new(MemDevice::from_image(flipped)),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .unwrap();
     assert!(!p.warnings().is_empty());
     let e = Pool::open(
         Arc::new(MemDevice::from_image(newer)),
         "x",
-        &OpenOptions { read_only: true },
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
     )
     .err()
     .unwrap();

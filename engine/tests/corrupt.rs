@@ -79,7 +79,14 @@ fn try_open(img: Vec<u8>, want: &BTreeMap<String, Vec<u8>>, what: &str) -> bool 
     let dev = Arc::new(MemDevice::from_image(img));
     // check must not panic, whatever it finds.
     let report = check(dev.as_ref(), "mem");
-    let Ok(pool) = Pool::open(dev, "mem", &OpenOptions { read_only: true }) else {
+    let Ok(pool) = Pool::open(
+        dev,
+        "mem",
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    ) else {
         assert!(
             report.map_or(true, |r| !r.is_clean()),
             "{what}: open failed but check says clean"

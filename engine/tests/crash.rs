@@ -155,8 +155,15 @@ fn verify_image(img: Vec<u8>, volume: &str, k: usize, h: &History, what: &str) {
         "{what}: check failed: {:?}",
         report.errors
     );
-    let pool = Pool::open(dev, "crash", &OpenOptions { read_only: true })
-        .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+    let pool = Pool::open(
+        dev,
+        "crash",
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
     let vol = pool.open_volume(volume).unwrap();
     let mut buf = vec![0u8; VOL_BLOCKS as usize * BS];
     vol.read(0, &mut buf).unwrap();
@@ -300,7 +307,10 @@ fn crash_points_during_volume_management() {
             let pool = Pool::open(
                 Arc::new(MemDevice::from_image(img)),
                 "crash",
-                &OpenOptions { read_only: true },
+                &OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
             )
             .unwrap();
             let mut got: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
@@ -415,7 +425,10 @@ fn crash_points_with_snapshots_clones_and_rollback() {
             let p = Pool::open(
                 Arc::new(MemDevice::from_image(img)),
                 "crash",
-                &OpenOptions { read_only: true },
+                &OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
             )
             .unwrap();
             assert!(

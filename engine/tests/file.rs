@@ -143,7 +143,14 @@ fn second_writer_process_is_refused() {
         "{:?}",
         second.err()
     );
-    let ro = Pool::open_path(&f.0, &OpenOptions { read_only: true }).unwrap();
+    let ro = Pool::open_path(
+        &f.0,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(ro.volumes().len(), 0);
     drop(pool);
     let again = Arc::new(Pool::open_path(&f.0, &OpenOptions::default()).unwrap());
@@ -209,6 +216,13 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
     pool.close().unwrap();
     let report = check(&FileDevice::open(&f.0, false).unwrap(), "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
-    let p = Pool::open_path(&f.0, &OpenOptions { read_only: true }).unwrap();
+    let p = Pool::open_path(
+        &f.0,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert_eq!(p.status().size_bytes, 256 * MIB);
 }

@@ -135,7 +135,15 @@ fn power_loss_while_full_loses_nothing_acknowledged() {
             let img = trace.crash_image(k, &mut |_, _| kept);
             let d = Arc::new(MemDevice::from_image(img));
             assert_clean(&d);
-            let p = Pool::open(d, "mem", &OpenOptions { read_only: true }).unwrap();
+            let p = Pool::open(
+                d,
+                "mem",
+                &OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
             let r = p.open_volume("v").unwrap();
             let mut buf = vec![0u8; BS];
             for i in 0..20u64 {

@@ -27,6 +27,12 @@ struct Cli {
     #[arg(short, long, env = "THINLUN_POOL", global = true, value_name = "PATH")]
     pool: Option<PathBuf>,
 
+    /// This host's id on a shared pool (1..=its host count); also
+    /// THINLUN_HOST_ID or host_id in /etc/thinlun/thinlun.conf
+    #[arg(long, env = "THINLUN_HOST_ID", global = true, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    host_id: Option<u32>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -119,6 +125,22 @@ enum Command {
     ServeRemove(cmd::daemon::ServeRemoveArgs),
     #[command(flatten)]
     Snap(cmd::snapshot::SnapCommand),
+    /// Leases of a shared pool
+    #[command(subcommand)]
+    Lock(LockCommand),
+    /// Release this host's activation of a volume on a shared pool (live
+    /// migration: release here, then open or serve it on the target host)
+    Release { name: String },
+}
+
+#[derive(Subcommand)]
+enum LockCommand {
+    /// Hosts (live, silent, dead, free), the global lock, active volumes
+    /// and allocation-group claims
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -140,6 +162,18 @@ enum PoolCommand {
         /// Overwrite an existing pool
         #[arg(long)]
         force: bool,
+        /// Share the pool between hosts through leases on the LUN; every
+        /// writer then needs a host id (--host-id)
+        #[arg(long)]
+        shared: bool,
+        /// Lease I/O timeout of a shared pool: hosts renew every 2x, fence
+        /// themselves by 7x and are declared dead after 9x [default: 10s]
+        #[arg(long, value_name = "DURATION", value_parser = cmd::lock::io_timeout_arg, requires = "shared")]
+        io_timeout: Option<u32>,
+        /// Allocation-group size of a shared pool (hosts claim whole
+        /// groups to allocate in) [default: 1G]
+        #[arg(long, value_parser = size_arg, requires = "shared")]
+        group_size: Option<u64>,
     },
     /// Show space use, volumes, journal and policy
     Status {
@@ -173,6 +207,7 @@ fn size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn run(cli: Cli) -> CliResult<()> {
+    cmd::set_host_id(cli.host_id)?;
     let pool = cli.pool.as_deref();
     match cli.command {
         Command::Pool(PoolCommand::Create {
@@ -181,6 +216,9 @@ fn run(cli: Cli) -> CliResult<()> {
             max_hosts,
             journal_size,
             force,
+            shared,
+            io_timeout,
+            group_size,
         }) => cmd::pool::create(
             pool,
             cmd::pool::CreateArgs {
@@ -189,6 +227,10 @@ fn run(cli: Cli) -> CliResult<()> {
                 max_hosts,
                 journal_size,
                 force,
+                shared: shared.then(|| thinlun::SharedConfig {
+                    io_timeout_ms: io_timeout.unwrap_or(thinlun::lease::DEFAULT_IO_TIMEOUT_MS),
+                    group_bytes: group_size,
+                }),
             },
         ),
         Command::Pool(PoolCommand::Status { json }) => cmd::pool::status(pool, json),
@@ -224,6 +266,8 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::ServeAdd(args) => cmd::daemon::add(pool, &args),
         Command::ServeRemove(args) => cmd::daemon::remove(pool, &args),
         Command::Snap(c) => cmd::snapshot::run(pool, c),
+        Command::Lock(LockCommand::Status { json }) => cmd::lock::status(pool, json),
+        Command::Release { name } => cmd::lock::release(pool, &name),
     }
 }
 

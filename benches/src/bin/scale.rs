@@ -569,7 +569,14 @@ fn measure(mode: &str, path: &Path) {
         "rw" | "ro" => {
             let read_only = mode == "ro";
             let t = Instant::now();
-            let pool = Pool::open_path(path, &OpenOptions { read_only }).expect("open");
+            let pool = Pool::open_path(
+                path,
+                &OpenOptions {
+                    read_only,
+                    ..Default::default()
+                },
+            )
+            .expect("open");
             let secs = t.elapsed().as_secs_f64();
             let (rss1, hwm1, heap1, heap_pk) =
                 (rss_bytes(), peak_rss_bytes(), heap_live(), heap_peak());

@@ -37,6 +37,8 @@ pub struct VolumeRecord {
     pub created_unix: u64,
     /// Host holding the volume active for writing (0 = none).
     pub active_host: u16,
+    /// That host's incarnation (slot generation) when it activated it.
+    pub active_gen: u64,
 }
 
 impl VolumeRecord {
@@ -51,6 +53,7 @@ impl VolumeRecord {
         put_u64(b, 48, self.origin_id);
         put_u64(b, 56, self.created_unix);
         put_u16(b, 64, self.active_host);
+        put_u64(b, 72, self.active_gen);
         b[96..96 + self.name.len()].copy_from_slice(self.name.as_bytes());
     }
 
@@ -97,6 +100,7 @@ impl VolumeRecord {
             origin_id: get_u64(b, 48),
             created_unix: get_u64(b, 56),
             active_host: get_u16(b, 64),
+            active_gen: get_u64(b, 72),
         })
     }
 }
@@ -231,6 +235,7 @@ mod tests {
             origin_id: 0,
             created_unix: 99,
             active_host: 0,
+            active_gen: 0,
         };
         let cb = CatalogBlock {
             records: (1..=RECORDS_PER_BLOCK as u64)

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod claims;
 pub mod codec;
 pub mod journal;
+pub mod lease;
 pub mod node;
 pub mod superblock;
 
@@ -38,8 +39,10 @@ pub const HEADER_ZONE_BLOCKS: u64 = 16;
 
 /// Hosts a pool can hold at most (slot ids 1..=MAX_HOSTS).
 pub const MAX_HOSTS: u32 = 100;
-/// Allocation-group size: 1 GiB of 4 KiB blocks.
+/// Default allocation-group size: 1 GiB of 4 KiB blocks.
 pub const AG_BLOCKS: u32 = 262_144;
+/// Most allocation groups a pool may have (bounds the claim table).
+pub const MAX_AGS: u64 = 1 << 20;
 /// Bytes per allocation-group claim record.
 pub const AG_CLAIM_LEN: usize = 16;
 
@@ -61,6 +64,8 @@ pub mod magic {
     pub const JOURNAL: &[u8; 8] = b"TLJRNL\0\0";
     pub const HOST_CHECKPOINT: &[u8; 8] = b"TLHOSTCK";
     pub const AG_TABLE: &[u8; 8] = b"TLAGTAB\0";
+    pub const HOST_SLOT: &[u8; 8] = b"TLHOSTSL";
+    pub const LOCK_REGISTER: &[u8; 8] = b"TLLOCKRG";
 }
 
 /// Where each region of a pool lies, in blocks from the start of the LUN.
@@ -70,6 +75,8 @@ pub struct Layout {
     pub pool_blocks: u64,
     pub max_pool_blocks: u64,
     pub chunk_blocks: u32,
+    /// Allocation-group size: a power of two, a multiple of the chunk.
+    pub ag_blocks: u32,
     pub max_hosts: u32,
     /// Per host, including its checkpoint records.
     pub journal_blocks: u32,
@@ -83,7 +90,7 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// Computes the layout of a new pool.
+    /// Computes the layout of a new pool with the default group size.
     pub fn compute(
         pool_blocks: u64,
         max_pool_blocks: u64,
@@ -91,11 +98,31 @@ impl Layout {
         max_hosts: u32,
         journal_blocks: u32,
     ) -> Layout {
+        let ag_blocks = AG_BLOCKS.max(chunk_blocks);
+        Layout::compute_with_groups(
+            pool_blocks,
+            max_pool_blocks,
+            chunk_blocks,
+            ag_blocks,
+            max_hosts,
+            journal_blocks,
+        )
+    }
+
+    /// Computes the layout of a new pool.
+    pub fn compute_with_groups(
+        pool_blocks: u64,
+        max_pool_blocks: u64,
+        chunk_blocks: u32,
+        ag_blocks: u32,
+        max_hosts: u32,
+        journal_blocks: u32,
+    ) -> Layout {
         let host_slot_start = HEADER_ZONE_BLOCKS;
         let lock_start = host_slot_start + max_hosts as u64;
         let lock_blocks = max_hosts as u64 + 1;
         let ag_table_start = lock_start + lock_blocks;
-        let max_ags = max_pool_blocks.div_ceil(AG_BLOCKS as u64);
+        let max_ags = max_pool_blocks.div_ceil(ag_blocks as u64);
         let claims_per_block = (BLOCK_SIZE - codec::HEADER_LEN) / AG_CLAIM_LEN;
         let ag_table_blocks = max_ags.div_ceil(claims_per_block as u64);
         let journal_start = ag_table_start + ag_table_blocks;
@@ -105,6 +132,7 @@ impl Layout {
             pool_blocks,
             max_pool_blocks,
             chunk_blocks,
+            ag_blocks,
             max_hosts,
             journal_blocks,
             host_slot_start,
@@ -134,5 +162,24 @@ impl Layout {
 
     pub fn is_data_block(&self, b: u64) -> bool {
         b >= self.data_start && b < self.data_end()
+    }
+
+    /// Allocation groups covering the data area (the last may be partial).
+    pub fn groups(&self) -> u64 {
+        (self.data_end() - self.data_start).div_ceil(self.ag_blocks as u64)
+    }
+
+    /// The allocation group a data block belongs to.
+    pub fn group_of(&self, b: u64) -> u64 {
+        (b - self.data_start) / self.ag_blocks as u64
+    }
+
+    /// Host `h`'s slot and lock register.
+    pub fn host_slot(&self, h: u32) -> u64 {
+        self.host_slot_start + (h as u64 - 1)
+    }
+
+    pub fn lock_register(&self, h: u32) -> u64 {
+        self.lock_start + (h as u64 - 1)
     }
 }

@@ -4,7 +4,7 @@
 
 use super::codec::{self, get_u32, get_u64, put_u32, put_u64, Header};
 use super::{
-    magic, Layout, AG_BLOCKS, BLOCK_SIZE, MAX_BLOCKS, MAX_CHUNK_BYTES, MAX_HOSTS, MIN_CHUNK_BYTES,
+    magic, Layout, BLOCK_SIZE, MAX_AGS, MAX_BLOCKS, MAX_CHUNK_BYTES, MAX_HOSTS, MIN_CHUNK_BYTES,
     MIN_JOURNAL_BLOCKS,
 };
 use crate::error::{Error, Result};
@@ -50,7 +50,21 @@ pub struct Superblock {
     pub created_unix: u64,
     pub commit_unix: u64,
     pub policy: Policy,
+    /// Shared by several hosts through leases on the LUN (docs/LOCKING.md);
+    /// `None` for a single-host pool, guarded by a local flock only.
+    pub shared: Option<SharedParams>,
 }
+
+/// Lease timing of a shared pool: everything derives from the I/O timeout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SharedParams {
+    pub io_timeout_ms: u32,
+}
+
+/// Incompatible feature: the pool is shared through on-LUN leases; a
+/// thinlun that does not know them must not write it.
+pub const INCOMPAT_SHARED: u32 = 1;
+const INCOMPAT_KNOWN: u32 = INCOMPAT_SHARED;
 
 // Body offsets (after the 32-byte common header).
 const O_BLOCK_SIZE: usize = 32;
@@ -80,6 +94,7 @@ const O_META_WARN: usize = 187;
 const O_WHEN_FULL: usize = 190;
 const O_QUEUE_TIMEOUT: usize = 192;
 const O_MAX_OVERCOMMIT: usize = 196;
+const O_IO_TIMEOUT: usize = 200;
 
 impl Superblock {
     pub fn encode(&self, at_block: u64) -> Vec<u8> {
@@ -87,10 +102,23 @@ impl Superblock {
         let l = &self.layout;
         put_u32(&mut b, O_BLOCK_SIZE, BLOCK_SIZE as u32);
         put_u32(&mut b, O_CHUNK_BLOCKS, l.chunk_blocks);
-        put_u32(&mut b, O_AG_BLOCKS, AG_BLOCKS);
+        put_u32(&mut b, O_AG_BLOCKS, l.ag_blocks);
         put_u32(&mut b, O_MAX_HOSTS, l.max_hosts);
         put_u32(&mut b, O_JOURNAL_BLOCKS, l.journal_blocks);
-        put_u32(&mut b, O_INCOMPAT, 0);
+        put_u32(
+            &mut b,
+            O_INCOMPAT,
+            if self.shared.is_some() {
+                INCOMPAT_SHARED
+            } else {
+                0
+            },
+        );
+        put_u32(
+            &mut b,
+            O_IO_TIMEOUT,
+            self.shared.map_or(0, |s| s.io_timeout_ms),
+        );
         put_u64(&mut b, O_POOL_BLOCKS, l.pool_blocks);
         put_u64(&mut b, O_MAX_POOL_BLOCKS, l.max_pool_blocks);
         put_u64(&mut b, O_HOST_SLOT_START, l.host_slot_start);
@@ -132,19 +160,22 @@ impl Superblock {
         if get_u32(b, O_BLOCK_SIZE) as usize != BLOCK_SIZE {
             return Err(bad("unsupported block size"));
         }
-        // v1 knows no optional features. Unknown incompat or ro_compat bits
-        // mean a newer thinlun wrote structures this one could damage, so
-        // the pool is refused; compat bits are safe to ignore.
+        // Unknown incompat or ro_compat bits mean a newer thinlun wrote
+        // structures this one could damage, so the pool is refused; compat
+        // bits are safe to ignore.
         let (incompat, ro_compat) = (get_u32(b, O_INCOMPAT), get_u32(b, O_RO_COMPAT));
-        if incompat != 0 || ro_compat != 0 {
+        if incompat & !INCOMPAT_KNOWN != 0 || ro_compat != 0 {
             return Err(Error::Corrupt(format!(
                 "superblock at block {at_block}: pool uses features this thinlun does not know (incompat {incompat:#x}, ro_compat {ro_compat:#x}); use a newer thinlun"
             )));
         }
-        if get_u32(b, O_AG_BLOCKS) != AG_BLOCKS {
-            return Err(bad("unsupported allocation-group size"));
-        }
         let chunk_blocks = get_u32(b, O_CHUNK_BLOCKS);
+        let ag_blocks = get_u32(b, O_AG_BLOCKS);
+        if !ag_blocks.is_power_of_two() || ag_blocks < chunk_blocks {
+            return Err(bad(
+                "allocation-group size is not a power of two of whole chunks",
+            ));
+        }
         let chunk_bytes = (chunk_blocks as u64) * BLOCK_SIZE as u64;
         if !chunk_blocks.is_power_of_two()
             || !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&chunk_bytes)
@@ -164,10 +195,14 @@ impl Superblock {
         if pool_blocks == 0 || pool_blocks > max_pool_blocks || max_pool_blocks > MAX_BLOCKS {
             return Err(bad("pool size out of range"));
         }
-        let layout = Layout::compute(
+        if max_pool_blocks.div_ceil(ag_blocks as u64) > MAX_AGS {
+            return Err(bad("too many allocation groups"));
+        }
+        let layout = Layout::compute_with_groups(
             pool_blocks,
             max_pool_blocks,
             chunk_blocks,
+            ag_blocks,
             max_hosts,
             journal_blocks,
         );
@@ -211,6 +246,15 @@ impl Superblock {
                 queue_timeout_ms: get_u32(b, O_QUEUE_TIMEOUT),
                 max_overcommit_pct: get_u32(b, O_MAX_OVERCOMMIT),
             },
+            shared: if incompat & INCOMPAT_SHARED != 0 {
+                let io_timeout_ms = get_u32(b, O_IO_TIMEOUT);
+                if io_timeout_ms == 0 {
+                    return Err(bad("shared pool without an I/O timeout"));
+                }
+                Some(SharedParams { io_timeout_ms })
+            } else {
+                None
+            },
         })
     }
 }
@@ -235,6 +279,7 @@ mod tests {
             created_unix: 1,
             commit_unix: 2,
             policy: Policy::default(),
+            shared: None,
         }
     }
 
@@ -244,6 +289,14 @@ mod tests {
         let b = sb.encode(8);
         assert_eq!(Superblock::decode(&b, 8).unwrap(), sb);
         assert!(Superblock::decode(&b, 0).is_err());
+    }
+
+    #[test]
+    fn shared_roundtrip() {
+        let mut sb = sample();
+        sb.shared = Some(SharedParams { io_timeout_ms: 250 });
+        let b = sb.encode(0);
+        assert_eq!(Superblock::decode(&b, 0).unwrap(), sb);
     }
 
     #[test]

@@ -55,6 +55,7 @@ fn superblocks() -> Vec<Vec<u8>> {
         created_unix: 1_700_000_000,
         commit_unix: 1_700_000_000,
         policy: Policy::default(),
+        shared: None,
     };
     let used = Superblock {
         generation: 42,
@@ -170,6 +171,7 @@ fn catalogs() -> Vec<Vec<u8>> {
         origin_id: 0,
         created_unix: 1_700_000_000 + id,
         active_host: if id == 1 { 1 } else { 0 },
+        active_gen: if id == 1 { 1 } else { 0 },
     };
     let two = CatalogBlock {
         records: vec![

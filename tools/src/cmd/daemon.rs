@@ -97,7 +97,7 @@ fn word<'a>(what: &str, s: &'a str) -> CliResult<&'a str> {
 }
 
 /// Sends `line`; the `ok` text, or the daemon's error as ours.
-fn ask(control: &Path, line: &str) -> CliResult<String> {
+pub fn ask(control: &Path, line: &str) -> CliResult<String> {
     match request(control, line) {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(t)) => Err(CliError::new(t)),

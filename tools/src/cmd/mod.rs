@@ -7,6 +7,7 @@ pub mod diff;
 pub mod du;
 pub mod export;
 pub mod import;
+pub mod lock;
 pub mod pool;
 pub mod serve;
 pub mod snapshot;
@@ -15,7 +16,61 @@ pub mod volume;
 
 use crate::error::{CliError, CliResult};
 use std::path::Path;
-use thinlun::{OpenOptions, Pool};
+use std::sync::OnceLock;
+use thinlun::{HostOptions, OpenOptions, Pool};
+
+/// This host's id on shared pools: `--host-id`, `THINLUN_HOST_ID`, or
+/// `host_id = N` in /etc/thinlun/thinlun.conf (or `$THINLUN_CONFIG`).
+static HOST_ID: OnceLock<Option<u32>> = OnceLock::new();
+
+pub fn set_host_id(flag: Option<u32>) -> CliResult<()> {
+    let id = match flag {
+        Some(id) => Some(id),
+        None => host_id_from_config()?,
+    };
+    let _ = HOST_ID.set(id);
+    Ok(())
+}
+
+fn host_id_from_config() -> CliResult<Option<u32>> {
+    let path = std::env::var_os("THINLUN_CONFIG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "/etc/thinlun/thinlun.conf".into());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(CliError::io(&path.display().to_string(), e)),
+    };
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if let Some((k, v)) = line.split_once('=') {
+            if k.trim() == "host_id" {
+                return v.trim().parse().map(Some).map_err(|_| {
+                    CliError::new(format!(
+                        "{}: host_id '{}' is not a number",
+                        path.display(),
+                        v.trim()
+                    ))
+                });
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// How thinctl opens a pool for writing: as this host on a shared pool,
+/// with the lease watchdog armed (a frozen thinctl must not wake up and
+/// write after other hosts declared it dead).
+pub fn write_options() -> OpenOptions {
+    OpenOptions {
+        read_only: false,
+        host: HOST_ID.get().copied().flatten().map(|host_id| HostOptions {
+            host_id,
+            watchdog: true,
+            ..HostOptions::default()
+        }),
+    }
+}
 
 /// Bytes moved per engine call by `import` and `export`: large enough to
 /// batch well, small enough to keep memory flat.
@@ -43,7 +98,13 @@ pub fn require_exists(path: &Path) -> CliResult<()> {
 /// written back.
 pub fn open_read_only(path: &Path) -> CliResult<Pool> {
     require_exists(path)?;
-    let pool = Pool::open_path(path, &OpenOptions { read_only: true })?;
+    let pool = Pool::open_path(
+        path,
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )?;
     report_warnings(&pool);
     Ok(pool)
 }
@@ -51,7 +112,7 @@ pub fn open_read_only(path: &Path) -> CliResult<Pool> {
 /// Opens the pool for changes; pair with [`close`].
 pub fn open_read_write(path: &Path) -> CliResult<Pool> {
     require_exists(path)?;
-    let pool = Pool::open_path(path, &OpenOptions::default())?;
+    let pool = Pool::open_path(path, &write_options())?;
     report_warnings(&pool);
     Ok(pool)
 }

@@ -15,6 +15,7 @@ pub struct CreateArgs {
     pub max_hosts: Option<u32>,
     pub journal_size: Option<u64>,
     pub force: bool,
+    pub shared: Option<thinlun::SharedConfig>,
 }
 
 pub fn create(pool: Option<&Path>, args: CreateArgs) -> CliResult<()> {
@@ -44,6 +45,7 @@ pub fn create(pool: Option<&Path>, args: CreateArgs) -> CliResult<()> {
         max_hosts: args.max_hosts.unwrap_or(defaults.max_hosts),
         journal_bytes: args.journal_size,
         force: args.force,
+        shared: args.shared,
     };
     let created = match Pool::create_path(path, &cfg) {
         Ok(p) => p,
@@ -57,13 +59,19 @@ pub fn create(pool: Option<&Path>, args: CreateArgs) -> CliResult<()> {
         }
     };
     let status = with_pool(created, |p| Ok(p.status()))?;
+    let sharing = match status.shared_io_timeout_ms {
+        Some(ms) => format!(
+            "shared by up to {} hosts (I/O timeout {ms} ms)",
+            status.max_hosts
+        ),
+        None => "single host".to_string(),
+    };
     emit(&format!(
-        "created pool {}: {} ({} for data), chunk size {}, up to {} hosts, uuid {}\n",
+        "created pool {}: {} ({} for data), chunk size {}, {sharing}, uuid {}\n",
         path.display(),
         size(status.size_bytes),
         size(status.data_bytes),
         size(status.chunk_bytes),
-        status.max_hosts,
         status.uuid
     ))
 }
@@ -147,6 +155,13 @@ fn status_text(label: &str, s: &PoolStatus) -> String {
         ),
         ("max hosts", s.max_hosts.to_string()),
         (
+            "sharing",
+            match s.shared_io_timeout_ms {
+                Some(ms) => format!("shared through leases, I/O timeout {ms} ms"),
+                None => "single host (local lock)".to_string(),
+            },
+        ),
+        (
             "thresholds crossed",
             if s.thresholds_crossed.is_empty() {
                 "none".to_string()
@@ -215,6 +230,8 @@ fn status_json(label: &str, s: &PoolStatus) -> Json {
         ("journal_used_blocks", s.journal_used_blocks.into()),
         ("journal_capacity_blocks", s.journal_capacity_blocks.into()),
         ("max_hosts", s.max_hosts.into()),
+        ("shared", s.shared_io_timeout_ms.is_some().into()),
+        ("io_timeout_ms", s.shared_io_timeout_ms.unwrap_or(0).into()),
         (
             "policy",
             Json::Object(vec![

@@ -9,7 +9,7 @@ use crate::human::size;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use thinlun::{OpenOptions, Pool};
+use thinlun::Pool;
 use thinlun_vhost::signals::block_stop_signals;
 use thinlun_vhost::{default_control_path, Daemon, Durability, ServeOptions};
 
@@ -57,7 +57,7 @@ pub fn open_writable_waiting(path: &Path) -> CliResult<Pool> {
     let mut noted = false;
     loop {
         require_exists(path)?;
-        match Pool::open_path(path, &OpenOptions::default()) {
+        match Pool::open_path(path, &super::write_options()) {
             Err(thinlun::Error::Busy(msg)) if Instant::now() < deadline => {
                 if !noted {
                     eprintln!("thinctl: {msg}; waiting up to {} s", LOCK_WAIT.as_secs());

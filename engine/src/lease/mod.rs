@@ -1,0 +1,70 @@
+//! Leases on the LUN that let several hosts share one pool safely: a
+//! delta lease per host (its slot, renewed in the background), a global
+//! lock for pool-wide changes, and the fence that stops a host's writes
+//! before anyone may consider it dead. Protocol, layout and timing proof:
+//! docs/LOCKING.md.
+
+mod clock;
+mod global;
+mod host;
+
+pub use clock::now_ms;
+pub(crate) use global::GlobalGuard;
+pub(crate) use host::{FencedDevice, HostLease, JoinOptions};
+
+use std::time::Duration;
+
+/// Every lease interval derives from the pool's I/O timeout `T`, as in
+/// sanlock: renew every 2T, stop writing at 6T without a renewal, be
+/// killed by the watchdog at 7T, and be declared dead by others after
+/// they watched the slot unchanged for 8T plus a margin of T.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub io_timeout: Duration,
+}
+
+impl Timing {
+    pub fn from_ms(io_timeout_ms: u32) -> Timing {
+        Timing {
+            io_timeout: Duration::from_millis(io_timeout_ms as u64),
+        }
+    }
+
+    fn t(&self) -> u64 {
+        self.io_timeout.as_millis() as u64
+    }
+    pub fn renew_ms(&self) -> u64 {
+        2 * self.t()
+    }
+    pub fn fence_ms(&self) -> u64 {
+        6 * self.t()
+    }
+    pub fn watchdog_ms(&self) -> u64 {
+        7 * self.t()
+    }
+    pub fn dead_ms(&self) -> u64 {
+        9 * self.t()
+    }
+    /// How long a joining host waits after writing its slot before it
+    /// re-reads it to see whether another host wrote the slot too.
+    pub fn join_delay_ms(&self) -> u64 {
+        2 * self.t()
+    }
+}
+
+/// The default I/O timeout of a new shared pool (sanlock's default).
+pub const DEFAULT_IO_TIMEOUT_MS: u32 = 10_000;
+
+/// What one host slot says, as `thinctl lock status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostView {
+    pub host_id: u32,
+    pub name: String,
+    pub generation: u64,
+    /// "live", "free", "dead" (unchanged past the dead time, as this host
+    /// watched it) or "unknown" (not watched long enough to tell).
+    pub state: &'static str,
+    /// Milliseconds since this host last saw the slot change.
+    pub unchanged_ms: Option<u64>,
+    pub is_self: bool,
+}

@@ -1,0 +1,678 @@
+//! A pool shared by several hosts (docs/LOCKING.md): the global lock around
+//! pool-wide changes, reloading what other hosts changed, volume
+//! activation leases, allocation-group claims and dead-host recovery.
+//!
+//! Rules that make it safe:
+//! - catalog, superblock and claim table are written only under the global
+//!   lock, and every such change bumps the superblock generation, which is
+//!   how other hosts notice they must reload;
+//! - a host allocates only inside allocation groups it claimed, so a stale
+//!   view of other hosts' volumes can only make it leave space unused,
+//!   never hand out a block someone uses;
+//! - a volume's mapping is changed only by the host that has it active.
+
+use crate::dev::{read_block, write_blocks, AlignedBuf, BlockDevice, IoOp};
+use crate::error::{Error, Result};
+use crate::format::claims::{self, Claim, CLAIMS_PER_BLOCK};
+use crate::format::lease::{HostSlot, SlotState};
+use crate::format::superblock::{SharedParams, Superblock};
+use crate::format::{catalog::flags, Layout, BLOCK_SIZE, SUPERBLOCK_A, SUPERBLOCK_B};
+use crate::lease::{FencedDevice, GlobalGuard, HostLease, JoinOptions, Timing};
+use crate::load::load;
+use crate::pool::{HostOptions, Inner};
+use crate::state::State;
+use crate::Pool;
+use parking_lot::Mutex;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a pool-wide change waits for the global lock.
+const LOCK_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub(crate) struct SharedCtx {
+    pub lease: Arc<HostLease>,
+    /// Free blocks per allocation group as of the last reload, counted
+    /// before this host's view was narrowed to its own groups.
+    group_free: Mutex<Vec<u64>>,
+}
+
+impl SharedCtx {
+    pub fn new(lease: Arc<HostLease>) -> SharedCtx {
+        SharedCtx {
+            lease,
+            group_free: Mutex::new(Vec::new()),
+        }
+    }
+
+    pub fn set_group_free(&self, g: Vec<u64>) {
+        *self.group_free.lock() = g;
+    }
+}
+
+/// Joins a shared pool as `host` and opens it: take the host slot, then,
+/// under the global lock, load the pool, fold this host's own journal
+/// (left by an earlier run) into its trees, drop that run's activations,
+/// and claim a first allocation group.
+pub(crate) fn open_shared(
+    dev: Arc<dyn BlockDevice>,
+    label: &str,
+    sb: &Superblock,
+    params: SharedParams,
+    host: &HostOptions,
+) -> Result<Pool> {
+    let timing = Timing::from_ms(params.io_timeout_ms);
+    let join = JoinOptions {
+        host_id: host.host_id,
+        host_name: host.host_name.clone().unwrap_or_else(local_host_name),
+        watchdog: host.watchdog,
+        run_dir: host.run_dir.clone().unwrap_or_else(default_run_dir),
+    };
+    let lease = HostLease::join(dev.clone(), sb.layout, &sb.uuid, timing, &join)?;
+    let fenced: Arc<dyn BlockDevice> = Arc::new(FencedDevice {
+        inner: dev,
+        lease: lease.clone(),
+    });
+    let r = (|| {
+        let guard = GlobalGuard::acquire(lease.clone(), fenced.clone(), LOCK_TIMEOUT)?;
+        let claims = read_claims(fenced.as_ref(), &sb.layout)?;
+        let pool = Pool::open_as(
+            fenced.clone(),
+            label,
+            false,
+            host.host_id,
+            Some(SharedCtx::new(lease.clone())),
+            Some(&claims),
+        )?;
+        pool.inner.ensure_space_locked()?;
+        {
+            let inner = &pool.inner;
+            let mut g = inner.commit.lock();
+            let ctl = g.as_mut().ok_or(Error::PoolReadOnly)?;
+            inner.commit_locked(ctl)?;
+            inner.checkpoint_locked(ctl)?;
+        }
+        pool.inner.drop_stale_activations_locked()?;
+        drop(guard);
+        pool.start_background()?;
+        Ok(pool)
+    })();
+    if r.is_err() {
+        lease.release();
+    }
+    r
+}
+
+fn local_host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+fn default_run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("THINLUN_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    let run = PathBuf::from("/run/thinlun");
+    if std::fs::create_dir_all(&run).is_ok() {
+        return run;
+    }
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("thinlun-{uid}"))
+}
+
+/// Reads the claims of the pool's current groups (the table is sized for
+/// the largest the pool may grow to; only its head is in use), in one I/O.
+pub(crate) fn read_claims(dev: &dyn BlockDevice, layout: &Layout) -> Result<Vec<Claim>> {
+    let groups = layout.groups() as usize;
+    let blocks = groups.div_ceil(CLAIMS_PER_BLOCK).max(1) as u64;
+    let blocks = blocks.min(layout.ag_table_blocks);
+    let mut buf = AlignedBuf::zeroed(blocks as usize * BLOCK_SIZE);
+    dev.submit(&mut [IoOp::Read {
+        offset: layout.ag_table_start * BLOCK_SIZE as u64,
+        buf: &mut buf,
+    }])
+    .map_err(|e| Error::io("reading the claim table", e))?;
+    let mut out = Vec::new();
+    for i in 0..blocks {
+        let at = layout.ag_table_start + i;
+        let b = &buf[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
+        out.extend(claims::decode(b, at, layout.max_hosts)?);
+    }
+    out.truncate(groups);
+    Ok(out)
+}
+
+fn write_claims(dev: &dyn BlockDevice, layout: &Layout, all: &[Claim], seq: u64) -> Result<()> {
+    let writes: Vec<(u64, Vec<u8>)> = all
+        .chunks(CLAIMS_PER_BLOCK)
+        .enumerate()
+        .map(|(i, c)| {
+            let at = layout.ag_table_start + i as u64;
+            (at, claims::encode(c, seq, at))
+        })
+        .collect();
+    write_blocks(dev, &writes).map_err(|e| Error::io("writing the claim table", e))?;
+    dev.flush()
+        .map_err(|e| Error::io("flushing the claim table", e))
+}
+
+/// Newest valid superblock generation on the LUN.
+fn disk_generation(dev: &dyn BlockDevice) -> Result<u64> {
+    let mut best = None;
+    for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
+        let b = read_block(dev, at).map_err(|e| Error::io("reading the superblock", e))?;
+        if let Ok(sb) = Superblock::decode(&b, at) {
+            best = best.max(Some(sb.generation));
+        }
+    }
+    best.ok_or_else(|| Error::Corrupt("both superblock copies are damaged".into()))
+}
+
+/// Narrows a freshly loaded state to the groups `owner` claimed and
+/// returns the free blocks of every group before narrowing.
+pub(crate) fn restrict_to_claims(st: &mut State, all: &[Claim], owner: u32) -> Vec<u64> {
+    let l = st.sb.layout;
+    let per_group = (l.ag_blocks / l.chunk_blocks) as u64;
+    let free = st.space.chunk_free_blocks();
+    let mut group_free = vec![0u64; l.groups() as usize];
+    for (c, &f) in free.iter().enumerate() {
+        if let Some(g) = group_free.get_mut(c / per_group as usize) {
+            *g += f as u64;
+        }
+    }
+    let owned = |c: u64| {
+        all.get((c / per_group) as usize)
+            .is_some_and(|cl| cl.owner as u32 == owner)
+    };
+    st.space.restrict(&owned);
+    group_free
+}
+
+impl Inner {
+    fn shared_ctx(&self) -> Option<&SharedCtx> {
+        self.shared.as_ref()
+    }
+
+    /// Takes the global lock (on a shared pool; `None` on a single-host
+    /// one) and brings this host's view up to date with the LUN, recovering
+    /// dead hosts on the way.
+    pub(crate) fn global(&self) -> Result<Option<GlobalGuard>> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(None);
+        };
+        self.writable()?;
+        let g = GlobalGuard::acquire(sh.lease.clone(), self.dev.clone(), LOCK_TIMEOUT)?;
+        self.refresh()?;
+        Ok(Some(g))
+    }
+
+    fn refresh(&self) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        sh.lease.observe()?;
+        let dead = sh.lease.dead_hosts();
+        let on_disk = disk_generation(self.dev.as_ref())?;
+        if on_disk != self.state.lock().sb.generation || !dead.is_empty() {
+            self.reload(&dead)?;
+        }
+        Ok(())
+    }
+
+    /// Re-reads the pool from the LUN (under the global lock). This host's
+    /// own changes are folded into its trees first, so the LUN holds all of
+    /// them, then the whole state is loaded again and swapped in.
+    pub(crate) fn reload(&self, dead: &[(HostSlot, u32)]) -> Result<()> {
+        let sh = self.shared_ctx().ok_or(Error::PoolReadOnly)?;
+        let _stripes = self.lock_all_stripes();
+        let mut guard = self.commit.lock();
+        let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        self.commit_locked(ctl)?;
+        self.checkpoint_locked(ctl)?;
+        let dev = self.dev.as_ref();
+        let mut recovered = Vec::new();
+        for (d, _) in dead {
+            self.recover_host(d)?;
+            recovered.push(d.host_id);
+        }
+        let loaded = load(dev, &self.label, 0)?;
+        let mut fresh = loaded.state;
+        let mut claims = read_claims(dev, &fresh.sb.layout)?;
+        let mut st = self.state.lock();
+        fresh.adopt_from(&mut st);
+        // A recovered host's groups pass to this host.
+        let mut claims_changed = false;
+        for c in claims.iter_mut() {
+            if c.owner != 0 && recovered.contains(&(c.owner as u32)) {
+                c.owner = self.host_id as u16;
+                c.generation += 1;
+                claims_changed = true;
+            }
+        }
+        if claims_changed {
+            write_claims(dev, &fresh.sb.layout, &claims, fresh.sb.generation + 1)?;
+        }
+        *sh.group_free.lock() = restrict_to_claims(&mut fresh, &claims, self.host_id);
+        *st = fresh;
+        if !recovered.is_empty() {
+            let mut released = false;
+            for v in st.volumes.values_mut() {
+                if recovered.contains(&(v.rec.active_host as u32)) {
+                    v.rec.active_host = 0;
+                    v.rec.active_gen = 0;
+                    released = true;
+                }
+            }
+            if released || claims_changed {
+                self.write_catalog(&mut st)?;
+            }
+            for (d, fingerprint) in dead {
+                free_dead_slot(dev, &st.sb.layout, d, *fingerprint);
+            }
+        }
+        Ok(())
+    }
+
+    /// Replays a dead host's journal into the trees of the volumes it had
+    /// active, exactly as that host would on its next start, by opening
+    /// the pool as that host (allocating only in its groups) and closing it.
+    fn recover_host(&self, dead: &HostSlot) -> Result<()> {
+        let layout = self.state.lock().sb.layout;
+        let mut claims = read_claims(self.dev.as_ref(), &layout)?;
+        let d = dead.host_id;
+        if !claims.iter().any(|c| c.owner as u32 == d) {
+            // The recovery checkpoint needs somewhere to write nodes.
+            if let Some(c) = claims.iter_mut().find(|c| c.owner == 0) {
+                c.owner = d as u16;
+                c.generation += 1;
+                write_claims(self.dev.as_ref(), &layout, &claims, 1)?;
+            }
+        }
+        eprintln!(
+            "thinlun: host {d} ('{}') is dead; replaying its journal and releasing its volumes",
+            dead.name
+        );
+        let tmp = crate::Pool::open_for_recovery(self.dev.clone(), &self.label, d, &claims)?;
+        tmp.close()
+    }
+
+    /// Claims one more allocation group when this host runs low on space.
+    /// Returns whether it got one.
+    pub(crate) fn claim_more_space(&self) -> bool {
+        if self.shared.is_none() {
+            return false;
+        }
+        let before = self.state.lock().space.free_blocks();
+        let r = (|| -> Result<bool> {
+            let _g = self.global()?;
+            if self.state.lock().space.free_blocks() > before {
+                return Ok(true); // the reload found space freed elsewhere
+            }
+            self.claim_group_locked()
+        })();
+        r.unwrap_or(false)
+    }
+
+    /// With the global lock held: claims the unclaimed group with the most
+    /// free blocks and reloads so this host may allocate there.
+    pub(crate) fn claim_group_locked(&self) -> Result<bool> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(false);
+        };
+        let layout = self.state.lock().sb.layout;
+        let mut claims = read_claims(self.dev.as_ref(), &layout)?;
+        let free = sh.group_free.lock().clone();
+        let best = claims
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.owner == 0)
+            .map(|(g, _)| (free.get(g).copied().unwrap_or(0), g))
+            .filter(|&(f, _)| f > 0)
+            .max();
+        let Some((_, g)) = best else {
+            return Ok(false);
+        };
+        claims[g].owner = self.host_id as u16;
+        claims[g].generation += 1;
+        let gen = self.state.lock().sb.generation + 1;
+        write_claims(self.dev.as_ref(), &layout, &claims, gen)?;
+        // Reload to allocate in the new group, then bump the superblock
+        // generation (which needs a block there) so others reload too.
+        self.reload(&[])?;
+        let _ctl = self.commit.lock();
+        let mut st = self.state.lock();
+        self.write_catalog(&mut st)?;
+        Ok(true)
+    }
+
+    /// Claims a first group if this host has none with free space (at
+    /// join, with the global lock held).
+    pub(crate) fn ensure_space_locked(&self) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        let layout = self.state.lock().sb.layout;
+        let low = (layout.ag_blocks as u64 / 4).max(layout.chunk_blocks as u64);
+        if self.state.lock().space.free_blocks() < low {
+            self.claim_group_locked()?;
+        }
+        let _ = sh;
+        Ok(())
+    }
+
+    /// Refuses to change a volume that another host has active.
+    pub(crate) fn check_not_active_elsewhere(&self, st: &State, id: u64) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        let Some(v) = st.volumes.get(&id) else {
+            return Ok(());
+        };
+        // A snapshot's mapping is its volume's business.
+        let owner_vol = if v.rec.flags & flags::SNAPSHOT != 0 {
+            st.volumes.get(&v.rec.parent_id).unwrap_or(v)
+        } else {
+            v
+        };
+        let (h, g) = (owner_vol.rec.active_host as u32, owner_vol.rec.active_gen);
+        if h == 0 || (h == self.host_id && g == sh.lease.generation) {
+            return Ok(());
+        }
+        Err(Error::Busy(format!(
+            "volume '{}' is active on host {h} ('{}'); release it there first (thinctl release)",
+            st.display_name(owner_vol),
+            sh.lease.name_of(h)
+        )))
+    }
+
+    /// Takes the exclusive activation lease of a writable volume.
+    pub(crate) fn activate(&self, name: &str) -> Result<u64> {
+        let _g = self.global()?;
+        let _ctl = self.commit.lock();
+        let mut st = self.state.lock();
+        let id = st
+            .id_by_name(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(id);
+        };
+        let v = &st.volumes[&id];
+        if v.rec.flags & (flags::SNAPSHOT | flags::BASE | flags::READ_ONLY) != 0 {
+            return Ok(id); // read-only images may be opened anywhere
+        }
+        self.check_not_active_elsewhere(&st, id)?;
+        if v.rec.active_host as u32 == self.host_id && v.rec.active_gen == sh.lease.generation {
+            return Ok(id);
+        }
+        let v = st.volumes.get_mut(&id).ok_or(Error::PoolReadOnly)?;
+        v.rec.active_host = self.host_id as u16;
+        v.rec.active_gen = sh.lease.generation;
+        if let Err(e) = self.write_catalog(&mut st) {
+            if let Some(v) = st.volumes.get_mut(&id) {
+                v.rec.active_host = 0;
+                v.rec.active_gen = 0;
+            }
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Releases this host's activation of a volume: its changes are folded
+    /// into its tree first, so the next host to activate it reads them.
+    pub(crate) fn deactivate(&self, id: u64) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        {
+            let st = self.state.lock();
+            match st.volumes.get(&id) {
+                Some(v)
+                    if v.rec.active_host as u32 == self.host_id
+                        && v.rec.active_gen == sh.lease.generation
+                        && v.handles == 0 => {}
+                _ => return Ok(()),
+            }
+        }
+        self.writable()?;
+        {
+            let mut guard = self.commit.lock();
+            let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+            self.commit_locked(ctl)?;
+            self.checkpoint_locked(ctl)?;
+        }
+        let _g = self.global()?;
+        let _ctl = self.commit.lock();
+        let mut st = self.state.lock();
+        let Some(v) = st.volumes.get_mut(&id) else {
+            return Ok(());
+        };
+        if v.handles != 0 || v.rec.active_host as u32 != self.host_id {
+            return Ok(()); // reopened meanwhile
+        }
+        v.rec.active_host = 0;
+        v.rec.active_gen = 0;
+        self.write_catalog(&mut st)
+    }
+
+    /// Leaving the pool: release every activation and group claim (the
+    /// trees already hold everything), then the host slot.
+    pub(crate) fn leave(&self) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        let r = (|| -> Result<()> {
+            let _g = self.global()?;
+            let _ctl = self.commit.lock();
+            let mut st = self.state.lock();
+            let layout = st.sb.layout;
+            let mut claims = read_claims(self.dev.as_ref(), &layout)?;
+            for c in claims.iter_mut().filter(|c| c.owner as u32 == self.host_id) {
+                c.owner = 0;
+                c.generation += 1;
+            }
+            write_claims(self.dev.as_ref(), &layout, &claims, st.sb.generation + 1)?;
+            for v in st.volumes.values_mut() {
+                if v.rec.active_host as u32 == self.host_id {
+                    v.rec.active_host = 0;
+                    v.rec.active_gen = 0;
+                }
+            }
+            self.write_catalog(&mut st)
+        })();
+        sh.lease.release();
+        r
+    }
+
+    /// At join, after replaying this host's own journal: activations left
+    /// by an earlier run of this host id are released.
+    pub(crate) fn drop_stale_activations_locked(&self) -> Result<()> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(());
+        };
+        let _ctl = self.commit.lock();
+        let mut st = self.state.lock();
+        let mut changed = false;
+        for v in st.volumes.values_mut() {
+            if v.rec.active_host as u32 == self.host_id && v.rec.active_gen != sh.lease.generation {
+                v.rec.active_host = 0;
+                v.rec.active_gen = 0;
+                changed = true;
+            }
+        }
+        if changed {
+            self.write_catalog(&mut st)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn lease(&self) -> Option<&Arc<HostLease>> {
+        self.shared_ctx().map(|s| &s.lease)
+    }
+}
+
+/// Marks a recovered host's slot free, unless it changed meanwhile (the
+/// host restarted and rejoined).
+fn free_dead_slot(dev: &dyn BlockDevice, layout: &Layout, dead: &HostSlot, fingerprint: u32) {
+    let at = layout.host_slot(dead.host_id);
+    let Ok(b) = read_block(dev, at) else { return };
+    if crc32fast::hash(&b) != fingerprint {
+        return;
+    }
+    let mut free = dead.clone();
+    free.state = SlotState::Free;
+    free.renewal += 1;
+    let _ = write_blocks(dev, &[(at, free.encode(at))]);
+}
+
+/// Who holds what on a shared pool, as `thinctl lock status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LockStatus {
+    /// This process's host id, when it joined the pool.
+    pub this_host: Option<u32>,
+    pub io_timeout_ms: u32,
+    pub hosts: Vec<crate::lease::HostView>,
+    /// Hosts holding or waiting for the global lock.
+    pub global_lock: Vec<u32>,
+    /// (volume, host id, host's generation when it activated it).
+    pub active_volumes: Vec<(String, u32, u64)>,
+    /// (allocation group, owner host).
+    pub groups: Vec<(u64, u32)>,
+}
+
+impl Pool {
+    /// Host slots, the global lock, volume activations and group claims.
+    /// A process that has not joined watches the slots for `watch` to tell
+    /// renewing hosts from silent ones.
+    pub fn lock_status(&self, watch: Duration) -> Result<LockStatus> {
+        let inner = &self.inner;
+        let (layout, shared) = {
+            let st = inner.state.lock();
+            (st.sb.layout, st.sb.shared)
+        };
+        let Some(params) = shared else {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a single-host pool: it has no leases (create it with --shared)",
+                inner.label
+            )));
+        };
+        let dev = inner.dev.as_ref();
+        let read_slots = || -> Result<Vec<Option<HostSlot>>> {
+            (1..=layout.max_hosts)
+                .map(|h| {
+                    let at = layout.host_slot(h);
+                    let b = read_block(dev, at).map_err(|e| Error::io("reading host slots", e))?;
+                    Ok(HostSlot::decode(&b, at, h).ok().flatten())
+                })
+                .collect()
+        };
+        let hosts = match inner.lease() {
+            Some(lease) => {
+                lease.observe()?;
+                lease.hosts()
+            }
+            None => {
+                let first = read_slots()?;
+                std::thread::sleep(watch);
+                let second = read_slots()?;
+                first
+                    .into_iter()
+                    .zip(second)
+                    .filter_map(|(a, b)| {
+                        let s = b?;
+                        let state = match s.state {
+                            SlotState::Free => "free",
+                            SlotState::Live if a.as_ref() != Some(&s) => "live",
+                            SlotState::Live => "silent",
+                        };
+                        Some(crate::lease::HostView {
+                            host_id: s.host_id,
+                            name: s.name,
+                            generation: s.generation,
+                            state,
+                            unchanged_ms: None,
+                            is_self: false,
+                        })
+                    })
+                    .collect()
+            }
+        };
+        let mut global_lock = Vec::new();
+        for h in 1..=layout.max_hosts {
+            let at = layout.lock_register(h);
+            let b = read_block(dev, at).map_err(|e| Error::io("reading lock registers", e))?;
+            if let Ok(Some(r)) = crate::format::lease::LockRegister::decode(&b, at, h) {
+                let current = hosts.iter().any(|v| {
+                    v.host_id == h && v.generation == r.host_generation && v.state != "free"
+                });
+                if current && (r.number != 0 || r.choosing) {
+                    global_lock.push(h);
+                }
+            }
+        }
+        let st = inner.state.lock();
+        let active_volumes = st
+            .volumes
+            .values()
+            .filter(|v| v.rec.active_host != 0)
+            .map(|v| {
+                (
+                    st.display_name(v),
+                    v.rec.active_host as u32,
+                    v.rec.active_gen,
+                )
+            })
+            .collect();
+        drop(st);
+        let groups = read_claims(dev, &layout)?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, c)| c.owner != 0)
+            .map(|(g, c)| (g as u64, c.owner as u32))
+            .collect();
+        Ok(LockStatus {
+            this_host: inner.lease().map(|l| l.host_id),
+            io_timeout_ms: params.io_timeout_ms,
+            hosts,
+            global_lock,
+            active_volumes,
+            groups,
+        })
+    }
+
+    /// Releases this host's activation of a volume (for live migration:
+    /// release on the source, then open on the target). Refused while the
+    /// volume is open here.
+    pub fn release_volume(&self, name: &str) -> Result<()> {
+        let id = {
+            let st = self.inner.state.lock();
+            let v = st
+                .volume_by_name(name)
+                .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+            if v.handles > 0 {
+                return Err(Error::Busy(format!(
+                    "volume '{name}' is open on this host; close it (stop serving it) first"
+                )));
+            }
+            v.rec.id
+        };
+        self.inner.deactivate(id)
+    }
+
+    /// Simulates this host dying: its lease stops being renewed and
+    /// nothing is written or released (tests of dead-host recovery).
+    #[doc(hidden)]
+    pub fn simulate_crash(self) {
+        if let Some(l) = self.inner.lease() {
+            l.stop_renewing();
+        }
+        self.inner.stop_background();
+        std::mem::forget(self);
+    }
+
+    /// Why this host may no longer write the pool (its lease was lost).
+    pub fn lease_lost(&self) -> Option<String> {
+        self.inner.lease().and_then(|l| l.lost_reason())
+    }
+}

@@ -1,0 +1,175 @@
+//! `lock status` and `release`: the leases of a shared pool.
+
+use super::{open_read_only, open_read_write, pool_path, with_pool};
+use crate::error::{emit, CliError, CliResult};
+use crate::json::Json;
+use std::path::Path;
+use std::time::Duration;
+use thinlun::LockStatus;
+
+pub fn status(pool: Option<&Path>, json: bool) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    let pool = open_read_only(path)?;
+    // Watch the slots for two renewal periods to tell renewing hosts from
+    // silent ones (one reading says nothing about liveness).
+    let st = with_pool(pool, |p| {
+        let io_timeout = p.status().shared_io_timeout_ms.unwrap_or(0) as u64;
+        Ok(p.lock_status(Duration::from_millis(4 * io_timeout + 100))?)
+    })?;
+    if json {
+        emit(&status_json(&st).render())
+    } else {
+        emit(&status_text(&st))
+    }
+}
+
+fn status_text(s: &LockStatus) -> String {
+    let mut out = format!("I/O timeout {} ms\n", s.io_timeout_ms);
+    out.push_str("HOST  NAME                  GENERATION  STATE\n");
+    for h in &s.hosts {
+        out.push_str(&format!(
+            "{:<5} {:<21} {:<11} {}\n",
+            h.host_id, h.name, h.generation, h.state
+        ));
+    }
+    let name_of = |id: u32| {
+        s.hosts
+            .iter()
+            .find(|h| h.host_id == id)
+            .map_or(format!("host {id}"), |h| format!("host {id} ({})", h.name))
+    };
+    let lock = if s.global_lock.is_empty() {
+        "free".to_string()
+    } else {
+        let who: Vec<String> = s.global_lock.iter().map(|&h| name_of(h)).collect();
+        format!("held or wanted by {}", who.join(", "))
+    };
+    out.push_str(&format!("global lock: {lock}\n"));
+    if s.active_volumes.is_empty() {
+        out.push_str("active volumes: none\n");
+    } else {
+        out.push_str("active volumes:\n");
+        for (v, h, _) in &s.active_volumes {
+            out.push_str(&format!("  {v}: {}\n", name_of(*h)));
+        }
+    }
+    let mut per_host: Vec<(u32, usize)> = Vec::new();
+    for &(_, owner) in &s.groups {
+        match per_host.iter_mut().find(|(h, _)| *h == owner) {
+            Some(e) => e.1 += 1,
+            None => per_host.push((owner, 1)),
+        }
+    }
+    for (h, n) in per_host {
+        out.push_str(&format!(
+            "allocation groups claimed by {}: {n}\n",
+            name_of(h)
+        ));
+    }
+    out
+}
+
+fn status_json(s: &LockStatus) -> Json {
+    Json::Object(vec![
+        ("io_timeout_ms", s.io_timeout_ms.into()),
+        (
+            "hosts",
+            Json::Array(
+                s.hosts
+                    .iter()
+                    .map(|h| {
+                        Json::Object(vec![
+                            ("host_id", h.host_id.into()),
+                            ("name", h.name.as_str().into()),
+                            ("generation", h.generation.into()),
+                            ("state", h.state.into()),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        ("global_lock", s.global_lock.clone().into()),
+        (
+            "active_volumes",
+            Json::Array(
+                s.active_volumes
+                    .iter()
+                    .map(|(v, h, g)| {
+                        Json::Object(vec![
+                            ("volume", v.as_str().into()),
+                            ("host_id", (*h).into()),
+                            ("host_generation", (*g).into()),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
+        (
+            "groups",
+            Json::Array(
+                s.groups
+                    .iter()
+                    .map(|&(g, h)| Json::Object(vec![("group", g.into()), ("owner", h.into())]))
+                    .collect(),
+            ),
+        ),
+    ])
+}
+
+/// Releases this host's activation of a volume. When a process on this
+/// host serves it, that process stops serving it (which releases it).
+pub fn release(pool: Option<&Path>, name: &str) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    super::require_exists(path)?;
+    let pool = match open_read_write(path) {
+        Ok(p) => p,
+        Err(e)
+            if e.message
+                .contains("in use by another thinlun process on this machine") =>
+        {
+            let control = thinlun_vhost::control::default_control_path(path);
+            if !control.exists() {
+                return Err(e);
+            }
+            let t = super::daemon::ask(&control, &format!("remove {name}"))?;
+            return emit(&format!(
+                "{t}\nreleased '{name}': the serving process stopped serving it\n"
+            ));
+        }
+        Err(e) => return Err(e),
+    };
+    with_pool(pool, |p| {
+        if p.status().shared_io_timeout_ms.is_none() {
+            return Err(not_shared(path));
+        }
+        Ok(p.release_volume(name)?)
+    })?;
+    emit(&format!("released '{name}'\n"))
+}
+
+/// `--io-timeout`: milliseconds, or a number with `ms` or `s`.
+pub fn io_timeout_arg(s: &str) -> Result<u32, String> {
+    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else {
+        (s, 1)
+    };
+    let v: u32 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (use e.g. 10s or 250ms)"))?;
+    match v.checked_mul(mul) {
+        Some(ms) if (10..=600_000).contains(&ms) => Ok(ms),
+        _ => Err(format!("I/O timeout '{s}' must be from 10ms to 600s")),
+    }
+}
+
+/// Errors of `release` that only a shared pool can explain.
+pub fn not_shared(path: &Path) -> CliError {
+    CliError::new(format!(
+        "{} is a single-host pool: volumes have no leases to release",
+        path.display()
+    ))
+}
