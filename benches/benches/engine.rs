@@ -30,6 +30,10 @@
 //!   the 1 GiB raw file / volume (thinlun writes are overwrites).
 //! * `snapshot/create_1g`: `Pool::create_snapshot` of the fully written
 //!   1 GiB volume (the snapshot is removed again outside the timed region).
+//! * `snapshot/create_1t_1m`: the same for the 1 TiB volume with a million
+//!   extents of the `scale` report, in the pool file that
+//!   `THINLUN_BENCH_SCALE_POOL` names (skipped when unset; see the README
+//!   for how to make one).
 //!
 //! Criterion runs one benchmark after another, so a raw figure and its
 //! thinlun counterpart are measured seconds to minutes apart; on a shared or
@@ -51,7 +55,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 use thinlun::dev::{AlignedBuf, BlockDevice, FileDevice, IoOp};
-use thinlun::{Pool, PoolConfig, Request, Volume, BLOCK_SIZE, SECTOR_SIZE};
+use thinlun::{OpenOptions, Pool, PoolConfig, Request, Volume, BLOCK_SIZE, SECTOR_SIZE};
 use thinlun_benches::{
     bench_dir, criterion_dir, criterion_estimate_ns, fill_pattern, remove_if_exists,
     write_full_file, Rng,
@@ -78,6 +82,9 @@ const FLUSHG: &str = "rand4k_flush8";
 const SEQG: &str = "seq1m_qd32";
 const SNAPG: &str = "snapshot";
 const SNAP_ID: &str = "create_1g";
+const SNAP_BIG_ID: &str = "create_1t_1m";
+/// The volume of the `scale` report's pool (1 TiB, a million extents).
+const SCALE_VOLUME: &str = "scale";
 
 /// One batch of I/O; returns the time the batch itself took (setup such as
 /// recreating an exhausted volume is excluded).
@@ -629,31 +636,57 @@ fn main() {
         g.finish();
     }
 
-    // Snapshot creation of the fully written 1 GiB volume; each snapshot
-    // is removed again outside the timed region.
+    // Snapshot creation of the fully written 1 GiB volume, and of the
+    // scale pool's 1 TiB volume when one is given; each snapshot is
+    // removed again outside the timed region.
+    let scale_pool = std::env::var_os("THINLUN_BENCH_SCALE_POOL").map(|p| {
+        let pool = Pool::open_path(std::path::Path::new(&p), &OpenOptions::default())
+            .expect("opening THINLUN_BENCH_SCALE_POOL");
+        let info = pool
+            .volume_info(SCALE_VOLUME)
+            .expect("THINLUN_BENCH_SCALE_POOL holds no volume 'scale'");
+        // Its tree clean on disk, as for a volume at rest.
+        pool.checkpoint().expect("checkpoint");
+        eprintln!(
+            "scale pool: volume '{SCALE_VOLUME}', {} GiB, {} extents",
+            info.size_bytes >> 30,
+            info.extents
+        );
+        pool
+    });
     let mut snap_times: Vec<Duration> = Vec::new();
+    let mut big_snap_times: Vec<Duration> = Vec::new();
     {
         let mut g = c.benchmark_group(SNAPG);
         g.sampling_mode(SamplingMode::Flat);
         g.measurement_time(Duration::from_secs(2));
         let mut n = 0u64;
-        g.bench_function(SNAP_ID, |b| {
-            b.iter_custom(|iters| {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    n += 1;
-                    let name = format!("full@bench{n}");
-                    let d = timed(|| {
-                        pool.create_snapshot(&name).expect("snapshot");
-                    });
-                    pool.remove_volume(&name, false).expect("removing it");
-                    snap_times.push(d);
-                    total += d;
-                }
-                total
-            })
-        });
+        let mut cases = vec![(SNAP_ID, &pool, "full", &mut snap_times)];
+        if let Some(p) = &scale_pool {
+            cases.push((SNAP_BIG_ID, p, SCALE_VOLUME, &mut big_snap_times));
+        }
+        for (id, pool, vol, times) in cases {
+            g.bench_function(id, |b| {
+                b.iter_custom(|iters| {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        n += 1;
+                        let name = format!("{vol}@bench{n}");
+                        let d = timed(|| {
+                            pool.create_snapshot(&name).expect("snapshot");
+                        });
+                        pool.remove_volume(&name, false).expect("removing it");
+                        times.push(d);
+                        total += d;
+                    }
+                    total
+                })
+            });
+        }
         g.finish();
+    }
+    if let Some(p) = scale_pool {
+        p.close().expect("closing the scale pool");
     }
 
     // --- interleaved pairs ----------------------------------------------------
@@ -690,7 +723,19 @@ fn main() {
     for (what, d) in rounds {
         eprintln!("{what} used {d}");
     }
-    summary(started, &metas, &paired_rates, &snap_times);
+    summary(
+        started,
+        &metas,
+        &paired_rates,
+        &[
+            (SNAP_ID, "the fully written 1 GiB volume", &snap_times),
+            (
+                SNAP_BIG_ID,
+                "the 1 TiB volume, 1 M extents",
+                &big_snap_times,
+            ),
+        ],
+    );
 }
 
 /// Prints raw vs thinlun side by side: criterion's estimates of this run
@@ -700,7 +745,7 @@ fn summary(
     since: std::time::SystemTime,
     metas: &[Meta],
     paired: &[(&str, (f64, f64))],
-    snap_times: &[Duration],
+    snaps: &[(&str, &str, &Vec<Duration>)],
 ) {
     let dir = criterion_dir();
     let per_sec = |group: &str, id: &str, units: f64| {
@@ -746,16 +791,16 @@ fn summary(
             m.unit
         );
     }
-    if !snap_times.is_empty() {
-        let mut v: Vec<f64> = snap_times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+    for &(id, what, times) in snaps.iter().filter(|s| !s.2.is_empty()) {
+        let mut v: Vec<f64> = times.iter().map(|d| d.as_secs_f64() * 1e3).collect();
         v.sort_by(|a, b| a.total_cmp(b));
         let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
         let crit = dir
             .as_ref()
-            .and_then(|d| criterion_estimate_ns(d, SNAPG, SNAP_ID, since))
+            .and_then(|d| criterion_estimate_ns(d, SNAPG, id, since))
             .map_or_else(|| "-".to_string(), |ns| format!("{:.3}", ns / 1e6));
         println!(
-            "Snapshot of the fully written 1 GiB volume: criterion {crit} ms; over all {} \
+            "Snapshot of {what}: criterion {crit} ms; over all {} \
              snapshots taken: median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             v.len(),
             at(0.5),

@@ -1400,14 +1400,25 @@ impl Inner {
     /// Writes the catalog copy-on-write and both superblock copies. Called
     /// with the commit lock held (no checkpoint runs meanwhile).
     pub(crate) fn write_catalog(&self, st: &mut MutexGuard<'_, State>) -> Result<()> {
-        let r = self.write_catalog_inner(st);
+        self.write_catalog_with(st, Vec::new())
+    }
+
+    /// [`Inner::write_catalog`], with `extra` blocks that nothing refers to
+    /// until the new superblock does (a new volume's tree and headers)
+    /// written in the same batch as the catalog and covered by its flush.
+    pub(crate) fn write_catalog_with(
+        &self,
+        st: &mut MutexGuard<'_, State>,
+        extra: Vec<(u64, Vec<u8>)>,
+    ) -> Result<()> {
+        let r = self.write_catalog_inner(st, extra);
         if let Err(e) = &r {
             self.fail(e);
         }
         r
     }
 
-    fn write_catalog_inner(&self, st: &mut State) -> Result<()> {
+    fn write_catalog_inner(&self, st: &mut State, extra: Vec<(u64, Vec<u8>)>) -> Result<()> {
         let records: Vec<VolumeRecord> = st.volumes.values().map(|v| v.rec.clone()).collect();
         let nblocks = records.len().div_ceil(RECORDS_PER_BLOCK);
         let mut blocks = Vec::with_capacity(nblocks);
@@ -1423,29 +1434,40 @@ impl Inner {
             }
         }
         let generation = st.sb.generation + 1;
-        let writes: Vec<(u64, Vec<u8>)> = records
-            .chunks(RECORDS_PER_BLOCK)
-            .enumerate()
-            .map(|(i, recs)| {
-                let cb = CatalogBlock {
-                    records: recs.to_vec(),
-                    next: blocks.get(i + 1).copied().unwrap_or(0),
-                };
-                (blocks[i], encode_catalog(&cb, generation, blocks[i]))
-            })
-            .collect();
+        let mut writes = extra;
+        writes.extend(
+            records
+                .chunks(RECORDS_PER_BLOCK)
+                .enumerate()
+                .map(|(i, recs)| {
+                    let cb = CatalogBlock {
+                        records: recs.to_vec(),
+                        next: blocks.get(i + 1).copied().unwrap_or(0),
+                    };
+                    (blocks[i], encode_catalog(&cb, generation, blocks[i]))
+                }),
+        );
         let dev = self.dev.as_ref();
         let io = |e| Error::io("writing catalog", e);
         write_blocks(dev, &writes).map_err(io)?;
+        // Makes the catalog durable, and with it copy B of the previous
+        // update, which was written without a flush of its own (6.2): from
+        // here on B holds the current generation durably, so A may be
+        // overwritten.
         dev.flush().map_err(io)?;
+        st.twin_unflushed = false;
         let mut sb = st.sb.clone();
         sb.generation = generation;
         sb.catalog_root = blocks.first().copied().unwrap_or(0);
         sb.commit_unix = now_unix();
-        for at in [SUPERBLOCK_A, SUPERBLOCK_B] {
-            write_blocks(dev, &[(at, sb.encode(at))]).map_err(io)?;
-            dev.flush().map_err(io)?;
-        }
+        write_blocks(dev, &[(SUPERBLOCK_A, sb.encode(SUPERBLOCK_A))]).map_err(io)?;
+        // The commit point: once A is durable the loader picks it (the
+        // highest generation) whatever becomes of B.
+        dev.flush().map_err(io)?;
+        // B needs no flush of its own: A stays durable and untouched until
+        // the next update has flushed B (above).
+        write_blocks(dev, &[(SUPERBLOCK_B, sb.encode(SUPERBLOCK_B))]).map_err(io)?;
+        st.twin_unflushed = true;
         st.sb = sb;
         for b in std::mem::replace(&mut st.catalog_blocks, blocks) {
             st.space.release(b, 1);

@@ -10,13 +10,16 @@ use crate::dev::write_blocks;
 use crate::error::{Error, Result};
 use crate::extmap::RefChanges;
 use crate::format::catalog::{encode_volume_header, flags, VolumeHeader, VolumeRecord};
-use crate::format::BLOCK_SIZE;
+use crate::format::{node, BLOCK_SIZE};
 use crate::names::is_valid_volume_name;
 use crate::pool::{info_of, plan_tree, Inner, Pool, TreePlan, VolumeInfo};
 use crate::space::Cursor;
 use crate::state::{State, Vol};
 use crate::util::now_unix;
 use parking_lot::MutexGuard;
+
+/// Node blocks encoded and written at a time, as `write_nodes` does.
+const NODE_BATCH: usize = 1024;
 
 /// Whether a tree is written for a volume nothing refers to yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,13 +458,9 @@ impl Inner {
         };
         st.sb.next_volume_id += 1;
         st.volumes.insert(id, vol);
-        // Tree and header first, then the catalog that names the volume.
-        // Nothing points at the new blocks yet, so they need no flush of
-        // their own: the catalog's first flush covers them.
-        let r = self
-            .write_tree_now(&mut st, id, journal_seq, Fresh::Yes)
-            .and_then(|_| self.write_catalog(&mut st));
-        if let Err(e) = r {
+        // Writes the tree and headers with the catalog that names the
+        // volume, and commits the superblock.
+        if let Err(e) = self.write_tree_now(&mut st, id, journal_seq, Fresh::Yes) {
             if let Some(v) = st.volumes.remove(&id) {
                 release_map(&mut st, v.map);
                 st.space.release(a, 1);
@@ -475,7 +474,9 @@ impl Inner {
     }
 
     /// Writes volume `id`'s tree and both header copies at once (outside a
-    /// checkpoint), then records the new tree as current.
+    /// checkpoint), then records the new tree as current. A `Fresh` volume
+    /// is one the catalog does not list yet: its blocks go out with the
+    /// catalog update that adds it ([`Inner::write_catalog_with`]).
     pub(crate) fn write_tree_now(
         &self,
         st: &mut MutexGuard<'_, State>,
@@ -493,23 +494,46 @@ impl Inner {
             .iter()
             .map(|&at| (at, encode_volume_header(&plan.header, at)))
             .collect();
-        let r = (|| {
-            crate::pool::write_nodes(dev, &node_writes)?;
-            if fresh == Fresh::Yes {
-                // Unreferenced until the caller's catalog commit flushes.
-                return write_blocks(dev, &headers).map_err(io("writing volume headers"));
+        let r = match fresh {
+            Fresh::Yes => {
+                // Nothing refers to these blocks until the new superblock
+                // does, so they share the catalog's write and flush: one
+                // round trip to the device instead of three. Only a huge
+                // tree (source leaves not on disk yet) sends batches ahead.
+                let split = node_writes.len().saturating_sub(NODE_BATCH);
+                crate::pool::write_nodes(dev, &node_writes[..split]).and_then(|()| {
+                    let mut blocks: Vec<(u64, Vec<u8>)> = node_writes[split..]
+                        .iter()
+                        .map(|w| (w.at, node::encode(&w.node, w.volume, w.generation, w.at)))
+                        .collect();
+                    blocks.extend(headers);
+                    self.write_catalog_with(st, blocks)
+                })
             }
-            // The tree, then one header copy at a time: a torn write
-            // leaves the other copy (old or new tree) intact.
-            dev.flush().map_err(io("flushing mapping nodes"))?;
-            for h in &headers {
-                write_blocks(dev, std::slice::from_ref(h)).map_err(io("writing volume header"))?;
-                dev.flush().map_err(io("flushing volume header"))?;
-            }
-            Ok(())
-        })();
+            Fresh::No => (|| {
+                crate::pool::write_nodes(dev, &node_writes)?;
+                // The tree, then one header copy at a time: a torn write
+                // leaves the other copy (old or new tree) intact.
+                dev.flush().map_err(io("flushing mapping nodes"))?;
+                for h in &headers {
+                    write_blocks(dev, std::slice::from_ref(h))
+                        .map_err(io("writing volume header"))?;
+                    dev.flush().map_err(io("flushing volume header"))?;
+                }
+                Ok(())
+            })(),
+        };
         if let Err(e) = r {
-            if let Some(v) = st.volumes.get_mut(&id) {
+            if fresh == Fresh::Yes {
+                // The caller drops the volume: the blocks planned for its
+                // tree are garbage.
+                for &(_, _, b) in &plan.written {
+                    st.space.release(b, 1);
+                }
+                for &b in &plan.interior {
+                    st.space.release(b, 1);
+                }
+            } else if let Some(v) = st.volumes.get_mut(&id) {
                 v.map.set_dirty();
             }
             return Err(e);

@@ -45,6 +45,11 @@ pub(crate) struct State {
     /// Allocation cursor of metadata (nodes, headers, catalog).
     pub meta_cursor: Cursor,
     pub catalog_blocks: Vec<u64>,
+    /// Superblock copy B was written after copy A without a flush of its
+    /// own (6.2): A is the only durable copy of the current generation, so
+    /// whatever writes the superblock next, or lets another writer do so,
+    /// must flush first.
+    pub twin_unflushed: bool,
     /// Journal entries not yet handed to a commit.
     pub pending: Vec<Entry>,
     /// Number of the commit that will carry `pending`.
@@ -65,6 +70,7 @@ impl State {
             refs: SharedRefs::default(),
             meta_cursor: Cursor::default(),
             catalog_blocks: Vec::new(),
+            twin_unflushed: false,
             pending: Vec::new(),
             batch: 1,
             committed: 0,
