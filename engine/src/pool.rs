@@ -1468,6 +1468,12 @@ impl Inner {
         // the next update has flushed B (above).
         write_blocks(dev, &[(SUPERBLOCK_B, sb.encode(SUPERBLOCK_B))]).map_err(io)?;
         st.twin_unflushed = true;
+        if self.shared.is_some() {
+            // The next update may come from another host, which must find
+            // B durable before it overwrites A.
+            dev.flush().map_err(io)?;
+            st.twin_unflushed = false;
+        }
         st.sb = sb;
         for b in std::mem::replace(&mut st.catalog_blocks, blocks) {
             st.space.release(b, 1);

@@ -555,8 +555,15 @@ fn crash_points_in_back_to_back_snapshots() {
             let dev = Arc::new(MemDevice::from_image(img));
             let report = check(dev.as_ref(), "crash").unwrap();
             assert!(report.is_clean(), "point {k}: {:?}", report.errors);
-            let p = Pool::open(dev, "crash", &OpenOptions { read_only: true })
-                .unwrap_or_else(|e| panic!("point {k}: open failed: {e}"));
+            let p = Pool::open(
+                dev,
+                "crash",
+                &OpenOptions {
+                    read_only: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("point {k}: open failed: {e}"));
             assert!(p.verify_space().is_empty(), "point {k}");
             let mut got: Vec<String> = p.volumes().into_iter().map(|v| v.name).collect();
             got.sort();
