@@ -1,0 +1,151 @@
+//! End-to-end tests of thinctl on a shared pool: host ids, one writer per
+//! volume across processes, `lock status` and `release`.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+mod common;
+use common::{TempDir, J};
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
+
+/// thinctl as host `host` (0 = no host id) on its own "machine" (lock-file
+/// directory), so several hosts can run from one test.
+fn thinctl(dir: &TempDir, host: u32, args: &[&str]) -> Output {
+    command(dir, host, args).output().unwrap()
+}
+
+fn command(dir: &TempDir, host: u32, args: &[&str]) -> Command {
+    let mut c = Command::new(BIN);
+    c.arg("-p").arg(dir.path("pool.img"));
+    c.env_remove("THINLUN_HOST_ID");
+    c.env("THINLUN_CONFIG", dir.path("no-such.conf"));
+    c.env("THINLUN_RUN_DIR", dir.path(&format!("run{host}")));
+    if host != 0 {
+        c.arg("--host-id").arg(host.to_string());
+    }
+    c.args(args);
+    c
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn err(out: &Output) -> String {
+    assert!(!out.status.success(), "unexpected success");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn new_shared_pool(dir: &TempDir) {
+    ok(&thinctl(
+        dir,
+        0,
+        &[
+            "pool",
+            "create",
+            "--size",
+            "128M",
+            "--chunk-size",
+            "64K",
+            "--max-hosts",
+            "4",
+            "--shared",
+            "--io-timeout",
+            "50ms",
+            "--group-size",
+            "4M",
+        ],
+    ));
+}
+
+/// `thinctl serve` of a volume as `host`, holding it active until killed.
+fn serve(dir: &TempDir, host: u32, vol: &str, socket: &Path) -> Child {
+    let mut c = command(
+        dir,
+        host,
+        &["serve", vol, "--socket", socket.to_str().unwrap()],
+    );
+    c.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(path: &Path) {
+    for _ in 0..200 {
+        if path.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("{} never appeared", path.display());
+}
+
+#[test]
+fn shared_pool_needs_host_ids_and_reports_them() {
+    let dir = TempDir::new("ids");
+    new_shared_pool(&dir);
+    let status = ok(&thinctl(&dir, 0, &["pool", "status"]));
+    assert!(
+        status.contains("shared through leases, I/O timeout 50 ms"),
+        "{status}"
+    );
+    let e = err(&thinctl(&dir, 0, &["create", "vm-1", "16M"]));
+    assert!(e.contains("--host-id"), "{e}");
+    let e = err(&thinctl(&dir, 9, &["create", "vm-1", "16M"]));
+    assert!(e.contains("out of range"), "{e}");
+    ok(&thinctl(&dir, 1, &["create", "vm-1", "16M"]));
+    // The config file names the host too.
+    std::fs::write(dir.path("thinlun.conf"), "# this host\nhost_id = 2\n").unwrap();
+    let out = command(&dir, 0, &["create", "vm-2", "16M"])
+        .env("THINLUN_CONFIG", dir.path("thinlun.conf"))
+        .output()
+        .unwrap();
+    ok(&out);
+    // Read-only inspection needs no id.
+    let list = ok(&thinctl(&dir, 0, &["list"]));
+    assert!(list.contains("vm-1") && list.contains("vm-2"), "{list}");
+    let j = J::parse(&ok(&thinctl(&dir, 0, &["lock", "status", "--json"])));
+    assert_eq!(j.num("io_timeout_ms"), 50.0);
+    ok(&thinctl(&dir, 0, &["check"]));
+}
+
+#[test]
+fn one_writer_per_volume_across_hosts_and_release_for_migration() {
+    let dir = TempDir::new("writers");
+    new_shared_pool(&dir);
+    ok(&thinctl(&dir, 1, &["create", "vm-100-disk-0", "16M"]));
+    let sock = dir.path("vm.sock");
+    let mut server = serve(&dir, 1, "vm-100-disk-0", &sock);
+    wait_for(&sock);
+    // Host 2 cannot take the volume while host 1 serves it.
+    let e = err(&thinctl(&dir, 2, &["snapshot", "vm-100-disk-0@s"]));
+    assert!(e.contains("active on host 1"), "{e}");
+    let e = err(&thinctl(&dir, 2, &["resize", "vm-100-disk-0", "32M"]));
+    assert!(e.contains("active on host 1"), "{e}");
+    let status = ok(&thinctl(&dir, 0, &["lock", "status"]));
+    assert!(status.contains("vm-100-disk-0: host 1"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("1 ") && l.ends_with("live")),
+        "{status}"
+    );
+    // Migration: release on host 1 (the server stops serving it) ...
+    let out = command(&dir, 1, &["release", "vm-100-disk-0"])
+        .output()
+        .unwrap();
+    ok(&out);
+    // ... then host 2 may change it.
+    ok(&thinctl(&dir, 2, &["snapshot", "vm-100-disk-0@moved"]));
+    let _ = server.kill();
+    let _ = server.wait();
+    let check = thinctl(&dir, 0, &["check"]);
+    ok(&check);
+}
