@@ -56,15 +56,18 @@
 pub mod check;
 pub mod dev;
 pub mod diffstream;
+pub mod dump;
 mod error;
 mod extmap;
 pub mod format;
 pub mod guard;
 mod journal;
+mod jsontext;
 mod load;
 mod names;
 mod pool;
 mod refs;
+pub mod repair;
 mod snapshot;
 mod space;
 mod state;
