@@ -384,8 +384,7 @@ impl MetadataDump {
                 generation: od.u64_field("generation", "pool on_disk")?,
                 catalog_root: od.u64_field("catalog_root", "pool on_disk")?,
                 commit_unix: od.u64_field("commit_unix", "pool on_disk")?,
-                journal_blocks_replayed: od
-                    .u64_field("journal_blocks_replayed", "pool on_disk")?,
+                journal_blocks_replayed: od.u64_field("journal_blocks_replayed", "pool on_disk")?,
             },
         };
         // The geometry must be one a superblock can hold.
@@ -456,7 +455,9 @@ impl MetadataDump {
                 ));
             }
             if v.id <= prev_id {
-                return Err(format!("{ctx}: volumes must be listed in ascending id order"));
+                return Err(format!(
+                    "{ctx}: volumes must be listed in ascending id order"
+                ));
             }
             prev_id = v.id;
             ids.insert(v.id);

@@ -277,7 +277,10 @@ mod tests {
             assert!(r.refused.is_empty(), "{r:?}");
             assert!(r.repaired());
             let c = check(dev.as_ref(), "t").unwrap();
-            assert!(c.errors.is_empty() && c.warnings.is_empty(), "{what}: {c:?}");
+            assert!(
+                c.errors.is_empty() && c.warnings.is_empty(),
+                "{what}: {c:?}"
+            );
             assert_eq!(read_vm1(dev), vec![5u8; 8192]);
         }
     }

@@ -62,7 +62,8 @@ check could not run."
     },
     /// Fix what can be fixed without guessing; refuse the rest (exit 0 nothing to do, 1 repaired, 4 refused)
     #[command(
-        long_about = "Fix damage that the pool's redundancy determines, and refuse what it does not.\n\n\
+        long_about = "Fix what can be fixed without guessing (what the pool's redundancy determines), and refuse \
+the rest.\n\n\
 Fixed: a damaged, missing or out-of-date superblock copy (rewritten from its twin); a damaged copy \
 of a volume header or host journal checkpoint (rewritten from its twin); a torn block at the end of \
 the journal (an interrupted commit, cleared after a checkpoint); journal changes not yet in the \

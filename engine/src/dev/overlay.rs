@@ -146,7 +146,11 @@ mod tests {
         let mem = Arc::new(MemDevice::new(16 * BLOCK_SIZE as u64));
         write_blocks(mem.as_ref(), &[(3, vec![7u8; BLOCK_SIZE])]).unwrap();
         let ov = OverlayDevice::new(mem.clone());
-        write_blocks(&ov, &[(1, vec![1u8; BLOCK_SIZE]), (2, vec![2u8; BLOCK_SIZE])]).unwrap();
+        write_blocks(
+            &ov,
+            &[(1, vec![1u8; BLOCK_SIZE]), (2, vec![2u8; BLOCK_SIZE])],
+        )
+        .unwrap();
         ov.flush().unwrap();
         write_blocks(&ov, &[(1, vec![9u8; BLOCK_SIZE])]).unwrap();
         // Below: untouched; through the overlay: the newest contents.

@@ -30,8 +30,8 @@ pub fn run(pool: Option<&Path>, dry_run: bool, json: bool) -> CliResult<()> {
             })
         })?;
     }
-    let report = thinlun::repair::repair(Arc::new(dev), &label, dry_run)
-        .map_err(|e| failed(e.into()))?;
+    let report =
+        thinlun::repair::repair(Arc::new(dev), &label, dry_run).map_err(|e| failed(e.into()))?;
     if json {
         emit(&report_json(&label, &report).render())?;
     } else {
