@@ -498,10 +498,9 @@ impl MetadataDump {
                     return Err(format!("{ectx}: lies past the end of the volume"));
                 }
                 prev_end = e.vend();
-                if !e.is_zero()
-                    && !(layout.is_data_block(e.pblock)
-                        && layout.is_data_block(e.pblock + e.len as u64 - 1))
-                {
+                let in_data = layout.is_data_block(e.pblock)
+                    && layout.is_data_block(e.pblock + e.len as u64 - 1);
+                if !e.is_zero() && !in_data {
                     return Err(format!("{ectx}: outside the pool's data area"));
                 }
             }

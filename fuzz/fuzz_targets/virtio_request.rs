@@ -11,7 +11,10 @@ fn check_ranges(ranges: &[Range], max_sectors: u32, max_seg: u32, capacity: u64,
     assert!(!ranges.is_empty() && ranges.len() as u64 <= max_seg as u64);
     for r in ranges {
         assert!(r.sectors <= max_sectors);
-        assert!(r.sector.checked_add(r.sectors as u64).is_some_and(|e| e <= capacity));
+        assert!(r
+            .sector
+            .checked_add(r.sectors as u64)
+            .is_some_and(|e| e <= capacity));
         assert!(zero || !r.unmap, "discard ranges never carry UNMAP");
     }
 }
@@ -31,7 +34,9 @@ fuzz_target!(|data: &[u8]| {
         Ok(Command::Read { sector, segs }) | Ok(Command::Write { sector, segs }) => {
             let len: u64 = segs.iter().map(|s| s.len as u64).sum();
             assert!(len % SECTOR == 0 && len <= lim.max_transfer);
-            assert!(sector.checked_add(len / SECTOR).is_some_and(|e| e <= lim.capacity));
+            assert!(sector
+                .checked_add(len / SECTOR)
+                .is_some_and(|e| e <= lim.capacity));
             assert!(segs.iter().all(|s| s.len > 0));
         }
         Ok(Command::Discard { ranges }) => check_ranges(

@@ -111,6 +111,9 @@ fn volume<'a>(d: &'a J, full_name: &str) -> &'a J {
         .unwrap_or_else(|| panic!("no volume {full_name}"))
 }
 
+/// (name, damage done to the pool image, words the report must contain)
+type Case = (&'static str, Box<dyn Fn(&mut Vec<u8>)>, &'static str);
+
 fn damaged(dir: &TempDir, image: &[u8], name: &str, f: &dyn Fn(&mut Vec<u8>)) -> PathBuf {
     let mut img = image.to_vec();
     f(&mut img);
@@ -142,7 +145,7 @@ fn repair_restores_twin_copies_and_torn_journal_tail() {
     let head = if ck(1).0 > ck(0).0 { ck(1).1 } else { ck(0).1 } as usize;
     let tail_block = journal_start + 2 + head;
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "sb-b-flipped",
             Box::new(|img: &mut Vec<u8>| img[8 * BLOCK + 300] ^= 0x10),
@@ -253,7 +256,7 @@ fn repair_refuses_what_needs_a_guess_and_writes_nothing() {
         u64_at(&image, root * BLOCK + 64 + 8) as usize
     };
 
-    let cases: Vec<(&str, Box<dyn Fn(&mut Vec<u8>)>, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "both-sb",
             Box::new(|img: &mut Vec<u8>| {

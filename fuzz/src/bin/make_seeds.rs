@@ -420,15 +420,26 @@ fn virtio_requests() -> Vec<Vec<u8>> {
             header(req_type::OUT, 1),
         ),
         // Header split over two descriptors.
-        (vec![(0, 8, false), (8, 8, false), (0x3000, 1, true)], header(req_type::FLUSH, 0)),
-        (vec![(0, 16, false), (0x3000, 1, true)], header(req_type::FLUSH, 0)),
+        (
+            vec![(0, 8, false), (8, 8, false), (0x3000, 1, true)],
+            header(req_type::FLUSH, 0),
+        ),
+        (
+            vec![(0, 16, false), (0x3000, 1, true)],
+            header(req_type::FLUSH, 0),
+        ),
         (
             vec![(0, 16, false), (0x1000, 20, true), (0x3000, 1, true)],
             header(req_type::GET_ID, 0),
         ),
         (
             vec![(0, 16, false), (16, 32, false), (0x3000, 1, true)],
-            [header(req_type::DISCARD, 0), range(0, 8, 0), range(64, 128, 0)].concat(),
+            [
+                header(req_type::DISCARD, 0),
+                range(0, 8, 0),
+                range(64, 128, 0),
+            ]
+            .concat(),
         ),
         (
             vec![(0, 32, false), (0x3000, 1, true)],
