@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the seed corpora, replays the saved regression inputs, then fuzzes
-# every decoder target for N seconds each (default 10). Exits non-zero if
-# any target crashes, hangs or fails to build. Works from any directory:
+# every target (the on-disk decoders and virtio-blk request parsing) for N
+# seconds each (default 10). Exits non-zero if any target crashes, hangs or
+# fails to build. Works from any directory:
 #   bash fuzz/run-all.sh 10
 # Needs cargo-fuzz (cargo install cargo-fuzz --locked); runs on stable Rust
 # through RUSTC_BOOTSTRAP=1 (cargo-fuzz passes nightly-only -Z flags).
@@ -17,7 +18,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here" || exit 2
 export RUSTC_BOOTSTRAP=1
-targets="${TARGETS:-superblock node catalog journal claims}"
+targets="${TARGETS:-superblock node catalog journal claims virtio_request}"
 logs="${FUZZ_LOG_DIR:-$here/target/fuzz-logs}"
 mkdir -p "$logs"
 

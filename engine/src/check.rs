@@ -5,7 +5,10 @@
 
 use crate::dev::{read_block, BlockDevice};
 use crate::error::{Error, Result};
-use crate::format::{claims, journal::decode_host_checkpoint, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS};
+use crate::format::{
+    claims, codec, journal::decode_host_checkpoint, magic, Layout, BLOCK_SIZE,
+    HOST_CHECKPOINT_BLOCKS,
+};
 use crate::load::load;
 use crate::pool::SINGLE_HOST_ID;
 
@@ -23,6 +26,10 @@ pub struct CheckReport {
     pub free_blocks: u64,
     pub metadata_blocks: u64,
     pub journal_blocks_replayed: u64,
+    /// The journal ends in a torn or damaged block (at this address): an
+    /// interrupted commit. Replay stops before it, as after a power loss
+    /// during that commit; `repair` clears it.
+    pub torn_journal_block: Option<u64>,
 }
 
 impl CheckReport {
@@ -55,6 +62,17 @@ pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
     report.journal_blocks_replayed = loaded.replayed_blocks;
     let st = &loaded.state;
     let layout = st.sb.layout;
+    match torn_tail(dev, &layout, loaded.tail) {
+        Ok(Some(at)) => {
+            report.torn_journal_block = Some(at);
+            report.warnings.push(format!(
+                "journal: block {at}, where the journal ends (sequence {}), is torn or damaged: a commit was interrupted (power loss) or the block was damaged later; its changes are not applied, as after a power loss during that commit",
+                loaded.next_seq
+            ));
+        }
+        Ok(None) => {}
+        Err(e) => report.errors.push(e.to_string()),
+    }
     for v in st.volumes.values() {
         let end_block = v.rec.size_bytes / BLOCK_SIZE as u64;
         let mut beyond = 0u64;
@@ -155,4 +173,21 @@ fn check_leases(dev: &dyn BlockDevice, layout: &crate::format::Layout, report: &
                 .push(format!("reading lock register {h}: {e}")),
         }
     }
+}
+
+/// The address of the ring block where this host's journal replay stopped
+/// (`tail`), if that block carries the journal magic but fails its
+/// checksum or address check: the torn last block of an interrupted
+/// commit. (A stale block of an earlier lap, or an empty one, is the normal
+/// end of a journal.)
+pub(crate) fn torn_tail(dev: &dyn BlockDevice, layout: &Layout, tail: u32) -> Result<Option<u64>> {
+    let at = layout.host_region(SINGLE_HOST_ID) + HOST_CHECKPOINT_BLOCKS as u64 + tail as u64;
+    let b = read_block(dev, at).map_err(|e| Error::io("reading journal", e))?;
+    if &b[0..8] != magic::JOURNAL {
+        return Ok(None);
+    }
+    Ok(match codec::open(&b, magic::JOURNAL, at, "journal block") {
+        Err(Error::Corrupt(_)) => Some(at),
+        _ => None,
+    })
 }

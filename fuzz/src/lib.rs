@@ -58,3 +58,121 @@ pub fn reseal(block: &[u8], magic: &[u8; 8], at_block: u64) -> Vec<u8> {
     b[12..16].copy_from_slice(&crc.to_le_bytes());
     b
 }
+
+/// The `virtio_request` target's input: a virtio-blk descriptor chain, the
+/// device limits and the guest memory it points into, packed into bytes so
+/// the fuzzer mutates all three. Layout (little-endian):
+///
+/// - 0..8 capacity in sectors; 8..12 max discard sectors; 12 max discard
+///   segments; 13..17 max write-zeroes sectors; 17 max write-zeroes
+///   segments; 18..22 max transfer in bytes (segment limits are one byte:
+///   the server advertises 32, and the parser sizes its range buffer by it);
+/// - 22: number of descriptors (taken modulo 17);
+/// - then per descriptor 7 bytes: flags (bit 0 device-writable, bit 1 the
+///   address is far outside guest memory, bit 2 the length is multiplied by
+///   65536), address offset (u16, from [`virtio::MEM_BASE`]), length (u16);
+/// - the rest: guest memory, mapped at [`virtio::MEM_BASE`].
+pub mod virtio {
+    use thinlun_vhost::request::{BadAddress, Desc, GuestRead, Limits};
+
+    pub const MEM_BASE: u64 = 0x10_000;
+    const LIMITS_LEN: usize = 23;
+    const DESC_LEN: usize = 7;
+    pub const MAX_DESCS: usize = 16;
+
+    /// Guest memory: one byte array at `MEM_BASE`.
+    pub struct Mem<'a>(pub &'a [u8]);
+
+    impl GuestRead for Mem<'_> {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), BadAddress> {
+            let off = addr.checked_sub(MEM_BASE).ok_or(BadAddress)?;
+            let off = usize::try_from(off).map_err(|_| BadAddress)?;
+            let end = off.checked_add(buf.len()).ok_or(BadAddress)?;
+            let src = self.0.get(off..end).ok_or(BadAddress)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+    }
+
+    pub struct Input<'a> {
+        pub limits: Limits,
+        pub descs: Vec<Desc>,
+        pub mem: Mem<'a>,
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        let mut a = [0u8; 4];
+        a.copy_from_slice(&b[at..at + 4]);
+        u32::from_le_bytes(a)
+    }
+
+    /// Unpacks fuzz bytes; short inputs are zero-padded.
+    pub fn decode(data: &[u8]) -> Input<'_> {
+        let mut head = [0u8; LIMITS_LEN];
+        let n = data.len().min(LIMITS_LEN);
+        head[..n].copy_from_slice(&data[..n]);
+        let mut cap = [0u8; 8];
+        cap.copy_from_slice(&head[0..8]);
+        let limits = Limits {
+            capacity: u64::from_le_bytes(cap),
+            max_discard_sectors: u32_at(&head, 8),
+            max_discard_seg: head[12] as u32,
+            max_write_zeroes_sectors: u32_at(&head, 13),
+            max_write_zeroes_seg: head[17] as u32,
+            max_transfer: u32_at(&head, 18) as u64,
+        };
+        let count = head[22] as usize % (MAX_DESCS + 1);
+        let rest = data.get(LIMITS_LEN..).unwrap_or(&[]);
+        let mut descs = Vec::with_capacity(count);
+        for i in 0..count {
+            let mut d = [0u8; DESC_LEN];
+            if let Some(src) = rest.get(i * DESC_LEN..) {
+                let k = src.len().min(DESC_LEN);
+                d[..k].copy_from_slice(&src[..k]);
+            }
+            let off = u16::from_le_bytes([d[1], d[2]]) as u64;
+            let len = u16::from_le_bytes([d[3], d[4]]) as u32;
+            descs.push(Desc {
+                addr: if d[0] & 2 != 0 {
+                    // Near the top of the address space: overflow paths.
+                    u64::MAX - off
+                } else {
+                    MEM_BASE + off
+                },
+                len: if d[0] & 4 != 0 {
+                    len.saturating_mul(65536)
+                } else {
+                    len
+                },
+                write: d[0] & 1 != 0,
+            });
+        }
+        let mem = rest.get(count * DESC_LEN..).unwrap_or(&[]);
+        Input {
+            limits,
+            descs,
+            mem: Mem(mem),
+        }
+    }
+
+    /// Packs an input (for seeds): descriptors address guest memory only.
+    pub fn encode(limits: &Limits, descs: &[(u16, u16, bool)], mem: &[u8]) -> Vec<u8> {
+        assert!(descs.len() <= MAX_DESCS);
+        let mut b = Vec::new();
+        b.extend_from_slice(&limits.capacity.to_le_bytes());
+        b.extend_from_slice(&limits.max_discard_sectors.to_le_bytes());
+        b.push(limits.max_discard_seg as u8);
+        b.extend_from_slice(&limits.max_write_zeroes_sectors.to_le_bytes());
+        b.push(limits.max_write_zeroes_seg as u8);
+        b.extend_from_slice(&(limits.max_transfer as u32).to_le_bytes());
+        b.push(descs.len() as u8);
+        for &(off, len, write) in descs {
+            b.push(write as u8);
+            b.extend_from_slice(&off.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(&[0, 0]);
+        }
+        b.extend_from_slice(mem);
+        b
+    }
+}

@@ -6,6 +6,8 @@ use std::io;
 
 /// Exit code of usage and operational errors.
 pub const EXIT_FAILURE: i32 = 1;
+/// `check --repair` / `repair`: problems were found and repaired (as fsck).
+pub const EXIT_CHECK_REPAIRED: i32 = 1;
 /// `check`: errors were found and left uncorrected (as fsck).
 pub const EXIT_CHECK_ERRORS: i32 = 4;
 /// `check`: the check itself could not run (as fsck's "operational error").

@@ -20,7 +20,8 @@ use std::process::ExitCode;
     version,
     about = "Administer thinlun pools and their thin volumes",
     after_help = "Sizes are bytes or a number with a binary unit: 4096, 64K, 1.5G, 8GiB.\n\
-                  Exit status: 0 success, 1 error, 2 usage error; check: 4 errors found, 8 could not check."
+                  Exit status: 0 success, 1 error, 2 usage error; check and repair as fsck: 0 clean,\n\
+                  1 repaired, 4 errors left, 8 could not check."
 )]
 struct Cli {
     /// Pool file or block device
@@ -42,14 +43,85 @@ enum Command {
     /// Create a pool or show its status
     #[command(subcommand)]
     Pool(PoolCommand),
-    /// Verify the pool's metadata without changing anything (exit 0 clean, 4 errors, 8 could not check)
+    /// Verify the pool's metadata (exit 0 clean, 1 repaired with --repair, 4 errors left, 8 could not check)
+    #[command(
+        long_about = "Verify every invariant of the pool's metadata: checksums, tree structure, \
+references against reference counts, no block owned twice, free-space accounting, the volume \
+catalog and the reserved multi-host structures. Problems are printed in words; warnings are \
+damage a redundant copy covers.\n\n\
+Without --repair nothing is written: the pool is only read (no lock, no journal replay written \
+back), so a check runs without write access and while a serve or daemon process holds the pool \
+(a pool changing under the check may then show transient errors; check again).\n\n\
+Exit status as fsck: 0 clean, 1 problems found and repaired (--repair), 4 errors left, 8 the \
+check could not run."
+    )]
     Check {
-        /// Never write (always true: check has no repair); accepted like fsck -n
-        #[arg(short = 'n', long)]
+        /// Never write (the default without --repair); accepted like fsck -n
+        #[arg(short = 'n', long, conflicts_with = "repair")]
         read_only: bool,
+        /// Repair what can be repaired without guessing (runs 'thinctl repair')
+        #[arg(long)]
+        repair: bool,
         /// Print the report as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Fix what can be fixed without guessing; refuse the rest (exit 0 nothing to do, 1 repaired, 4 refused)
+    #[command(
+        long_about = "Fix what can be fixed without guessing (what the pool's redundancy determines), and refuse \
+the rest.\n\n\
+Fixed: a damaged, missing or out-of-date superblock copy (rewritten from its twin); a damaged copy \
+of a volume header or host journal checkpoint (rewritten from its twin); a torn block at the end of \
+the journal (an interrupted commit, cleared after a checkpoint); journal changes not yet in the \
+trees (folded in). Free space and reference counts are not stored on disk: every open rebuilds \
+them from the mapping trees, so leaked blocks are free again without a repair.\n\n\
+Refused, with nothing written (exit 4): anything check reports as an error, such as both copies \
+of a record damaged or a damaged mapping-tree node; restore the metadata from a dump \
+('thinctl restore') or the volumes from backups.\n\n\
+The repair is built on an in-memory copy of the metadata and verified with check before \
+anything is written; then the writes go to the pool in the engine's normal update order. \
+Needs the pool to itself (stop serve/daemon first)."
+    )]
+    Repair {
+        /// Say what would be fixed and verify it in memory; write nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the pool's metadata as readable JSON (volumes, relations, mappings; see docs/FORMAT.md)
+    #[command(
+        long_about = "Write the pool's metadata as a JSON document: the superblock fields, \
+every volume and snapshot with its catalog and header fields, snapshot and clone relations, and \
+its mapping as extents [virtual block, physical block or \"zero\", length in blocks] after \
+journal replay. Only reads the pool (works while it is served). The format is described in \
+docs/FORMAT.md, section 9."
+    )]
+    Dump {
+        /// Output file [default: stdout]
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Write metadata from a dump back onto the pool (fresh metadata blocks, new generation)
+    #[command(
+        long_about = "Write the metadata of a 'thinctl dump' document onto the pool: new mapping \
+trees, volume headers and catalog in free blocks of the data area, a new superblock generation \
+and a fresh journal start. The data area is not touched: the dump's extents must still point at \
+the data. Refused: a dump of another pool geometry (always); a pool that still opens, or of \
+another uuid, unless --force. The result is verified in memory (it must check clean and read \
+back as the dump) before anything is written. Needs the pool to itself."
+    )]
+    Restore {
+        /// The dump to restore (- for stdin)
+        #[arg(short, long, value_name = "FILE")]
+        input: PathBuf,
+        /// Replace the metadata of a pool that still opens, or of another pool identity
+        #[arg(long)]
+        force: bool,
+        /// Build and verify in memory; write nothing
+        #[arg(short = 'n', long)]
+        dry_run: bool,
     },
     /// Create a thin volume (no space is allocated until it is written)
     Create {
@@ -252,7 +324,24 @@ fn run(cli: Cli) -> CliResult<()> {
         ),
         Command::Pool(PoolCommand::Grow) => cmd::space::grow(pool),
         Command::Trim { discard } => cmd::space::trim(pool, discard),
-        Command::Check { read_only, json } => cmd::check::run(pool, read_only, json),
+        Command::Check {
+            read_only,
+            repair,
+            json,
+        } => {
+            if repair {
+                cmd::repair::run(pool, false, json)
+            } else {
+                cmd::check::run(pool, read_only, json)
+            }
+        }
+        Command::Repair { dry_run, json } => cmd::repair::run(pool, dry_run, json),
+        Command::Dump { output } => cmd::dump::dump(pool, output.as_deref()),
+        Command::Restore {
+            input,
+            force,
+            dry_run,
+        } => cmd::dump::restore(pool, &input, force, dry_run),
         Command::Create { name, size, force } => cmd::volume::create(pool, &name, size, force),
         Command::List { json } => cmd::volume::list(pool, json),
         Command::Info { name, json } => cmd::volume::info(pool, &name, json),

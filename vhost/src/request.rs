@@ -144,8 +144,10 @@ pub fn parse(descs: &[Desc], mem: &dyn GuestRead, lim: &Limits) -> Result<Parsed
     // Device-readable descriptors come first, then device-writable ones.
     let split = descs.iter().position(|d| d.write).unwrap_or(descs.len());
     let (readable, writable) = descs.split_at(split);
-    // The status is the last byte of the last non-empty writable descriptor.
-    let Some(last_w) = writable.iter().rposition(|d| d.len > 0) else {
+    // The status is the last byte of the last non-empty writable descriptor
+    // (never one marked device-readable, even in a malformed chain that
+    // mixes them: the device must not write into those).
+    let Some(last_w) = writable.iter().rposition(|d| d.write && d.len > 0) else {
         return Err(NoStatus);
     };
     let status_desc = writable[last_w];
@@ -456,6 +458,16 @@ mod tests {
 
     fn cmd(descs: &[Desc], m: &FakeMem) -> Result<Command, Status> {
         parse(descs, m, &LIM).expect("has status").cmd
+    }
+
+    #[test]
+    fn status_never_goes_into_a_readable_descriptor() {
+        // Found by fuzzing: a readable descriptor after the writable ones
+        // is an error, and its status still goes to the last writable byte.
+        let m = mem_with_header(req_type::IN, 0);
+        let p = parse(&[r(0x1000, 16), w(0x2000, 512), r(0x3000, 8)], &m, &LIM).unwrap();
+        assert_eq!(p.status_addr, 0x2000 + 511);
+        assert_eq!(p.cmd, Err(Status::IoErr));
     }
 
     #[test]

@@ -8,9 +8,11 @@
 
 mod file;
 mod mem;
+mod overlay;
 
 pub use file::FileDevice;
 pub use mem::{Event, MemDevice, Trace};
+pub use overlay::OverlayDevice;
 
 use crate::format::BLOCK_SIZE;
 use std::io;

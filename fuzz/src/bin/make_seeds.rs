@@ -363,4 +363,104 @@ fn main() {
     write(&dir, "catalog", &catalogs());
     write(&dir, "journal", &journals());
     write(&dir, "claims", &claim_tables());
+    write(&dir, "virtio_request", &virtio_requests());
+}
+
+/// Real virtio-blk requests as a guest driver lays them out: header in the
+/// first readable descriptor (or split over two), data, status byte last.
+fn virtio_requests() -> Vec<Vec<u8>> {
+    use thinlun_fuzz::virtio;
+    use thinlun_vhost::request::{parse, req_type, Command, Limits};
+    let lim = Limits {
+        capacity: 1 << 21,
+        max_discard_sectors: 1 << 16,
+        max_discard_seg: 32,
+        max_write_zeroes_sectors: 1 << 16,
+        max_write_zeroes_seg: 32,
+        max_transfer: 1 << 20,
+    };
+    let header = |t: u32, sector: u64| {
+        let mut h = Vec::new();
+        h.extend_from_slice(&t.to_le_bytes());
+        h.extend_from_slice(&0u32.to_le_bytes());
+        h.extend_from_slice(&sector.to_le_bytes());
+        h
+    };
+    let range = |sector: u64, sectors: u32, flags: u32| {
+        let mut r = Vec::new();
+        r.extend_from_slice(&sector.to_le_bytes());
+        r.extend_from_slice(&sectors.to_le_bytes());
+        r.extend_from_slice(&flags.to_le_bytes());
+        r
+    };
+    // (descriptors as (offset, len, device-writable), guest memory)
+    type Seed = (Vec<(u16, u16, bool)>, Vec<u8>);
+    let seeds: Vec<Seed> = vec![
+        // Read 4 KiB at sector 8 into one buffer.
+        (
+            vec![(0, 16, false), (0x1000, 4096, true), (0x3000, 1, true)],
+            header(req_type::IN, 8),
+        ),
+        // Read into two buffers, the status byte at the end of the second.
+        (
+            vec![(0, 16, false), (0x1000, 512, true), (0x2000, 1025, true)],
+            header(req_type::IN, 0),
+        ),
+        // Write 8 KiB from two buffers.
+        (
+            vec![
+                (0, 16, false),
+                (0x1000, 4096, false),
+                (0x2000, 4096, false),
+                (0x3000, 1, true),
+            ],
+            header(req_type::OUT, 2040),
+        ),
+        // Write with header and data in one descriptor.
+        (
+            vec![(0, 16 + 512, false), (0x3000, 1, true)],
+            header(req_type::OUT, 1),
+        ),
+        // Header split over two descriptors.
+        (
+            vec![(0, 8, false), (8, 8, false), (0x3000, 1, true)],
+            header(req_type::FLUSH, 0),
+        ),
+        (
+            vec![(0, 16, false), (0x3000, 1, true)],
+            header(req_type::FLUSH, 0),
+        ),
+        (
+            vec![(0, 16, false), (0x1000, 20, true), (0x3000, 1, true)],
+            header(req_type::GET_ID, 0),
+        ),
+        (
+            vec![(0, 16, false), (16, 32, false), (0x3000, 1, true)],
+            [
+                header(req_type::DISCARD, 0),
+                range(0, 8, 0),
+                range(64, 128, 0),
+            ]
+            .concat(),
+        ),
+        (
+            vec![(0, 32, false), (0x3000, 1, true)],
+            [header(req_type::WRITE_ZEROES, 0), range(16, 2048, 1)].concat(),
+        ),
+    ];
+    seeds
+        .into_iter()
+        .map(|(descs, mem)| {
+            let b = virtio::encode(&lim, &descs, &mem);
+            let input = virtio::decode(&b);
+            let parsed = parse(&input.descs, &input.mem, &input.limits)
+                .unwrap_or_else(|_| panic!("seed {descs:?} has no status byte"));
+            assert!(
+                matches!(parsed.cmd, Ok(ref c) if !matches!(c, Command::GetId { segs } if segs.is_empty())),
+                "seed {descs:?} does not parse: {:?}",
+                parsed.cmd
+            );
+            b
+        })
+        .collect()
 }

@@ -1,5 +1,6 @@
 //! `check`: verifies a pool without changing it, with fsck's exit codes
-//! (0 clean, 4 errors left, 8 the check could not run).
+//! (0 clean, 4 errors left, 8 the check could not run; `check --repair`
+//! runs `repair`, which adds 1 for "repaired").
 
 use super::{pool_path, require_exists, BLOCK};
 use crate::error::{emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED};
@@ -10,7 +11,9 @@ use thinlun::check::CheckReport;
 use thinlun::dev::FileDevice;
 
 /// `_read_only` is accepted for scripts that say so explicitly (fsck -n):
-/// the engine has no repair, so a check never writes.
+/// a check without `--repair` never writes. It opens the LUN read-only and
+/// takes no lock, so it needs no write access and runs beside a serving
+/// process.
 pub fn run(pool: Option<&Path>, _read_only: bool, json: bool) -> CliResult<()> {
     let path = pool_path(pool)?;
     let failed = |e: CliError| e.with_code(EXIT_CHECK_FAILED);
@@ -65,11 +68,11 @@ fn report_text(label: &str, r: &CheckReport) -> String {
     let verdict = match (r.errors.len(), r.warnings.len()) {
         (0, 0) => "clean".to_string(),
         (0, w) => format!(
-            "clean, {w} warning{} (damage that a redundant copy covers)",
+            "clean, {w} warning{} (damage that a redundant copy covers; 'thinctl repair' rewrites it)",
             plural(w as u64)
         ),
         (e, _) => format!(
-            "{e} error{} found; the pool needs attention",
+            "{e} error{} found; the pool needs attention ('thinctl repair --dry-run' says what it can fix)",
             plural(e as u64)
         ),
     };

@@ -1,0 +1,115 @@
+//! `repair` (and `check --repair`): fixes what the redundant copies and
+//! the update protocols determine, refuses the rest; exit codes as fsck
+//! (0 nothing to repair, 1 repaired, 4 errors left, 8 could not run).
+
+use super::{pool_path, require_exists};
+use crate::error::{
+    emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED, EXIT_CHECK_REPAIRED,
+};
+use crate::json::Json;
+use std::path::Path;
+use std::sync::Arc;
+use thinlun::dev::FileDevice;
+use thinlun::repair::RepairReport;
+
+pub fn run(pool: Option<&Path>, dry_run: bool, json: bool) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    let failed = |e: CliError| e.with_code(EXIT_CHECK_FAILED);
+    require_exists(path).map_err(failed)?;
+    let label = path.display().to_string();
+    // A dry run only reads, like check; a repair needs the pool to itself.
+    let dev = FileDevice::open(path, !dry_run).map_err(|e| failed(CliError::io(&label, e)))?;
+    if !dry_run {
+        dev.lock_exclusive().map_err(|e| {
+            failed(if e.kind() == std::io::ErrorKind::WouldBlock {
+                CliError::new(format!(
+                    "{label} is open for writing by another thinlun process (serve or daemon); stop it before repairing, or use 'thinctl check --read-only'"
+                ))
+            } else {
+                CliError::io(&label, e)
+            })
+        })?;
+    }
+    let report =
+        thinlun::repair::repair(Arc::new(dev), &label, dry_run).map_err(|e| failed(e.into()))?;
+    if json {
+        emit(&report_json(&label, &report).render())?;
+    } else {
+        emit(&report_text(&label, &report))?;
+    }
+    if !report.refused.is_empty() {
+        let n = report.refused.len();
+        return Err(CliError::new(format!(
+            "{label}: {n} problem{} cannot be repaired without guessing; nothing was written",
+            if n == 1 { "" } else { "s" }
+        ))
+        .with_code(EXIT_CHECK_ERRORS));
+    }
+    if report.repaired() {
+        // fsck's "errors corrected": success, said with the exit code.
+        return Err(CliError::new("").with_code(EXIT_CHECK_REPAIRED));
+    }
+    Ok(())
+}
+
+fn report_text(label: &str, r: &RepairReport) -> String {
+    let mut out = String::new();
+    let verb = if r.dry_run { "would fix" } else { "fixed" };
+    if r.refused.is_empty() {
+        for f in &r.fixes {
+            out.push_str(&format!("{verb}: {f}\n"));
+        }
+    } else {
+        for f in &r.fixes {
+            out.push_str(&format!("repairable, not repaired: {f}\n"));
+        }
+    }
+    for e in &r.refused {
+        out.push_str(&format!("error: {e}\n"));
+    }
+    for n in &r.notes {
+        out.push_str(&format!("note: {n}\n"));
+    }
+    let verdict = if !r.refused.is_empty() {
+        "not repaired; nothing was written".to_string()
+    } else if r.fixes.is_empty() {
+        "nothing to repair".to_string()
+    } else if r.dry_run {
+        format!(
+            "{} problem{} can be repaired (dry run: nothing was written; the result was verified in memory)",
+            r.fixes.len(),
+            if r.fixes.len() == 1 { "" } else { "s" }
+        )
+    } else {
+        let clean = r
+            .after
+            .as_ref()
+            .is_some_and(|a| a.errors.is_empty() && a.warnings.is_empty());
+        format!(
+            "repaired ({} block{} written); check is {}",
+            r.blocks_written,
+            if r.blocks_written == 1 { "" } else { "s" },
+            if clean { "clean" } else { "NOT clean" }
+        )
+    };
+    out.push_str(&format!("{label}: {verdict}\n"));
+    out
+}
+
+fn report_json(label: &str, r: &RepairReport) -> Json {
+    // Without a result to check (nothing done, or refused) this is false.
+    let clean_after = r
+        .after
+        .as_ref()
+        .is_some_and(|a| a.errors.is_empty() && a.warnings.is_empty());
+    Json::Object(vec![
+        ("pool", label.into()),
+        ("dry_run", r.dry_run.into()),
+        ("repaired", r.repaired().into()),
+        ("fixes", r.fixes.clone().into()),
+        ("refused", r.refused.clone().into()),
+        ("notes", r.notes.clone().into()),
+        ("blocks_written", r.blocks_written.into()),
+        ("clean_after", clean_after.into()),
+    ])
+}
