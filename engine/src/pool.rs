@@ -303,7 +303,11 @@ impl Pool {
         };
         // Small groups bound how far the pool may grow (the claim table is
         // sized at creation).
-        let max_pool_blocks = max_pool_blocks.min(crate::format::MAX_AGS * ag_blocks as u64);
+        let max_pool_blocks = if ag_blocks < crate::format::AG_BLOCKS {
+            max_pool_blocks.min(crate::format::MAX_AGS * ag_blocks as u64)
+        } else {
+            max_pool_blocks
+        };
         if let Some(s) = cfg.shared {
             if s.io_timeout_ms == 0 {
                 return Err(Error::InvalidArgument(

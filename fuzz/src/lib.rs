@@ -24,6 +24,9 @@ pub mod at {
     pub const CATALOG: u64 = 1536;
     pub const VOLUME_HEADER: u64 = 1537;
     pub const NODE: u64 = 1540;
+    /// Host 1's slot and lock register for `layout()`.
+    pub const HOST_SLOT: u64 = 16;
+    pub const LOCK_REGISTER: u64 = 32;
     /// `max_hosts` of `layout()`.
     pub const MAX_HOSTS: u32 = 16;
     /// Circular part of each host's journal in `layout()` (64 - 2 blocks).

@@ -87,7 +87,9 @@ impl HostSlot {
         if name_len > HOST_NAME_LEN {
             return Err(bad("host name too long"));
         }
-        let name = String::from_utf8_lossy(&b[O_NAME..O_NAME + name_len]).into_owned();
+        let name = std::str::from_utf8(&b[O_NAME..O_NAME + name_len])
+            .map_err(|_| bad("host name is not UTF-8"))?
+            .to_string();
         Ok(Some(HostSlot {
             host_id,
             state,

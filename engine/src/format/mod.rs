@@ -41,7 +41,8 @@ pub const HEADER_ZONE_BLOCKS: u64 = 16;
 pub const MAX_HOSTS: u32 = 100;
 /// Default allocation-group size: 1 GiB of 4 KiB blocks.
 pub const AG_BLOCKS: u32 = 262_144;
-/// Most allocation groups a pool may have (bounds the claim table).
+/// Most allocation groups a pool with groups smaller than the default may
+/// have (bounds the claim table).
 pub const MAX_AGS: u64 = 1 << 20;
 /// Bytes per allocation-group claim record.
 pub const AG_CLAIM_LEN: usize = 16;

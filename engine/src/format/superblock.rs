@@ -4,8 +4,8 @@
 
 use super::codec::{self, get_u32, get_u64, put_u32, put_u64, Header};
 use super::{
-    magic, Layout, BLOCK_SIZE, MAX_AGS, MAX_BLOCKS, MAX_CHUNK_BYTES, MAX_HOSTS, MIN_CHUNK_BYTES,
-    MIN_JOURNAL_BLOCKS,
+    magic, Layout, AG_BLOCKS, BLOCK_SIZE, MAX_AGS, MAX_BLOCKS, MAX_CHUNK_BYTES, MAX_HOSTS,
+    MIN_CHUNK_BYTES, MIN_JOURNAL_BLOCKS,
 };
 use crate::error::{Error, Result};
 
@@ -195,7 +195,8 @@ impl Superblock {
         if pool_blocks == 0 || pool_blocks > max_pool_blocks || max_pool_blocks > MAX_BLOCKS {
             return Err(bad("pool size out of range"));
         }
-        if max_pool_blocks.div_ceil(ag_blocks as u64) > MAX_AGS {
+        // Groups smaller than the default must not blow up the claim table.
+        if ag_blocks < AG_BLOCKS && max_pool_blocks.div_ceil(ag_blocks as u64) > MAX_AGS {
             return Err(bad("too many allocation groups"));
         }
         let layout = Layout::compute_with_groups(

@@ -364,6 +364,55 @@ fn main() {
     write(&dir, "journal", &journals());
     write(&dir, "claims", &claim_tables());
     write(&dir, "virtio_request", &virtio_requests());
+    write(&dir, "lease", &lease_sectors());
+    write(&dir, "diffstream", &diff_streams());
+}
+
+/// A live and a free host slot, and a lock register choosing and holding.
+fn lease_sectors() -> Vec<Vec<u8>> {
+    use thinlun::format::lease::{HostSlot, LockRegister, SlotState};
+    let slot = |state| HostSlot {
+        host_id: 1,
+        state,
+        generation: 3,
+        nonce: 0x1234_5678_9abc_def0,
+        renewal: 42,
+        local_ms: 123_456,
+        name: "hv-01".into(),
+    };
+    let reg = |choosing, number| LockRegister {
+        host_id: 1,
+        host_generation: 3,
+        choosing,
+        number,
+    };
+    vec![
+        slot(SlotState::Live).encode(at::HOST_SLOT),
+        slot(SlotState::Free).encode(at::HOST_SLOT),
+        reg(true, 0).encode(at::LOCK_REGISTER),
+        reg(false, 7).encode(at::LOCK_REGISTER),
+    ]
+}
+
+/// A full stream and an incremental one, as export-diff writes them.
+fn diff_streams() -> Vec<Vec<u8>> {
+    use thinlun::diffstream::{DiffHeader, DiffWriter};
+    let mut out = Vec::new();
+    for (from, to) in [("", "s1"), ("s1", "s2")] {
+        let mut buf = Vec::new();
+        let h = DiffHeader {
+            size_bytes: 1 << 20,
+            from: from.into(),
+            to: to.into(),
+        };
+        let mut w = DiffWriter::new(&mut buf, &h).expect("header");
+        w.data(0, &[7u8; 4096]).expect("data");
+        w.zero(8192, 8192).expect("zero");
+        w.data(65536, &[9u8; 1024]).expect("data");
+        w.finish().expect("finish");
+        out.push(buf);
+    }
+    out
 }
 
 /// Real virtio-blk requests as a guest driver lays them out: header in the
