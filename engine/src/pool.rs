@@ -1077,6 +1077,9 @@ fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
         if has_pending {
             let _ = inner.flush();
         }
+        // A shared pool's host claims its next group before it runs out,
+        // so writes rarely wait for the global lock.
+        inner.claim_ahead();
         let mut guard = inner.commit.lock();
         if let Some(ctl) = guard.as_mut() {
             if ctl.journal.used_blocks() > ctl.journal.capacity() / 2 {

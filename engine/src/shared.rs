@@ -35,6 +35,9 @@ pub(crate) struct SharedCtx {
     /// Free blocks per allocation group as of the last reload, counted
     /// before this host's view was narrowed to its own groups.
     group_free: Mutex<Vec<u64>>,
+    /// When a background claim last found no group to take (boot-time ms),
+    /// so a full pool is not asked again every second.
+    claim_failed_ms: std::sync::atomic::AtomicU64,
 }
 
 impl SharedCtx {
@@ -42,6 +45,7 @@ impl SharedCtx {
         SharedCtx {
             lease,
             group_free: Mutex::new(Vec::new()),
+            claim_failed_ms: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -347,18 +351,36 @@ impl Inner {
         Ok(true)
     }
 
+    /// The background thread's claim: at most one failed attempt per 10 s.
+    pub(crate) fn claim_ahead(&self) {
+        use std::sync::atomic::Ordering;
+        let Some(sh) = self.shared_ctx() else { return };
+        let now = crate::lease::now_ms();
+        if now.saturating_sub(sh.claim_failed_ms.load(Ordering::Relaxed)) < 10_000 {
+            return;
+        }
+        if self.low_on_space() && !self.claim_more_space() {
+            sh.claim_failed_ms.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Fewer than a quarter of a group free in this host's groups.
+    pub(crate) fn low_on_space(&self) -> bool {
+        let st = self.state.lock();
+        let l = st.sb.layout;
+        st.space.free_blocks() < (l.ag_blocks as u64 / 4).max(l.chunk_blocks as u64)
+    }
+
     /// Claims a first group if this host has none with free space (at
     /// join, with the global lock held).
     pub(crate) fn ensure_space_locked(&self) -> Result<()> {
         let Some(sh) = self.shared_ctx() else {
             return Ok(());
         };
-        let layout = self.state.lock().sb.layout;
-        let low = (layout.ag_blocks as u64 / 4).max(layout.chunk_blocks as u64);
-        if self.state.lock().space.free_blocks() < low {
+        let _ = sh;
+        if self.low_on_space() {
             self.claim_group_locked()?;
         }
-        let _ = sh;
         Ok(())
     }
 
@@ -590,6 +612,7 @@ impl Pool {
                             host_id: s.host_id,
                             name: s.name,
                             generation: s.generation,
+                            renewal: s.renewal,
                             state,
                             unchanged_ms: None,
                             is_self: false,

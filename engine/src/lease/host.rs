@@ -406,6 +406,7 @@ impl HostLease {
                     host_id: h,
                     name: s.name.clone(),
                     generation: s.generation,
+                    renewal: s.renewal,
                     state,
                     unchanged_ms: Some(now.saturating_sub(o.since_ms)),
                     is_self: h == self.host_id,

@@ -61,6 +61,8 @@ pub struct HostView {
     pub host_id: u32,
     pub name: String,
     pub generation: u64,
+    /// The slot's renewal counter (it grows every renewal while alive).
+    pub renewal: u64,
     /// "live", "free", "dead" (unchanged past the dead time, as this host
     /// watched it) or "unknown" (not watched long enough to tell).
     pub state: &'static str,

@@ -25,11 +25,14 @@ pub fn status(pool: Option<&Path>, json: bool) -> CliResult<()> {
 
 fn status_text(s: &LockStatus) -> String {
     let mut out = format!("I/O timeout {} ms\n", s.io_timeout_ms);
-    out.push_str("HOST  NAME                  GENERATION  STATE\n");
+    out.push_str("HOST  NAME                  GENERATION  RENEWALS  LAST CHANGE  STATE\n");
     for h in &s.hosts {
+        let change = h
+            .unchanged_ms
+            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
         out.push_str(&format!(
-            "{:<5} {:<21} {:<11} {}\n",
-            h.host_id, h.name, h.generation, h.state
+            "{:<5} {:<21} {:<11} {:<9} {:<12} {}\n",
+            h.host_id, h.name, h.generation, h.renewal, change, h.state
         ));
     }
     let name_of = |id: u32| {
@@ -82,6 +85,7 @@ fn status_json(s: &LockStatus) -> Json {
                             ("host_id", h.host_id.into()),
                             ("name", h.name.as_str().into()),
                             ("generation", h.generation.into()),
+                            ("renewals", h.renewal.into()),
                             ("state", h.state.into()),
                         ])
                     })
