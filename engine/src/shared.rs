@@ -359,9 +359,64 @@ impl Inner {
         if now.saturating_sub(sh.claim_failed_ms.load(Ordering::Relaxed)) < 10_000 {
             return;
         }
-        if self.low_on_space() && !self.claim_more_space() {
+        if self.low_on_space() {
+            if !self.claim_more_space() {
+                sh.claim_failed_ms.store(now, Ordering::Relaxed);
+            }
+        } else if self.return_spare_group().is_err() {
             sh.claim_failed_ms.store(now, Ordering::Relaxed);
         }
+    }
+
+    /// Returns one group this host claimed but does not use (every block
+    /// free) when it holds more than a group and a half of free space, so
+    /// other hosts may claim it.
+    fn return_spare_group(&self) -> Result<()> {
+        let spare = |st: &State| -> Option<usize> {
+            let l = st.sb.layout;
+            if st.space.free_blocks() < l.ag_blocks as u64 * 3 / 2 {
+                return None;
+            }
+            let per_group = (l.ag_blocks / l.chunk_blocks) as usize;
+            let free = st.space.chunk_free_blocks();
+            let (mut owned, mut empty) = (0, None);
+            for (g, chunks) in free.chunks(per_group).enumerate() {
+                // Foreign chunks read as full; an owned, empty group has
+                // every chunk entirely free.
+                if chunks.iter().any(|&f| f > 0) {
+                    owned += 1;
+                    if chunks.iter().all(|&f| f == l.chunk_blocks) && chunks.len() == per_group {
+                        empty = Some(g);
+                    }
+                }
+            }
+            empty.filter(|_| owned > 1)
+        };
+        if spare(&self.state.lock()).is_none() {
+            return Ok(());
+        }
+        let _g = self.global()?;
+        // No write may allocate while the group is handed back.
+        let _stripes = self.lock_all_stripes();
+        let _ctl = self.commit.lock();
+        let mut st = self.state.lock();
+        let Some(g) = spare(&st) else {
+            return Ok(());
+        };
+        let layout = st.sb.layout;
+        let mut claims = read_claims(self.dev.as_ref(), &layout)?;
+        match claims.get_mut(g) {
+            Some(c) if c.owner as u32 == self.host_id => {
+                c.owner = 0;
+                c.generation += 1;
+            }
+            _ => return Ok(()),
+        }
+        write_claims(self.dev.as_ref(), &layout, &claims, st.sb.generation + 1)?;
+        let per_group = (layout.ag_blocks / layout.chunk_blocks) as u64;
+        st.space
+            .disown_chunks(g as u64 * per_group..(g as u64 + 1) * per_group);
+        self.write_catalog(&mut st)
     }
 
     /// Fewer than a quarter of a group free in this host's groups.

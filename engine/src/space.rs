@@ -69,6 +69,23 @@ impl SpaceMap {
         self.empty_hint = 0;
     }
 
+    /// Stops allocating in chunks `range` (a group handed back): they read
+    /// as full from now on.
+    pub fn disown_chunks(&mut self, range: std::ops::Range<u64>) {
+        let Some(foreign) = self.foreign.as_mut() else {
+            return;
+        };
+        for c in range.filter(|&c| c < self.chunks) {
+            foreign[c as usize] = true;
+            self.free_blocks -= self.chunk_free[c as usize] as u64;
+            self.chunk_free[c as usize] = 0;
+            let start = c * self.chunk_blocks;
+            for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
+                self.used[w] |= mask;
+            }
+        }
+    }
+
     /// Free blocks per chunk, as the map stands (for choosing groups).
     pub fn chunk_free_blocks(&self) -> &[u32] {
         &self.chunk_free

@@ -432,3 +432,47 @@ fn a_torn_lease_sector_of_a_dead_host_is_recovered_and_of_a_live_one_repaired() 
     h1.close().unwrap();
     lun.check_clean();
 }
+
+#[test]
+fn hosts_claim_groups_as_they_fill_and_return_unused_ones() {
+    let lun = Lun::new("groups");
+    let h1 = lun.host(1).unwrap();
+    let h2 = lun.host(2).unwrap();
+    h1.create_volume("big", 24 * MIB).unwrap();
+    let v = h1.open_volume("big").unwrap();
+    let chunk = vec![0x5au8; 256 * 1024];
+    for i in 0..(20 * MIB as usize / chunk.len()) as u64 {
+        v.write(i * (chunk.len() as u64 / 512), &chunk).unwrap();
+    }
+    v.flush().unwrap();
+    let owned = |p: &Pool, h: u32| {
+        p.lock_status(Duration::ZERO)
+            .unwrap()
+            .groups
+            .iter()
+            .filter(|&&(_, o)| o == h)
+            .count()
+    };
+    // 20 MiB written in 4 MiB groups: host 1 claimed at least five.
+    assert!(owned(&h1, 1) >= 5, "{}", owned(&h1, 1));
+    // Host 2 allocates elsewhere meanwhile.
+    h2.create_volume("vm-x", 8 * MIB).unwrap();
+    write(&h2, "vm-x", 0, 1);
+    let mut reqs = [thinlun::Request::Discard {
+        sector: 0,
+        sectors: 24 * MIB / 512,
+    }];
+    for r in v.submit(&mut reqs) {
+        r.unwrap();
+    }
+    v.flush().unwrap();
+    drop(v);
+    // The background thread hands back what it no longer needs.
+    let before = owned(&h1, 1);
+    std::thread::sleep(Duration::from_millis(3500));
+    let after = owned(&h1, 1);
+    assert!(after < before, "host 1 kept {after} of {before} groups");
+    h2.close().unwrap();
+    h1.close().unwrap();
+    lun.check_clean();
+}
