@@ -422,9 +422,25 @@ fn serve_opens_a_control_socket_for_snapshots() {
     assert!(out.contains("created snapshot 'vm-1@before'"), "{out}");
     c.data(0, LEN).fill(0x5a);
     assert_eq!(c.write(0, 0, 4096), S_OK);
-    // Other changes still need the pool: refused while it is served.
-    let e = lab.ctl_fails(&["create", "vm-2", "16M"]);
-    assert!(e.contains("open for writing"), "{e}");
+    // Other changes are asked of the serving process too; without its
+    // control socket the pool is busy as before.
+    let out = lab.ctl(&["create", "vm-2", "16M"]);
+    assert_eq!(out, "created volume 'vm-2' (16M, 16777216 bytes)\n");
+    let out = Command::new(&lab.thinctl)
+        .arg("-p")
+        .arg(&lab.pool)
+        .args(["create", "vm-3", "16M"])
+        .env("THINLUN_CONTROL", lab.path("none.ctl"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("open for writing"),
+        "{e}"
+    );
+    let e = lab.ctl_fails(&["remove", "vm-1", "--recursive"]);
+    assert!(e.contains("volume 'vm-1' is open"), "{e}");
+    lab.ctl(&["remove", "vm-2"]);
     drop(c);
     lab.stop(server, &[&sock]);
     same(
@@ -435,4 +451,206 @@ fn serve_opens_a_control_socket_for_snapshots() {
     let vol = read_back(&lab.pool, "vm-1", 0, LEN);
     assert!(vol[..4096].iter().all(|&b| b == 0x5a));
     same(&vol[4096..], &data[4096..], "volume");
+}
+
+/// `(name, the object's text)` of each volume `thinctl list --json` shows
+/// (its output has one field a line).
+fn listed(lab: &Lab) -> Vec<(String, String)> {
+    lab.ctl(&["list", "--json"])
+        .split('}')
+        .filter_map(|obj| {
+            let name = field(obj, "name")?;
+            Some((name.trim_matches('"').to_string(), obj.to_string()))
+        })
+        .collect()
+}
+
+/// The raw value of `key` in one object of `list --json`.
+fn field<'a>(obj: &'a str, key: &str) -> Option<&'a str> {
+    obj.lines().find_map(|l| {
+        let v = l.trim().strip_prefix(&format!("\"{key}\": "))?;
+        Some(v.trim_end_matches(','))
+    })
+}
+
+fn listed_one(lab: &Lab, name: &str) -> Option<String> {
+    listed(lab).into_iter().find(|v| v.0 == name).map(|v| v.1)
+}
+
+#[test]
+fn daemon_makes_pool_changes_for_thinctl() {
+    let lab = Lab::new("daemon-ops");
+    // The same commands on a pool nobody serves print the same text.
+    let direct = Lab::new("daemon-ops-direct");
+    for l in [&lab, &direct] {
+        l.ctl(&["create", "vol-a", "16M"]);
+    }
+    let daemon = lab.start(&["daemon"]);
+    let ctl = lab.control();
+    let sa = lab.path("a.sock");
+    lab.ctl(&["serve-add", "vol-a", "--socket", sa.to_str().unwrap()]);
+    let mut ca = Client::connect(&sa, 1);
+    let data = pattern(5, LEN);
+    ca.data(0, LEN).copy_from_slice(&data);
+    assert_eq!(ca.write(0, 0, LEN), S_OK);
+
+    // Each step succeeds through the daemon with the direct path's text.
+    let both = |args: &[&str]| -> String {
+        let served = lab.ctl(args);
+        let here = direct.ctl(args);
+        assert_eq!(served, here, "thinctl {args:?}");
+        served
+    };
+    let out = both(&["create", "vm-2", "32M"]);
+    assert_eq!(out, "created volume 'vm-2' (32M, 33554432 bytes)\n");
+    let out = both(&["resize", "vm-2", "64M"]);
+    assert_eq!(
+        out,
+        "resized volume 'vm-2' from 32M to 64M (67108864 bytes)\n"
+    );
+    both(&["resize", "vm-2", "48M", "--force"]);
+    for l in [&lab, &direct] {
+        l.ctl(&["snapshot", "vm-2@s1"]);
+        l.ctl(&["snapshot", "vm-2@s2"]);
+    }
+    let out = both(&["rollback", "vm-2@s1", "--force"]);
+    assert_eq!(
+        out,
+        "rolled back 'vm-2' to 'vm-2@s1'\nremoved newer snapshots: vm-2@s2\n"
+    );
+    let out = both(&["clone", "vm-2@s1", "c1"]);
+    assert!(
+        out.starts_with("created linked clone 'c1' of 'vm-2@s1' (48M"),
+        "{out}"
+    );
+    let out = both(&["base", "c1", "--name", "b1"]);
+    assert_eq!(
+        out,
+        "'b1' is now a read-only base image (renamed from 'c1')\n"
+    );
+    both(&["clone", "b1", "c2"]);
+    let out = both(&["rename", "c2", "c3"]);
+    assert_eq!(out, "renamed volume 'c2' to 'c3'\n");
+    let out = both(&[
+        "pool",
+        "set",
+        "--max-overcommit",
+        "50",
+        "--data-thresholds",
+        "70,80",
+    ]);
+    assert!(
+        out.contains("data warnings at [70, 80]") && out.contains("50.00x"),
+        "{out}"
+    );
+
+    // The engine's refusals come back as errors, for both paths alike.
+    for args in [
+        &["create", "vm-2", "16M"][..],
+        &["resize", "vm-2", "16M"],
+        &["resize", "vm-2@s1", "64M"],
+        &["remove", "vm-2"],
+        &["remove", "nope"],
+        &["rename", "vm-2", "b1"],
+        &["rollback", "vm-2"],
+        &["clone", "vm-2", "c9"],
+        &["base", "vm-2@s1"],
+        &["pool", "set", "--max-overcommit", "0.5"],
+    ] {
+        let served = lab.ctl_fails(args);
+        let here = direct.ctl_fails(args);
+        assert_eq!(served, here, "thinctl {args:?}");
+        assert!(!served.contains("open for writing"), "{served}");
+    }
+
+    // What the pool holds now, seen by a reader beside the daemon.
+    let vm2 = listed_one(&lab, "vm-2").expect("vm-2 listed");
+    assert_eq!(field(&vm2, "size_bytes"), Some("50331648"));
+    let b1 = listed_one(&lab, "b1").expect("b1 listed");
+    assert_eq!(field(&b1, "base"), Some("true"));
+    assert_eq!(field(&b1, "clone_of"), Some("\"vm-2@s1\""));
+    let c3 = listed_one(&lab, "c3").expect("c3 listed");
+    assert_eq!(field(&c3, "clone_of"), Some("\"b1\""));
+    assert!(listed_one(&lab, "c1").is_none() && listed_one(&lab, "c2").is_none());
+    assert!(listed_one(&lab, "vm-2@s2").is_none());
+    let status = raw_request(&ctl, b"status\n", false);
+    assert!(status.contains("served=1"), "{status}");
+
+    // The served volume: no removal, rollback or base while served; a
+    // rename keeps it served under its new name.
+    lab.ctl(&["snapshot", "vol-a@s"]);
+    let e = lab.ctl_fails(&["remove", "vol-a", "--recursive"]);
+    assert!(e.contains("volume 'vol-a' is open"), "{e}");
+    let e = lab.ctl_fails(&["rollback", "vol-a@s"]);
+    assert!(e.contains("is open"), "{e}");
+    let e = lab.ctl_fails(&["base", "vol-a"]);
+    assert!(e.contains("is open"), "{e}");
+    let out = lab.ctl(&["rename", "vol-a", "vol-r"]);
+    assert_eq!(out, "renamed volume 'vol-a' to 'vol-r'\n");
+    assert_eq!(
+        raw_request(&ctl, b"list\n", false),
+        format!("ok 1 vol-r={}\n", sa.display())
+    );
+    assert!(listed_one(&lab, "vol-r@s").is_some());
+    assert_eq!(ca.read(0, LEN, LEN), S_OK);
+    same(ca.data(LEN, LEN), &data, "served volume after its rename");
+    let out = lab.ctl(&["resize", "vol-r", "32M"]);
+    assert!(out.contains("from 16M to 32M"), "{out}");
+    // Past the old end, within the new one.
+    assert_eq!(ca.write(48 << 10, 0, LEN), S_OK);
+    let e = lab.ctl_fails(&["remove", "vol-r", "-r"]);
+    assert!(e.contains("volume 'vol-r' is open"), "{e}");
+    assert!(listed_one(&lab, "vol-r").is_some(), "served volume removed");
+
+    // Stopped, it can go.
+    drop(ca);
+    lab.ctl(&["serve-remove", "vol-r"]);
+    let out = lab.ctl(&["rollback", "vol-r@s"]);
+    assert_eq!(out, "rolled back 'vol-r' to 'vol-r@s'\n");
+    let out = lab.ctl(&["remove", "vol-r", "--recursive"]);
+    assert_eq!(out, "removed volume 'vol-r' and its snapshots vol-r@s\n");
+    for args in [
+        &["remove", "c3"][..],
+        &["remove", "b1"],
+        &["remove", "vm-2@s1"],
+    ] {
+        assert_eq!(lab.ctl(args), direct.ctl(args), "thinctl {args:?}");
+    }
+    let out = both(&["remove", "vm-2"]);
+    assert_eq!(out, "removed volume 'vm-2'\n");
+
+    // Malformed pool changes: an error line each, nothing done.
+    for bytes in [
+        &b"create vm/x 4096\n"[..],
+        b"create vm-x 4096 please\n",
+        b"create vm-x 12\n",
+        b"delete ../x\n",
+        b"rename a\n",
+        b"rollback vol-r\n",
+        b"clone a@b c@d\n",
+        b"base a b c\n",
+        b"policy when_full=7\n",
+        b"policy data_warn_pct=1,2\n",
+    ] {
+        let reply = raw_request(&ctl, bytes, false);
+        assert!(
+            reply.starts_with("error ") && reply.lines().count() == 1,
+            "{:?} -> {reply:?}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    assert!(listed(&lab).is_empty(), "{:?}", listed(&lab));
+
+    // Nothing is served any more: stopped by hand (Lab::stop expects a
+    // volume to stop).
+    let mut daemon = daemon;
+    // SAFETY: sending a signal to our own child.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    let st = daemon.wait().unwrap();
+    assert!(st.success(), "exited with {st}:\n{}", lab.log());
+    assert!(!ctl.exists() && !sa.exists(), "sockets left behind");
+    let check = lab.ctl(&["check"]);
+    assert!(check.contains("clean"), "pool check: {check}");
+    let policy = lab.ctl(&["pool", "status", "--json"]);
+    assert!(policy.contains("\"max_overcommit_pct\": 5000"), "{policy}");
 }

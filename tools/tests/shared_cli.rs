@@ -1,5 +1,6 @@
 //! End-to-end tests of thinctl on a shared pool: host ids, one writer per
-//! volume across processes, `lock status` and `release`.
+//! volume across processes, `lock status` and `release`, changes made by
+//! the serving process of the same host.
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -137,6 +138,18 @@ fn one_writer_per_volume_across_hosts_and_release_for_migration() {
             .any(|l| l.starts_with("1 ") && l.ends_with("live")),
         "{status}"
     );
+    // On host 1 the server holds the host id ("already in use by another
+    // thinlun process"): host 1's changes are made by the server.
+    let out = ok(&command(&dir, 1, &["create", "vm-200-disk-0", "16M"])
+        .env_remove("THINLUN_CONTROL")
+        .output()
+        .unwrap());
+    assert_eq!(
+        out,
+        "created volume 'vm-200-disk-0' (16M, 16777216 bytes)\n"
+    );
+    let e = err(&thinctl(&dir, 1, &["remove", "vm-100-disk-0"]));
+    assert!(e.contains("'vm-100-disk-0' is open"), "{e}");
     // Migration: release on host 1 (the server stops serving it) ...
     let out = command(&dir, 1, &["release", "vm-100-disk-0"])
         .output()

@@ -11,14 +11,31 @@
 //! | request | reply |
 //! |---|---|
 //! | `snapshot VOL@SNAP` | `ok VOL@SNAP mapped_bytes=N` |
+//! | `grow` | `ok size_bytes=N` |
 //! | `add VOL SOCKET [QUEUES]` | `ok serving VOL on SOCKET (N queues[, read-only])` |
-//! | `remove VOL` | `ok stopped VOL: N connections, R requests in B batches, E errors` |
+//! | `remove VOL` (stop serving it) | `ok stopped VOL: N connections, R requests in B batches, E errors` |
 //! | `list` | `ok N [VOL=SOCKET]...` |
 //! | `status` | `ok key=value ...` (pool figures, `served=N`) |
+//! | `create VOL BYTES [force]` | `ok VOL size_bytes=N` |
+//! | `resize VOL BYTES [force]` | `ok VOL old_size_bytes=N size_bytes=N` |
+//! | `delete VOL[@SNAP] [recursive]` (from the pool) | `ok NAME snapshot` or `ok NAME volume [VOL@SNAP]...` (the snapshots removed with it) |
+//! | `rename OLD NEW` | `ok OLD NEW` |
+//! | `rollback VOL@SNAP [force]` | `ok VOL@SNAP [VOL@SNAP]...` (the newer snapshots removed) |
+//! | `clone SRC NEW` | `ok NEW size_bytes=N mapped_bytes=N` |
+//! | `base VOL [NEW]` | `ok NAME` (its name now) |
+//! | `policy [KEY=VALUE]...` | `ok KEY=VALUE ...` (the whole policy now; see [`PolicyChange`]) |
+//!
+//! `create` to `policy` are the pool changes `thinctl` makes itself when
+//! it can open the pool; the daemon runs the same engine calls on the pool
+//! it holds. A served volume cannot be deleted, rolled back or made a base
+//! (the engine refuses volumes with open handles); renaming one keeps it
+//! served under its new name.
 //!
 //! Any failure is `error <text>`. Lines are at most [`MAX_LINE`] bytes of
 //! UTF-8; words are separated by blanks (so socket paths cannot hold
-//! blanks). Bad input of any kind gets an error line, never a crash.
+//! blanks). Volume names are checked to be words of `A-Za-z0-9._-` (and one
+//! `@` where a snapshot is meant) before anything runs. Bad input of any
+//! kind gets an error line, never a crash.
 
 use crate::backend::StatsSnapshot;
 use crate::server::{check_stale_socket, default_serial, ServeOptions, Server, StopHandle};
@@ -31,6 +48,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
+use thinlun::format::superblock::Policy;
 use thinlun::{Pool, Volume};
 
 /// Longest request line accepted, newline excluded.
@@ -73,9 +91,80 @@ pub enum Request {
         socket: PathBuf,
         queues: u16,
     },
+    /// Stop serving a volume (it stays in the pool).
     Remove(String),
     List,
     Status,
+    /// A thin volume; `force` passes the overcommit limit.
+    Create {
+        name: String,
+        bytes: u64,
+        force: bool,
+    },
+    /// `force` allows shrinking.
+    Resize {
+        name: String,
+        bytes: u64,
+        force: bool,
+    },
+    /// Remove a volume or snapshot from the pool.
+    Delete {
+        name: String,
+        recursive: bool,
+    },
+    Rename {
+        old: String,
+        new: String,
+    },
+    /// `force` removes the snapshots newer than the one rolled back to.
+    Rollback {
+        snapshot: String,
+        force: bool,
+    },
+    Clone {
+        source: String,
+        new: String,
+    },
+    Base {
+        name: String,
+        new_name: Option<String>,
+    },
+    Policy(PolicyChange),
+}
+
+const COMMANDS: &str = "snapshot, grow, add, remove, list, status, create, resize, delete, \
+                        rename, rollback, clone, base, policy";
+
+/// Checks a volume or snapshot name word: one or two (`VOL@SNAP`) parts
+/// of `A-Za-z0-9._-`. Whether a snapshot may stand there, and the finer
+/// rules, are the engine's (so its errors read as on the direct path).
+fn name_arg(s: &str) -> Result<String, String> {
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && p.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+    };
+    let ok = match s.split_once('@') {
+        None => part_ok(s),
+        Some((v, snap)) => part_ok(v) && part_ok(snap),
+    };
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{}' is not a valid name (letters, digits, '.', '_', '-'; VOL@SNAP for a snapshot)",
+            s.chars().take(64).collect::<String>()
+        ))
+    }
+}
+
+fn bytes_arg(s: &str) -> Result<u64, String> {
+    s.parse::<u64>().map_err(|_| {
+        format!(
+            "'{}' is not a size in bytes",
+            s.chars().take(64).collect::<String>()
+        )
+    })
 }
 
 /// Parses one request line (without its newline). Pure; every malformed
@@ -84,9 +173,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
     let words: Vec<&str> = line.split_whitespace().collect();
     let usage = |u: &str| Err(format!("usage: {u}"));
     match words.as_slice() {
-        [] => {
-            Err("empty request (commands: snapshot, grow, add, remove, list, status)".to_string())
-        }
+        [] => Err(format!("empty request (commands: {COMMANDS})")),
         ["snapshot", spec] => {
             if !spec.contains('@') {
                 return Err(format!("'{spec}' is not a snapshot name; use VOL@SNAP"));
@@ -118,10 +205,178 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
         ["grow"] => Ok(Request::Grow),
         ["status"] => Ok(Request::Status),
         ["list" | "status" | "grow", ..] => Err(format!("'{}' takes no arguments", words[0])),
+        [cmd @ ("create" | "resize"), name, bytes]
+        | [cmd @ ("create" | "resize"), name, bytes, "force"] => {
+            let (name, bytes) = (name_arg(name)?, bytes_arg(bytes)?);
+            let force = words.len() == 4;
+            Ok(if *cmd == "create" {
+                Request::Create { name, bytes, force }
+            } else {
+                Request::Resize { name, bytes, force }
+            })
+        }
+        ["create", ..] => usage("create VOL BYTES [force]"),
+        ["resize", ..] => usage("resize VOL BYTES [force]"),
+        ["delete", name] | ["delete", name, "recursive"] => Ok(Request::Delete {
+            name: name_arg(name)?,
+            recursive: words.len() == 3,
+        }),
+        ["delete", ..] => usage("delete VOL[@SNAP] [recursive]"),
+        ["rename", old, new] => Ok(Request::Rename {
+            old: name_arg(old)?,
+            new: name_arg(new)?,
+        }),
+        ["rename", ..] => usage("rename OLD NEW"),
+        ["rollback", snap] | ["rollback", snap, "force"] => Ok(Request::Rollback {
+            snapshot: name_arg(snap)?,
+            force: words.len() == 3,
+        }),
+        ["rollback", ..] => usage("rollback VOL@SNAP [force]"),
+        ["clone", source, new] => Ok(Request::Clone {
+            source: name_arg(source)?,
+            new: name_arg(new)?,
+        }),
+        ["clone", ..] => usage("clone SRC NEW"),
+        ["base", name] | ["base", name, _] => Ok(Request::Base {
+            name: name_arg(name)?,
+            new_name: words.get(2).map(|n| name_arg(n)).transpose()?,
+        }),
+        ["base", ..] => usage("base VOL [NEW]"),
+        ["policy", pairs @ ..] => PolicyChange::parse(pairs).map(Request::Policy),
         [cmd, ..] => Err(format!(
-            "unknown command '{}' (commands: snapshot, add, remove, list, status)",
+            "unknown command '{}' (commands: {COMMANDS})",
             cmd.chars().take(64).collect::<String>()
         )),
+    }
+}
+
+/// Changes to the pool policy (`policy` request); `None` keeps the
+/// current value. On the wire each set field is a `KEY=VALUE` word with the
+/// raw [`Policy`] value: `data_warn_pct=A,B,C` and `meta_warn_pct=A,B,C`
+/// (three percentages, 0 for an unused slot), `when_full=0|1`,
+/// `queue_timeout_ms=N`, `max_overcommit_pct=N`. The engine validates the
+/// policy that results.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub data_warn_pct: Option<[u8; 3]>,
+    pub meta_warn_pct: Option<[u8; 3]>,
+    pub when_full: Option<u8>,
+    pub queue_timeout_ms: Option<u32>,
+    pub max_overcommit_pct: Option<u32>,
+}
+
+impl PolicyChange {
+    /// `p` with the changes made.
+    pub fn apply(&self, mut p: Policy) -> Policy {
+        if let Some(t) = self.data_warn_pct {
+            p.data_warn_pct = t;
+        }
+        if let Some(t) = self.meta_warn_pct {
+            p.meta_warn_pct = t;
+        }
+        if let Some(w) = self.when_full {
+            p.when_full = w;
+        }
+        if let Some(ms) = self.queue_timeout_ms {
+            p.queue_timeout_ms = ms;
+        }
+        if let Some(pct) = self.max_overcommit_pct {
+            p.max_overcommit_pct = pct;
+        }
+        p
+    }
+
+    /// The request line that asks for this change.
+    pub fn request_line(&self) -> String {
+        let mut line = "policy".to_string();
+        let three = |t: [u8; 3]| format!("{},{},{}", t[0], t[1], t[2]);
+        if let Some(t) = self.data_warn_pct {
+            line.push_str(&format!(" data_warn_pct={}", three(t)));
+        }
+        if let Some(t) = self.meta_warn_pct {
+            line.push_str(&format!(" meta_warn_pct={}", three(t)));
+        }
+        if let Some(w) = self.when_full {
+            line.push_str(&format!(" when_full={w}"));
+        }
+        if let Some(ms) = self.queue_timeout_ms {
+            line.push_str(&format!(" queue_timeout_ms={ms}"));
+        }
+        if let Some(pct) = self.max_overcommit_pct {
+            line.push_str(&format!(" max_overcommit_pct={pct}"));
+        }
+        line
+    }
+
+    /// Parses `KEY=VALUE` words, each key at most once (none: no change).
+    pub fn parse(words: &[&str]) -> Result<PolicyChange, String> {
+        fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), String> {
+            match slot.replace(v) {
+                None => Ok(()),
+                Some(_) => Err(format!("'{key}' given twice")),
+            }
+        }
+        let mut c = PolicyChange::default();
+        for w in words {
+            let shown = || w.chars().take(64).collect::<String>();
+            let (key, value) = w
+                .split_once('=')
+                .ok_or_else(|| format!("'{}' is not KEY=VALUE", shown()))?;
+            let bad = || format!("'{}': bad value", shown());
+            let three = || -> Result<[u8; 3], String> {
+                let v: Vec<u8> = value
+                    .split(',')
+                    .map(|x| x.parse::<u8>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| bad())?;
+                <[u8; 3]>::try_from(v).map_err(|_| bad())
+            };
+            match key {
+                "data_warn_pct" => set(&mut c.data_warn_pct, key, three()?)?,
+                "meta_warn_pct" => set(&mut c.meta_warn_pct, key, three()?)?,
+                "when_full" => set(&mut c.when_full, key, value.parse().map_err(|_| bad())?)?,
+                "queue_timeout_ms" => set(
+                    &mut c.queue_timeout_ms,
+                    key,
+                    value.parse().map_err(|_| bad())?,
+                )?,
+                "max_overcommit_pct" => set(
+                    &mut c.max_overcommit_pct,
+                    key,
+                    value.parse().map_err(|_| bad())?,
+                )?,
+                _ => {
+                    return Err(format!(
+                        "unknown policy key '{}' (keys: data_warn_pct, meta_warn_pct, \
+                         when_full, queue_timeout_ms, max_overcommit_pct)",
+                        shown()
+                    ))
+                }
+            }
+        }
+        Ok(c)
+    }
+
+    /// The policy, if every field is set (as in a `policy` reply).
+    pub fn complete(&self) -> Option<Policy> {
+        Some(Policy {
+            data_warn_pct: self.data_warn_pct?,
+            meta_warn_pct: self.meta_warn_pct?,
+            when_full: self.when_full?,
+            queue_timeout_ms: self.queue_timeout_ms?,
+            max_overcommit_pct: self.max_overcommit_pct?,
+        })
+    }
+
+    /// Every field of `p`, as the `policy` reply carries it.
+    pub fn whole(p: &Policy) -> PolicyChange {
+        PolicyChange {
+            data_warn_pct: Some(p.data_warn_pct),
+            meta_warn_pct: Some(p.meta_warn_pct),
+            when_full: Some(p.when_full),
+            queue_timeout_ms: Some(p.queue_timeout_ms),
+            max_overcommit_pct: Some(p.max_overcommit_pct),
+        }
     }
 }
 
@@ -177,6 +432,8 @@ impl Stopped {
 }
 
 struct Served {
+    /// The volume's id: its name can change while served (`rename`).
+    id: u64,
     socket: PathBuf,
     queues: u16,
     read_only: bool,
@@ -303,6 +560,7 @@ impl Daemon {
         self.served.insert(
             name.to_string(),
             Served {
+                id: info.id,
                 socket: socket.to_path_buf(),
                 queues,
                 read_only,
@@ -415,6 +673,122 @@ impl Daemon {
                 Ok(t)
             }
             Request::Status => Ok(self.status_text()),
+            Request::Create { name, bytes, force } => {
+                let info = self
+                    .pool()
+                    .create_volume_with(&name, bytes, force)
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: created volume '{}'", info.name);
+                Ok(format!("{} size_bytes={}", info.name, info.size_bytes))
+            }
+            Request::Resize { name, bytes, force } => {
+                let pool = self.pool();
+                let info = pool.volume_info(&name).map_err(|e| e.to_string())?;
+                // As thinctl: a snapshot's or base's content must not change.
+                if info.read_only {
+                    return Err(thinlun::Error::ReadOnly(info.name).to_string());
+                }
+                // A served volume is resized too: its requests are checked
+                // against the live size (the guest learns it on reconnect).
+                let new = pool
+                    .resize_volume(&name, bytes, force)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "thinlun-vhost: resized volume '{name}' to {} bytes",
+                    new.size_bytes
+                );
+                Ok(format!(
+                    "{name} old_size_bytes={} size_bytes={}",
+                    info.size_bytes, new.size_bytes
+                ))
+            }
+            Request::Delete { name, recursive } => {
+                let pool = self.pool();
+                let info = pool.volume_info(&name).map_err(|e| e.to_string())?;
+                let snaps: Vec<String> = pool
+                    .volumes()
+                    .into_iter()
+                    .filter(|s| s.snapshot_of.as_deref() == Some(name.as_str()))
+                    .map(|s| s.name)
+                    .collect();
+                // A served volume has an open handle: the engine refuses it.
+                pool.remove_volume(&name, recursive)
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: removed '{name}' from the pool");
+                Ok(if info.snapshot {
+                    format!("{name} snapshot")
+                } else {
+                    format!("{name} volume{}", words_after(&snaps))
+                })
+            }
+            Request::Rename { old, new } => {
+                self.pool()
+                    .rename_volume(&old, &new)
+                    .map_err(|e| e.to_string())?;
+                self.rekey_served();
+                eprintln!("thinlun-vhost: renamed '{old}' to '{new}'");
+                Ok(format!("{old} {new}"))
+            }
+            Request::Rollback { snapshot, force } => {
+                let pool = self.pool();
+                let snap = pool.volume_info(&snapshot).map_err(|e| e.to_string())?;
+                let newer: Vec<String> = pool
+                    .volumes()
+                    .into_iter()
+                    .filter(|v| v.snapshot && v.snapshot_of == snap.snapshot_of && v.id > snap.id)
+                    .map(|v| v.name)
+                    .collect();
+                // The engine refuses a volume with open handles (served).
+                pool.rollback(&snapshot, force).map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: rolled back to '{snapshot}'");
+                Ok(format!("{snapshot}{}", words_after(&newer)))
+            }
+            Request::Clone { source, new } => {
+                let info = self
+                    .pool()
+                    .clone_volume(&source, &new)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "thinlun-vhost: created linked clone '{}' of '{source}'",
+                    info.name
+                );
+                Ok(format!(
+                    "{} size_bytes={} mapped_bytes={}",
+                    info.name, info.size_bytes, info.mapped_bytes
+                ))
+            }
+            Request::Base { name, new_name } => {
+                let info = self
+                    .pool()
+                    .make_base(&name, new_name.as_deref())
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: '{}' is now a base image", info.name);
+                Ok(info.name)
+            }
+            Request::Policy(change) => {
+                let pool = self.pool();
+                let new = change.apply(pool.status().policy);
+                pool.set_policy(new).map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: pool policy changed");
+                let line = PolicyChange::whole(&new).request_line();
+                Ok(line.trim_start_matches("policy ").to_string())
+            }
+        }
+    }
+
+    /// Files served volumes under their names now (after a rename, which
+    /// may also have renamed a served snapshot's volume).
+    fn rekey_served(&mut self) {
+        let names: BTreeMap<u64, String> = self
+            .pool()
+            .volumes()
+            .into_iter()
+            .map(|v| (v.id, v.name))
+            .collect();
+        let served = std::mem::take(&mut self.served);
+        for (name, s) in served {
+            let key = names.get(&s.id).cloned().unwrap_or(name);
+            self.served.insert(key, s);
         }
     }
 
@@ -517,6 +891,11 @@ impl Drop for Daemon {
             finish(&name, s);
         }
     }
+}
+
+/// `" a b c"`: names as further words of a reply.
+fn words_after(names: &[String]) -> String {
+    names.iter().map(|n| format!(" {n}")).collect()
 }
 
 /// Joins a stopped volume's thread (dropping its server removes the
@@ -628,9 +1007,231 @@ mod tests {
     }
 
     #[test]
+    fn parses_pool_changes() {
+        let ok = |line: &str, want: Request| assert_eq!(parse_request(line), Ok(want), "{line}");
+        ok(
+            "create vm-1 4096",
+            Request::Create {
+                name: "vm-1".into(),
+                bytes: 4096,
+                force: false,
+            },
+        );
+        ok(
+            "create a.b_c 0 force",
+            Request::Create {
+                name: "a.b_c".into(),
+                bytes: 0,
+                force: true,
+            },
+        );
+        ok(
+            "resize vm-1 8192 force",
+            Request::Resize {
+                name: "vm-1".into(),
+                bytes: 8192,
+                force: true,
+            },
+        );
+        ok(
+            "resize vm-1 18446744073709551615",
+            Request::Resize {
+                name: "vm-1".into(),
+                bytes: u64::MAX,
+                force: false,
+            },
+        );
+        ok(
+            "delete vm-1",
+            Request::Delete {
+                name: "vm-1".into(),
+                recursive: false,
+            },
+        );
+        ok(
+            "delete vm-1@s1 recursive",
+            Request::Delete {
+                name: "vm-1@s1".into(),
+                recursive: true,
+            },
+        );
+        ok(
+            "rename vm-1 vm-2",
+            Request::Rename {
+                old: "vm-1".into(),
+                new: "vm-2".into(),
+            },
+        );
+        ok(
+            "rename vm-1@a b",
+            Request::Rename {
+                old: "vm-1@a".into(),
+                new: "b".into(),
+            },
+        );
+        ok(
+            "rollback vm-1@s1",
+            Request::Rollback {
+                snapshot: "vm-1@s1".into(),
+                force: false,
+            },
+        );
+        ok(
+            "rollback vm-1@s1 force",
+            Request::Rollback {
+                snapshot: "vm-1@s1".into(),
+                force: true,
+            },
+        );
+        ok(
+            "clone vm-1@s1 c1",
+            Request::Clone {
+                source: "vm-1@s1".into(),
+                new: "c1".into(),
+            },
+        );
+        ok(
+            "clone base-1 c1",
+            Request::Clone {
+                source: "base-1".into(),
+                new: "c1".into(),
+            },
+        );
+        ok(
+            "base vm-1",
+            Request::Base {
+                name: "vm-1".into(),
+                new_name: None,
+            },
+        );
+        ok(
+            "base vm-1 base-1",
+            Request::Base {
+                name: "vm-1".into(),
+                new_name: Some("base-1".into()),
+            },
+        );
+        ok("policy", Request::Policy(PolicyChange::default()));
+        ok(
+            "policy when_full=1 data_warn_pct=0,70,80",
+            Request::Policy(PolicyChange {
+                data_warn_pct: Some([0, 70, 80]),
+                when_full: Some(1),
+                ..PolicyChange::default()
+            }),
+        );
+        for bad in [
+            "create",
+            "create vm-1",
+            "create vm-1 -1",
+            "create vm-1 1M",
+            "create vm-1 18446744073709551616",
+            "create vm-1 4096 forc",
+            "create vm-1 4096 force x",
+            "create vm/1 4096",
+            "create 'vm' 4096",
+            "create vm\u{e9} 4096",
+            "resize",
+            "resize vm-1",
+            "resize vm-1 x",
+            "resize vm-1 4096 recursive",
+            "resize @ 4096",
+            "delete",
+            "delete vm-1 force",
+            "delete vm-1 recursive x",
+            "delete vm-1@",
+            "delete @s",
+            "delete a@b@c",
+            "delete ../x",
+            "rename",
+            "rename a",
+            "rename a b c",
+            "rename a b/c",
+            "rollback",
+            "rollback vm-1@s1 recursive",
+            "rollback vm-1@s1 force x",
+            "rollback vm-1@",
+            "clone",
+            "clone a",
+            "clone a b c",
+            "clone a$ b",
+            "base",
+            "base vm-1 b c",
+            "policy when_full",
+            "policy when_full=",
+            "policy when_full=x",
+            "policy when_full=256",
+            "policy when_full=1 when_full=0",
+            "policy data_warn_pct=80,90",
+            "policy data_warn_pct=80,90,95,99",
+            "policy data_warn_pct=80,x,95",
+            "policy meta_warn_pct=300,0,0",
+            "policy queue_timeout_ms=-1",
+            "policy max_overcommit_pct=4294967296",
+            "policy bogus=1",
+            "policy =1",
+        ] {
+            match parse_request(bad) {
+                Err(e) => assert!(!e.is_empty() && !e.contains('\n'), "{bad:?}: {e:?}"),
+                Ok(r) => panic!("{bad:?} accepted as {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn policy_change_round_trips() {
+        let p = Policy {
+            data_warn_pct: [0, 70, 80],
+            meta_warn_pct: [80, 90, 95],
+            when_full: 1,
+            queue_timeout_ms: 30_000,
+            max_overcommit_pct: 250,
+        };
+        let line = PolicyChange::whole(&p).request_line();
+        let Ok(Request::Policy(c)) = parse_request(&line) else {
+            panic!("{line} not parsed");
+        };
+        assert_eq!(c.complete(), Some(p));
+        // A partial change keeps the other fields, and is not a policy.
+        let c = PolicyChange {
+            max_overcommit_pct: Some(0),
+            ..PolicyChange::default()
+        };
+        assert_eq!(c.complete(), None);
+        let q = c.apply(p);
+        assert_eq!(q.max_overcommit_pct, 0);
+        assert_eq!(q.data_warn_pct, p.data_warn_pct);
+        assert_eq!(q.queue_timeout_ms, p.queue_timeout_ms);
+        assert_eq!(
+            parse_request(&c.request_line()),
+            Ok(Request::Policy(c.clone()))
+        );
+    }
+
+    #[test]
     fn random_lines_never_panic() {
         let words = [
-            "snapshot", "add", "remove", "list", "status", "@", "/", "1", "99", "x@y",
+            "snapshot",
+            "add",
+            "remove",
+            "list",
+            "status",
+            "create",
+            "resize",
+            "delete",
+            "rename",
+            "rollback",
+            "clone",
+            "base",
+            "policy",
+            "force",
+            "recursive",
+            "when_full=1",
+            "@",
+            "/",
+            "1",
+            "99",
+            "x@y",
         ];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for _ in 0..20_000 {

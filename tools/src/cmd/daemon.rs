@@ -1,7 +1,8 @@
 //! `daemon`: serve many volumes of one pool from one process, added and
 //! removed at run time (`serve-add`, `serve-remove`) through its control
-//! socket; and the client side of that socket, which `snapshot` also uses
-//! when the pool is held by a serving process.
+//! socket; and the client side of that socket, which the commands that
+//! change the pool (`snapshot`, `create`, `resize`, `remove`, ...) use when
+//! the pool is held by a serving process.
 
 use super::pool_path;
 use super::serve::{block_size, open_writable_waiting, run_daemon};
@@ -129,22 +130,51 @@ pub fn remove(pool: Option<&Path>, args: &ServeRemoveArgs) -> CliResult<()> {
     emit(&format!("{t}\n"))
 }
 
-/// `snapshot VOL@SNAP` for a pool another process holds (`busy` is why it
-/// could not be opened): asks that process through its control socket.
-/// `pool grow` for a pool another process serves: that process grows it.
-pub fn grow_via_control(pool: &Path, busy: &str) -> CliResult<()> {
-    let control = default_control_path(pool);
+/// The control socket of the process holding `pool` (`busy` is why it
+/// could not be opened): `given`, else `THINLUN_CONTROL`, else the pool's
+/// default; an error if no socket is there.
+pub fn serving_control(pool: &Path, given: Option<&Path>, busy: &str) -> CliResult<PathBuf> {
+    let control = match (given, std::env::var_os("THINLUN_CONTROL")) {
+        (Some(c), _) => c.to_path_buf(),
+        (None, Some(c)) if !c.is_empty() => PathBuf::from(c),
+        (None, _) => default_control_path(pool),
+    };
     if !control.exists() {
         return Err(CliError::new(format!(
             "{busy} (and it has no control socket at {})",
             control.display()
         )));
     }
+    Ok(control)
+}
+
+/// A name for a request line (one word; the daemon checks the rest).
+pub fn name_word(s: &str) -> CliResult<&str> {
+    word("name", s)
+}
+
+/// The number after `key=` in an `ok` reply.
+pub fn reply_number(reply: &str, key: &str) -> CliResult<u64> {
+    reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| unexpected(reply))
+}
+
+/// An `ok` reply this thinctl cannot read (another version's daemon):
+/// the change was made, only its report is lost.
+pub fn unexpected(reply: &str) -> CliError {
+    CliError::new(format!(
+        "the serving process did it but answered 'ok {reply}', which this thinctl cannot read"
+    ))
+}
+
+/// `pool grow` for a pool another process serves: that process grows it.
+pub fn grow_via_control(pool: &Path, busy: &str) -> CliResult<()> {
+    let control = serving_control(pool, None, busy)?;
     let t = ask(&control, "grow")?;
-    let bytes = t
-        .strip_prefix("size_bytes=")
-        .and_then(|n| n.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let bytes = reply_number(&t, "size_bytes")?;
     emit(&format!(
         "pool grown to {} ({bytes} bytes) by the process serving it (control socket {})\n",
         size(bytes),
@@ -152,19 +182,15 @@ pub fn grow_via_control(pool: &Path, busy: &str) -> CliResult<()> {
     ))
 }
 
+/// `snapshot VOL@SNAP` for a pool another process holds (`busy` is why it
+/// could not be opened): asks that process through its control socket.
 pub fn snapshot_via_control(
     pool: &Path,
     control: Option<&Path>,
     spec: &str,
     busy: &str,
 ) -> CliResult<()> {
-    let control = control.map_or_else(|| default_control_path(pool), Path::to_path_buf);
-    if !control.exists() {
-        return Err(CliError::new(format!(
-            "{busy} (and it has no control socket at {})",
-            control.display()
-        )));
-    }
+    let control = serving_control(pool, control, busy)?;
     let t = ask(&control, &format!("snapshot {}", word("snapshot", spec)?))?;
     // "VOL@SNAP mapped_bytes=N"
     let mut words = t.split_whitespace();

@@ -119,6 +119,31 @@ pub fn open_read_write(path: &Path) -> CliResult<Pool> {
     Ok(pool)
 }
 
+/// Where a change to the pool is made: on the pool opened here, or by the
+/// process that holds it (serve or daemon), through its control socket.
+pub enum Writer {
+    Open(Pool),
+    Served(std::path::PathBuf),
+}
+
+/// Opens the pool for changes like [`open_read_write`]; when a serving
+/// process holds it (`Busy`), its control socket instead (an error if it
+/// has none). `control` is the socket to use [default: `THINLUN_CONTROL`,
+/// else the pool's].
+pub fn open_or_served(path: &Path, control: Option<&Path>) -> CliResult<Writer> {
+    require_exists(path)?;
+    match Pool::open_path(path, &write_options()) {
+        Ok(pool) => {
+            report_warnings(&pool);
+            Ok(Writer::Open(pool))
+        }
+        Err(thinlun::Error::Busy(why)) => {
+            daemon::serving_control(path, control, &why).map(Writer::Served)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Runs `f` on the pool, then closes it explicitly so a failing final
 /// commit is reported rather than lost in a drop. The first error wins.
 pub fn with_pool<T>(pool: Pool, f: impl FnOnce(&Pool) -> CliResult<T>) -> CliResult<T> {

@@ -3,7 +3,8 @@
 //! into thinctl's top level) and the small ones themselves. `du` and the
 //! diff commands are in their own modules.
 
-use super::{open_read_write, pool_path, with_pool};
+use super::daemon::{ask, name_word, reply_number, unexpected};
+use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
 use crate::error::{emit, CliResult};
 use crate::human::size;
 use clap::Subcommand;
@@ -139,12 +140,19 @@ fn newer_snapshots(p: &Pool, name: &str) -> Vec<String> {
 }
 
 fn rollback(pool: Option<&Path>, name: &str, force: bool) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let removed = with_pool(pool, |p| {
-        let newer = newer_snapshots(p, name);
-        p.rollback(name, force)?;
-        Ok(newer)
-    })?;
+    let removed = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| {
+            let newer = newer_snapshots(p, name);
+            p.rollback(name, force)?;
+            Ok(newer)
+        })?,
+        Writer::Served(ctl) => {
+            let force = if force { " force" } else { "" };
+            let t = ask(&ctl, &format!("rollback {}{force}", name_word(name)?))?;
+            // "VOL@SNAP [NEWER]..."
+            t.split_whitespace().skip(1).map(str::to_string).collect()
+        }
+    };
     let vol = name.split_once('@').map_or(name, |x| x.0);
     let mut out = format!("rolled back '{vol}' to '{name}'\n");
     if !removed.is_empty() {
@@ -157,27 +165,51 @@ fn rollback(pool: Option<&Path>, name: &str, force: bool) -> CliResult<()> {
 }
 
 fn base(pool: Option<&Path>, name: &str, new_name: Option<&str>) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let info = with_pool(pool, |p| Ok(p.make_base(name, new_name)?))?;
-    let renamed = if info.name != name {
+    let now = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| Ok(p.make_base(name, new_name)?))?.name,
+        Writer::Served(ctl) => {
+            let mut line = format!("base {}", name_word(name)?);
+            if let Some(n) = new_name {
+                line = format!("{line} {}", name_word(n)?);
+            }
+            let t = ask(&ctl, &line)?;
+            t.split_whitespace()
+                .next()
+                .ok_or_else(|| unexpected(&t))?
+                .to_string()
+        }
+    };
+    let renamed = if now != name {
         format!(" (renamed from '{name}')")
     } else {
         String::new()
     };
-    emit(&format!(
-        "'{}' is now a read-only base image{renamed}\n",
-        info.name
-    ))
+    emit(&format!("'{now}' is now a read-only base image{renamed}\n"))
 }
 
 fn clone(pool: Option<&Path>, source: &str, new: &str) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let info = with_pool(pool, |p| Ok(p.clone_volume(source, new)?))?;
+    let (name, bytes, shared) = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => {
+            let info = with_pool(pool, |p| Ok(p.clone_volume(source, new)?))?;
+            (info.name, info.size_bytes, info.mapped_bytes)
+        }
+        Writer::Served(ctl) => {
+            let t = ask(
+                &ctl,
+                &format!("clone {} {}", name_word(source)?, name_word(new)?),
+            )?;
+            let name = t.split_whitespace().next().ok_or_else(|| unexpected(&t))?;
+            (
+                name.to_string(),
+                reply_number(&t, "size_bytes")?,
+                reply_number(&t, "mapped_bytes")?,
+            )
+        }
+    };
     emit(&format!(
-        "created linked clone '{}' of '{source}' ({}, {} shared)\n",
-        info.name,
-        size(info.size_bytes),
-        size(info.mapped_bytes)
+        "created linked clone '{name}' of '{source}' ({}, {} shared)\n",
+        size(bytes),
+        size(shared)
     ))
 }
 

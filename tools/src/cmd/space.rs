@@ -1,10 +1,11 @@
 //! Space management: pool policy (`pool set`), `pool grow` and `trim`.
 
-use super::{open_read_write, pool_path, with_pool};
+use super::daemon::ask;
+use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
 use std::path::Path;
-use thinlun::format::superblock::Policy;
+use thinlun_vhost::control::PolicyChange;
 
 /// Up to three warning thresholds in percent (one clap value).
 #[derive(Clone, Debug)]
@@ -39,7 +40,9 @@ pub fn thresholds_arg(s: &str) -> Result<Thresholds, String> {
     Ok(Thresholds(v))
 }
 
-fn apply(mut p: Policy, a: PolicyArgs) -> CliResult<Policy> {
+/// The change `a` asks for, in the policy's raw values (checked here as
+/// far as the arguments go; the engine checks the policy that results).
+fn change_of(a: PolicyArgs) -> CliResult<PolicyChange> {
     let pad = |Thresholds(v): Thresholds| {
         let mut t = [0u8; 3];
         // Unused slots first, so the set ones stay ascending at the end.
@@ -47,28 +50,25 @@ fn apply(mut p: Policy, a: PolicyArgs) -> CliResult<Policy> {
         t[skip..].copy_from_slice(&v);
         t
     };
-    if let Some(t) = a.data_thresholds {
-        p.data_warn_pct = pad(t);
-    }
-    if let Some(t) = a.metadata_thresholds {
-        p.meta_warn_pct = pad(t);
-    }
+    let mut c = PolicyChange {
+        data_warn_pct: a.data_thresholds.map(pad),
+        meta_warn_pct: a.metadata_thresholds.map(pad),
+        queue_timeout_ms: a.queue_timeout_secs.map(|s| s.saturating_mul(1000)),
+        ..PolicyChange::default()
+    };
     match a.when_full.as_deref() {
         None => {}
-        Some("error") => p.when_full = 0,
-        Some("queue") => p.when_full = 1,
+        Some("error") => c.when_full = Some(0),
+        Some("queue") => c.when_full = Some(1),
         Some(other) => {
             return Err(CliError::new(format!(
                 "--when-full takes 'error' or 'queue', not '{other}'"
             )))
         }
     }
-    if let Some(secs) = a.queue_timeout_secs {
-        p.queue_timeout_ms = secs.saturating_mul(1000);
-    }
     match a.max_overcommit.as_deref() {
         None => {}
-        Some("none") => p.max_overcommit_pct = 0,
+        Some("none") => c.max_overcommit_pct = Some(0),
         Some(r) => {
             let ratio: f64 = r.trim_end_matches('x').parse().map_err(|_| {
                 CliError::new(format!(
@@ -80,19 +80,30 @@ fn apply(mut p: Policy, a: PolicyArgs) -> CliResult<Policy> {
                     "--max-overcommit must be at least 1.0".to_string(),
                 ));
             }
-            p.max_overcommit_pct = (ratio * 100.0).round() as u32;
+            c.max_overcommit_pct = Some((ratio * 100.0).round() as u32);
         }
     }
-    Ok(p)
+    Ok(c)
 }
 
 pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let policy = with_pool(pool, |p| {
-        let new = apply(p.status().policy, args)?;
-        p.set_policy(new)?;
-        Ok(new)
-    })?;
+    let change = change_of(args)?;
+    let policy = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| {
+            let new = change.apply(p.status().policy);
+            p.set_policy(new)?;
+            Ok(new)
+        })?,
+        Writer::Served(ctl) => {
+            let t = ask(&ctl, &change.request_line())?;
+            // The whole policy now, every field.
+            let words: Vec<&str> = t.split_whitespace().collect();
+            PolicyChange::parse(&words)
+                .ok()
+                .and_then(|now| now.complete())
+                .ok_or_else(|| super::daemon::unexpected(&t))?
+        }
+    };
     emit(&format!(
         "policy: data warnings at {:?}, metadata warnings at {:?}, when full: {}, overcommit limit: {}\n",
         policy.data_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),

@@ -1,7 +1,8 @@
 //! Volume life cycle: create, list, info, resize, rename, remove. `list`
 //! shows snapshots under their volume.
 
-use super::{open_read_only, open_read_write, pool_path, with_pool};
+use super::daemon::{ask, name_word, reply_number, unexpected};
+use super::{open_or_served, open_read_only, pool_path, with_pool, Writer};
 use crate::error::{emit, CliResult};
 use crate::human::{pct, pct_str, size, utc};
 use crate::json::Json;
@@ -9,15 +10,25 @@ use crate::table::{fields, Table};
 use std::path::Path;
 use thinlun::VolumeInfo;
 
+/// What `create` prints, made here or by a serving process.
+fn created_text(name: &str, bytes: u64) -> String {
+    format!("created volume '{name}' ({}, {bytes} bytes)\n", size(bytes))
+}
+
 pub fn create(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let info = with_pool(pool, |p| Ok(p.create_volume_with(name, bytes, force)?))?;
-    emit(&format!(
-        "created volume '{}' ({}, {} bytes)\n",
-        info.name,
-        size(info.size_bytes),
-        info.size_bytes
-    ))
+    let (name, bytes) = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => {
+            let info = with_pool(pool, |p| Ok(p.create_volume_with(name, bytes, force)?))?;
+            (info.name, info.size_bytes)
+        }
+        Writer::Served(ctl) => {
+            let force = if force { " force" } else { "" };
+            let t = ask(&ctl, &format!("create {} {bytes}{force}", name_word(name)?))?;
+            let created = t.split_whitespace().next().ok_or_else(|| unexpected(&t))?;
+            (created.to_string(), reply_number(&t, "size_bytes")?)
+        }
+    };
+    emit(&created_text(&name, bytes))
 }
 
 pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
@@ -125,53 +136,89 @@ pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
 }
 
 pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let (old, new) = with_pool(pool, |p| {
-        let info = p.volume_info(name)?;
-        // The engine resizes read-only volumes too, which would change a
-        // snapshot's or base's content: refuse here until it does.
-        if info.read_only {
-            return Err(thinlun::Error::ReadOnly(info.name).into());
+    let (old, new) = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| {
+            let info = p.volume_info(name)?;
+            // The engine resizes read-only volumes too, which would change a
+            // snapshot's or base's content: refuse here until it does.
+            if info.read_only {
+                return Err(thinlun::Error::ReadOnly(info.name).into());
+            }
+            Ok((
+                info.size_bytes,
+                p.resize_volume(name, bytes, force)?.size_bytes,
+            ))
+        })?,
+        Writer::Served(ctl) => {
+            let force = if force { " force" } else { "" };
+            let t = ask(&ctl, &format!("resize {} {bytes}{force}", name_word(name)?))?;
+            (
+                reply_number(&t, "old_size_bytes")?,
+                reply_number(&t, "size_bytes")?,
+            )
         }
-        Ok((info.size_bytes, p.resize_volume(name, bytes, force)?))
-    })?;
+    };
     emit(&format!(
-        "resized volume '{name}' from {} to {} ({} bytes)\n",
+        "resized volume '{name}' from {} to {} ({new} bytes)\n",
         size(old),
-        size(new.size_bytes),
-        new.size_bytes
+        size(new),
     ))
 }
 
 pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    with_pool(pool, |p| Ok(p.rename_volume(old, new)?))?;
+    match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| Ok(p.rename_volume(old, new)?))?,
+        Writer::Served(ctl) => {
+            ask(
+                &ctl,
+                &format!("rename {} {}", name_word(old)?, name_word(new)?),
+            )?;
+        }
+    }
     emit(&format!("renamed volume '{old}' to '{new}'\n"))
 }
 
 pub fn remove(pool: Option<&Path>, name: &str, recursive: bool) -> CliResult<()> {
-    let pool = open_read_write(pool_path(pool)?)?;
-    let (snapshot, snaps) = with_pool(pool, |p| {
-        let info = p.volume_info(name)?;
-        let snaps: Vec<String> = p
-            .volumes()
-            .into_iter()
-            .filter(|s| s.snapshot_of.as_deref() == Some(name))
-            .map(|s| s.name)
-            .collect();
-        p.remove_volume(name, recursive)?;
-        Ok((info.snapshot, snaps))
-    })?;
+    let (snapshot, snaps) = match open_or_served(pool_path(pool)?, None)? {
+        Writer::Open(pool) => with_pool(pool, |p| {
+            let info = p.volume_info(name)?;
+            let snaps: Vec<String> = p
+                .volumes()
+                .into_iter()
+                .filter(|s| s.snapshot_of.as_deref() == Some(name))
+                .map(|s| s.name)
+                .collect();
+            p.remove_volume(name, recursive)?;
+            Ok((info.snapshot, snaps))
+        })?,
+        Writer::Served(ctl) => {
+            // `delete`: the daemon's `remove` stops serving a volume.
+            let recursive = if recursive { " recursive" } else { "" };
+            let t = ask(&ctl, &format!("delete {}{recursive}", name_word(name)?))?;
+            // "NAME snapshot" or "NAME volume [SNAP]..."
+            let mut words = t.split_whitespace().skip(1);
+            match words.next() {
+                Some("snapshot") => (true, Vec::new()),
+                Some("volume") => (false, words.map(str::to_string).collect()),
+                _ => return Err(unexpected(&t)),
+            }
+        }
+    };
+    emit(&removed_text(name, snapshot, &snaps))
+}
+
+/// What `remove` prints: `snaps` went with the volume.
+fn removed_text(name: &str, snapshot: bool, snaps: &[String]) -> String {
     if snapshot {
-        return emit(&format!("removed snapshot '{name}'\n"));
+        format!("removed snapshot '{name}'\n")
+    } else if snaps.is_empty() {
+        format!("removed volume '{name}'\n")
+    } else {
+        format!(
+            "removed volume '{name}' and its snapshots {}\n",
+            snaps.join(", ")
+        )
     }
-    if snaps.is_empty() {
-        return emit(&format!("removed volume '{name}'\n"));
-    }
-    emit(&format!(
-        "removed volume '{name}' and its snapshots {}\n",
-        snaps.join(", ")
-    ))
 }
 
 fn flags(v: &VolumeInfo) -> String {
