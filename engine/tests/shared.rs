@@ -40,16 +40,32 @@ impl Lun {
 
     /// Host `id` as if on its own machine (its own lock-file directory).
     fn host(&self, id: u32) -> thinlun::Result<Pool> {
+        self.host_as(id, &format!("hv-{id}"), &format!("m{id}"))
+    }
+
+    /// Host `id` named `name`, on the machine whose lock files are in `dir`.
+    fn host_as(&self, id: u32, name: &str, dir: &str) -> thinlun::Result<Pool> {
+        self.host_on(id, name, dir, self.dev.clone())
+    }
+
+    /// Like [`Lun::host_as`], reaching the LUN through `dev`.
+    fn host_on(
+        &self,
+        id: u32,
+        name: &str,
+        dir: &str,
+        dev: Arc<dyn BlockDevice>,
+    ) -> thinlun::Result<Pool> {
         let opts = OpenOptions {
             read_only: false,
             host: Some(HostOptions {
                 host_id: id,
-                host_name: Some(format!("hv-{id}")),
+                host_name: Some(name.into()),
                 watchdog: false,
-                run_dir: Some(self.dirs.join(format!("m{id}"))),
+                run_dir: Some(self.dirs.join(dir)),
             }),
         };
-        Pool::open(self.dev.clone(), "mem", &opts)
+        Pool::open(dev, "mem", &opts)
     }
 
     fn check_clean(&self) {
@@ -80,19 +96,7 @@ fn writing_needs_a_host_id_and_ids_are_exclusive() {
     assert!(matches!(e, Some(Error::InvalidArgument(m)) if m.contains("host-id")));
     let h1 = lun.host(1).unwrap();
     // Same id from the same machine: refused by the local lock at once.
-    let opts = OpenOptions {
-        read_only: false,
-        host: Some(HostOptions {
-            host_id: 1,
-            host_name: Some("hv-1".into()),
-            watchdog: false,
-            run_dir: Some(lun.dirs.join("m1")),
-        }),
-    };
-    assert!(matches!(
-        Pool::open(lun.dev.clone(), "mem", &opts),
-        Err(Error::Busy(_))
-    ));
+    assert!(matches!(lun.host(1), Err(Error::Busy(_))));
     // Same id from another machine: the slot keeps changing, so refused.
     let e = lun.host_as(1, "hv-other", "other").err();
     assert!(matches!(e, Some(Error::Busy(m)) if m.contains("in use by host 'hv-1'")));
@@ -109,21 +113,6 @@ fn writing_needs_a_host_id_and_ids_are_exclusive() {
     drop(ro);
     h1.close().unwrap();
     lun.check_clean();
-}
-
-impl Lun {
-    fn host_as(&self, id: u32, name: &str, dir: &str) -> thinlun::Result<Pool> {
-        let opts = OpenOptions {
-            read_only: false,
-            host: Some(HostOptions {
-                host_id: id,
-                host_name: Some(name.into()),
-                watchdog: false,
-                run_dir: Some(self.dirs.join(dir)),
-            }),
-        };
-        Pool::open(self.dev.clone(), "mem", &opts)
-    }
 }
 
 #[test]
@@ -270,21 +259,6 @@ impl BlockDevice for CutDevice {
     }
 }
 
-impl Lun {
-    fn host_on(&self, id: u32, dev: Arc<dyn BlockDevice>) -> thinlun::Result<Pool> {
-        let opts = OpenOptions {
-            read_only: false,
-            host: Some(HostOptions {
-                host_id: id,
-                host_name: Some(format!("hv-{id}")),
-                watchdog: false,
-                run_dir: Some(self.dirs.join(format!("m{id}"))),
-            }),
-        };
-        Pool::open(dev, "mem", &opts)
-    }
-}
-
 fn dead_time() -> Duration {
     Duration::from_millis(12 * IO_TIMEOUT_MS as u64)
 }
@@ -308,7 +282,7 @@ fn a_host_that_dies_while_recovering_another_is_recovered_too() {
             inner: lun.dev.clone(),
             budget: std::sync::atomic::AtomicI64::new(i64::MAX),
         });
-        let h3 = lun.host_on(3, cut.clone()).unwrap();
+        let h3 = lun.host_on(3, "hv-3", "m3", cut.clone()).unwrap();
         h3.create_volume("vm-3", 8 * MIB).unwrap();
         write(&h3, "vm-3", 0, 3);
         std::thread::sleep(dead_time());
