@@ -170,19 +170,25 @@ fn one_writer_per_volume_and_handover() {
     h3.close().unwrap();
 }
 
-#[test]
-fn dead_host_is_recovered_with_its_acknowledged_writes() {
-    let lun = Lun::new("dead");
-    let h1 = lun.host(1).unwrap();
+/// Host 2 writes block `i` of its volume vm-2 with `i + 1` for `i` below
+/// `blocks`, flushes, and dies with the volume active.
+fn host_2_dies_with_vm_2(lun: &Lun, blocks: u64) {
     let h2 = lun.host(2).unwrap();
     h2.create_volume("vm-2", 8 * MIB).unwrap();
     let w = h2.open_volume("vm-2").unwrap();
-    for i in 0..32u64 {
+    for i in 0..blocks {
         w.write(i * 8, &vec![i as u8 + 1; BS]).unwrap();
     }
     w.flush().unwrap();
     std::mem::forget(w);
     h2.simulate_crash();
+}
+
+#[test]
+fn dead_host_is_recovered_with_its_acknowledged_writes() {
+    let lun = Lun::new("dead");
+    let h1 = lun.host(1).unwrap();
+    host_2_dies_with_vm_2(&lun, 32);
     // Until host 2 is seen dead its volume stays its own.
     assert!(matches!(h1.open_volume("vm-2"), Err(Error::Busy(_))));
     std::thread::sleep(Duration::from_millis(12 * IO_TIMEOUT_MS as u64));
@@ -268,16 +274,7 @@ fn a_host_that_dies_while_recovering_another_is_recovered_too() {
     for cut_after in [0, 1, 2, 3, 5, 8, 13] {
         let lun = Lun::new(&format!("rec{cut_after}"));
         let h1 = lun.host(1).unwrap();
-        let h2 = lun.host(2).unwrap();
-        h2.create_volume("vm-2", 8 * MIB).unwrap();
-        write(&h2, "vm-2", 0, 1);
-        let w = h2.open_volume("vm-2").unwrap();
-        for i in 1..20u64 {
-            w.write(i * 8, &vec![i as u8; BS]).unwrap();
-        }
-        w.flush().unwrap();
-        std::mem::forget(w);
-        h2.simulate_crash();
+        host_2_dies_with_vm_2(&lun, 20);
         let cut = Arc::new(CutDevice {
             inner: lun.dev.clone(),
             budget: std::sync::atomic::AtomicI64::new(i64::MAX),
@@ -292,10 +289,10 @@ fn a_host_that_dies_while_recovering_another_is_recovered_too() {
         let _ = h3.open_volume("vm-2").map(std::mem::forget);
         h3.simulate_crash();
         std::thread::sleep(dead_time());
-        for i in 1..20u64 {
+        for i in 0..20u64 {
             assert_eq!(
                 read(&h1, "vm-2", i),
-                i as u8,
+                i as u8 + 1,
                 "cut after {cut_after} writes"
             );
         }
@@ -378,13 +375,7 @@ fn racing_hosts_get_one_slot_one_volume_and_serialised_changes() {
 fn a_torn_lease_sector_of_a_dead_host_is_recovered_and_of_a_live_one_repaired() {
     let lun = Lun::new("torn");
     let h1 = lun.host(1).unwrap();
-    let h2 = lun.host(2).unwrap();
-    h2.create_volume("vm-2", 8 * MIB).unwrap();
-    let w = h2.open_volume("vm-2").unwrap();
-    w.write(0, &vec![5u8; BS]).unwrap();
-    w.flush().unwrap();
-    std::mem::forget(w);
-    h2.simulate_crash();
+    host_2_dies_with_vm_2(&lun, 1);
     // Host 2 died mid-renewal: half its slot is garbage.
     let dev: Arc<dyn BlockDevice> = lun.dev.clone();
     let slot2 = 17u64;
@@ -402,7 +393,7 @@ fn a_torn_lease_sector_of_a_dead_host_is_recovered_and_of_a_live_one_repaired() 
     thinlun::dev::write_blocks(dev.as_ref(), &[(slot1, b)]).unwrap();
     std::thread::sleep(dead_time());
     assert!(h1.lease_lost().is_none());
-    assert_eq!(read(&h1, "vm-2", 0), 5);
+    assert_eq!(read(&h1, "vm-2", 0), 1);
     h1.close().unwrap();
     lun.check_clean();
 }
