@@ -9,8 +9,9 @@ use crate::format::{
     claims, codec, journal::decode_host_checkpoint, magic, Layout, BLOCK_SIZE,
     HOST_CHECKPOINT_BLOCKS,
 };
-use crate::load::load;
+use crate::load::load_observed;
 use crate::pool::SINGLE_HOST_ID;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The outcome of a check.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -38,9 +39,45 @@ impl CheckReport {
     }
 }
 
+/// How far a running check is, for a progress bar drawn by another
+/// thread: volume trees read so far, of how many.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn start(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    pub(crate) fn step(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (volumes read, volumes in the pool); (0, 0) before the catalog is read.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// Checks the pool on `dev`. Returns `Err` only when the LUN cannot be read
 /// at all or holds no pool; damage is reported in the report.
 pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
+    check_with_progress(dev, label, &Progress::default())
+}
+
+/// [`check`], reporting its progress in `progress`.
+pub fn check_with_progress(
+    dev: &dyn BlockDevice,
+    label: &str,
+    progress: &Progress,
+) -> Result<CheckReport> {
     let mut report = CheckReport::default();
     // A shared pool's journals belong to their hosts; a single-host pool's
     // journal is replayed as opening it would.
@@ -48,7 +85,7 @@ pub fn check(dev: &dyn BlockDevice, label: &str) -> Result<CheckReport> {
         Ok(sb) if sb.shared.is_some() => 0,
         _ => SINGLE_HOST_ID,
     };
-    let loaded = match load(dev, label, host) {
+    let loaded = match load_observed(dev, label, host, Some(progress)) {
         Ok(l) => l,
         Err(e @ (Error::NotAPool(_) | Error::Io { .. } | Error::UnsupportedVersion { .. })) => {
             return Err(e)

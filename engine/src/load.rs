@@ -337,9 +337,19 @@ fn newer_of<T>(
 /// active while we read its tree; such a read is validated seqlock-style
 /// (the header generation must not change across it) and retried.
 pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Loaded> {
+    load_observed(dev, label, host_id, None)
+}
+
+/// [`load`], counting the volume trees read in `progress`.
+pub(crate) fn load_observed(
+    dev: &dyn BlockDevice,
+    label: &str,
+    host_id: u32,
+    progress: Option<&crate::check::Progress>,
+) -> Result<Loaded> {
     let mut tries = 0;
     loop {
-        match load_once(dev, label, host_id)? {
+        match load_once(dev, label, host_id, progress)? {
             Some(l) => return Ok(l),
             None if tries < 50 => {
                 tries += 1;
@@ -363,7 +373,12 @@ fn header_generation(dev: &dyn BlockDevice, rec: &VolumeRecord) -> Option<u64> {
         .max()
 }
 
-fn load_once(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Option<Loaded>> {
+fn load_once(
+    dev: &dyn BlockDevice,
+    label: &str,
+    host_id: u32,
+    progress: Option<&crate::check::Progress>,
+) -> Result<Option<Loaded>> {
     let mut warnings = Vec::new();
     let sb = read_superblock(dev, label, &mut warnings)?;
     let layout = sb.layout;
@@ -427,6 +442,9 @@ fn load_once(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Option<
     }
 
     // Volume headers and trees.
+    if let Some(p) = progress {
+        p.start(records.len() as u64);
+    }
     let mut cache = LeafCache::new();
     for rec in records {
         if state.volumes.contains_key(&rec.id) {
@@ -487,6 +505,9 @@ fn load_once(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Option<
                 handles: 0,
             },
         );
+        if let Some(p) = progress {
+            p.step();
+        }
     }
 
     // Data first, counting every distinct leaf's reference; then metadata,

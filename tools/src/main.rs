@@ -6,6 +6,7 @@ mod cmd;
 mod error;
 mod human;
 mod json;
+mod progress;
 mod size;
 mod table;
 

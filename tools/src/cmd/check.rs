@@ -6,7 +6,9 @@ use super::{pool_path, require_exists, BLOCK};
 use crate::error::{emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED};
 use crate::human::{pct_str, size};
 use crate::json::Json;
+use crate::progress::Progress;
 use std::path::Path;
+use std::time::Duration;
 use thinlun::check::CheckReport;
 use thinlun::dev::FileDevice;
 
@@ -22,7 +24,7 @@ pub fn run(pool: Option<&Path>, _read_only: bool, json: bool) -> CliResult<()> {
     // The raw device, not Pool::open: a damaged pool must still be
     // readable for the report, and nothing may be written or replayed.
     let dev = FileDevice::open(path, false).map_err(|e| failed(CliError::io(&label, e)))?;
-    let report = thinlun::check::check(&dev, &label).map_err(|e| failed(e.into()))?;
+    let report = check_showing_progress(&dev, &label).map_err(failed)?;
     if json {
         emit(&report_json(&label, &report).render())?;
     } else {
@@ -37,6 +39,30 @@ pub fn run(pool: Option<&Path>, _read_only: bool, json: bool) -> CliResult<()> {
         if n == 1 { "" } else { "s" }
     ))
     .with_code(EXIT_CHECK_ERRORS))
+}
+
+/// Runs the check on a worker thread while this one draws a progress bar
+/// (volume trees read) when stderr is a terminal.
+fn check_showing_progress(dev: &FileDevice, label: &str) -> CliResult<CheckReport> {
+    let progress = thinlun::check::Progress::default();
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| thinlun::check::check_with_progress(dev, label, &progress));
+        let mut bar = Progress::new(format!("checking {label}"), |n| format!("{n} volumes"));
+        let mut draw = || match progress.get() {
+            (_, 0) => {}
+            (done, total) => bar.update(done, total),
+        };
+        while !worker.is_finished() {
+            draw();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        draw();
+        bar.finish();
+        match worker.join() {
+            Ok(r) => r.map_err(CliError::from),
+            Err(_) => Err(CliError::new("the check stopped on an internal error")),
+        }
+    })
 }
 
 fn report_text(label: &str, r: &CheckReport) -> String {

@@ -7,10 +7,9 @@ use super::daemon::{ask, name_word, reply_number, unexpected};
 use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
 use crate::error::{emit, CliResult};
 use crate::human::size;
+use crate::progress::Progress;
 use clap::Subcommand;
-use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 use thinlun::Pool;
 
 #[derive(Subcommand)]
@@ -213,66 +212,13 @@ fn clone(pool: Option<&Path>, source: &str, new: &str) -> CliResult<()> {
     ))
 }
 
-/// A one-line progress bar on stderr, redrawn at most every 100 ms; only
-/// when stderr is a terminal.
-struct Progress {
-    on: bool,
-    label: String,
-    last: Option<Instant>,
-}
-
-impl Progress {
-    fn new(label: String) -> Progress {
-        Progress {
-            on: std::io::stderr().is_terminal(),
-            label,
-            last: None,
-        }
-    }
-
-    fn update(&mut self, done: u64, total: u64) {
-        if !self.on {
-            return;
-        }
-        let now = Instant::now();
-        if done < total
-            && self
-                .last
-                .is_some_and(|t| now - t < Duration::from_millis(100))
-        {
-            return;
-        }
-        self.last = Some(now);
-        const WIDTH: u64 = 30;
-        let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
-        let pct = (done * 100).checked_div(total).unwrap_or(100);
-        let bar: String = (0..WIDTH)
-            .map(|i| if i < filled { '#' } else { '.' })
-            .collect();
-        let bs = thinlun::BLOCK_SIZE as u64;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r{} [{bar}] {pct:3}% {}/{}",
-            self.label,
-            size(done * bs),
-            size(total * bs)
-        );
-        let _ = err.flush();
-    }
-
-    fn finish(&self) {
-        if self.on && self.last.is_some() {
-            let _ = writeln!(std::io::stderr());
-        }
-    }
-}
-
 fn flatten(pool: Option<&Path>, name: &str) -> CliResult<()> {
     let pool = open_read_write(pool_path(pool)?)?;
     let (origin, copied) = with_pool(pool, |p| {
         let origin = p.volume_info(name)?.clone_of;
-        let mut bar = Progress::new(format!("flattening '{name}'"));
+        let mut bar = Progress::new(format!("flattening '{name}'"), |blocks| {
+            size(blocks * thinlun::BLOCK_SIZE as u64)
+        });
         let mut total = 0;
         let r = p.flatten(name, &mut |done, all| {
             total = all;
