@@ -39,6 +39,41 @@ impl Pattern {
         }
     }
 
+    /// Splits the pattern into `n` disjoint ones, one per queue: random
+    /// offsets with seeds of their own; every block once, dealt out in
+    /// turn; sequential, in `n` consecutive parts of the range.
+    pub fn split(self, n: usize) -> Vec<Pattern> {
+        if n <= 1 {
+            return vec![self];
+        }
+        match self {
+            Pattern::Random { rng, blocks, bs } => (0..n)
+                .map(|i| Pattern::Random {
+                    rng: Rng::new(rng.clone().next_u64() ^ (i as u64 + 1)),
+                    blocks,
+                    bs,
+                })
+                .collect(),
+            Pattern::Once { order, next, bs } => (0..n)
+                .map(|i| Pattern::Once {
+                    order: order[next..].iter().skip(i).step_by(n).copied().collect(),
+                    next: 0,
+                    bs,
+                })
+                .collect(),
+            Pattern::Seq { pos, blocks, bs } => {
+                let part = (blocks / n as u64).max(1);
+                (0..n as u64)
+                    .map(|i| Pattern::Seq {
+                        pos: (pos + i * part) % blocks,
+                        blocks,
+                        bs,
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// The next offset, or `None` when a `Once` pattern is used up.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<u64> {
