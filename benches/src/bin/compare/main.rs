@@ -648,20 +648,39 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
                 b == Backend::ThinlunVhostLazy,
                 nq,
                 &log,
-            )?
+            )
         }
-        Backend::QsdRaw | Backend::QsdRaw2q => Server::qsd(&env.raw, false, None, nq, &sock, &log)?,
+        Backend::QsdRaw | Backend::QsdRaw2q => Server::qsd(&env.raw, false, None, nq, &sock, &log),
         Backend::QsdQcow2 | Backend::QsdQcow22q => match c.work {
             Work::FirstWrite | Work::Cow => {
                 let img = env.dir.join("scratch.qcow2");
                 let backing = (c.work == Work::Cow).then_some(env.qfull.as_path());
-                qcow2_create(&img, env.o.size, backing)?;
                 scratch = Some(img.clone());
-                Server::qsd(&img, true, backing, nq, &sock, &log)?
+                qcow2_create(&img, env.o.size, backing)
+                    .and_then(|()| Server::qsd(&img, true, backing, nq, &sock, &log))
             }
-            _ => Server::qsd(&env.qfull, true, None, nq, &sock, &log)?,
+            _ => Server::qsd(&env.qfull, true, None, nq, &sock, &log),
         },
         _ => unreachable!(),
+    };
+    // What this run created goes again whatever happens, so that the next
+    // back end finds the pool and directory as they were.
+    let cleanup = || {
+        if let Some(img) = &scratch {
+            remove_if_exists(img);
+        }
+        if let Some(name) = thin_cleanup {
+            let pool = env.open_pool();
+            pool.remove_volume(name, false).expect("cleaning up");
+            pool.close().expect("closing the pool");
+        }
+    };
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup();
+            return Err(e);
+        }
     };
     let result = (|| {
         let mut client = vhost::Client::connect(&sock, nq, c.qd, c.bs, Duration::from_secs(10))?;
@@ -684,14 +703,7 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
         Ok(m)
     })();
     let stopped = server.stop();
-    if let Some(img) = scratch {
-        remove_if_exists(&img);
-    }
-    if let Some(name) = thin_cleanup {
-        let pool = env.open_pool();
-        pool.remove_volume(name, false).expect("cleaning up");
-        pool.close().expect("closing the pool");
-    }
+    cleanup();
     let mut m = result?;
     stopped?;
     m.note = if nq == 1 {

@@ -144,3 +144,37 @@ pub fn percentiles(v: &mut [f64]) -> (Option<f64>, Option<f64>) {
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     (Some(at(0.5)), Some(at(0.99)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(p: &mut Pattern) -> Vec<u64> {
+        std::iter::from_fn(|| p.next()).collect()
+    }
+
+    #[test]
+    fn split_once_deals_every_block_exactly_once() {
+        let mut whole = Pattern::once(64 * 4096, 4096, 5);
+        let mut all = drain(&mut whole);
+        let mut parts: Vec<u64> = Pattern::once(64 * 4096, 4096, 5)
+            .split(2)
+            .iter_mut()
+            .flat_map(drain)
+            .collect();
+        all.sort_unstable();
+        parts.sort_unstable();
+        assert_eq!(all, parts);
+    }
+
+    #[test]
+    fn split_random_and_seq_give_different_streams() {
+        let mut r = Pattern::random(1 << 30, 4096, 9).split(2);
+        let a: Vec<u64> = (0..8).filter_map(|_| r[0].next()).collect();
+        let b: Vec<u64> = (0..8).filter_map(|_| r[1].next()).collect();
+        assert_ne!(a, b);
+        let mut s = Pattern::seq(8 << 20, 1 << 20).split(2);
+        assert_eq!(s[0].next(), Some(0));
+        assert_eq!(s[1].next(), Some(4 << 20));
+    }
+}
