@@ -151,13 +151,14 @@ pub struct Server {
 }
 
 impl Server {
-    /// `thinctl -p POOL serve --socket SOCK VOL [--lazy-commit]`.
+    /// `thinctl -p POOL serve --socket SOCK VOL [--lazy-commit] [--queues N]`.
     pub fn thinctl(
         thinctl: &Path,
         pool: &Path,
         vol: &str,
         sock: &Path,
         lazy: bool,
+        queues: usize,
         log: &Path,
     ) -> io::Result<Server> {
         let mut cmd = Command::new(thinctl);
@@ -169,17 +170,21 @@ impl Server {
         if lazy {
             cmd.arg("--lazy-commit");
         }
+        if queues > 1 {
+            cmd.arg("--queues").arg(queues.to_string());
+        }
         cmd.arg(vol);
         Server::start(cmd, sock, log, "thinctl serve")
     }
 
     /// qemu-storage-daemon exporting `image` (raw, or qcow2 with an
-    /// optional qcow2 backing file) over vhost-user-blk, O_DIRECT and
-    /// io_uring throughout.
+    /// optional qcow2 backing file) over vhost-user-blk with `queues`
+    /// virtqueues, O_DIRECT and io_uring throughout.
     pub fn qsd(
         image: &Path,
         qcow2: bool,
         backing: Option<&Path>,
+        queues: usize,
         sock: &Path,
         log: &Path,
     ) -> io::Result<Server> {
@@ -207,7 +212,8 @@ impl Server {
             "driver={fmt},node-name=disk,file=file{backing_opt}"
         ));
         cmd.arg("--export").arg(format!(
-            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on",
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},\
+             writable=on,num-queues={queues}",
             sock.display()
         ));
         Server::start(cmd, sock, log, "qemu-storage-daemon")

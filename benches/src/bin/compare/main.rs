@@ -29,6 +29,10 @@
 //!   `virtio-driver` front end in this process.
 //! * `qsd-raw`, `qsd-qcow2`: qemu-storage-daemon exporting the raw file or
 //!   qcow2 image over vhost-user-blk, same front end.
+//! * `thinlun-vhost-2q`, `qsd-raw-2q`, `qsd-qcow2-2q`: the same servers
+//!   with two virtqueues (`thinctl serve --queues 2`, qsd `num-queues=2`),
+//!   each driven by a front-end thread of its own with half the queue
+//!   depth, so the total in flight matches the raw baseline. Depth 32 only.
 //!
 //! Cases: `rr1`, `rr32` 4 KiB random reads at queue depth 1 and 32; `ow1`,
 //! `ow32` random overwrites of fully written data; `fw1`, `fw32` first
@@ -71,7 +75,8 @@ Usage: compare [OPTIONS]     (or: bash benches/compare.sh [OPTIONS])
   --rounds N       repetitions of every case (default 3; medians shown)
   --cases LIST     rr1,rr32,ow1,ow32,fw1,fw32,cow1,cow32,sr32,sw32
   --only LIST      raw,raw-batch,qcow2,thinlun,thinlun-vhost,
-                   thinlun-vhost-lazy,qsd-raw,qsd-qcow2
+                   thinlun-vhost-lazy,thinlun-vhost-2q,qsd-raw,
+                   qsd-raw-2q,qsd-qcow2,qsd-qcow2-2q
   --skip LIST      back ends to leave out
   --json PATH      results (default <target>/compare.json)
   --thinctl PATH   thinctl binary (default: next to this program)
@@ -189,19 +194,25 @@ enum Backend {
     Thinlun,
     ThinlunVhost,
     ThinlunVhostLazy,
+    ThinlunVhost2q,
     QsdRaw,
+    QsdRaw2q,
     QsdQcow2,
+    QsdQcow22q,
 }
 
-const BACKENDS: [Backend; 8] = [
+const BACKENDS: [Backend; 11] = [
     Backend::Raw,
     Backend::RawBatch,
     Backend::Qcow2,
     Backend::Thinlun,
     Backend::ThinlunVhost,
     Backend::ThinlunVhostLazy,
+    Backend::ThinlunVhost2q,
     Backend::QsdRaw,
+    Backend::QsdRaw2q,
     Backend::QsdQcow2,
+    Backend::QsdQcow22q,
 ];
 
 impl Backend {
@@ -213,8 +224,11 @@ impl Backend {
             Backend::Thinlun => "thinlun",
             Backend::ThinlunVhost => "thinlun-vhost",
             Backend::ThinlunVhostLazy => "thinlun-vhost-lazy",
+            Backend::ThinlunVhost2q => "thinlun-vhost-2q",
             Backend::QsdRaw => "qsd-raw",
+            Backend::QsdRaw2q => "qsd-raw-2q",
             Backend::QsdQcow2 => "qsd-qcow2",
+            Backend::QsdQcow22q => "qsd-qcow2-2q",
         }
     }
 
@@ -226,14 +240,25 @@ impl Backend {
             Backend::Thinlun => "thinlun, engine",
             Backend::ThinlunVhost => "thinlun, vhost (default)",
             Backend::ThinlunVhostLazy => "thinlun, vhost --lazy-commit",
+            Backend::ThinlunVhost2q => "thinlun, vhost, 2 queues",
             Backend::QsdRaw => "raw, qsd vhost",
+            Backend::QsdRaw2q => "raw, qsd vhost, 2 queues",
             Backend::QsdQcow2 => "qcow2, qsd vhost",
+            Backend::QsdQcow22q => "qcow2, qsd vhost, 2 queues",
+        }
+    }
+
+    /// Virtqueues of a vhost-user-blk back end.
+    fn queues(self) -> usize {
+        match self {
+            Backend::ThinlunVhost2q | Backend::QsdRaw2q | Backend::QsdQcow22q => 2,
+            _ => 1,
         }
     }
 
     fn applies(self, w: Work) -> bool {
         match self {
-            Backend::QsdRaw => matches!(
+            Backend::QsdRaw | Backend::QsdRaw2q => matches!(
                 w,
                 Work::Read | Work::Overwrite | Work::SeqRead | Work::SeqWrite
             ),
@@ -243,7 +268,7 @@ impl Backend {
     }
 
     fn applies_to(self, c: &Case) -> bool {
-        self.applies(c.work) && (self != Backend::RawBatch || c.qd > 1)
+        self.applies(c.work) && (c.qd > 1 || !(self == Backend::RawBatch || self.queues() > 1))
     }
 }
 
@@ -407,9 +432,11 @@ impl Env {
         match b {
             Backend::Raw | Backend::RawBatch | Backend::Thinlun => true,
             Backend::Qcow2 => self.have_qemu_img,
-            Backend::ThinlunVhost | Backend::ThinlunVhostLazy => self.have_serve,
-            Backend::QsdRaw => self.have_qsd,
-            Backend::QsdQcow2 => self.have_qsd && self.have_qemu_img,
+            Backend::ThinlunVhost | Backend::ThinlunVhostLazy | Backend::ThinlunVhost2q => {
+                self.have_serve
+            }
+            Backend::QsdRaw | Backend::QsdRaw2q => self.have_qsd,
+            Backend::QsdQcow2 | Backend::QsdQcow22q => self.have_qsd && self.have_qemu_img,
         }
     }
 }
@@ -591,8 +618,9 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
     let log = env.log();
     let mut scratch: Option<PathBuf> = None;
     let mut thin_cleanup: Option<&str> = None;
+    let nq = b.queues();
     let server = match b {
-        Backend::ThinlunVhost | Backend::ThinlunVhostLazy => {
+        Backend::ThinlunVhost | Backend::ThinlunVhostLazy | Backend::ThinlunVhost2q => {
             let vol = {
                 let pool = env.open_pool();
                 let v = match c.work {
@@ -618,33 +646,53 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
                 vol,
                 &sock,
                 b == Backend::ThinlunVhostLazy,
+                nq,
                 &log,
-            )?
+            )
         }
-        Backend::QsdRaw => Server::qsd(&env.raw, false, None, &sock, &log)?,
-        Backend::QsdQcow2 => match c.work {
+        Backend::QsdRaw | Backend::QsdRaw2q => Server::qsd(&env.raw, false, None, nq, &sock, &log),
+        Backend::QsdQcow2 | Backend::QsdQcow22q => match c.work {
             Work::FirstWrite | Work::Cow => {
                 let img = env.dir.join("scratch.qcow2");
                 let backing = (c.work == Work::Cow).then_some(env.qfull.as_path());
-                qcow2_create(&img, env.o.size, backing)?;
                 scratch = Some(img.clone());
-                Server::qsd(&img, true, backing, &sock, &log)?
+                qcow2_create(&img, env.o.size, backing)
+                    .and_then(|()| Server::qsd(&img, true, backing, nq, &sock, &log))
             }
-            _ => Server::qsd(&env.qfull, true, None, &sock, &log)?,
+            _ => Server::qsd(&env.qfull, true, None, nq, &sock, &log),
         },
         _ => unreachable!(),
     };
+    // What this run created goes again whatever happens, so that the next
+    // back end finds the pool and directory as they were.
+    let cleanup = || {
+        if let Some(img) = &scratch {
+            remove_if_exists(img);
+        }
+        if let Some(name) = thin_cleanup {
+            let pool = env.open_pool();
+            pool.remove_volume(name, false).expect("cleaning up");
+            pool.close().expect("closing the pool");
+        }
+    };
+    let server = match server {
+        Ok(s) => s,
+        Err(e) => {
+            cleanup();
+            return Err(e);
+        }
+    };
     let result = (|| {
-        let mut client = vhost::Client::connect(&sock, c.qd, c.bs, Duration::from_secs(10))?;
+        let mut client = vhost::Client::connect(&sock, nq, c.qd, c.bs, Duration::from_secs(10))?;
         if client.capacity_bytes < env.o.size {
             return Err(std::io::Error::other(format!(
                 "device has {} bytes, fewer than --size",
                 client.capacity_bytes
             )));
         }
-        let mut p = pattern_for(c, env.o.size, seed);
+        let p = pattern_for(c, env.o.size, seed);
         let cpu0 = server.cpu();
-        let mut m = client.run(&mut p, c.qd, c.bs, c.work.writes(), env.o.secs)?;
+        let mut m = client.run(p, c.qd, c.bs, c.work.writes(), env.o.secs)?;
         if let (Some(a), Some(z)) = (cpu0, server.cpu()) {
             if m.ios > 0 {
                 m.cpu_us_per_io = Some((z - a).as_secs_f64() * 1e6 / m.ios as f64);
@@ -655,17 +703,17 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
         Ok(m)
     })();
     let stopped = server.stop();
-    if let Some(img) = scratch {
-        remove_if_exists(&img);
-    }
-    if let Some(name) = thin_cleanup {
-        let pool = env.open_pool();
-        pool.remove_volume(name, false).expect("cleaning up");
-        pool.close().expect("closing the pool");
-    }
+    cleanup();
     let mut m = result?;
     stopped?;
-    m.note = "one queue, QD requests kept in flight; server CPU per request".into();
+    m.note = if nq == 1 {
+        "one queue, QD requests kept in flight; server CPU per request".into()
+    } else {
+        format!(
+            "{nq} queues, one client thread each, QD/{nq} requests in flight on each; \
+             server CPU per request"
+        )
+    };
     Ok(m)
 }
 

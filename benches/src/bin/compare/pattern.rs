@@ -39,6 +39,41 @@ impl Pattern {
         }
     }
 
+    /// Splits the pattern into `n` disjoint ones, one per queue: random
+    /// offsets with seeds of their own; every block once, dealt out in
+    /// turn; sequential, in `n` consecutive parts of the range.
+    pub fn split(self, n: usize) -> Vec<Pattern> {
+        if n <= 1 {
+            return vec![self];
+        }
+        match self {
+            Pattern::Random { rng, blocks, bs } => (0..n)
+                .map(|i| Pattern::Random {
+                    rng: Rng::new(rng.clone().next_u64() ^ (i as u64 + 1)),
+                    blocks,
+                    bs,
+                })
+                .collect(),
+            Pattern::Once { order, next, bs } => (0..n)
+                .map(|i| Pattern::Once {
+                    order: order[next..].iter().skip(i).step_by(n).copied().collect(),
+                    next: 0,
+                    bs,
+                })
+                .collect(),
+            Pattern::Seq { pos, blocks, bs } => {
+                let part = (blocks / n as u64).max(1);
+                (0..n as u64)
+                    .map(|i| Pattern::Seq {
+                        pos: (pos + i * part) % blocks,
+                        blocks,
+                        bs,
+                    })
+                    .collect()
+            }
+        }
+    }
+
     /// The next offset, or `None` when a `Once` pattern is used up.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<u64> {
@@ -108,4 +143,38 @@ pub fn percentiles(v: &mut [f64]) -> (Option<f64>, Option<f64>) {
     v.sort_by(|a, b| a.total_cmp(b));
     let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
     (Some(at(0.5)), Some(at(0.99)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(p: &mut Pattern) -> Vec<u64> {
+        std::iter::from_fn(|| p.next()).collect()
+    }
+
+    #[test]
+    fn split_once_deals_every_block_exactly_once() {
+        let mut whole = Pattern::once(64 * 4096, 4096, 5);
+        let mut all = drain(&mut whole);
+        let mut parts: Vec<u64> = Pattern::once(64 * 4096, 4096, 5)
+            .split(2)
+            .iter_mut()
+            .flat_map(drain)
+            .collect();
+        all.sort_unstable();
+        parts.sort_unstable();
+        assert_eq!(all, parts);
+    }
+
+    #[test]
+    fn split_random_and_seq_give_different_streams() {
+        let mut r = Pattern::random(1 << 30, 4096, 9).split(2);
+        let a: Vec<u64> = (0..8).filter_map(|_| r[0].next()).collect();
+        let b: Vec<u64> = (0..8).filter_map(|_| r[1].next()).collect();
+        assert_ne!(a, b);
+        let mut s = Pattern::seq(8 << 20, 1 << 20).split(2);
+        assert_eq!(s[0].next(), Some(0));
+        assert_eq!(s[1].next(), Some(4 << 20));
+    }
 }

@@ -1,9 +1,10 @@
 //! A vhost-user-blk front end without a VM: the `virtio-driver` crate's
 //! vhost-user transport and virtio-blk queue, driven as a guest driver
-//! would drive them. One virtqueue; requests are kept in flight
+//! would drive them. One or more virtqueues, each driven by a thread of
+//! its own (as a guest's per-CPU queues are); requests are kept in flight
 //! continuously (a completion is replaced by a new request at once, as fio
-//! does), and the completion eventfd is waited on with `poll`, as a guest
-//! waits for an interrupt.
+//! does), and each queue's completion eventfd is waited on with `poll`, as
+//! a guest waits for an interrupt.
 
 use crate::pattern::{Measured, Pattern};
 use std::fs::File;
@@ -13,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use thinlun_benches::fill_pattern;
 use virtio_driver::{
-    VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioBlkQueue, VirtioBlkReqBuf,
-    VirtioBlkTransport, VirtioFeatureFlags,
+    EventFd, QueueNotifier, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioBlkQueue,
+    VirtioBlkReqBuf, VirtioBlkTransport, VirtioFeatureFlags,
 };
 
 const QUEUE_SIZE: u16 = 128;
@@ -65,10 +66,10 @@ impl Drop for DataMem {
     }
 }
 
-/// A connected vhost-user-blk device with one queue.
+/// A connected vhost-user-blk device with one or more queues.
 pub struct Client {
-    // The queue lives in the transport's queue memory: dropped first.
-    queue: VirtioBlkQueue<'static, usize>,
+    // The queues live in the transport's queue memory: dropped first.
+    queues: Vec<VirtioBlkQueue<'static, usize>>,
     transport: Box<VirtioBlkTransport>,
     mem: DataMem,
     slot_bytes: usize,
@@ -78,10 +79,11 @@ pub struct Client {
 
 impl Client {
     /// Connects to `sock` (retrying for up to `wait` while the server
-    /// starts) and sets up one queue and `slots` data buffers of
+    /// starts) and sets up `nq` queues and `slots` data buffers of
     /// `slot_bytes` each.
     pub fn connect(
         sock: &Path,
+        nq: usize,
         slots: usize,
         slot_bytes: usize,
         wait: Duration,
@@ -93,7 +95,12 @@ impl Client {
                 | VirtioBlkFeatureFlags::SIZE_MAX
                 | VirtioBlkFeatureFlags::BLK_SIZE
                 | VirtioBlkFeatureFlags::TOPOLOGY)
-                .bits();
+                .bits()
+            | if nq > 1 {
+                VirtioBlkFeatureFlags::MQ.bits()
+            } else {
+                0
+            };
         let path = sock
             .to_str()
             .ok_or_else(|| io::Error::other("socket path is not UTF-8"))?;
@@ -117,9 +124,11 @@ impl Client {
         let cfg = transport.get_config()?;
         let capacity = cfg.capacity;
         let capacity_bytes = u64::from(capacity) * 512;
-        let mut queues = VirtioBlkQueue::<usize>::setup_queues(transport.as_mut(), 1, QUEUE_SIZE)?;
-        let mut queue = queues.pop().expect("one queue");
-        queue.set_used_notif_enabled(true);
+        let mut queues =
+            VirtioBlkQueue::<usize>::setup_queues(transport.as_mut(), nq.max(1), QUEUE_SIZE)?;
+        for q in &mut queues {
+            q.set_used_notif_enabled(true);
+        }
         let mem = DataMem::new(slots * slot_bytes)?;
         transport.map_mem_region(mem.ptr as usize, mem.len, mem.file.as_raw_fd(), 0)?;
         for i in 0..slots {
@@ -129,7 +138,7 @@ impl Client {
             fill_pattern(s, 0x7777 + i as u64);
         }
         Ok(Client {
-            queue,
+            queues,
             transport,
             mem,
             slot_bytes,
@@ -139,91 +148,63 @@ impl Client {
     }
 
     /// Runs `pattern` with `qd` requests of `bs` bytes in flight for about
-    /// `secs` (or until the pattern is exhausted); reads or writes.
+    /// `secs` (or until the pattern is exhausted); reads or writes. With
+    /// several queues, the pattern is split between them and so are the
+    /// `qd` requests (`qd / queues` each), one thread per queue.
     pub fn run(
         &mut self,
-        pattern: &mut Pattern,
+        pattern: Pattern,
         qd: usize,
         bs: usize,
         write: bool,
         secs: f64,
     ) -> io::Result<Measured> {
-        assert!(qd <= self.slots && bs <= self.slot_bytes && qd < QUEUE_SIZE as usize);
-        let notifier = self.transport.get_submission_notifier(0);
-        let cfd = self.transport.get_completion_fd(0);
-        let mut started = vec![Instant::now(); qd];
-        let mut lat: Vec<f64> = Vec::new();
-        let mut inflight = 0usize;
-        let mut free: Vec<usize> = (0..qd).rev().collect();
+        let nq = self.queues.len();
+        let per = qd.div_ceil(nq);
+        assert!(nq * per <= self.slots && bs <= self.slot_bytes && per < QUEUE_SIZE as usize);
         let t0 = Instant::now();
         let until = t0 + Duration::from_secs_f64(secs);
-        let mut exhausted = false;
-        let mut errors = 0u64;
-        let mut done: Vec<(usize, i32)> = Vec::with_capacity(qd);
+        let base = self.mem.ptr as usize;
+        let slot_bytes = self.slot_bytes;
+        let transport = &self.transport;
+        let results: Vec<io::Result<Driven>> = std::thread::scope(|s| {
+            let threads: Vec<_> = self
+                .queues
+                .iter_mut()
+                .zip(pattern.split(nq))
+                .enumerate()
+                .map(|(i, (queue, mut pat))| {
+                    let notifier = transport.get_submission_notifier(i);
+                    let cfd = transport.get_completion_fd(i);
+                    let buf = move |slot: usize| (base + (i * per + slot) * slot_bytes) as *mut u8;
+                    s.spawn(move || {
+                        drive(
+                            queue,
+                            &*notifier,
+                            &cfd,
+                            &buf,
+                            &mut pat,
+                            per,
+                            bs,
+                            write,
+                            (t0, until),
+                        )
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("queue thread panicked"))
+                .collect()
+        });
+        let mut lat = Vec::new();
         let mut last = t0;
-        loop {
-            // Refill.
-            let mut added = false;
-            if !exhausted && Instant::now() < until {
-                while let Some(slot) = free.pop() {
-                    let Some(off) = pattern.next() else {
-                        exhausted = true;
-                        free.push(slot);
-                        break;
-                    };
-                    // SAFETY: slot `slot` of the registered mapping; no
-                    // other request in flight uses it.
-                    let buf = unsafe { self.mem.ptr.add(slot * self.slot_bytes) };
-                    started[slot] = Instant::now();
-                    unsafe {
-                        if write {
-                            self.queue.write_raw(off, buf, bs, slot)?;
-                        } else {
-                            self.queue.read_raw(off, buf, bs, slot)?;
-                        }
-                    }
-                    inflight += 1;
-                    added = true;
-                }
-            }
-            if added && self.queue.avail_notif_needed() {
-                notifier.notify()?;
-            }
-            if inflight == 0 {
-                break;
-            }
-            // Reap.
-            done.clear();
-            done.extend(self.queue.completions().map(|c| (c.context, c.ret)));
-            if done.is_empty() {
-                let mut pfd = libc::pollfd {
-                    fd: cfd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd.
-                let r = unsafe { libc::poll(&mut pfd, 1, 5000) };
-                if r == 0 {
-                    return Err(io::Error::other(format!(
-                        "no completion within 5 s ({inflight} requests in flight)"
-                    )));
-                }
-                let _ = cfd.read();
-                continue;
-            }
-            let now = Instant::now();
-            for &(slot, ret) in &done {
-                if ret != 0 {
-                    errors += 1;
-                }
-                lat.push((now - started[slot]).as_secs_f64() * 1e6);
-                free.push(slot);
-                inflight -= 1;
-            }
-            last = now;
-        }
-        if errors > 0 {
-            return Err(io::Error::other(format!("{errors} requests failed")));
+        let mut exhausted = false;
+        for r in results {
+            let d = r?;
+            lat.extend(d.lat);
+            last = last.max(d.last);
+            exhausted |= d.exhausted;
         }
         Ok(Measured::from_latencies(
             lat,
@@ -231,4 +212,104 @@ impl Client {
             exhausted,
         ))
     }
+}
+
+/// What one queue's thread saw.
+struct Driven {
+    lat: Vec<f64>,
+    last: Instant,
+    exhausted: bool,
+}
+
+/// Keeps `qd` requests in flight on one queue until `until` (or until the
+/// pattern runs out), then waits for the rest. `buf(slot)` is the data
+/// buffer of slot `slot` (`0..qd`), private to this queue.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    queue: &mut VirtioBlkQueue<'static, usize>,
+    notifier: &dyn QueueNotifier,
+    cfd: &EventFd,
+    buf: &dyn Fn(usize) -> *mut u8,
+    pattern: &mut Pattern,
+    qd: usize,
+    bs: usize,
+    write: bool,
+    (t0, until): (Instant, Instant),
+) -> io::Result<Driven> {
+    let mut started = vec![t0; qd];
+    let mut lat: Vec<f64> = Vec::new();
+    let mut inflight = 0usize;
+    let mut free: Vec<usize> = (0..qd).rev().collect();
+    let mut exhausted = false;
+    let mut errors = 0u64;
+    let mut done: Vec<(usize, i32)> = Vec::with_capacity(qd);
+    let mut last = t0;
+    loop {
+        // Refill.
+        let mut added = false;
+        if !exhausted && Instant::now() < until {
+            while let Some(slot) = free.pop() {
+                let Some(off) = pattern.next() else {
+                    exhausted = true;
+                    free.push(slot);
+                    break;
+                };
+                started[slot] = Instant::now();
+                // SAFETY: the slot's buffer lies in the registered mapping,
+                // and no other request in flight uses it.
+                unsafe {
+                    if write {
+                        queue.write_raw(off, buf(slot), bs, slot)?;
+                    } else {
+                        queue.read_raw(off, buf(slot), bs, slot)?;
+                    }
+                }
+                inflight += 1;
+                added = true;
+            }
+        }
+        if added && queue.avail_notif_needed() {
+            notifier.notify()?;
+        }
+        if inflight == 0 {
+            break;
+        }
+        // Reap.
+        done.clear();
+        done.extend(queue.completions().map(|c| (c.context, c.ret)));
+        if done.is_empty() {
+            let mut pfd = libc::pollfd {
+                fd: cfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, 5000) };
+            if r == 0 {
+                return Err(io::Error::other(format!(
+                    "no completion within 5 s ({inflight} requests in flight)"
+                )));
+            }
+            let _ = cfd.read();
+            continue;
+        }
+        let now = Instant::now();
+        for &(slot, ret) in &done {
+            if ret != 0 {
+                errors += 1;
+            }
+            lat.push((now - started[slot]).as_secs_f64() * 1e6);
+            free.push(slot);
+            inflight -= 1;
+        }
+        last = now;
+    }
+    if errors > 0 {
+        return Err(io::Error::other(format!("{errors} requests failed")));
+    }
+    Ok(Driven {
+        lat,
+        last,
+        exhausted,
+    })
 }
