@@ -11,14 +11,14 @@
 //!   never hand out a block someone uses;
 //! - a volume's mapping is changed only by the host that has it active.
 
-use crate::dev::{read_block, write_blocks, AlignedBuf, BlockDevice, IoOp};
+use crate::dev::{read_block, write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::claims::{self, Claim, CLAIMS_PER_BLOCK};
 use crate::format::lease::{HostSlot, SlotState};
 use crate::format::superblock::{SharedParams, Superblock};
-use crate::format::{catalog::flags, Layout, BLOCK_SIZE, SUPERBLOCK_A, SUPERBLOCK_B};
+use crate::format::{catalog::flags, Layout, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::lease::{FencedDevice, GlobalGuard, HostLease, JoinOptions, Timing};
-use crate::load::load;
+use crate::load::{load, read_blocks};
 use crate::pool::{HostOptions, Inner};
 use crate::state::State;
 use crate::Pool;
@@ -131,18 +131,13 @@ fn default_run_dir() -> PathBuf {
 pub(crate) fn read_claims(dev: &dyn BlockDevice, layout: &Layout) -> Result<Vec<Claim>> {
     let groups = layout.groups() as usize;
     let blocks = groups.div_ceil(CLAIMS_PER_BLOCK).max(1) as u64;
-    let blocks = blocks.min(layout.ag_table_blocks);
-    let mut buf = AlignedBuf::zeroed(blocks as usize * BLOCK_SIZE);
-    dev.submit(&mut [IoOp::Read {
-        offset: layout.ag_table_start * BLOCK_SIZE as u64,
-        buf: &mut buf,
-    }])
-    .map_err(|e| Error::io("reading the claim table", e))?;
+    let table: Vec<u64> = (0..blocks.min(layout.ag_table_blocks))
+        .map(|i| layout.ag_table_start + i)
+        .collect();
+    let buf = read_blocks(dev, &table, "reading the claim table")?;
     let mut out = Vec::new();
-    for i in 0..blocks {
-        let at = layout.ag_table_start + i;
-        let b = &buf[i as usize * BLOCK_SIZE..(i as usize + 1) * BLOCK_SIZE];
-        out.extend(claims::decode(b, at, layout.max_hosts)?);
+    for (i, &at) in table.iter().enumerate() {
+        out.extend(claims::decode(&buf[i], at, layout.max_hosts)?);
     }
     out.truncate(groups);
     Ok(out)
@@ -636,13 +631,16 @@ impl Pool {
         };
         let dev = inner.dev.as_ref();
         let read_slots = || -> Result<Vec<Option<HostSlot>>> {
-            (1..=layout.max_hosts)
+            let at: Vec<u64> = (1..=layout.max_hosts)
+                .map(|h| layout.host_slot(h))
+                .collect();
+            let buf = read_blocks(dev, &at, "reading host slots")?;
+            Ok((1..=layout.max_hosts)
                 .map(|h| {
-                    let at = layout.host_slot(h);
-                    let b = read_block(dev, at).map_err(|e| Error::io("reading host slots", e))?;
-                    Ok(HostSlot::decode(&b, at, h).ok().flatten())
+                    let i = h as usize - 1;
+                    HostSlot::decode(&buf[i], at[i], h).ok().flatten()
                 })
-                .collect()
+                .collect())
         };
         let hosts = match inner.lease() {
             Some(lease) => {
@@ -677,10 +675,13 @@ impl Pool {
             }
         };
         let mut global_lock = Vec::new();
+        let regs: Vec<u64> = (1..=layout.max_hosts)
+            .map(|h| layout.lock_register(h))
+            .collect();
+        let buf = read_blocks(dev, &regs, "reading lock registers")?;
         for h in 1..=layout.max_hosts {
-            let at = layout.lock_register(h);
-            let b = read_block(dev, at).map_err(|e| Error::io("reading lock registers", e))?;
-            if let Ok(Some(r)) = crate::format::lease::LockRegister::decode(&b, at, h) {
+            let (i, at) = (h as usize - 1, layout.lock_register(h));
+            if let Ok(Some(r)) = crate::format::lease::LockRegister::decode(&buf[i], at, h) {
                 let current = hosts.iter().any(|v| {
                     v.host_id == h && v.generation == r.host_generation && v.state != "free"
                 });

@@ -51,38 +51,34 @@ impl SpaceMap {
     /// allocation groups this host claimed). Called once, after the map
     /// was built from every tree on the LUN.
     pub fn restrict(&mut self, owned: &dyn Fn(u64) -> bool) {
-        let mut foreign = vec![false; self.chunks as usize];
-        for c in 0..self.chunks {
-            if owned(c) {
-                continue;
-            }
-            foreign[c as usize] = true;
-            let free = self.chunk_free[c as usize] as u64;
-            self.free_blocks -= free;
-            self.chunk_free[c as usize] = 0;
-            let start = c * self.chunk_blocks;
-            for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
-                self.used[w] |= mask;
-            }
+        self.foreign = Some(vec![false; self.chunks as usize]);
+        for c in (0..self.chunks).filter(|&c| !owned(c)) {
+            self.make_foreign(c);
         }
-        self.foreign = Some(foreign);
         self.empty_hint = 0;
+    }
+
+    /// Chunk `c` (of a group this host does not own) reads as full.
+    fn make_foreign(&mut self, c: u64) {
+        if let Some(f) = self.foreign.as_mut() {
+            f[c as usize] = true;
+        }
+        self.free_blocks -= self.chunk_free[c as usize] as u64;
+        self.chunk_free[c as usize] = 0;
+        let start = c * self.chunk_blocks;
+        for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
+            self.used[w] |= mask;
+        }
     }
 
     /// Stops allocating in chunks `range` (a group handed back): they read
     /// as full from now on.
     pub fn disown_chunks(&mut self, range: std::ops::Range<u64>) {
-        let Some(foreign) = self.foreign.as_mut() else {
+        if self.foreign.is_none() {
             return;
-        };
-        for c in range.filter(|&c| c < self.chunks) {
-            foreign[c as usize] = true;
-            self.free_blocks -= self.chunk_free[c as usize] as u64;
-            self.chunk_free[c as usize] = 0;
-            let start = c * self.chunk_blocks;
-            for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
-                self.used[w] |= mask;
-            }
+        }
+        for c in range.start..range.end.min(self.chunks) {
+            self.make_foreign(c);
         }
     }
 
@@ -220,12 +216,7 @@ impl SpaceMap {
             // New space belongs to no host until one claims its group.
             f.resize(chunks as usize, true);
             for c in old_chunks..chunks {
-                self.free_blocks -= self.chunk_free[c as usize] as u64;
-                self.chunk_free[c as usize] = 0;
-                let start = c * self.chunk_blocks;
-                for (w, mask, _) in pieces(start, self.chunk_blocks, self.chunk_blocks) {
-                    self.used[w] |= mask;
-                }
+                self.make_foreign(c);
             }
         }
     }

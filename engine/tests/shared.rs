@@ -68,6 +68,15 @@ impl Lun {
         Pool::open(dev, "mem", &opts)
     }
 
+    /// An inspecting process: read-only, no host id.
+    fn reader(&self) -> Pool {
+        let opts = OpenOptions {
+            read_only: true,
+            host: None,
+        };
+        Pool::open(self.dev.clone(), "mem", &opts).unwrap()
+    }
+
     fn check_clean(&self) {
         let dev: Arc<dyn BlockDevice> = self.dev.clone();
         let report = check(dev.as_ref(), "mem").unwrap();
@@ -101,15 +110,7 @@ fn writing_needs_a_host_id_and_ids_are_exclusive() {
     let e = lun.host_as(1, "hv-other", "other").err();
     assert!(matches!(e, Some(Error::Busy(m)) if m.contains("in use by host 'hv-1'")));
     // Read-only inspection needs no id.
-    let ro = Pool::open(
-        lun.dev.clone(),
-        "mem",
-        &OpenOptions {
-            read_only: true,
-            host: None,
-        },
-    )
-    .unwrap();
+    let ro = lun.reader();
     drop(ro);
     h1.close().unwrap();
     lun.check_clean();
@@ -349,15 +350,7 @@ fn racing_hosts_get_one_slot_one_volume_and_serialised_changes() {
     for h in hosts {
         h.close().unwrap();
     }
-    let reader = Pool::open(
-        lun.dev.clone(),
-        "mem",
-        &OpenOptions {
-            read_only: true,
-            host: None,
-        },
-    )
-    .unwrap();
+    let reader = lun.reader();
     let names: Vec<String> = reader.volumes().into_iter().map(|v| v.name).collect();
     for i in 0..3 {
         for k in 0..6 {

@@ -10,10 +10,10 @@
 
 use super::clock::now_ms;
 use super::host::HostLease;
-use crate::dev::{write_blocks, AlignedBuf, BlockDevice, IoOp};
+use crate::dev::{write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::lease::LockRegister;
-use crate::format::BLOCK_SIZE;
+use crate::load::read_blocks;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,16 +119,11 @@ impl Drop for GlobalGuard {
 /// "choosing" (wait and look again) rather than as absent.
 fn read_registers(lease: &HostLease, dev: &dyn BlockDevice) -> Result<Vec<Option<LockRegister>>> {
     let l = &lease.layout;
-    let mut buf = AlignedBuf::zeroed(l.max_hosts as usize * BLOCK_SIZE);
-    dev.submit(&mut [IoOp::Read {
-        offset: l.lock_start * BLOCK_SIZE as u64,
-        buf: &mut buf,
-    }])
-    .map_err(|e| Error::io("reading the lock registers", e))?;
+    let regs: Vec<u64> = (1..=l.max_hosts).map(|h| l.lock_register(h)).collect();
+    let buf = read_blocks(dev, &regs, "reading the lock registers")?;
     Ok((1..=l.max_hosts)
-        .map(|h| {
-            let off = (h as usize - 1) * BLOCK_SIZE;
-            match LockRegister::decode(&buf[off..off + BLOCK_SIZE], l.lock_register(h), h) {
+        .map(
+            |h| match LockRegister::decode(&buf[h as usize - 1], l.lock_register(h), h) {
                 Ok(r) => r,
                 Err(_) => Some(LockRegister {
                     host_id: h,
@@ -136,7 +131,7 @@ fn read_registers(lease: &HostLease, dev: &dyn BlockDevice) -> Result<Vec<Option
                     choosing: true,
                     number: 0,
                 }),
-            }
-        })
+            },
+        )
         .collect())
 }

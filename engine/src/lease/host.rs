@@ -4,10 +4,11 @@
 
 use super::clock::{now_ms, KillTimer};
 use super::{HostView, Timing};
-use crate::dev::{read_block, write_blocks, AlignedBuf, BlockDevice, IoOp};
+use crate::dev::{read_block, write_blocks, BlockDevice, IoOp};
 use crate::error::{Error, Result};
 use crate::format::lease::{HostSlot, SlotState};
-use crate::format::{Layout, BLOCK_SIZE};
+use crate::format::Layout;
+use crate::load::read_blocks;
 use crate::util::random_u64;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;
@@ -280,17 +281,12 @@ impl HostLease {
     /// Reads every host slot and notes which changed since last time.
     pub fn observe(&self) -> Result<()> {
         let l = &self.layout;
-        let mut buf = AlignedBuf::zeroed(l.max_hosts as usize * BLOCK_SIZE);
-        self.dev
-            .submit(&mut [IoOp::Read {
-                offset: l.host_slot_start * BLOCK_SIZE as u64,
-                buf: &mut buf,
-            }])
-            .map_err(io_err("reading host slots"))?;
+        let slots: Vec<u64> = (1..=l.max_hosts).map(|h| l.host_slot(h)).collect();
+        let buf = read_blocks(self.dev.as_ref(), &slots, "reading host slots")?;
         let now = now_ms();
         let mut seen = self.observed.lock();
         for h in 1..=l.max_hosts {
-            let raw = &buf[(h as usize - 1) * BLOCK_SIZE..h as usize * BLOCK_SIZE];
+            let raw = &buf[h as usize - 1];
             let fingerprint = crc32fast::hash(raw);
             let (slot, damaged) = match HostSlot::decode(raw, l.host_slot(h), h) {
                 Ok(s) => (s, false),
