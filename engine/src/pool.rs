@@ -883,17 +883,30 @@ impl Pool {
     /// this host first (as `lvchange -aey`); it is released when its last
     /// handle closes. Snapshots and base images need no activation.
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
-        if self.inner.shared.is_some() {
+        // The handle is counted under the same lock that sees the
+        // activation, so a release (which needs zero handles) cannot slip
+        // in between.
+        for _ in 0..3 {
+            let mut st = self.inner.state.lock();
+            let id = st.id_by_name(name);
+            if let Some(v) = id.and_then(|id| st.volumes.get_mut(&id)) {
+                if self.inner.holds_activation(v) {
+                    v.handles += 1;
+                    let id = v.rec.id;
+                    return Ok(crate::Volume::new(self.inner.clone(), id, name));
+                }
+            }
+            drop(st);
+            if self.inner.shared.is_none() {
+                return Err(Error::NoSuchVolume(name.to_string()));
+            }
+            // Under the global lock, with a view brought up to date (the
+            // volume may be another host's creation).
             self.inner.activate(name)?;
         }
-        let mut st = self.inner.state.lock();
-        let id = st
-            .id_by_name(name)
-            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        if let Some(v) = st.volumes.get_mut(&id) {
-            v.handles += 1;
-        }
-        Ok(crate::Volume::new(self.inner.clone(), id, name))
+        Err(Error::Busy(format!(
+            "volume '{name}' keeps being released while this host activates it; try again"
+        )))
     }
 
     /// Verifies the live state: rebuilding the space map from every

@@ -434,6 +434,16 @@ impl Inner {
         Ok(())
     }
 
+    /// Whether this host may write volume `v` without activating it first:
+    /// a single-host pool, a read-only image, or an activation it holds.
+    pub(crate) fn holds_activation(&self, v: &crate::state::Vol) -> bool {
+        let Some(sh) = self.shared_ctx() else {
+            return true;
+        };
+        v.rec.flags & (flags::SNAPSHOT | flags::BASE | flags::READ_ONLY) != 0
+            || (v.rec.active_host as u32 == self.host_id && v.rec.active_gen == sh.lease.generation)
+    }
+
     /// Refuses to change a volume that another host has active.
     pub(crate) fn check_not_active_elsewhere(&self, st: &State, id: u64) -> Result<()> {
         let Some(sh) = self.shared_ctx() else {
