@@ -8,6 +8,14 @@
 
 use std::collections::BTreeMap;
 
+/// How a run relates to the ranges (see [`SharedRefs::overlap`]).
+enum Overlap {
+    None,
+    /// (start, end, count) of the one range that holds the whole run.
+    Within(u64, u64, u32),
+    Other,
+}
+
 /// start -> (end, references beyond the first); ranges never overlap.
 #[derive(Clone, Debug, Default)]
 pub struct SharedRefs {
@@ -26,9 +34,77 @@ impl SharedRefs {
         }
     }
 
+    /// The range holding block `b`, as (start, end, references beyond
+    /// the first).
+    fn containing(&self, b: u64) -> Option<(u64, u64, u32)> {
+        self.ranges
+            .range(..=b)
+            .next_back()
+            .filter(|(_, &(e, _))| e > b)
+            .map(|(&s, &(e, x))| (s, e, x))
+    }
+
+    /// What `start..end` overlaps: nothing, or one range covering it all
+    /// (the common cases of a copy-on-write, taken without the general
+    /// path's splits, scans and scratch vectors), or something else.
+    fn overlap(&self, start: u64, end: u64) -> Overlap {
+        match self.containing(start) {
+            Some((s, e, x)) if e >= end => Overlap::Within(s, e, x),
+            Some(_) => Overlap::Other,
+            None if self.ranges.range(start..end).next().is_none() => Overlap::None,
+            None => Overlap::Other,
+        }
+    }
+
+    /// Sets `start..end`, which lies inside the range `s..e` of count `x`,
+    /// to count `new` (0 = no range), keeping the outer parts as they were
+    /// and joining equal neighbours at the two edges.
+    fn set_within(&mut self, (s, e, x): (u64, u64, u32), start: u64, end: u64, new: u32) {
+        if s < start {
+            self.ranges.insert(s, (start, x));
+        } else {
+            self.ranges.remove(&s);
+        }
+        if new > 0 {
+            self.ranges.insert(start, (end, new));
+        }
+        if end < e {
+            self.ranges.insert(end, (e, x));
+        }
+        self.merge_at(start);
+        self.merge_at(end);
+    }
+
+    /// Joins the range ending at `pos` with the one starting there if
+    /// their counts are equal.
+    fn merge_at(&mut self, pos: u64) {
+        let Some((&ls, &(le, lx))) = self.ranges.range(..pos).next_back() else {
+            return;
+        };
+        if le != pos {
+            return;
+        }
+        if let Some(&(re, rx)) = self.ranges.get(&pos) {
+            if rx == lx {
+                self.ranges.remove(&pos);
+                self.ranges.insert(ls, (re, lx));
+            }
+        }
+    }
+
     /// Adds one reference to every block of `start..start+len`.
     pub fn add(&mut self, start: u64, len: u64) {
         let end = start + len;
+        match self.overlap(start, end) {
+            Overlap::None => {
+                self.ranges.insert(start, (end, 1));
+                self.merge_at(start);
+                self.merge_at(end);
+                return;
+            }
+            Overlap::Within(s, e, x) => return self.set_within((s, e, x), start, end, x + 1),
+            Overlap::Other => {}
+        }
         self.split_at(start);
         self.split_at(end);
         let mut pos = start;
@@ -56,9 +132,10 @@ impl SharedRefs {
     /// the runs whose last reference went (to be freed) to `freed`.
     pub fn release(&mut self, start: u64, len: u64, freed: &mut Vec<(u64, u64)>) {
         let end = start + len;
-        if self.ranges.is_empty() {
-            freed.push((start, len));
-            return;
+        match self.overlap(start, end) {
+            Overlap::None => return freed.push((start, len)),
+            Overlap::Within(s, e, x) => return self.set_within((s, e, x), start, end, x - 1),
+            Overlap::Other => {}
         }
         self.split_at(start);
         self.split_at(end);
@@ -184,6 +261,11 @@ mod tests {
             }
             for b in 0..260u64 {
                 prop_assert_eq!(r.extra(b), model[b as usize].saturating_sub(1));
+            }
+            // Equal neighbours are always joined: the map stays minimal.
+            let v: Vec<(u64, u64, u32)> = r.ranges.iter().map(|(&s, &(e, x))| (s, e, x)).collect();
+            for w in v.windows(2) {
+                prop_assert!(!(w[0].1 == w[1].0 && w[0].2 == w[1].2), "{:?}", w);
             }
         }
     }
