@@ -424,11 +424,7 @@ impl Inner {
     /// Claims a first group if this host has none with free space (at
     /// join, with the global lock held).
     pub(crate) fn ensure_space_locked(&self) -> Result<()> {
-        let Some(sh) = self.shared_ctx() else {
-            return Ok(());
-        };
-        let _ = sh;
-        if self.low_on_space() {
+        if self.shared.is_some() && self.low_on_space() {
             self.claim_group_locked()?;
         }
         Ok(())
