@@ -21,6 +21,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 use thinlun::lease::now_ms;
 use thinlun::{Error, HostOptions, OpenOptions, Pool, PoolConfig, SharedConfig};
+use thinlun_tests::Rng;
 
 const HOSTS: u32 = 3;
 const VOLUMES: u32 = 4;
@@ -29,19 +30,6 @@ const BS: usize = 4096;
 const IO_TIMEOUT_MS: u32 = 100;
 /// Dead time is 9 x the I/O timeout; a long pause outlasts it.
 const LONG_PAUSE: Duration = Duration::from_millis(1500);
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
 
 struct Host {
     id: u32,
@@ -92,7 +80,7 @@ impl Harness {
             .arg(self.dir.join(format!("host{}.log", h.id)))
             .arg(&self.stop)
             .arg(self.dir.join(format!("run{}", h.id)))
-            .arg((self.rng.next() >> 1).to_string())
+            .arg((self.rng.next_u64() >> 1).to_string())
             .arg(VOLUMES.to_string())
             .spawn()
             .expect("starting a host process");

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 use thinlun::lease::now_ms;
 use thinlun::{Error, HostOptions, OpenOptions, Pool, Volume};
+use thinlun_tests::Rng;
 
 const BS: usize = 4096;
 const BLOCKS: u64 = 64;
@@ -44,20 +45,6 @@ fn parse() -> Args {
         run_dir: next().into(),
         seed: next().parse().expect("seed"),
         volumes: next().parse().expect("volume count"),
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
     }
 }
 
@@ -171,7 +158,7 @@ fn write_some(
     value: &mut u64,
     host: u32,
 ) -> thinlun::Result<()> {
-    let seq = rng.next();
+    let seq = rng.next_u64();
     vol.write(0, &canary(host, seq))?;
     vol.flush()?;
     for _ in 0..1 + rng.below(4) {
