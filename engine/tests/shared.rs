@@ -10,7 +10,9 @@ use thinlun::{Error, HostOptions, OpenOptions, Pool, PoolConfig, SharedConfig};
 
 const MIB: u64 = 1 << 20;
 const BS: usize = 4096;
-const IO_TIMEOUT_MS: u32 = 50;
+// Short enough for quick tests, long enough that a busy CI machine does not
+// starve a renewal past the fence time (6T).
+const IO_TIMEOUT_MS: u32 = 100;
 
 struct Lun {
     dev: Arc<MemDevice>,

@@ -85,3 +85,26 @@ impl Drop for KillTimer {
         unsafe { libc::timer_delete(self.id) };
     }
 }
+
+/// Moves the calling thread to the SCHED_RR real-time class, as sanlock
+/// does for its renewal threads, so a CPU-bound neighbour (a guest, a
+/// compile) cannot delay a renewal past the fence time and cost this host
+/// its lease. Needs CAP_SYS_NICE; without it the thread keeps its normal
+/// priority and the result says why. The thread sleeps between renewals,
+/// so real-time priority costs the rest of the machine nothing.
+pub fn raise_to_realtime() -> io::Result<()> {
+    // SAFETY: sched_get_priority_min only reads its argument.
+    let priority = unsafe { libc::sched_get_priority_min(libc::SCHED_RR) };
+    if priority < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let param = libc::sched_param {
+        sched_priority: priority,
+    };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param
+    // that outlives the call.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_RR, &param) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

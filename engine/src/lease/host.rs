@@ -2,7 +2,7 @@
 //! it in the background, watching the other hosts' slots, and fencing its
 //! own writes when renewal stops.
 
-use super::clock::{now_ms, KillTimer};
+use super::clock::{now_ms, raise_to_realtime, KillTimer};
 use super::{HostView, Timing};
 use crate::dev::{read_block, write_blocks, BlockDevice, IoOp};
 use crate::error::{Error, Result};
@@ -451,6 +451,8 @@ impl HostLease {
 }
 
 fn renew_loop(weak: Weak<HostLease>) {
+    // Best effort: unprivileged processes renew at normal priority.
+    let _ = raise_to_realtime();
     loop {
         let Some(lease) = weak.upgrade() else { return };
         let period = Duration::from_millis(lease.timing.renew_ms());
