@@ -208,16 +208,29 @@ impl Client {
     /// Kicks queue `q` and waits for the given chains; returns (id, request
     /// memory) in completion order.
     fn run(&mut self, q: usize, ids: &[u16]) -> Vec<(u16, RawReq)> {
-        self.transport.get_submission_notifier(q).notify().unwrap();
-        let fd = self.transport.get_completion_fd(q);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.kick(q);
         let mut done = Vec::new();
         while done.len() < ids.len() {
-            for c in self.queues[q].completions() {
-                done.push((c.id, c.req));
-            }
-            if done.len() >= ids.len() {
-                break;
+            done.extend(self.wait_any(q));
+        }
+        done
+    }
+
+    /// Tells the server that queue `q` has new chains.
+    fn kick(&mut self, q: usize) {
+        self.transport.get_submission_notifier(q).notify().unwrap();
+    }
+
+    /// Waits until queue `q` has completions; returns them (id, request
+    /// memory) in completion order.
+    fn wait_any(&mut self, q: usize) -> Vec<(u16, RawReq)> {
+        let fd = self.transport.get_completion_fd(q);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let done: Vec<(u16, RawReq)> =
+                self.queues[q].completions().map(|c| (c.id, c.req)).collect();
+            if !done.is_empty() {
+                return done;
             }
             assert!(Instant::now() < deadline, "requests not completed in time");
             let mut pfd = libc::pollfd {
@@ -230,7 +243,6 @@ impl Client {
                 let _ = fd.read();
             }
         }
-        done
     }
 
     /// One request, run alone; returns its status byte.
