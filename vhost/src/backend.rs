@@ -2,18 +2,15 @@
 //! vhost-user protocol, and the data path of each queue.
 //!
 //! Each queue has its own worker thread (`queues_per_thread`). On a kick the
-//! worker drains every available chain and runs it as one engine batch
-//! ([`thinlun::Volume::submit`], one io_uring submission), or, when the
-//! drain is large or a batch is already at the engine, as parts on the
-//! queue's lanes ([`crate::pipeline`]). A batch parses its chains, writes
-//! the status bytes, then publishes the used entries, batches in the order
-//! their chains were taken, and signals the guest once (when EVENT_IDX says
-//! it wants to hear). In-order completion is what makes reconnect safe:
-//! see the crate README.
+//! worker drains every available chain, parses them, turns them into one
+//! engine batch ([`thinlun::Volume::submit`], one io_uring submission),
+//! writes the status bytes, then publishes the used entries in the order
+//! the chains were taken and signals the guest once (when EVENT_IDX says it
+//! wants to hear). In-order completion is what makes reconnect safe: see
+//! the crate README.
 
 use crate::config::BlkConfig;
 use crate::guest::{self, HostSeg, Mem, Reader};
-use crate::pipeline::{Pipeline, Plan};
 use crate::request::{self, Command, Desc, Parsed, Status, ID_BYTES, SECTOR};
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -55,8 +52,6 @@ pub struct Stats {
     pub batches: AtomicU64,
     pub errors: AtomicU64,
     pub max_batch: AtomicU64,
-    /// Batches run on a lane beside another batch of their queue.
-    pub overlapped: AtomicU64,
 }
 
 /// A snapshot of [`Stats`].
@@ -66,7 +61,6 @@ pub struct StatsSnapshot {
     pub batches: u64,
     pub errors: u64,
     pub max_batch: u64,
-    pub overlapped: u64,
 }
 
 impl Stats {
@@ -76,7 +70,6 @@ impl Stats {
             batches: self.batches.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             max_batch: self.max_batch.load(Ordering::Relaxed),
-            overlapped: self.overlapped.load(Ordering::Relaxed),
         }
     }
 }
@@ -130,8 +123,6 @@ struct Inner {
     /// `stop_vring` (GET_VRING_BASE) returns only once the batch in
     /// progress has completed and the ring position it reports is final.
     busy: Vec<Mutex<()>>,
-    /// Per queue: the batches at the engine (see [`crate::pipeline`]).
-    pipelines: Vec<Arc<Pipeline>>,
 }
 
 impl BlkBackend {
@@ -145,7 +136,6 @@ impl BlkBackend {
                 write_through: AtomicBool::new(false),
                 synced: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 busy: (0..n).map(|_| Mutex::new(())).collect(),
-                pipelines: (0..n).map(|_| Arc::default()).collect(),
             }),
         }
     }
@@ -162,7 +152,7 @@ impl BlkBackend {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mem = atomic.memory().into_inner();
+        let mem = atomic.memory();
         if let Some(flag) = self.inner.synced.get(q) {
             if !flag.load(Ordering::Acquire) {
                 // A restarted server (or a re-started queue) continues the
@@ -185,42 +175,19 @@ impl BlkBackend {
             }
             let chains = take_chains(&mut vring.get_mut(), &mem)?;
             if !chains.is_empty() {
-                self.run_pipelined(vring, q, &mem, chains);
+                let done = self.run_batch(&mem, &chains);
+                for (head, len) in done {
+                    vring.add_used(head, len).map_err(io::Error::other)?;
+                }
+                if vring.needs_notification().map_err(io::Error::other)? {
+                    vring.signal_used_queue()?;
+                }
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
         }
         Ok(())
-    }
-
-    /// Runs a drain on this thread or on the queue's lanes (see
-    /// [`crate::pipeline`]); each part publishes its used entries in turn.
-    fn run_pipelined(&self, vring: &Vring, q: usize, mem: &Arc<Mem>, mut chains: Chains) {
-        let Some(pipeline) = self.inner.pipelines.get(q) else {
-            return;
-        };
-        match pipeline.plan(chains.len()) {
-            Plan::Inline(ticket) => {
-                let done = self.run_batch(mem, &chains);
-                pipeline.publish(ticket, || publish(vring, q, &done));
-            }
-            Plan::Lanes(sizes) => {
-                let stats = &self.inner.dev.stats;
-                stats
-                    .overlapped
-                    .fetch_add(sizes.len() as u64, Ordering::Relaxed);
-                for size in sizes {
-                    let rest = chains.split_off(size.min(chains.len()));
-                    let part = std::mem::replace(&mut chains, rest);
-                    let (me, vring, mem) = (self.clone(), vring.clone(), mem.clone());
-                    pipeline.dispatch(Box::new(move |p: &Pipeline, ticket| {
-                        let done = me.run_batch(&mem, &part);
-                        p.publish(ticket, || publish(&vring, q, &done));
-                    }));
-                }
-            }
-        }
     }
 
     /// Runs one drained batch; returns (head, used length) in chain order.
@@ -489,32 +456,8 @@ fn waves(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
-/// Drained chains, as (head index, descriptors).
-type Chains = Vec<(u16, Vec<Desc>)>;
-
-/// Puts a batch's completions in the used ring and signals the guest if
-/// it wants to hear. A ring that cannot take them is logged: the guest
-/// sees that queue stall, and nothing else.
-fn publish(vring: &Vring, q: usize, done: &[(u16, u32)]) {
-    let published = done
-        .iter()
-        .try_for_each(|&(head, len)| vring.add_used(head, len))
-        .map_err(io::Error::other)
-        .and_then(|()| vring.needs_notification().map_err(io::Error::other))
-        .and_then(|notify| {
-            if notify {
-                vring.signal_used_queue()
-            } else {
-                Ok(())
-            }
-        });
-    if let Err(e) = published {
-        eprintln!("thinlun-vhost: queue {q}: {e}");
-    }
-}
-
-/// Pops every available chain.
-fn take_chains(state: &mut VringState<Gm>, mem: &Mem) -> io::Result<Chains> {
+/// Pops every available chain, as (head index, descriptors).
+fn take_chains(state: &mut VringState<Gm>, mem: &Mem) -> io::Result<Vec<(u16, Vec<Desc>)>> {
     use virtio_queue::QueueOwnedT;
     let queue = state.get_queue_mut();
     // Fails when the avail index is beyond what the ring can hold (a
@@ -742,9 +685,8 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
-        // The queue is already marked not ready; wait for the drain the
-        // worker may be handing out, then for every batch it handed out:
-        // once they are published nothing is in flight.
+        // The queue is already marked not ready; wait for the batch the
+        // worker may be running: once it completes nothing is in flight.
         // The next start re-reads the used index.
         let q = queue_index as usize;
         let _idle = self
@@ -752,9 +694,6 @@ impl VhostUserBackend for BlkBackend {
             .busy
             .get(q)
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
-        if let Some(p) = self.inner.pipelines.get(q) {
-            p.wait_idle();
-        }
         if let Some(s) = self.inner.synced.get(q) {
             s.store(false, Ordering::Release);
         }

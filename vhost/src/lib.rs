@@ -7,8 +7,6 @@
 //! - [`config`]: the virtio-blk configuration space and feature bits;
 //! - [`guest`]: guest memory access and translation to host slices;
 //! - [`backend`]: the vhost-user backend and the per-queue data path;
-//! - `pipeline`: up to two engine batches of a queue in flight, published
-//!   in order;
 //! - [`server`]: the accept / serve / re-listen loop;
 //! - [`control`]: serving many volumes of one pool, changed at run time
 //!   through a control socket (snapshots too);
@@ -31,7 +29,6 @@ pub mod backend;
 pub mod config;
 pub mod control;
 pub mod guest;
-mod pipeline;
 pub mod request;
 pub mod server;
 pub mod signals;
