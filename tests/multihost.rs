@@ -206,6 +206,7 @@ fn shared_opts(id: u32, dir: &Path) -> OpenOptions {
             watchdog: false,
             run_dir: Some(dir.join(format!("run{id}"))),
         }),
+        boot_id: None,
     }
 }
 

@@ -129,7 +129,7 @@ impl MetadataDump {
 /// Reads the pool's metadata (replaying the journal in memory, writing
 /// nothing). Fails if the pool does not load: `check` says why.
 pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
-    let l = load(dev, label, SINGLE_HOST_ID)?;
+    let l = load(dev, label, SINGLE_HOST_ID, crate::util::boot_id())?;
     let sb = &l.state.sb;
     let layout = sb.layout;
     let volumes = l
@@ -793,7 +793,7 @@ pub fn restore(
         }
         old_gen = old_gen.max(sb.generation);
     }
-    match load(dev.as_ref(), label, SINGLE_HOST_ID) {
+    match load(dev.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id()) {
         Ok(l) => {
             if !opts.force {
                 return Err(Error::Busy(format!(

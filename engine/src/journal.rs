@@ -23,6 +23,9 @@ pub(crate) struct JournalWriter {
     /// CRC of the last block written (or the chain seed).
     prev_crc: u32,
     nonce: u64,
+    /// The last block written was an unflushed persist's: the next commit
+    /// must write a block (even an empty one) to vouch for it.
+    unsealed: bool,
 }
 
 impl JournalWriter {
@@ -42,6 +45,7 @@ impl JournalWriter {
             next_seq,
             prev_crc,
             nonce: crate::util::random_u64(),
+            unsealed: false,
         }
     }
 
@@ -69,17 +73,26 @@ impl JournalWriter {
     }
 
     /// Appends `entries` (the caller checked `has_room`); durable only after
-    /// the device is flushed.
-    pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry]) -> Result<()> {
+    /// the device is flushed. `boot` is 0 when the data the entries point
+    /// to was flushed first, else this boot's identity (see
+    /// [`JournalBlock::boot`]).
+    /// No entries still write one (empty) block: a commit's seal.
+    pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry], boot: u64) -> Result<()> {
         let mut blocks: Vec<(u64, AlignedBuf)> = Vec::new();
         let commit_first = self.next_seq;
-        for chunk in entries.chunks(ENTRIES_PER_BLOCK) {
+        let chunks: Vec<&[Entry]> = if entries.is_empty() {
+            vec![&[]]
+        } else {
+            entries.chunks(ENTRIES_PER_BLOCK).collect()
+        };
+        for chunk in chunks {
             let at = self.ring_start + self.tail as u64;
             let jb = JournalBlock {
                 seq: self.next_seq,
                 nonce: self.nonce,
                 prev_crc: self.prev_crc,
                 commit_first,
+                boot,
                 entries: chunk.to_vec(),
             };
             let (bytes, crc) = encode_block(&jb, at);
@@ -96,7 +109,16 @@ impl JournalWriter {
             })
             .collect();
         dev.submit(&mut ops)
-            .map_err(|e| Error::io("journal write", e))
+            .map_err(|e| Error::io("journal write", e))?;
+        self.unsealed = boot != 0;
+        Ok(())
+    }
+
+    /// Blocks of unflushed persists were written since the last flushed
+    /// block: a power loss on another boot would drop them unless a
+    /// flushed block follows.
+    pub fn unsealed(&self) -> bool {
+        self.unsealed
     }
 
     /// The host checkpoint that makes everything written so far "already in
@@ -113,5 +135,9 @@ impl JournalWriter {
     /// Records that a host checkpoint at the tail is durable.
     pub fn advance_head_to(&mut self, ckpt: &HostCheckpoint) {
         self.head = ckpt.head;
+        if self.head == self.tail {
+            // Nothing is left to replay, so nothing needs vouching for.
+            self.unsealed = false;
+        }
     }
 }

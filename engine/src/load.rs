@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::extmap::{ExtentMap, Leaf, RefChanges};
 use crate::format::catalog::flags;
 use crate::format::catalog::{decode_catalog, decode_volume_header, VolumeHeader, VolumeRecord};
-use crate::format::journal::{decode_block, decode_host_checkpoint, Entry, HostCheckpoint};
+use crate::format::journal::{
+    decode_block, decode_host_checkpoint, Entry, HostCheckpoint, JournalBlock,
+};
 use crate::format::node::{self, Node};
 use crate::format::superblock::{has_magic, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
@@ -290,8 +292,12 @@ fn later_commit(ring: &Blocks, ring_start: u64, ring_len: u32, from: u32, seq: u
         let pos = (from + k) % ring_len;
         let at = ring_start + pos as u64;
         match decode_block(&ring[pos as usize], at) {
+            // Only a flushed block proves the blocks before it durable.
             Ok(Some((jb, _)))
-                if jb.seq > seq && jb.commit_first > seq && jb.seq - seq < ring_len as u64 =>
+                if jb.seq > seq
+                    && jb.commit_first > seq
+                    && jb.seq - seq < ring_len as u64
+                    && jb.boot == 0 =>
             {
                 Some(at)
             }
@@ -333,11 +339,13 @@ fn newer_of<T>(
 }
 
 /// Loads the pool as `host_id` (replaying that host's journal; 0 replays
-/// none). On a shared pool another host may checkpoint a volume it has
-/// active while we read its tree; such a read is validated seqlock-style
-/// (the header generation must not change across it) and retried.
-pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32) -> Result<Loaded> {
-    load_observed(dev, label, host_id, None)
+/// none) on the boot `boot` (which unflushed journal blocks it may trust:
+/// [`JournalBlock::boot`]). On a shared pool another host may checkpoint a
+/// volume it has active while we read its tree; such a read is validated
+/// seqlock-style (the header generation must not change across it) and
+/// retried.
+pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32, boot: u64) -> Result<Loaded> {
+    load_observed(dev, label, host_id, boot, None)
 }
 
 /// [`load`], counting the volume trees read in `progress`.
@@ -345,11 +353,12 @@ pub(crate) fn load_observed(
     dev: &dyn BlockDevice,
     label: &str,
     host_id: u32,
+    boot: u64,
     progress: Option<&crate::check::Progress>,
 ) -> Result<Loaded> {
     let mut tries = 0;
     loop {
-        match load_once(dev, label, host_id, progress)? {
+        match load_once(dev, label, host_id, boot, progress)? {
             Some(l) => return Ok(l),
             None if tries < 50 => {
                 tries += 1;
@@ -377,6 +386,7 @@ fn load_once(
     dev: &dyn BlockDevice,
     label: &str,
     host_id: u32,
+    boot: u64,
     progress: Option<&crate::check::Progress>,
 ) -> Result<Option<Loaded>> {
     let mut warnings = Vec::new();
@@ -580,8 +590,9 @@ fn load_once(
     let ring: Vec<u64> = (0..ring_len as u64).map(|i| ring_start + i).collect();
     let jbufs = read_blocks(dev, &ring, "reading journal")?;
     let (mut pos, mut seq, mut prev_crc) = (host_ckpt.head, host_ckpt.seq, host_ckpt.prev_crc);
-    let mut replayed = 0u64;
-    let mut ch = RefChanges::default();
+    // The chain first: whether a block may be replayed depends on the
+    // blocks after it.
+    let mut chain: Vec<(u64, JournalBlock, u32)> = Vec::new();
     for _ in 0..ring_len - 1 {
         let at = ring_start + pos as u64;
         let next = decode_block(&jbufs[pos as usize], at)?;
@@ -596,6 +607,30 @@ fn load_once(
             }
             break;
         };
+        chain.push((at, jb, crc));
+        seq += 1;
+        prev_crc = crc;
+        pos = (pos + 1) % ring_len;
+    }
+    // Blocks of unflushed persists after the last flushed block may point
+    // to data a power loss dropped: they are replayed only on the boot
+    // that wrote them, and the first that is not ends the journal.
+    let flushed = chain.iter().rposition(|(_, jb, _)| jb.boot == 0);
+    let trusted = chain
+        .iter()
+        .enumerate()
+        .position(|(i, (_, jb, _))| flushed.is_none_or(|f| i > f) && jb.boot != boot)
+        .unwrap_or(chain.len());
+    if trusted < chain.len() {
+        chain.truncate(trusted);
+        pos = (host_ckpt.head + trusted as u32) % ring_len;
+        seq = host_ckpt.seq + trusted as u64;
+        prev_crc = chain.last().map_or(host_ckpt.prev_crc, |c| c.2);
+    }
+    let mut replayed = 0u64;
+    let mut ch = RefChanges::default();
+    for (at, jb, _) in &chain {
+        let at = *at;
         for e in &jb.entries {
             let Some(vol) = state.volumes.get_mut(&e.volume()) else {
                 continue; // volume removed after this entry
@@ -647,9 +682,6 @@ fn load_once(
             }
         }
         replayed += 1;
-        seq += 1;
-        prev_crc = crc;
-        pos = (pos + 1) % ring_len;
     }
     Ok(Some(Loaded {
         state,

@@ -78,6 +78,12 @@ pub struct OpenOptions {
     /// Who this process is on a shared pool (needed to write one; ignored
     /// by single-host pools).
     pub host: Option<HostOptions>,
+    /// Identity of the machine's current boot, which decides whether
+    /// journal blocks that `Volume::persist` wrote without a flush are
+    /// replayed (docs/FORMAT.md, 6.6). `None`: the kernel's boot id. Tests
+    /// that rebuild a LUN as a power loss leaves it pass another value,
+    /// as the machine would have after rebooting.
+    pub boot_id: Option<u64>,
 }
 
 /// Identity of a host on a shared pool (docs/LOCKING.md).
@@ -172,6 +178,9 @@ pub(crate) struct Inner {
     pub label: String,
     pub read_only: bool,
     pub host_id: u32,
+    /// This machine's boot identity (0: unknown), written into the journal
+    /// blocks of unflushed persists.
+    pub boot: u64,
     pub state: Mutex<State>,
     pub commit: Mutex<Option<CommitCtl>>,
     commits_begun: AtomicU64,
@@ -393,7 +402,7 @@ impl Pool {
         // gets a read-only handle.
         let opts = OpenOptions {
             read_only: sb.shared.is_some(),
-            host: None,
+            ..OpenOptions::default()
         };
         Pool::open(dev, label, &opts)
     }
@@ -402,18 +411,19 @@ impl Pool {
     /// journal, and (unless read-only) starts the background committer.
     pub fn open(dev: Arc<dyn BlockDevice>, label: &str, opts: &OpenOptions) -> Result<Pool> {
         let sb = crate::load::read_superblock(dev.as_ref(), label, &mut Vec::new())?;
+        let boot = opts.boot_id.unwrap_or_else(crate::util::boot_id);
         match (sb.shared, opts.read_only) {
-            (None, ro) => Pool::open_as(dev, label, ro, SINGLE_HOST_ID, None, None),
+            (None, ro) => Pool::open_as(dev, label, ro, SINGLE_HOST_ID, boot, None, None),
             // Inspecting a shared pool replays no host's journal: each is
             // its host's business.
-            (Some(_), true) => Pool::open_as(dev, label, true, 0, None, None),
+            (Some(_), true) => Pool::open_as(dev, label, true, 0, boot, None, None),
             (Some(params), false) => {
                 let host = opts.host.as_ref().ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "{label} is shared by several hosts: give this host's id (--host-id N or THINLUN_HOST_ID) to write it"
                     ))
                 })?;
-                crate::shared::open_shared(dev, label, &sb, params, host)
+                crate::shared::open_shared(dev, label, &sb, params, host, boot)
             }
         }
     }
@@ -427,18 +437,24 @@ impl Pool {
         d: u32,
         claims: &[claims::Claim],
     ) -> Result<Pool> {
-        Pool::open_as(dev, label, false, d, None, Some(claims))
+        // The dead host's unflushed persists are replayed only if it ran
+        // on this machine's current boot (a restart of a crashed process).
+        let boot = crate::util::boot_id();
+        Pool::open_as(dev, label, false, d, boot, None, Some(claims))
     }
 
-    /// Opens the pool as `host_id` (0 = replay no journal). `restrict`
-    /// narrows allocation to the groups that host claimed; `shared` makes
-    /// it a member of a shared pool (its background thread is started by
-    /// the caller then, after joining).
+    /// Opens the pool as `host_id` (0 = replay no journal) on the boot
+    /// `boot` ([`OpenOptions::boot_id`]). `restrict` narrows allocation to
+    /// the groups that host claimed; `shared` makes it a member of a shared
+    /// pool (its background thread is started by the caller then, after
+    /// joining).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open_as(
         dev: Arc<dyn BlockDevice>,
         label: &str,
         read_only: bool,
         host_id: u32,
+        boot: u64,
         shared: Option<crate::shared::SharedCtx>,
         restrict: Option<&[claims::Claim]>,
     ) -> Result<Pool> {
@@ -454,7 +470,7 @@ impl Pool {
             prev_crc,
             warnings,
             ..
-        } = load(dev.as_ref(), label, host_id)?;
+        } = load(dev.as_ref(), label, host_id, boot)?;
         let mut state = state;
         let layout = state.sb.layout;
         let group_free =
@@ -476,6 +492,7 @@ impl Pool {
             label: label.to_string(),
             read_only,
             host_id,
+            boot,
             state: Mutex::new(state),
             commit: Mutex::new(Some(CommitCtl { journal, host_ckpt })),
             commits_begun: AtomicU64::new(0),
@@ -1257,10 +1274,13 @@ impl Inner {
 
     /// Makes the mapping changes of completed writes survive a crash of
     /// this process (not a power loss, which still needs [`Inner::flush`]):
-    /// their journal blocks are written after the data they point to is
-    /// flushed, without the flush that would make the journal itself
-    /// durable. Costs one device flush when there are changes, none
-    /// otherwise (overwrites in place change no mapping).
+    /// their journal blocks are written, with no flush at all. A process
+    /// crash loses no completed write, but a power loss can keep a journal
+    /// block and lose the data it points to, so such blocks carry this
+    /// boot's identity and are replayed only on the same boot or once a
+    /// flushed commit follows them (docs/FORMAT.md, 6.6). When the boot
+    /// cannot be identified, the data is flushed first instead. Costs
+    /// nothing when no mapping changed (overwrites in place).
     pub(crate) fn persist(&self) -> Result<()> {
         if self.state.lock().pending.is_empty() {
             return Ok(());
@@ -1282,11 +1302,13 @@ impl Inner {
                 return self.commit_locked(ctl);
             }
             let dev = self.dev.as_ref();
-            dev.flush().map_err(|e| Error::io("flushing data", e))?;
+            if self.boot == 0 {
+                dev.flush().map_err(|e| Error::io("flushing data", e))?;
+            }
             // The batch number is not advanced: frees of these changes
             // become reusable with the next real commit, whose first flush
             // makes these journal blocks durable.
-            ctl.journal.append(dev, &entries)
+            ctl.journal.append(dev, &entries, self.boot)
         })();
         if let Err(e) = &r {
             self.fail(e);
@@ -1305,9 +1327,12 @@ impl Inner {
         };
         let dev = self.dev.as_ref();
         dev.flush().map_err(|e| Error::io("flushing data", e))?;
-        if !entries.is_empty() {
-            if ctl.journal.has_room(entries.len()) {
-                ctl.journal.append(dev, &entries)?;
+        // Unflushed persists since the last commit are replayed after a
+        // power loss only if a flushed block follows them: write one even
+        // with nothing to add.
+        if !entries.is_empty() || ctl.journal.unsealed() {
+            if ctl.journal.has_room(entries.len().max(1)) {
+                ctl.journal.append(dev, &entries, 0)?;
                 dev.flush().map_err(|e| Error::io("flushing journal", e))?;
             } else {
                 // The trees about to be written already hold these changes.

@@ -89,7 +89,7 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     }
     // check passed, so this load succeeds; it gives the catalog and journal
     // position the twin checks need.
-    let loaded = load(dev.as_ref(), label, SINGLE_HOST_ID)?;
+    let loaded = load(dev.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
     let st = &loaded.state;
     let layout = st.sb.layout;
     let used = st.space.total_blocks() - st.space.free_blocks();
@@ -186,7 +186,7 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     let closed = pool.close();
     done?;
     closed?;
-    let after_open = load(ov.as_ref(), label, SINGLE_HOST_ID)?;
+    let after_open = load(ov.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
     if let Some(at) = torn_tail(ov.as_ref(), &layout, after_open.tail)? {
         // The journal starts here now; a zeroed block is its normal end.
         write_blocks(ov.as_ref(), &[(at, vec![0u8; BLOCK_SIZE])]).map_err(io)?;

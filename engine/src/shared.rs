@@ -64,6 +64,7 @@ pub(crate) fn open_shared(
     sb: &Superblock,
     params: SharedParams,
     host: &HostOptions,
+    boot: u64,
 ) -> Result<Pool> {
     let timing = Timing::from_ms(params.io_timeout_ms);
     let join = JoinOptions {
@@ -85,6 +86,7 @@ pub(crate) fn open_shared(
             label,
             false,
             host.host_id,
+            boot,
             Some(SharedCtx::new(lease.clone())),
             Some(&claims),
         )?;
@@ -236,7 +238,7 @@ impl Inner {
             self.recover_host(d)?;
             recovered.push(d.host_id);
         }
-        let loaded = load(dev, &self.label, 0)?;
+        let loaded = load(dev, &self.label, 0, 0)?; // host 0: no journal replayed
         let mut fresh = loaded.state;
         let mut claims = read_claims(dev, &fresh.sb.layout)?;
         let mut st = self.state.lock();

@@ -9,6 +9,26 @@ pub fn now_unix() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// Identity of this machine's current boot: a hash of the kernel's
+/// `boot_id` (never 0), or 0 when it cannot be read. Journal blocks that
+/// `persist` writes without a flush carry it (docs/FORMAT.md, 6.6).
+pub fn boot_id() -> u64 {
+    static BOOT: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *BOOT.get_or_init(
+        || match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+            Ok(s) if !s.trim().is_empty() => fnv1a(s.trim().as_bytes()).max(1),
+            _ => 0,
+        },
+    )
+}
+
+/// FNV-1a, 64 bits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 /// 64 random bits from the kernel, or, if /dev/urandom cannot be read,
 /// a mix of the clock and the process id (used for nonces, not secrets).
 pub fn random_u64() -> u64 {

@@ -66,6 +66,7 @@ impl Lun {
                 watchdog: false,
                 run_dir: Some(self.dirs.join(dir)),
             }),
+            boot_id: None,
         };
         Pool::open(dev, "mem", &opts)
     }
@@ -75,6 +76,7 @@ impl Lun {
         let opts = OpenOptions {
             read_only: true,
             host: None,
+            boot_id: None,
         };
         Pool::open(self.dev.clone(), "mem", &opts).unwrap()
     }

@@ -96,6 +96,7 @@ fn main() {
             watchdog: true,
             run_dir: Some(a.run_dir.clone()),
         }),
+        boot_id: None,
     };
     let pool = match Pool::open_path(&a.pool, &opts) {
         Ok(p) => p,

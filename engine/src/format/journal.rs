@@ -116,6 +116,12 @@ pub struct JournalBlock {
     /// A damaged block followed by a block of a later commit was durable
     /// (commits are flushed in order): that is corruption, not a torn tail.
     pub commit_first: u64,
+    /// 0: written after a flush of the data its entries point to, so that
+    /// data is durable whenever this block is. Otherwise written by
+    /// `persist` without a flush, on the boot with this identity: the
+    /// data is known to be on the LUN only while that boot lasts, or once
+    /// a later block with `boot` 0 follows (its commit flushed first).
+    pub boot: u64,
     pub entries: Vec<Entry>,
 }
 
@@ -127,6 +133,7 @@ pub fn encode_block(jb: &JournalBlock, at_block: u64) -> (Vec<u8>, u32) {
     put_u64(&mut b, HEADER_LEN, jb.nonce);
     put_u32(&mut b, HEADER_LEN + 8, jb.prev_crc);
     put_u64(&mut b, HEADER_LEN + 16, jb.commit_first);
+    put_u64(&mut b, HEADER_LEN + 24, jb.boot);
     for (i, e) in jb.entries.iter().enumerate() {
         let off = ENTRIES_AT + i * ENTRY_LEN;
         e.encode(&mut b[off..off + ENTRY_LEN]);
@@ -173,6 +180,7 @@ pub fn decode_block(b: &[u8], at_block: u64) -> Result<Option<(JournalBlock, u32
             nonce: get_u64(b, HEADER_LEN),
             prev_crc: get_u32(b, HEADER_LEN + 8),
             commit_first: get_u64(b, HEADER_LEN + 16),
+            boot: get_u64(b, HEADER_LEN + 24),
             entries,
         },
         get_u32(b, 12),
@@ -236,6 +244,7 @@ mod tests {
             nonce: 0xfeed,
             prev_crc: 0x1234,
             commit_first: 9,
+            boot: 0x1234_5678_9abc,
             entries: vec![
                 Entry::Map {
                     volume: 1,

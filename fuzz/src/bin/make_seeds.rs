@@ -244,6 +244,7 @@ fn journals() -> Vec<Vec<u8>> {
     let mixed = JournalBlock {
         seq: 1,
         commit_first: 1,
+        boot: 0,
         nonce: 0x0123_4567_89ab_cdef,
         prev_crc: 0xdead_beef,
         entries: vec![
@@ -279,6 +280,7 @@ fn journals() -> Vec<Vec<u8>> {
     let full = JournalBlock {
         seq: 99_999,
         commit_first: 99_999,
+        boot: 0x5eed_b007,
         nonce: 7,
         prev_crc: 1,
         entries: (0..ENTRIES_PER_BLOCK as u64)
@@ -293,6 +295,7 @@ fn journals() -> Vec<Vec<u8>> {
     let empty = JournalBlock {
         seq: 2,
         commit_first: 2,
+        boot: 0,
         nonce: 0,
         prev_crc: 0,
         entries: Vec::new(),

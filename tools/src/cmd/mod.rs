@@ -71,6 +71,7 @@ pub fn write_options() -> OpenOptions {
             watchdog: true,
             ..HostOptions::default()
         }),
+        boot_id: None,
     }
 }
 
