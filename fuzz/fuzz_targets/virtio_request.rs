@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     match parsed.cmd {
         Ok(Command::Read { sector, segs }) | Ok(Command::Write { sector, segs }) => {
             let len: u64 = segs.iter().map(|s| s.len as u64).sum();
-            assert!(len % SECTOR == 0 && len <= lim.max_transfer);
+            assert!(len.is_multiple_of(SECTOR) && len <= lim.max_transfer);
             assert!(sector
                 .checked_add(len / SECTOR)
                 .is_some_and(|e| e <= lim.capacity));
