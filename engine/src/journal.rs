@@ -36,6 +36,7 @@ impl JournalWriter {
         tail: u32,
         next_seq: u64,
         prev_crc: u32,
+        unsealed: bool,
     ) -> Self {
         JournalWriter {
             ring_start: region_start + HOST_CHECKPOINT_BLOCKS as u64,
@@ -45,7 +46,7 @@ impl JournalWriter {
             next_seq,
             prev_crc,
             nonce: crate::util::random_u64(),
-            unsealed: false,
+            unsealed,
         }
     }
 

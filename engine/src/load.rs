@@ -25,6 +25,9 @@ pub(crate) struct Loaded {
     pub tail: u32,
     pub next_seq: u64,
     pub prev_crc: u32,
+    /// The replayed journal ends in blocks of unflushed persists: the next
+    /// commit must write a block after them (see `JournalWriter`).
+    pub unsealed: bool,
     pub replayed_blocks: u64,
     /// Problems that did not stop the load (a damaged copy of a record
     /// that has a good twin).
@@ -562,6 +565,7 @@ fn load_once(
             tail: 0,
             next_seq: 0,
             prev_crc: 0,
+            unsealed: false,
             replayed_blocks: 0,
             warnings,
         }));
@@ -689,6 +693,7 @@ fn load_once(
         tail: pos,
         next_seq: seq,
         prev_crc,
+        unsealed: chain.last().is_some_and(|(_, jb, _)| jb.boot != 0),
         replayed_blocks: replayed,
         warnings,
     }))

@@ -468,6 +468,7 @@ impl Pool {
             tail,
             next_seq,
             prev_crc,
+            unsealed,
             warnings,
             ..
         } = load(dev.as_ref(), label, host_id, boot)?;
@@ -485,6 +486,7 @@ impl Pool {
             tail,
             next_seq,
             prev_crc,
+            unsealed,
         );
         let background = shared.is_none() && restrict.is_none();
         let inner = Arc::new(Inner {

@@ -675,3 +675,42 @@ fn unflushed_persists_are_replayed_only_on_the_boot_that_wrote_them() {
     let dev = Arc::new(MemDevice::from_image(all));
     assert!(check(dev.as_ref(), "mem").unwrap().is_clean());
 }
+
+/// A server that crashed after a persist is restarted on the same boot: it
+/// replays the unflushed blocks, and the guest's next FLUSH must make them
+/// durable even though it brings no new change (a power loss after that
+/// flush must not drop them).
+#[test]
+fn a_flush_after_a_restart_vouches_for_the_replayed_persists() {
+    let dev = Arc::new(MemDevice::new(8 << 20));
+    let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
+    pool.create_volume("v", VOL_BLOCKS * BS as u64).unwrap();
+    pool.flush().unwrap();
+    let vol = pool.open_volume("v").unwrap();
+    vol.write(3 * 8, &pattern(7)).unwrap();
+    vol.persist().unwrap();
+    // The process dies here: the LUN holds every completed write.
+    let after_crash = dev.image();
+    std::mem::forget(vol);
+    std::mem::forget(pool);
+
+    let dev = Arc::new(MemDevice::from_image(after_crash));
+    let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+    let vol = pool.open_volume("v").unwrap();
+    dev.start_trace();
+    vol.flush().unwrap();
+    let trace = dev.take_trace();
+    let power_loss = trace.crash_image(trace.events.len(), &mut |_, _| false);
+    let opts = OpenOptions {
+        read_only: true,
+        boot_id: Some(REBOOTED),
+        ..Default::default()
+    };
+    let back = Pool::open(Arc::new(MemDevice::from_image(power_loss)), "mem", &opts).unwrap();
+    let mut buf = vec![0u8; BS];
+    back.open_volume("v")
+        .unwrap()
+        .read(3 * 8, &mut buf)
+        .unwrap();
+    assert_eq!(tag_of(&buf), Some(7), "a flushed write was lost");
+}
