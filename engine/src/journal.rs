@@ -26,6 +26,22 @@ pub(crate) struct JournalWriter {
     /// The last block written was an unflushed persist's: the next commit
     /// must write a block (even an empty one) to vouch for it.
     unsealed: bool,
+    /// That block, while it has room: the next persist rewrites it with
+    /// its entries added instead of taking a new block, so persists of a
+    /// few entries do not fill the ring one block each. Rewriting in place
+    /// is safe only for such blocks: they are replayed only on the boot
+    /// that wrote them, where no write is torn (a power loss ends the
+    /// boot). A commit, a checkpoint or a recorded sequence closes it.
+    open: Option<OpenBlock>,
+}
+
+struct OpenBlock {
+    pos: u32,
+    seq: u64,
+    prev_crc: u32,
+    commit_first: u64,
+    boot: u64,
+    entries: Vec<Entry>,
 }
 
 impl JournalWriter {
@@ -47,6 +63,7 @@ impl JournalWriter {
             prev_crc,
             nonce: crate::util::random_u64(),
             unsealed,
+            open: None,
         }
     }
 
@@ -68,26 +85,54 @@ impl JournalWriter {
         self.used_blocks() + Self::blocks_for(entries) <= self.capacity()
     }
 
-    /// Sequence number of the last block written.
-    pub fn last_seq(&self) -> u64 {
+    /// Sequence number of the last block written, which from now on takes
+    /// no more entries: the caller records it as "already in the trees",
+    /// and replay skips what such a block holds.
+    pub fn settled_seq(&mut self) -> u64 {
+        self.open = None;
         self.next_seq - 1
     }
 
     /// Appends `entries` (the caller checked `has_room`); durable only after
     /// the device is flushed. `boot` is 0 when the data the entries point
     /// to was flushed first, else this boot's identity (see
-    /// [`JournalBlock::boot`]).
-    /// No entries still write one (empty) block: a commit's seal.
+    /// [`JournalBlock::boot`]). No entries still write one (empty) block: a
+    /// commit's seal.
     pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry], boot: u64) -> Result<()> {
         let mut blocks: Vec<(u64, AlignedBuf)> = Vec::new();
+        let mut rest = entries;
+        match self.open.as_mut() {
+            Some(ob) if boot != 0 && ob.boot == boot && !rest.is_empty() => {
+                let take = (ENTRIES_PER_BLOCK - ob.entries.len()).min(rest.len());
+                ob.entries.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                let at = self.ring_start + ob.pos as u64;
+                let (bytes, crc) = encode_block(
+                    &JournalBlock {
+                        seq: ob.seq,
+                        nonce: self.nonce,
+                        prev_crc: ob.prev_crc,
+                        commit_first: ob.commit_first,
+                        boot,
+                        entries: ob.entries.clone(),
+                    },
+                    at,
+                );
+                blocks.push((at, AlignedBuf::from_slice(&bytes)));
+                self.prev_crc = crc;
+            }
+            _ => {}
+        }
+        self.open = None;
         let commit_first = self.next_seq;
         let chunks: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
         } else {
-            entries.chunks(ENTRIES_PER_BLOCK).collect()
+            rest.chunks(ENTRIES_PER_BLOCK).collect()
         };
         for chunk in chunks {
-            let at = self.ring_start + self.tail as u64;
+            let pos = self.tail;
+            let at = self.ring_start + pos as u64;
             let jb = JournalBlock {
                 seq: self.next_seq,
                 nonce: self.nonce,
@@ -98,6 +143,18 @@ impl JournalWriter {
             };
             let (bytes, crc) = encode_block(&jb, at);
             blocks.push((at, AlignedBuf::from_slice(&bytes)));
+            if boot != 0 && chunk.len() < ENTRIES_PER_BLOCK {
+                self.open = Some(OpenBlock {
+                    pos,
+                    seq: jb.seq,
+                    prev_crc: jb.prev_crc,
+                    commit_first,
+                    boot,
+                    entries: jb.entries,
+                });
+            } else {
+                self.open = None;
+            }
             self.prev_crc = crc;
             self.next_seq += 1;
             self.tail = (self.tail + 1) % self.ring_len;
@@ -109,8 +166,12 @@ impl JournalWriter {
                 buf,
             })
             .collect();
-        dev.submit(&mut ops)
-            .map_err(|e| Error::io("journal write", e))?;
+        let written = dev.submit(&mut ops);
+        if written.is_err() {
+            // What is on disk is unknown: never rewrite it.
+            self.open = None;
+        }
+        written.map_err(|e| Error::io("journal write", e))?;
         self.unsealed = boot != 0;
         Ok(())
     }
@@ -124,7 +185,9 @@ impl JournalWriter {
 
     /// The host checkpoint that makes everything written so far "already in
     /// the trees": replay would start at the current tail.
-    pub fn checkpoint_at_tail(&self, generation: u64) -> HostCheckpoint {
+    pub fn checkpoint_at_tail(&mut self, generation: u64) -> HostCheckpoint {
+        // The checkpoint records the last block's CRC: it must not change.
+        self.open = None;
         HostCheckpoint {
             generation,
             head: self.tail,

@@ -1371,7 +1371,7 @@ impl Inner {
     }
 
     fn checkpoint_inner(&self, ctl: &mut CommitCtl, force: bool) -> Result<()> {
-        let journal_seq = ctl.journal.last_seq();
+        let journal_seq = ctl.journal.settled_seq();
         let mut plans = Vec::new();
         let mut node_writes: Vec<NodeWrite> = Vec::new();
         {

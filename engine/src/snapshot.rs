@@ -189,7 +189,7 @@ impl Pool {
         let mut guard = inner.commit.lock();
         let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
         inner.commit_locked(ctl)?;
-        let journal_seq = ctl.journal.last_seq();
+        let journal_seq = ctl.journal.settled_seq();
         let mut st = inner.state.lock();
         let snap_id = st
             .id_by_name(spec)
@@ -416,7 +416,7 @@ impl Inner {
         let _stripes = self.lock_all_stripes();
         let mut guard = self.commit.lock();
         let ctl = guard.as_mut().ok_or(crate::Error::PoolReadOnly)?;
-        let journal_seq = ctl.journal.last_seq();
+        let journal_seq = ctl.journal.settled_seq();
         let mut st = self.state.lock();
         let src_id = st
             .id_by_name(source)

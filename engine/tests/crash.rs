@@ -53,18 +53,23 @@ fn tag_of(block: &[u8]) -> Option<u64> {
 struct History {
     /// (trace length when the flush returned, block -> tag at that time).
     flushes: Vec<(usize, HashMap<u64, u64>)>,
+    /// The same for `persist`, which only a process crash must respect.
+    persists: Vec<(usize, HashMap<u64, u64>)>,
     /// (trace length when the write started, block, tag written).
     writes: Vec<(usize, u64, u64)>,
 }
 
 impl History {
-    /// Tags block `b` may hold after a crash at trace position `k`.
-    fn allowed(&self, k: usize, b: u64) -> Vec<u64> {
+    /// Tags block `b` may hold after a power loss (or, if `process_crash`,
+    /// a crash of the process) at trace position `k`.
+    fn allowed(&self, k: usize, b: u64, process_crash: bool) -> Vec<u64> {
+        let persists = self.persists.iter().filter(|_| process_crash);
         let (since, base) = self
             .flushes
             .iter()
-            .rev()
-            .find(|(at, _)| *at <= k)
+            .chain(persists)
+            .filter(|(at, _)| *at <= k)
+            .max_by_key(|(at, _)| *at)
             .map(|(at, m)| (*at, m.get(&b).copied().unwrap_or(0)))
             .unwrap_or((0, 0));
         let mut tags = vec![base];
@@ -136,7 +141,10 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
                 h.flushes.push((dev.trace_len(), current.clone()));
             }
             // Survives a process crash, not a power loss: no flush point.
-            17 => vol.persist().unwrap(),
+            17 => {
+                vol.persist().unwrap();
+                h.persists.push((dev.trace_len(), current.clone()));
+            }
             _ => {
                 pool.checkpoint().unwrap();
                 h.flushes.push((dev.trace_len(), current.clone()));
@@ -183,7 +191,7 @@ fn verify_image(
     vol.read(0, &mut buf).unwrap();
     for b in 0..VOL_BLOCKS {
         let blk = &buf[b as usize * BS..(b as usize + 1) * BS];
-        let allowed = h.allowed(k, b);
+        let allowed = h.allowed(k, b, boot_id.is_none());
         match tag_of(blk) {
             Some(t) if allowed.contains(&t) => {}
             got => panic!("{what}: block {b} holds {got:?}, allowed {allowed:?}"),
@@ -713,4 +721,49 @@ fn a_flush_after_a_restart_vouches_for_the_replayed_persists() {
         .read(3 * 8, &mut buf)
         .unwrap();
     assert_eq!(tag_of(&buf), Some(7), "a flushed write was lost");
+}
+
+/// Persists may add entries to the last journal block while it has room.
+/// A clone records that block's sequence in its header as "already in the
+/// tree", so entries made after the clone must go to a later block, or
+/// replay after a process crash would skip them.
+#[test]
+fn persists_after_a_clone_survive_a_process_crash() {
+    let dev = Arc::new(MemDevice::new(8 << 20));
+    let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
+    for v in ["base", "v"] {
+        pool.create_volume(v, VOL_BLOCKS * BS as u64).unwrap();
+    }
+    pool.make_base("base", None).unwrap();
+    pool.flush().unwrap();
+    let v = pool.open_volume("v").unwrap();
+    v.write(0, &pattern(1)).unwrap();
+    v.persist().unwrap(); // a journal block with room left
+    pool.clone_volume("base", "c").unwrap();
+    let c = pool.open_volume("c").unwrap();
+    c.write(5 * 8, &pattern(2)).unwrap();
+    c.persist().unwrap();
+    // The process dies here, on this boot.
+    let back = Pool::open(
+        Arc::new(MemDevice::from_image(dev.image())),
+        "mem",
+        &OpenOptions {
+            read_only: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; BS];
+    back.open_volume("v").unwrap().read(0, &mut buf).unwrap();
+    assert_eq!(tag_of(&buf), Some(1));
+    back.open_volume("c")
+        .unwrap()
+        .read(5 * 8, &mut buf)
+        .unwrap();
+    assert_eq!(
+        tag_of(&buf),
+        Some(2),
+        "the clone's persisted write was lost"
+    );
+    std::mem::forget((v, c, pool));
 }
