@@ -9,7 +9,8 @@
 //! - [`backend`]: the vhost-user backend and the per-queue data path;
 //! - [`server`]: the accept / serve / re-listen loop;
 //! - [`control`]: serving many volumes of one pool, changed at run time
-//!   through a control socket (snapshots too);
+//!   through a control socket (snapshots too): the socket's protocol
+//!   (grammar, parsing, client) and the daemon that answers it;
 //! - [`signals`]: stopping on SIGTERM/SIGINT.
 //!
 //! ```no_run

@@ -1,0 +1,542 @@
+//! The [`Daemon`]: many volumes of one open pool served from one process,
+//! one vhost-user socket and serving thread each, and the control socket
+//! answered between them. It holds the pool's lock, so the pool changes
+//! asked for on the control socket (see [`super::protocol`] for the
+//! grammar) run here: starting and stopping the serving of a volume, and
+//! the engine calls `thinctl` would make itself if it could open the pool.
+
+use super::protocol::{parse_request, read_request, PolicyChange, Request};
+use crate::backend::StatsSnapshot;
+use crate::server::{check_stale_socket, default_serial, ServeOptions, Server, StopHandle};
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use thinlun::{Pool, Volume};
+
+/// What serving a volume came to, once stopped.
+#[derive(Clone, Debug)]
+pub struct Stopped {
+    pub name: String,
+    pub connections: u64,
+    pub stats: StatsSnapshot,
+    /// The serve loop's error, or a failed final flush.
+    pub error: Option<String>,
+}
+
+impl Stopped {
+    fn summary(&self) -> String {
+        format!(
+            "{}: {} connection{}, {} requests in {} batches, {} errors{}",
+            self.name,
+            self.connections,
+            if self.connections == 1 { "" } else { "s" },
+            self.stats.requests,
+            self.stats.batches,
+            self.stats.errors,
+            self.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" (failed: {e})"))
+        )
+    }
+}
+
+struct Served {
+    /// The volume's id: its name can change while served (`rename`).
+    id: u64,
+    socket: PathBuf,
+    queues: u16,
+    read_only: bool,
+    vol: Arc<Volume>,
+    stop: StopHandle,
+    thread: JoinHandle<(io::Result<()>, Server)>,
+}
+
+/// The control socket; unlinked on drop.
+struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Serves volumes of one open pool, one vhost-user socket and one serving
+/// thread each, and answers the control socket.
+pub struct Daemon {
+    pool: Option<Pool>,
+    template: ServeOptions,
+    served: BTreeMap<String, Served>,
+    control: Option<ControlSocket>,
+    stop: StopHandle,
+}
+
+impl Daemon {
+    /// Takes over `pool` and listens on `control` (replacing a stale
+    /// socket; only the owner may connect). `template` gives the options
+    /// of every volume added (block size, durability, read-only); its
+    /// socket, queues and serial are set per volume. Without `control`
+    /// the set of volumes is fixed by the caller ([`Daemon::add`]).
+    pub fn new(pool: Pool, control: Option<&Path>, template: ServeOptions) -> io::Result<Daemon> {
+        let control = match control {
+            None => None,
+            Some(path) => {
+                check_stale_socket(path)?;
+                let _ = std::fs::remove_file(path);
+                if let Some(dir) = path.parent() {
+                    if !dir.as_os_str().is_empty() && !dir.exists() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                }
+                let listener = UnixListener::bind(path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("control socket {}: {e}", path.display()))
+                })?;
+                let sock = ControlSocket {
+                    listener,
+                    path: path.to_path_buf(),
+                };
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+                sock.listener.set_nonblocking(true)?;
+                Some(sock)
+            }
+        };
+        Ok(Daemon {
+            pool: Some(pool),
+            template,
+            served: BTreeMap::new(),
+            control,
+            stop: StopHandle::new()?,
+        })
+    }
+
+    /// Stops [`Daemon::run`] (for a signal waiter).
+    pub fn stop_handle(&self) -> StopHandle {
+        self.stop.clone()
+    }
+
+    pub fn control_path(&self) -> Option<&Path> {
+        self.control.as_ref().map(|c| c.path.as_path())
+    }
+
+    fn pool(&self) -> &Pool {
+        self.pool.as_ref().expect("pool open until shutdown")
+    }
+
+    /// Starts serving volume `name` on `socket`; returns the reply text.
+    pub fn add(&mut self, name: &str, socket: &Path, queues: u16) -> Result<String, String> {
+        if self.served.contains_key(name) {
+            return Err(format!("'{name}' is already served"));
+        }
+        if let Some((other, _)) = self.served.iter().find(|(_, s)| s.socket == socket) {
+            return Err(format!(
+                "{} is the socket of '{other}' already",
+                socket.display()
+            ));
+        }
+        let pool = self.pool();
+        let info = pool.volume_info(name).map_err(|e| e.to_string())?;
+        let read_only = self.template.read_only || info.read_only;
+        let opts = ServeOptions {
+            socket: socket.to_path_buf(),
+            num_queues: queues,
+            read_only,
+            opt_io_bytes: pool.status().chunk_bytes,
+            serial: default_serial(&info.name, info.id),
+            ..self.template.clone()
+        };
+        let vol = Arc::new(pool.open_volume(name).map_err(|e| e.to_string())?);
+        let mut server =
+            Server::new(vol.clone(), &opts).map_err(|e| format!("serving '{name}': {e}"))?;
+        let stop = server.stop_handle();
+        let thread = std::thread::Builder::new()
+            .name(format!(
+                "serve-{}",
+                name.chars().take(9).collect::<String>()
+            ))
+            .spawn(move || {
+                let r = server.run();
+                (r, server)
+            })
+            .map_err(|e| format!("starting a thread: {e}"))?;
+        let text = format!(
+            "serving {name} on {} ({queues} queue{}{})",
+            socket.display(),
+            if queues == 1 { "" } else { "s" },
+            if read_only { ", read-only" } else { "" }
+        );
+        self.served.insert(
+            name.to_string(),
+            Served {
+                id: info.id,
+                socket: socket.to_path_buf(),
+                queues,
+                read_only,
+                vol,
+                stop,
+                thread,
+            },
+        );
+        Ok(text)
+    }
+
+    /// Stops serving `name`: ends its connection, joins its thread,
+    /// removes its socket and flushes the volume.
+    pub fn remove(&mut self, name: &str) -> Result<Stopped, String> {
+        let s = self
+            .served
+            .remove(name)
+            .ok_or_else(|| format!("'{name}' is not served"))?;
+        s.stop.stop();
+        Ok(finish(name, s))
+    }
+
+    /// `(name, socket, queues, read-only)` of every served volume.
+    pub fn list(&self) -> Vec<(String, PathBuf, u16, bool)> {
+        self.served
+            .iter()
+            .map(|(n, s)| (n.clone(), s.socket.clone(), s.queues, s.read_only))
+            .collect()
+    }
+
+    fn status_text(&self) -> String {
+        let st = self.pool().status();
+        let crossed = if st.thresholds_crossed.is_empty() {
+            "none".to_string()
+        } else {
+            st.thresholds_crossed.join(",").replace(' ', "")
+        };
+        format!(
+            "size_bytes={} data_bytes={} data_used_bytes={} data_free_bytes={} \
+             data_used_pct={} metadata_used_pct={} volumes={} snapshots={} bases={} \
+             clones={} provisioned_bytes={} thresholds_crossed={crossed} served={}",
+            st.size_bytes,
+            st.data_bytes,
+            st.data_used_bytes,
+            st.data_free_bytes,
+            st.data_used_pct,
+            st.metadata_used_pct,
+            st.volumes,
+            st.snapshots,
+            st.bases,
+            st.clones,
+            st.provisioned_bytes,
+            self.served.len()
+        )
+    }
+
+    /// Answers one request line: the reply line, without newline.
+    pub fn handle_line(&mut self, line: &str) -> String {
+        let r = match parse_request(line) {
+            Err(e) => Err(e),
+            Ok(req) => self.handle(req),
+        };
+        // One line whatever the engine or OS put in a message.
+        match r {
+            Ok(t) => format!("ok {}", t.replace(['\n', '\r'], "; ")),
+            Err(t) => format!("error {}", t.replace(['\n', '\r'], "; ")),
+        }
+    }
+
+    fn handle(&mut self, req: Request) -> Result<String, String> {
+        match req {
+            Request::Snapshot(spec) => {
+                // The engine locks every write stripe: in-flight guest
+                // writes finish first, new ones wait, so the snapshot is
+                // crash-consistent with what the guest was told.
+                let info = self
+                    .pool()
+                    .create_snapshot(&spec)
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: created snapshot '{}'", info.name);
+                Ok(format!("{} mapped_bytes={}", info.name, info.mapped_bytes))
+            }
+            Request::Grow => {
+                // Served volumes see the new space at once: allocation
+                // happens in this process.
+                let bytes = self.pool().grow().map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: pool grown to {bytes} bytes");
+                Ok(format!("size_bytes={bytes}"))
+            }
+            Request::Add {
+                name,
+                socket,
+                queues,
+            } => {
+                let t = self.add(&name, &socket, queues)?;
+                eprintln!("thinlun-vhost: {t}");
+                Ok(t)
+            }
+            Request::Remove(name) => {
+                let s = self.remove(&name)?;
+                let t = format!("stopped {}", s.summary());
+                eprintln!("thinlun-vhost: {t}");
+                Ok(t)
+            }
+            Request::List => {
+                let mut t = self.served.len().to_string();
+                for (n, s) in &self.served {
+                    t.push_str(&format!(" {n}={}", s.socket.display()));
+                }
+                Ok(t)
+            }
+            Request::Status => Ok(self.status_text()),
+            Request::Create { name, bytes, force } => {
+                let info = self
+                    .pool()
+                    .create_volume_with(&name, bytes, force)
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: created volume '{}'", info.name);
+                Ok(format!("{} size_bytes={}", info.name, info.size_bytes))
+            }
+            Request::Resize { name, bytes, force } => {
+                let pool = self.pool();
+                let info = pool.volume_info(&name).map_err(|e| e.to_string())?;
+                // As thinctl: a snapshot's or base's content must not change.
+                if info.read_only {
+                    return Err(thinlun::Error::ReadOnly(info.name).to_string());
+                }
+                // A served volume is resized too: its requests are checked
+                // against the live size (the guest learns it on reconnect).
+                let new = pool
+                    .resize_volume(&name, bytes, force)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "thinlun-vhost: resized volume '{name}' to {} bytes",
+                    new.size_bytes
+                );
+                Ok(format!(
+                    "{name} old_size_bytes={} size_bytes={}",
+                    info.size_bytes, new.size_bytes
+                ))
+            }
+            Request::Delete { name, recursive } => {
+                let pool = self.pool();
+                let info = pool.volume_info(&name).map_err(|e| e.to_string())?;
+                let snaps: Vec<String> = pool
+                    .volumes()
+                    .into_iter()
+                    .filter(|s| s.snapshot_of.as_deref() == Some(name.as_str()))
+                    .map(|s| s.name)
+                    .collect();
+                // A served volume has an open handle: the engine refuses it.
+                pool.remove_volume(&name, recursive)
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: removed '{name}' from the pool");
+                Ok(if info.snapshot {
+                    format!("{name} snapshot")
+                } else {
+                    format!("{name} volume{}", words_after(&snaps))
+                })
+            }
+            Request::Rename { old, new } => {
+                self.pool()
+                    .rename_volume(&old, &new)
+                    .map_err(|e| e.to_string())?;
+                self.rekey_served();
+                eprintln!("thinlun-vhost: renamed '{old}' to '{new}'");
+                Ok(format!("{old} {new}"))
+            }
+            Request::Rollback { snapshot, force } => {
+                let pool = self.pool();
+                let snap = pool.volume_info(&snapshot).map_err(|e| e.to_string())?;
+                let newer: Vec<String> = pool
+                    .volumes()
+                    .into_iter()
+                    .filter(|v| v.snapshot && v.snapshot_of == snap.snapshot_of && v.id > snap.id)
+                    .map(|v| v.name)
+                    .collect();
+                // The engine refuses a volume with open handles (served).
+                pool.rollback(&snapshot, force).map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: rolled back to '{snapshot}'");
+                Ok(format!("{snapshot}{}", words_after(&newer)))
+            }
+            Request::Clone { source, new } => {
+                let info = self
+                    .pool()
+                    .clone_volume(&source, &new)
+                    .map_err(|e| e.to_string())?;
+                eprintln!(
+                    "thinlun-vhost: created linked clone '{}' of '{source}'",
+                    info.name
+                );
+                Ok(format!(
+                    "{} size_bytes={} mapped_bytes={}",
+                    info.name, info.size_bytes, info.mapped_bytes
+                ))
+            }
+            Request::Base { name, new_name } => {
+                let info = self
+                    .pool()
+                    .make_base(&name, new_name.as_deref())
+                    .map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: '{}' is now a base image", info.name);
+                Ok(info.name)
+            }
+            Request::Policy(change) => {
+                let pool = self.pool();
+                let new = change.apply(pool.status().policy);
+                pool.set_policy(new).map_err(|e| e.to_string())?;
+                eprintln!("thinlun-vhost: pool policy changed");
+                let line = PolicyChange::whole(&new).request_line();
+                Ok(line.trim_start_matches("policy ").to_string())
+            }
+        }
+    }
+
+    /// Files served volumes under their names now (after a rename, which
+    /// may also have renamed a served snapshot's volume).
+    fn rekey_served(&mut self) {
+        let names: BTreeMap<u64, String> = self
+            .pool()
+            .volumes()
+            .into_iter()
+            .map(|v| (v.id, v.name))
+            .collect();
+        let served = std::mem::take(&mut self.served);
+        for (name, s) in served {
+            let key = names.get(&s.id).cloned().unwrap_or(name);
+            self.served.insert(key, s);
+        }
+    }
+
+    /// Answers the control socket until stopped (the stop handle, e.g.
+    /// from a signal). Served volumes keep running in their threads.
+    pub fn run(&mut self) -> io::Result<()> {
+        loop {
+            if self.stop.is_stopped() {
+                return Ok(());
+            }
+            let mut fds = vec![libc::pollfd {
+                fd: self.stop.wake_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if let Some(c) = &self.control {
+                fds.push(libc::pollfd {
+                    fd: c.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
+            // Wake every second to log space warnings as they are crossed.
+            // SAFETY: `fds` is a valid array of pollfd for the duration of
+            // the call; the descriptors are owned by `self`.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            self.log_thresholds();
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if self.stop.is_stopped() {
+                return Ok(());
+            }
+            if fds.len() > 1 && fds[1].revents & libc::POLLIN != 0 {
+                self.accept_one();
+            }
+        }
+    }
+
+    /// Logs each warning threshold of the pool once per crossing (as LVM's
+    /// dmeventd does for thin pools).
+    fn log_thresholds(&self) {
+        for ev in self.pool().threshold_events() {
+            eprintln!("thinlun-vhost: warning: {ev}");
+        }
+    }
+
+    /// Serves one control connection; a misbehaving client only costs
+    /// the timeout.
+    fn accept_one(&mut self) {
+        let Some(c) = &self.control else { return };
+        let stream = match c.listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                eprintln!("thinlun-vhost: control socket: {e}");
+                return;
+            }
+        };
+        let reply = match read_request(&stream) {
+            Ok(line) => self.handle_line(&line),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => format!("error {e}"),
+            Err(_) => return, // gone or timed out: nobody to answer
+        };
+        let mut w = &stream;
+        let _ = w
+            .write_all(reply.as_bytes())
+            .and_then(|_| w.write_all(b"\n"));
+    }
+
+    /// Stops every served volume, flushes them, removes the sockets and
+    /// closes the pool cleanly (commit + checkpoint). Returns what each
+    /// volume's serving came to, in name order.
+    pub fn shutdown(mut self) -> Result<Vec<Stopped>, String> {
+        let served = std::mem::take(&mut self.served);
+        for s in served.values() {
+            s.stop.stop();
+        }
+        let stopped: Vec<Stopped> = served
+            .into_iter()
+            .map(|(name, s)| finish(&name, s))
+            .collect();
+        self.control = None; // unlinks the control socket
+        let pool = self.pool.take().expect("pool open until shutdown");
+        pool.close().map_err(|e| format!("closing the pool: {e}"))?;
+        Ok(stopped)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        for s in self.served.values() {
+            s.stop.stop();
+        }
+        for (name, s) in std::mem::take(&mut self.served) {
+            finish(&name, s);
+        }
+    }
+}
+
+/// `" a b c"`: names as further words of a reply.
+fn words_after(names: &[String]) -> String {
+    names.iter().map(|n| format!(" {n}")).collect()
+}
+
+/// Joins a stopped volume's thread (dropping its server removes the
+/// socket) and flushes the volume.
+fn finish(name: &str, s: Served) -> Stopped {
+    let (served, server, panicked) = match s.thread.join() {
+        Ok((r, server)) => (r, Some(server), false),
+        Err(_) => (Ok(()), None, true),
+    };
+    let (stats, connections) = server.as_ref().map_or((StatsSnapshot::default(), 0), |s| {
+        (s.stats(), s.connections())
+    });
+    drop(server);
+    let mut error = served.err().map(|e| e.to_string());
+    if panicked {
+        error = Some("serving thread panicked".to_string());
+        let _ = std::fs::remove_file(&s.socket);
+    }
+    if !s.read_only {
+        if let Err(e) = s.vol.flush() {
+            error.get_or_insert(format!("flush: {e}"));
+        }
+    }
+    Stopped {
+        name: name.to_string(),
+        connections,
+        stats,
+        error,
+    }
+}
