@@ -173,9 +173,10 @@ impl Volume {
     }
 
     /// Makes every completed write survive a crash of this process (a
-    /// server restarted under a reconnecting VM), though not a power loss:
-    /// that needs [`Volume::flush`]. One device flush when mappings
-    /// changed, nothing for overwrites in place.
+    /// server restarted under a reconnecting VM, on the same boot), though
+    /// not a power loss: that needs [`Volume::flush`]. One journal-block
+    /// write, no device flush, when mappings changed; nothing for
+    /// overwrites in place (docs/FORMAT.md, 6.5).
     pub fn persist(&self) -> Result<()> {
         self.inner.persist()
     }
