@@ -1,0 +1,135 @@
+//! The public configuration and report types of a pool: what creating
+//! ([`PoolConfig`], [`SharedConfig`]) and opening ([`OpenOptions`],
+//! [`HostOptions`]) take, and what `list`, `info` and `pool status` report
+//! ([`VolumeInfo`], [`PoolStatus`]). Plain data; the pool code that reads
+//! and fills them is in the parent module.
+
+use crate::format::superblock::Policy;
+use crate::format::DEFAULT_CHUNK_BYTES;
+
+/// Parameters of a new pool.
+#[derive(Clone, Debug)]
+pub struct PoolConfig {
+    /// Pool size; default: the whole file or device.
+    pub size_bytes: Option<u64>,
+    /// Allocation chunk: a power of two from 64 KiB to 1 GiB.
+    pub chunk_bytes: u64,
+    /// Hosts that may share the pool (1..=100).
+    pub max_hosts: u32,
+    /// Journal size per host; default scales with the pool (256 KiB..8 MiB).
+    pub journal_bytes: Option<u64>,
+    /// Overwrite an existing pool.
+    pub force: bool,
+    /// Share the pool between hosts through leases on the LUN.
+    pub shared: Option<SharedConfig>,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size_bytes: None,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            max_hosts: 16,
+            journal_bytes: None,
+            force: false,
+            shared: None,
+        }
+    }
+}
+
+/// How to open a pool.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Inspect only: no writes, no journal replay written back.
+    pub read_only: bool,
+    /// Who this process is on a shared pool (needed to write one; ignored
+    /// by single-host pools).
+    pub host: Option<HostOptions>,
+    /// Identity of the machine's current boot, which decides whether
+    /// journal blocks that `Volume::persist` wrote without a flush are
+    /// replayed (docs/FORMAT.md, 6.6). `None`: the kernel's boot id. Tests
+    /// that rebuild a LUN as a power loss leaves it pass another value,
+    /// as the machine would have after rebooting.
+    pub boot_id: Option<u64>,
+}
+
+/// Identity of a host on a shared pool (docs/LOCKING.md).
+#[derive(Clone, Debug, Default)]
+pub struct HostOptions {
+    /// 1..=the pool's host count; unique per host.
+    pub host_id: u32,
+    /// Recorded in the host slot for messages; default: the machine's
+    /// host name.
+    pub host_name: Option<String>,
+    /// Have the kernel SIGKILL this process if its lease goes unrenewed
+    /// past the fence time (a frozen process must never wake up and
+    /// write). Servers and thinctl turn it on; tests that run several
+    /// hosts in one process cannot.
+    pub watchdog: bool,
+    /// Where the per-host-id lock files live; default /run/thinlun (or
+    /// $THINLUN_RUN_DIR).
+    pub run_dir: Option<std::path::PathBuf>,
+}
+
+/// Sharing parameters of a new pool.
+#[derive(Clone, Copy, Debug)]
+pub struct SharedConfig {
+    /// The I/O timeout every lease interval derives from (sanlock: 10 s).
+    pub io_timeout_ms: u32,
+    /// Allocation-group size in bytes (default 1 GiB); each host claims
+    /// whole groups to allocate in.
+    pub group_bytes: Option<u64>,
+}
+
+/// What a volume is, as `list` and `info` show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub id: u64,
+    pub name: String,
+    pub size_bytes: u64,
+    pub mapped_bytes: u64,
+    pub extents: u64,
+    pub read_only: bool,
+    pub snapshot: bool,
+    pub base: bool,
+    pub created_unix: u64,
+    /// For a snapshot: the volume it was taken of.
+    pub snapshot_of: Option<String>,
+    /// For a linked clone: the base or snapshot it shares data with.
+    pub clone_of: Option<String>,
+}
+
+/// Pool-wide figures, as `pool status` shows them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    pub uuid: String,
+    pub format_version: u32,
+    pub size_bytes: u64,
+    pub chunk_bytes: u64,
+    pub data_bytes: u64,
+    pub data_used_bytes: u64,
+    pub data_free_bytes: u64,
+    pub metadata_used_bytes: u64,
+    pub metadata_reserved_bytes: u64,
+    pub pending_free_bytes: u64,
+    /// Writable volumes (clones included), snapshots, base images, clones.
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub bases: u64,
+    pub clones: u64,
+    /// Sum of the sizes of all volumes but snapshots (overcommit =
+    /// provisioned / data size).
+    pub provisioned_bytes: u64,
+    pub data_used_pct: u8,
+    pub metadata_used_pct: u8,
+    /// Warning thresholds currently crossed ("data 90%", "metadata 80%").
+    pub thresholds_crossed: Vec<String>,
+    pub journal_used_blocks: u32,
+    pub journal_capacity_blocks: u32,
+    pub max_hosts: u32,
+    pub policy: Policy,
+    /// A shared pool's lease I/O timeout; `None` for a single-host pool.
+    pub shared_io_timeout_ms: Option<u32>,
+    /// The host id this process joined a shared pool as.
+    pub host_id: Option<u32>,
+}
