@@ -26,22 +26,14 @@ pub(crate) struct JournalWriter {
     /// The last block written was an unflushed persist's: the next commit
     /// must write a block (even an empty one) to vouch for it.
     unsealed: bool,
-    /// That block, while it has room: the next persist rewrites it with
-    /// its entries added instead of taking a new block, so persists of a
-    /// few entries do not fill the ring one block each. Rewriting in place
-    /// is safe only for such blocks: they are replayed only on the boot
-    /// that wrote them, where no write is torn (a power loss ends the
-    /// boot). A commit, a checkpoint or a recorded sequence closes it.
-    open: Option<OpenBlock>,
-}
-
-struct OpenBlock {
-    pos: u32,
-    seq: u64,
-    prev_crc: u32,
-    commit_first: u64,
-    boot: u64,
-    entries: Vec<Entry>,
+    /// That block and its ring position, while it has room: the next
+    /// persist rewrites it with its entries added instead of taking a new
+    /// block, so persists of a few entries do not fill the ring one block
+    /// each. Rewriting in place is safe only for such blocks: they are
+    /// replayed only on the boot that wrote them, where no write is torn
+    /// (a power loss ends the boot). A commit, a checkpoint or a recorded
+    /// sequence closes it.
+    open: Option<(u32, JournalBlock)>,
 }
 
 impl JournalWriter {
@@ -101,29 +93,22 @@ impl JournalWriter {
     pub fn append(&mut self, dev: &dyn BlockDevice, entries: &[Entry], boot: u64) -> Result<()> {
         let mut blocks: Vec<(u64, AlignedBuf)> = Vec::new();
         let mut rest = entries;
-        match self.open.as_mut() {
-            Some(ob) if boot != 0 && ob.boot == boot && !rest.is_empty() => {
-                let take = (ENTRIES_PER_BLOCK - ob.entries.len()).min(rest.len());
-                ob.entries.extend_from_slice(&rest[..take]);
+        let mut still_open = false;
+        if let Some((pos, jb)) = self.open.as_mut() {
+            if boot != 0 && jb.boot == boot {
+                let take = (ENTRIES_PER_BLOCK - jb.entries.len()).min(rest.len());
+                jb.entries.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
-                let at = self.ring_start + ob.pos as u64;
-                let (bytes, crc) = encode_block(
-                    &JournalBlock {
-                        seq: ob.seq,
-                        nonce: self.nonce,
-                        prev_crc: ob.prev_crc,
-                        commit_first: ob.commit_first,
-                        boot,
-                        entries: ob.entries.clone(),
-                    },
-                    at,
-                );
+                let at = self.ring_start + *pos as u64;
+                let (bytes, crc) = encode_block(jb, at);
                 blocks.push((at, AlignedBuf::from_slice(&bytes)));
                 self.prev_crc = crc;
+                still_open = rest.is_empty() && jb.entries.len() < ENTRIES_PER_BLOCK;
             }
-            _ => {}
         }
-        self.open = None;
+        if !still_open {
+            self.open = None;
+        }
         let commit_first = self.next_seq;
         let chunks: Vec<&[Entry]> = if entries.is_empty() {
             vec![&[]]
@@ -143,18 +128,7 @@ impl JournalWriter {
             };
             let (bytes, crc) = encode_block(&jb, at);
             blocks.push((at, AlignedBuf::from_slice(&bytes)));
-            if boot != 0 && chunk.len() < ENTRIES_PER_BLOCK {
-                self.open = Some(OpenBlock {
-                    pos,
-                    seq: jb.seq,
-                    prev_crc: jb.prev_crc,
-                    commit_first,
-                    boot,
-                    entries: jb.entries,
-                });
-            } else {
-                self.open = None;
-            }
+            self.open = (boot != 0 && chunk.len() < ENTRIES_PER_BLOCK).then_some((pos, jb));
             self.prev_crc = crc;
             self.next_seq += 1;
             self.tail = (self.tail + 1) % self.ring_len;
@@ -203,5 +177,59 @@ impl JournalWriter {
             // Nothing is left to replay, so nothing needs vouching for.
             self.unsealed = false;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dev::{read_block, MemDevice};
+    use crate::format::journal::decode_block;
+
+    fn map(vblock: u64) -> Entry {
+        Entry::Map {
+            volume: 1,
+            vblock,
+            pblock: 1000 + vblock,
+            len: 1,
+        }
+    }
+
+    #[test]
+    fn persists_share_a_block_until_a_commit_closes_it() {
+        let dev = MemDevice::new(64 * BLOCK_SIZE as u64);
+        let ckpt = HostCheckpoint {
+            generation: 1,
+            head: 0,
+            seq: 1,
+            prev_crc: 7,
+        };
+        let mut w = JournalWriter::new(0, 32, &ckpt, 0, 1, 7, false);
+        let ring_block = |i: u64| HOST_CHECKPOINT_BLOCKS as u64 + i;
+        for v in 0..3 {
+            w.append(&dev, &[map(v)], 42).unwrap();
+        }
+        assert_eq!(w.used_blocks(), 1, "three small persists, one block");
+        assert!(w.unsealed());
+        let (jb, crc) = decode_block(&read_block(&dev, ring_block(0)).unwrap(), ring_block(0))
+            .unwrap()
+            .unwrap();
+        assert_eq!((jb.seq, jb.prev_crc, jb.boot), (1, 7, 42));
+        assert_eq!(jb.entries, vec![map(0), map(1), map(2)]);
+        // A commit seals with a new, flushed block chained to the last
+        // version of the shared one; later persists start a new block.
+        w.append(&dev, &[], 0).unwrap();
+        assert!(!w.unsealed());
+        w.append(&dev, &[map(9)], 42).unwrap();
+        assert_eq!(w.used_blocks(), 3);
+        let (seal, _) = decode_block(&read_block(&dev, ring_block(1)).unwrap(), ring_block(1))
+            .unwrap()
+            .unwrap();
+        assert_eq!((seal.seq, seal.prev_crc, seal.boot), (2, crc, 0));
+        assert!(seal.entries.is_empty());
+        // A recorded sequence closes the open block too.
+        assert_eq!(w.settled_seq(), 3);
+        w.append(&dev, &[map(10)], 42).unwrap();
+        assert_eq!(w.used_blocks(), 4);
     }
 }
