@@ -295,7 +295,8 @@ impl Inner {
             "thinlun: host {d} ('{}') is dead; replaying its journal and releasing its volumes",
             dead.name
         );
-        let tmp = crate::Pool::open_for_recovery(self.dev.clone(), &self.label, d, &claims)?;
+        let tmp =
+            crate::Pool::open_for_recovery(self.dev.clone(), &self.label, d, &claims, self.boot)?;
         tmp.close()
     }
 

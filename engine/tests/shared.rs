@@ -58,6 +58,19 @@ impl Lun {
         dir: &str,
         dev: Arc<dyn BlockDevice>,
     ) -> thinlun::Result<Pool> {
+        self.host_on_boot(id, name, dir, dev, None)
+    }
+
+    /// Like [`Lun::host_on`], on the boot `boot_id` (`None`: this
+    /// machine's; another value: a host on another machine).
+    fn host_on_boot(
+        &self,
+        id: u32,
+        name: &str,
+        dir: &str,
+        dev: Arc<dyn BlockDevice>,
+        boot_id: Option<u64>,
+    ) -> thinlun::Result<Pool> {
         let opts = OpenOptions {
             read_only: false,
             host: Some(HostOptions {
@@ -66,7 +79,7 @@ impl Lun {
                 watchdog: false,
                 run_dir: Some(self.dirs.join(dir)),
             }),
-            boot_id: None,
+            boot_id,
         };
         Pool::open(dev, "mem", &opts)
     }
@@ -187,6 +200,35 @@ fn host_2_dies_with_vm_2(lun: &Lun, blocks: u64) {
     w.flush().unwrap();
     std::mem::forget(w);
     h2.simulate_crash();
+}
+
+/// A host dies after `persist` (its mapping journaled without a flush).
+/// Recovered by a host on another machine (another boot), that write is
+/// dropped, as after a power loss, and the flushed one kept; recovered on
+/// the same boot (a crashed process on this machine), both are kept.
+#[test]
+fn unflushed_persists_of_a_dead_host_are_kept_only_on_its_boot() {
+    for (other_machine, want) in [(true, 0u8), (false, 2u8)] {
+        let lun = Lun::new(&format!("boot-{other_machine}"));
+        let h2 = lun.host(2).unwrap();
+        h2.create_volume("vm-2", 8 * MIB).unwrap();
+        let v = h2.open_volume("vm-2").unwrap();
+        v.write(0, &vec![1u8; BS]).unwrap();
+        v.flush().unwrap();
+        v.write(8, &vec![2u8; BS]).unwrap();
+        v.persist().unwrap();
+        std::mem::forget(v);
+        h2.simulate_crash();
+        let boot = other_machine.then_some(0x0dd_b007);
+        let h3 = lun
+            .host_on_boot(3, "hv-3", "m3", lun.dev.clone(), boot)
+            .unwrap();
+        std::thread::sleep(dead_time());
+        assert_eq!(read(&h3, "vm-2", 0), 1, "other machine: {other_machine}");
+        assert_eq!(read(&h3, "vm-2", 1), want, "other machine: {other_machine}");
+        h3.close().unwrap();
+        lun.check_clean();
+    }
 }
 
 #[test]

@@ -304,15 +304,17 @@ impl Pool {
     /// Opens the pool as host `d` to fold a dead host's journal into the
     /// trees (allocating only in the groups `claims` gives it), for
     /// [`Pool::close`] right after.
+    ///
+    /// The recovering host is on boot `boot`: the dead host's unflushed
+    /// persists are replayed only if it ran on that same boot (a crashed
+    /// process on this machine), never after another machine died.
     pub(crate) fn open_for_recovery(
         dev: Arc<dyn BlockDevice>,
         label: &str,
         d: u32,
         claims: &[claims::Claim],
+        boot: u64,
     ) -> Result<Pool> {
-        // The dead host's unflushed persists are replayed only if it ran
-        // on this machine's current boot (a restart of a crashed process).
-        let boot = crate::util::boot_id();
         Pool::open_as(dev, label, false, d, boot, None, Some(claims))
     }
 
