@@ -15,6 +15,15 @@ const BS: usize = 4096;
 /// The boot identity images of a power loss are opened with: the machine
 /// has rebooted, so it is not this boot's (a hash of the kernel's boot id).
 const REBOOTED: u64 = 0x5eb0_07ed;
+
+/// How an image of a power loss is opened: read-only, after the reboot.
+fn after_power_loss() -> OpenOptions {
+    OpenOptions {
+        read_only: true,
+        boot_id: Some(REBOOTED),
+        ..Default::default()
+    }
+}
 const VOL_BLOCKS: u64 = 256;
 
 struct Rng(u64);
@@ -337,11 +346,7 @@ fn crash_points_during_volume_management() {
             let pool = Pool::open(
                 Arc::new(MemDevice::from_image(img)),
                 "crash",
-                &OpenOptions {
-                    read_only: true,
-                    boot_id: Some(REBOOTED),
-                    ..Default::default()
-                },
+                &after_power_loss(),
             )
             .unwrap();
             let mut got: Vec<String> = pool.volumes().into_iter().map(|v| v.name).collect();
@@ -457,11 +462,7 @@ fn crash_points_with_snapshots_clones_and_rollback() {
             let p = Pool::open(
                 Arc::new(MemDevice::from_image(img)),
                 "crash",
-                &OpenOptions {
-                    read_only: true,
-                    boot_id: Some(REBOOTED),
-                    ..Default::default()
-                },
+                &after_power_loss(),
             )
             .unwrap();
             assert!(
@@ -588,16 +589,8 @@ fn crash_points_in_back_to_back_snapshots() {
             let dev = Arc::new(MemDevice::from_image(img));
             let report = check(dev.as_ref(), "crash").unwrap();
             assert!(report.is_clean(), "point {k}: {:?}", report.errors);
-            let p = Pool::open(
-                dev,
-                "crash",
-                &OpenOptions {
-                    read_only: true,
-                    boot_id: Some(REBOOTED),
-                    ..Default::default()
-                },
-            )
-            .unwrap_or_else(|e| panic!("point {k}: open failed: {e}"));
+            let p = Pool::open(dev, "crash", &after_power_loss())
+                .unwrap_or_else(|e| panic!("point {k}: open failed: {e}"));
             assert!(p.verify_space().is_empty(), "point {k}");
             let mut got: Vec<String> = p.volumes().into_iter().map(|v| v.name).collect();
             got.sort();
@@ -709,12 +702,12 @@ fn a_flush_after_a_restart_vouches_for_the_replayed_persists() {
     vol.flush().unwrap();
     let trace = dev.take_trace();
     let power_loss = trace.crash_image(trace.events.len(), &mut |_, _| false);
-    let opts = OpenOptions {
-        read_only: true,
-        boot_id: Some(REBOOTED),
-        ..Default::default()
-    };
-    let back = Pool::open(Arc::new(MemDevice::from_image(power_loss)), "mem", &opts).unwrap();
+    let back = Pool::open(
+        Arc::new(MemDevice::from_image(power_loss)),
+        "mem",
+        &after_power_loss(),
+    )
+    .unwrap();
     let mut buf = vec![0u8; BS];
     back.open_volume("v")
         .unwrap()
