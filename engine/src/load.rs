@@ -631,7 +631,6 @@ fn load_once(
         seq = host_ckpt.seq + trusted as u64;
         prev_crc = chain.last().map_or(host_ckpt.prev_crc, |c| c.2);
     }
-    let mut replayed = 0u64;
     let mut ch = RefChanges::default();
     for (at, jb, _) in &chain {
         let at = *at;
@@ -685,7 +684,6 @@ fn load_once(
                 }
             }
         }
-        replayed += 1;
     }
     Ok(Some(Loaded {
         state,
@@ -694,7 +692,7 @@ fn load_once(
         next_seq: seq,
         prev_crc,
         unsealed: chain.last().is_some_and(|(_, jb, _)| jb.boot != 0),
-        replayed_blocks: replayed,
+        replayed_blocks: chain.len() as u64,
         warnings,
     }))
 }
