@@ -141,13 +141,19 @@ impl State {
     }
 
     pub fn io_end(&mut self, token: u64) {
+        self.io_end_no_reclaim(token);
+        self.reclaim();
+    }
+
+    /// [`State::io_end`] for one of many requests ending together; the
+    /// caller runs [`State::reclaim`] once after the last.
+    pub fn io_end_no_reclaim(&mut self, token: u64) {
         if let Some(n) = self.active_io.get_mut(&token) {
             *n -= 1;
             if *n == 0 {
                 self.active_io.remove(&token);
             }
         }
-        self.reclaim();
     }
 
     /// Queues data runs freed by a mapping change of the current batch.

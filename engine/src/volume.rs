@@ -15,6 +15,7 @@
 use crate::dev::{AlignedBuf, IoOp};
 use crate::error::{Error, Result};
 use crate::extmap::Segment;
+use crate::plan::{self, Alloc, Piece, Scratch};
 use crate::format::catalog::flags;
 use crate::format::journal::Entry;
 use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
@@ -120,14 +121,6 @@ struct TrimOp {
     req: usize,
     b0: u64,
     n: u64,
-}
-
-/// A planned piece of an operation: `n` blocks at physical `pblock`, or
-/// zeros (reads of holes).
-#[derive(Clone, Copy)]
-struct Piece {
-    n: u64,
-    pblock: Option<u64>,
 }
 
 impl Volume {
@@ -314,16 +307,13 @@ impl Volume {
 
     fn submit_once(&self, reqs: &mut [Request<'_>]) -> Vec<Result<()>> {
         let mut results: Vec<Result<()>> = reqs.iter().map(|_| Ok(())).collect();
-        let (size, read_only) = {
-            let st = self.inner.state.lock();
-            match st.volumes.get(&self.id) {
-                Some(v) => (v.rec.size_bytes, v.rec.flags & flags::READ_ONLY != 0),
-                None => {
-                    return reqs
-                        .iter()
-                        .map(|_| Err(Error::NoSuchVolume(self.name.clone())))
-                        .collect()
-                }
+        let (size, read_only) = match self.size_and_read_only() {
+            Ok(v) => v,
+            Err(_) => {
+                return reqs
+                    .iter()
+                    .map(|_| Err(Error::NoSuchVolume(self.name.clone())))
+                    .collect()
             }
         };
         let mut any_flush = false;
@@ -369,7 +359,7 @@ impl Volume {
         results
     }
 
-    fn validate(&self, r: &Request<'_>, size: u64, read_only: bool) -> Result<()> {
+    pub(crate) fn validate(&self, r: &Request<'_>, size: u64, read_only: bool) -> Result<()> {
         let (sector, bytes, modifies) = match r {
             Request::Read { sector, buf } => (*sector, buf.len() as u64, false),
             Request::Write { sector, data } => (*sector, data.len() as u64, true),
@@ -427,20 +417,59 @@ impl Volume {
                 continue;
             }
             let (b0, b1) = Self::block_range(sector, sectors);
-            let (r0, r1) = (b0 >> STRIPE_SHIFT, (b1 - 1) >> STRIPE_SHIFT);
-            if r1 - r0 >= STRIPES as u64 {
-                idx = (0..STRIPES).collect();
-                break;
-            }
-            for region in r0..=r1 {
-                idx.push(((region ^ self.id.rotate_left(17)) % STRIPES as u64) as usize);
-            }
+            idx.extend(self.stripes_of(b0, b1));
         }
         idx.sort_unstable();
         idx.dedup();
         idx.into_iter()
             .map(|i| self.inner.stripes[i].lock())
             .collect()
+    }
+
+    /// The stripe locks covering blocks `b0..b1` (non-empty), in order.
+    pub(crate) fn stripes_of(&self, b0: u64, b1: u64) -> Vec<usize> {
+        let (r0, r1) = (b0 >> STRIPE_SHIFT, (b1 - 1) >> STRIPE_SHIFT);
+        if r1 - r0 >= STRIPES as u64 {
+            return (0..STRIPES).collect();
+        }
+        let mut idx: Vec<usize> = (r0..=r1)
+            .map(|region| ((region ^ self.id.rotate_left(17)) % STRIPES as u64) as usize)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx
+    }
+
+    pub(crate) fn stripe(&self, i: usize) -> &Arc<parking_lot::Mutex<()>> {
+        &self.inner.stripes[i]
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// The volume's size and whether it is read-only.
+    pub(crate) fn size_and_read_only(&self) -> Result<(u64, bool)> {
+        let st = self.inner.state.lock();
+        match st.volumes.get(&self.id) {
+            Some(v) => Ok((v.rec.size_bytes, v.rec.flags & flags::READ_ONLY != 0)),
+            None => Err(Error::NoSuchVolume(self.name.clone())),
+        }
+    }
+
+    /// Another handle on the same open volume.
+    pub(crate) fn another_handle(&self) -> Result<Volume> {
+        let mut st = self.inner.state.lock();
+        let v = st
+            .volumes
+            .get_mut(&self.id)
+            .ok_or_else(|| Error::NoSuchVolume(self.name.clone()))?;
+        v.handles += 1;
+        Ok(Volume::new(self.inner.clone(), self.id, &self.name))
     }
 
     /// Turns requests into block-aligned operations on aligned buffers,
@@ -642,8 +671,7 @@ impl Volume {
     ) {
         let mut read_plans: Vec<Vec<Piece>> = Vec::with_capacity(reads.len());
         let mut write_plans: Vec<Vec<Piece>> = Vec::with_capacity(writes.len());
-        // (virtual block, physical block, count) of first writes.
-        let mut allocs: Vec<(u64, u64, u64)> = Vec::new();
+        let mut allocs: Vec<Alloc> = Vec::new();
         let token;
         {
             let mut guard = self.inner.state.lock();
@@ -655,96 +683,28 @@ impl Volume {
                 }
                 return;
             };
-            let mut segs = Vec::new();
-            let mut runs = Vec::new();
-            let mut targets: Vec<(u64, u64, Option<u64>)> = Vec::new();
+            let mut sc = Scratch::default();
             for r in reads.iter() {
-                vol.map.lookup(r.b0, r.n, &mut segs);
-                read_plans.push(
-                    segs.iter()
-                        .map(|s| Piece {
-                            n: s.len(),
-                            pblock: match *s {
-                                Segment::Mapped { pblock, .. } => Some(pblock),
-                                _ => None,
-                            },
-                        })
-                        .collect(),
-                );
+                let mut plan = Vec::new();
+                plan::plan_read(vol, r.b0, r.n, &mut sc, &mut plan);
+                read_plans.push(plan);
             }
             for w in writes.iter() {
                 let mut plan = Vec::new();
-                if results[w.req].is_ok() {
-                    vol.map.lookup(w.b0, w.n, &mut segs);
-                    let first_alloc = allocs.len();
-                    let mut failed = false;
-                    // Overwrite in place only what this volume alone
-                    // holds; shared blocks (snapshots, clones) and holes
-                    // get new blocks: copy-on-write at 4 KiB.
-                    targets.clear();
-                    for s in &segs {
-                        match *s {
-                            Segment::Mapped {
-                                vblock,
-                                len,
-                                shared_leaf: true,
-                                ..
-                            } => {
-                                targets.push((vblock, len, None));
-                            }
-                            Segment::Mapped {
-                                vblock,
-                                pblock,
-                                len,
-                                shared_leaf: false,
-                            } => {
-                                runs.clear();
-                                st.refs.runs(pblock, len, &mut runs);
-                                for &(p, n, shared) in &runs {
-                                    let v = vblock + (p - pblock);
-                                    targets.push((v, n, (!shared).then_some(p)));
-                                }
-                            }
-                            Segment::Hole { vblock, len } | Segment::Zero { vblock, len } => {
-                                targets.push((vblock, len, None));
-                            }
-                        }
-                    }
-                    for &(vblock, len, in_place) in &targets {
-                        if let Some(p) = in_place {
-                            plan.push(Piece {
-                                n: len,
-                                pblock: Some(p),
-                            });
-                            continue;
-                        }
-                        if st.space.free_blocks() < len + reserve {
-                            failed = true;
-                            break;
-                        }
-                        let mut done = 0;
-                        while done < len {
-                            let Some((p, n)) = st.space.allocate_run(&mut vol.cursor, len - done)
-                            else {
-                                failed = true;
-                                break;
-                            };
-                            plan.push(Piece { n, pblock: Some(p) });
-                            allocs.push((vblock + done, p, n));
-                            done += n;
-                        }
-                        if failed {
-                            break;
-                        }
-                    }
-                    if failed {
-                        for &(_, p, n) in &allocs[first_alloc..] {
-                            st.space.release(p, n);
-                        }
-                        allocs.truncate(first_alloc);
-                        plan.clear();
-                        results[w.req] = Err(Error::NoSpace);
-                    }
+                if results[w.req].is_ok()
+                    && !plan::plan_write(
+                        vol,
+                        &st.refs,
+                        &mut st.space,
+                        reserve,
+                        w.b0,
+                        w.n,
+                        &mut sc,
+                        &mut plan,
+                        &mut allocs,
+                    )
+                {
+                    results[w.req] = Err(Error::NoSpace);
                 }
                 write_plans.push(plan);
             }
@@ -823,31 +783,8 @@ impl Volume {
             }
         }
 
-        let mut guard = self.inner.state.lock();
-        let st = &mut *guard;
-        let mut ch = crate::extmap::RefChanges::default();
-        let mut entries = Vec::with_capacity(allocs.len());
-        match (io.is_ok(), st.volumes.get_mut(&self.id)) {
-            (true, Some(vol)) => {
-                for &(v, p, n) in &allocs {
-                    vol.map.map(v, p, n, &mut ch);
-                    entries.push(Entry::Map {
-                        volume: self.id,
-                        vblock: v,
-                        pblock: p,
-                        len: n as u32,
-                    });
-                }
-            }
-            _ => {
-                // Never mapped, never journaled: free at once.
-                for &(_, p, n) in &allocs {
-                    st.space.release(p, n);
-                }
-            }
-        }
-        st.apply_changes(&ch);
-        st.pending.extend(entries);
+        let mut st = self.inner.state.lock();
+        plan::publish(&mut st, self.id, &allocs, io.is_ok());
         st.io_end(token);
     }
 }

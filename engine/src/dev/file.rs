@@ -182,6 +182,10 @@ impl BlockDevice for FileDevice {
         self.file.sync_data()
     }
 
+    fn ring(&self, entries: u32) -> Option<io::Result<super::Ring>> {
+        Some(super::Ring::new(&self.file, entries))
+    }
+
     fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let fd = self.file.as_raw_fd();
         if self.is_block_device {

@@ -9,10 +9,12 @@
 mod file;
 mod mem;
 mod overlay;
+mod ring;
 
 pub use file::FileDevice;
 pub use mem::{Event, MemDevice, Trace};
 pub use overlay::OverlayDevice;
+pub use ring::{RawOp, Ring};
 
 use crate::format::BLOCK_SIZE;
 use std::io;
@@ -57,6 +59,13 @@ pub trait BlockDevice: Send + Sync {
     /// BLKDISCARD); contents of the range become unspecified.
     fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
         Ok(())
+    }
+    /// An io_uring of its own over the device, with room for `entries`
+    /// operations, for I/O that completes one operation at a time. `None`
+    /// for devices without one: their callers run each operation through
+    /// [`BlockDevice::submit`] instead.
+    fn ring(&self, _entries: u32) -> Option<io::Result<Ring>> {
+        None
     }
 }
 

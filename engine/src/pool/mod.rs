@@ -58,7 +58,7 @@ pub(crate) struct Inner {
     pub commit: Mutex<Option<CommitCtl>>,
     commits_begun: AtomicU64,
     commits_done: AtomicU64,
-    pub stripes: Box<[Mutex<()>]>,
+    pub stripes: Box<[Arc<Mutex<()>>]>,
     /// Set after a metadata write failed: the on-disk state is still
     /// consistent, but this process refuses further writes.
     failed: Mutex<Option<String>>,
@@ -374,7 +374,7 @@ impl Pool {
             commit: Mutex::new(Some(CommitCtl { journal, host_ckpt })),
             commits_begun: AtomicU64::new(0),
             commits_done: AtomicU64::new(0),
-            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            stripes: (0..STRIPES).map(|_| Arc::new(Mutex::new(()))).collect(),
             failed: Mutex::new(None),
             bg: Arc::new(BackgroundCtl::default()),
             bg_thread: Mutex::new(None),

@@ -1,11 +1,12 @@
-//! thinlun through the engine directly: `Volume::submit` batches of `qd`
-//! requests in this process, as the vhost-user-blk server would issue them
-//! for one drained virtqueue.
+//! thinlun through the engine directly, in this process: an `IoQueue` kept
+//! `qd` deep (as fio keeps its iodepth), or `Volume::submit` batches of
+//! `qd` requests, as the vhost-user-blk server issues one drained
+//! virtqueue.
 
 use crate::pattern::{Measured, Pattern};
 use std::time::{Duration, Instant};
 use thinlun::dev::AlignedBuf;
-use thinlun::{Request, Volume, SECTOR_SIZE};
+use thinlun::{IoQueue, QueueOp, Request, Volume, SECTOR_SIZE};
 use thinlun_benches::fill_pattern;
 
 /// User + system CPU time of this process (all threads, including the
@@ -33,7 +34,7 @@ fn cpu_of(who: libc::c_int) -> Duration {
 /// Batches of up to `qd` requests of `bs` bytes for about `secs` (or until
 /// the pattern is exhausted). Every request of a batch is given the batch's
 /// latency: they are handed over together and complete together.
-pub fn run(
+pub fn run_batches(
     vol: &Volume,
     pattern: &mut Pattern,
     qd: usize,
@@ -85,6 +86,80 @@ pub fn run(
             break;
         }
     }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = self_cpu() - cpu0;
+    let mut m = Measured::from_latencies(lat, secs, exhausted);
+    if m.ios > 0 {
+        m.cpu_us_per_io = Some(cpu.as_secs_f64() * 1e6 / m.ios as f64);
+    }
+    m
+}
+
+/// An `IoQueue` kept `qd` deep with requests of `bs` bytes for about
+/// `secs` (or until the pattern is exhausted); latency per request, from
+/// submission to completion.
+pub fn run_queue(
+    vol: &Volume,
+    pattern: &mut Pattern,
+    qd: usize,
+    bs: usize,
+    write: bool,
+    secs: f64,
+) -> Measured {
+    let mut q: IoQueue<AlignedBuf> = vol.queue(qd).expect("setting up the queue");
+    let mut free: Vec<AlignedBuf> = (0..qd)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(bs);
+            fill_pattern(&mut b, 0x3333 + i as u64);
+            b
+        })
+        .collect();
+    let mut started: Vec<Instant> = Vec::new();
+    let mut lat: Vec<f64> = Vec::new();
+    let mut done = Vec::with_capacity(qd);
+    let mut exhausted = false;
+    let cpu0 = self_cpu();
+    let t0 = Instant::now();
+    let until = t0 + Duration::from_secs_f64(secs);
+    let mut collect = |done: &mut Vec<thinlun::Completion<AlignedBuf>>,
+                       free: &mut Vec<AlignedBuf>,
+                       started: &[Instant]| {
+        let now = Instant::now();
+        for c in done.drain(..) {
+            if let Err(e) = c.result {
+                panic!("thinlun request failed: {e}");
+            }
+            lat.push((now - started[c.tag as usize]).as_secs_f64() * 1e6);
+            match c.op {
+                QueueOp::Read { buf, .. } | QueueOp::Write { buf, .. } => free.push(buf),
+                _ => {}
+            }
+        }
+    };
+    while Instant::now() < until {
+        while let Some(buf) = free.pop() {
+            let Some(off) = pattern.next() else {
+                exhausted = true;
+                free.push(buf);
+                break;
+            };
+            let sector = off / SECTOR_SIZE;
+            let op = if write {
+                QueueOp::Write { sector, buf }
+            } else {
+                QueueOp::Read { sector, buf }
+            };
+            q.submit(started.len() as u64, op);
+            started.push(Instant::now());
+        }
+        if exhausted {
+            break;
+        }
+        q.complete(1, &mut done);
+        collect(&mut done, &mut free, &started);
+    }
+    q.drain(&mut done);
+    collect(&mut done, &mut free, &started);
     let secs = t0.elapsed().as_secs_f64();
     let cpu = self_cpu() - cpu0;
     let mut m = Measured::from_latencies(lat, secs, exhausted);

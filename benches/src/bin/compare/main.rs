@@ -23,7 +23,10 @@
 //!   `iodepth_batch_submit` and `iodepth_batch_complete_min`): submit 32,
 //!   wait for all 32, as one `Volume::submit` does; shown for depth 32.
 //! * `qcow2`: `qemu-img bench` (io_uring, `-t none` = O_DIRECT) on qcow2.
-//! * `thinlun`: the engine in this process (`Volume::submit` batches).
+//! * `thinlun`: the engine in this process, through an `IoQueue` kept
+//!   full (each request completes on its own, as with fio).
+//! * `thinlun-batch`: the same in whole batches (`Volume::submit`), as
+//!   `raw-batch` is to `raw`; depth 32 only.
 //! * `thinlun-vhost`, `thinlun-vhost-lazy`: `thinctl serve` (default
 //!   durability, and `--lazy-commit`) over vhost-user-blk, driven by a
 //!   `virtio-driver` front end in this process.
@@ -192,6 +195,7 @@ enum Backend {
     RawBatch,
     Qcow2,
     Thinlun,
+    ThinlunBatch,
     ThinlunVhost,
     ThinlunVhostLazy,
     ThinlunVhost2q,
@@ -201,11 +205,12 @@ enum Backend {
     QsdQcow22q,
 }
 
-const BACKENDS: [Backend; 11] = [
+const BACKENDS: [Backend; 12] = [
     Backend::Raw,
     Backend::RawBatch,
     Backend::Qcow2,
     Backend::Thinlun,
+    Backend::ThinlunBatch,
     Backend::ThinlunVhost,
     Backend::ThinlunVhostLazy,
     Backend::ThinlunVhost2q,
@@ -222,6 +227,7 @@ impl Backend {
             Backend::RawBatch => "raw-batch",
             Backend::Qcow2 => "qcow2",
             Backend::Thinlun => "thinlun",
+            Backend::ThinlunBatch => "thinlun-batch",
             Backend::ThinlunVhost => "thinlun-vhost",
             Backend::ThinlunVhostLazy => "thinlun-vhost-lazy",
             Backend::ThinlunVhost2q => "thinlun-vhost-2q",
@@ -238,6 +244,7 @@ impl Backend {
             Backend::RawBatch => "raw file, fio, batches",
             Backend::Qcow2 => "qcow2, qemu-img bench",
             Backend::Thinlun => "thinlun, engine",
+            Backend::ThinlunBatch => "thinlun, engine, batches",
             Backend::ThinlunVhost => "thinlun, vhost (default)",
             Backend::ThinlunVhostLazy => "thinlun, vhost --lazy-commit",
             Backend::ThinlunVhost2q => "thinlun, vhost, 2 queues",
@@ -268,7 +275,8 @@ impl Backend {
     }
 
     fn applies_to(self, c: &Case) -> bool {
-        self.applies(c.work) && (c.qd > 1 || !(self == Backend::RawBatch || self.queues() > 1))
+        let batch = matches!(self, Backend::RawBatch | Backend::ThinlunBatch);
+        self.applies(c.work) && (c.qd > 1 || !(batch || self.queues() > 1))
     }
 }
 
@@ -430,7 +438,7 @@ impl Env {
 
     fn usable(&self, b: Backend) -> bool {
         match b {
-            Backend::Raw | Backend::RawBatch | Backend::Thinlun => true,
+            Backend::Raw | Backend::RawBatch | Backend::Thinlun | Backend::ThinlunBatch => true,
             Backend::Qcow2 => self.have_qemu_img,
             Backend::ThinlunVhost | Backend::ThinlunVhostLazy | Backend::ThinlunVhost2q => {
                 self.have_serve
@@ -510,7 +518,7 @@ fn setup(o: Opts) -> Env {
             next: 0,
             bs: M1 as u64,
         };
-        direct::run(&v, &mut p, 32, M1, true, 1e9);
+        direct::run_queue(&v, &mut p, 32, M1, true, 1e9);
         v.flush().expect("flush");
     }
     pool.close().expect("closing the pool");
@@ -586,7 +594,7 @@ fn run_qcow2(env: &Env, c: &Case, raw_iops: f64) -> std::io::Result<Measured> {
 }
 
 /// thinlun through the engine in this process.
-fn run_thinlun(env: &Env, c: &Case, seed: u64) -> Measured {
+fn run_thinlun(env: &Env, c: &Case, seed: u64, batches: bool) -> Measured {
     let pool = env.open_pool();
     let (vol, cleanup): (&str, Option<(&str, bool)>) = match c.work {
         Work::FirstWrite => {
@@ -602,13 +610,22 @@ fn run_thinlun(env: &Env, c: &Case, seed: u64) -> Measured {
     };
     let v = pool.open_volume(vol).expect("opening the volume");
     let mut p = pattern_for(c, env.o.size, seed);
-    let mut m = direct::run(&v, &mut p, c.qd, c.bs, c.work.writes(), env.o.secs);
+    let run = if batches {
+        direct::run_batches
+    } else {
+        direct::run_queue
+    };
+    let mut m = run(&v, &mut p, c.qd, c.bs, c.work.writes(), env.o.secs);
     drop(v);
     if let Some((name, rec)) = cleanup {
         pool.remove_volume(name, rec).expect("cleaning up");
     }
     pool.close().expect("closing the pool");
-    m.note = "batches of QD requests (one Volume::submit); latency = the batch's".into();
+    m.note = if batches {
+        "batches of QD requests (one Volume::submit); latency = the batch's".into()
+    } else {
+        "an IoQueue kept QD deep; latency per request".into()
+    };
     m
 }
 
@@ -866,7 +883,8 @@ fn main() {
                         m
                     }),
                     Backend::Qcow2 => run_qcow2(&env, c, raw1.iops()),
-                    Backend::Thinlun => Ok(run_thinlun(&env, c, seed + round as u64)),
+                    Backend::Thinlun => Ok(run_thinlun(&env, c, seed + round as u64, false)),
+                    Backend::ThinlunBatch => Ok(run_thinlun(&env, c, seed + round as u64, true)),
                     _ => run_vhost(&env, b, c, seed + round as u64),
                 };
                 if let Err(e) = &r {
