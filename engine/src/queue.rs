@@ -410,6 +410,13 @@ impl<B: IoBuf> IoQueue<B> {
                 }
                 at += len;
             }
+            // Start the device now, as fio does for each request: a request
+            // waiting in the ring for the next reap idles the device.
+            if waiting > 0 {
+                if let Err(e) = ring.submit() {
+                    error.get_or_insert(e);
+                }
+            }
         }
         self.in_flight += 1;
         self.slots[idx] = Some(Slot {

@@ -99,6 +99,16 @@ impl Ring {
         Ok(())
     }
 
+    /// Hands what was pushed to the kernel now, without waiting for
+    /// anything: the device starts on it while the caller goes on.
+    pub fn submit(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// Submits what was pushed, waits until at least `min` operations
     /// (at most those in flight) have completed, and appends every
     /// completion available as (tag, result).
