@@ -52,6 +52,9 @@ pub(crate) struct State {
     pub twin_unflushed: bool,
     /// Journal entries not yet handed to a commit.
     pub pending: Vec<Entry>,
+    /// How many times `pending` was taken to be written (see
+    /// [`State::take_pending`]).
+    pub takes: u64,
     /// Number of the commit that will carry `pending`.
     pub batch: u64,
     /// Number of the last durable commit.
@@ -72,6 +75,7 @@ impl State {
             catalog_blocks: Vec::new(),
             twin_unflushed: false,
             pending: Vec::new(),
+            takes: 0,
             batch: 1,
             committed: 0,
             pending_frees: Vec::new(),
@@ -156,6 +160,12 @@ impl State {
         }
     }
 
+    /// Takes the pending journal entries to be written, numbered.
+    pub fn take_pending(&mut self) -> (Vec<Entry>, u64) {
+        self.takes += 1;
+        (std::mem::take(&mut self.pending), self.takes)
+    }
+
     /// Queues data runs freed by a mapping change of the current batch.
     pub fn free_later(&mut self, freed: &[Freed]) {
         if freed.is_empty() {
@@ -219,6 +229,7 @@ impl State {
         self.io_epoch = old.io_epoch;
         self.active_io = std::mem::take(&mut old.active_io);
         self.pending = std::mem::take(&mut old.pending);
+        self.takes = old.takes;
         self.pending_frees = std::mem::take(&mut old.pending_frees);
         let mut already = Vec::new();
         for f in &self.pending_frees {

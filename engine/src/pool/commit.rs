@@ -254,14 +254,20 @@ impl Inner {
     /// cannot be identified, the data is flushed first instead. Costs
     /// nothing when no mapping changed (overwrites in place).
     pub(crate) fn persist(&self) -> Result<()> {
-        if self.state.lock().pending.is_empty() {
-            return Ok(());
+        {
+            let st = self.state.lock();
+            if st.pending.is_empty() && self.takes_written.load(Ordering::Acquire) >= st.takes {
+                return Ok(());
+            }
         }
-        self.writable()?;
         let mut guard = self.commit.lock();
+        // Whoever took entries before us wrote them under this lock, or
+        // failed the pool doing so.
+        self.writable()?;
         let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
-        let entries = std::mem::take(&mut self.state.lock().pending);
+        let (entries, take) = self.state.lock().take_pending();
         if entries.is_empty() {
+            self.takes_written.fetch_max(take, Ordering::Release);
             return Ok(());
         }
         let r = (|| {
@@ -280,7 +286,9 @@ impl Inner {
             // The batch number is not advanced: frees of these changes
             // become reusable with the next real commit, whose first flush
             // makes these journal blocks durable.
-            ctl.journal.append(dev, &entries, self.boot)
+            ctl.journal.append(dev, &entries, self.boot)?;
+            self.takes_written.fetch_max(take, Ordering::Release);
+            Ok(())
         })();
         if let Err(e) = &r {
             self.fail(e);
@@ -291,11 +299,12 @@ impl Inner {
     /// Group commit: data flush, then the journal blocks of every pending
     /// change, then a second flush. Frees become reusable afterwards.
     pub(crate) fn commit_locked(&self, ctl: &mut CommitCtl) -> Result<()> {
-        let (entries, batch) = {
+        let (entries, take, batch) = {
             let mut st = self.state.lock();
             let b = st.batch;
             st.batch += 1;
-            (std::mem::take(&mut st.pending), b)
+            let (entries, take) = st.take_pending();
+            (entries, take, b)
         };
         let dev = self.dev.as_ref();
         dev.flush().map_err(|e| Error::io("flushing data", e))?;
@@ -311,6 +320,7 @@ impl Inner {
                 self.checkpoint_locked(ctl)?;
             }
         }
+        self.takes_written.fetch_max(take, Ordering::Release);
         let mut st = self.state.lock();
         st.committed = st.committed.max(batch);
         st.reclaim();

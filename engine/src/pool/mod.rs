@@ -58,6 +58,11 @@ pub(crate) struct Inner {
     pub commit: Mutex<Option<CommitCtl>>,
     commits_begun: AtomicU64,
     commits_done: AtomicU64,
+    /// The last take of pending journal entries (`State::takes`) whose
+    /// journal blocks (or trees) are written: a persist that finds nothing
+    /// pending still waits for an earlier take to be written, since that
+    /// take may hold its caller's entries.
+    pub(crate) takes_written: AtomicU64,
     pub stripes: Box<[Arc<Mutex<()>>]>,
     /// Set after a metadata write failed: the on-disk state is still
     /// consistent, but this process refuses further writes.
@@ -374,6 +379,7 @@ impl Pool {
             commit: Mutex::new(Some(CommitCtl { journal, host_ckpt })),
             commits_begun: AtomicU64::new(0),
             commits_done: AtomicU64::new(0),
+            takes_written: AtomicU64::new(0),
             stripes: (0..STRIPES).map(|_| Arc::new(Mutex::new(()))).collect(),
             failed: Mutex::new(None),
             bg: Arc::new(BackgroundCtl::default()),
