@@ -411,8 +411,11 @@ impl<B: IoBuf> IoQueue<B> {
                 at += len;
             }
             // Start the device now, as fio does for each request: a request
-            // waiting in the ring for the next reap idles the device.
-            if waiting > 0 {
+            // waiting in the ring for the next reap idles the device. New
+            // blocks are the exception: they are allocated one after
+            // another, so writes to them that reach the kernel together
+            // merge into larger device writes.
+            if waiting > 0 && allocs.is_empty() {
                 if let Err(e) = ring.submit() {
                     error.get_or_insert(e);
                 }
