@@ -82,7 +82,7 @@ pub use error::{Error, Result};
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
 pub use names::is_valid_volume_name;
 pub use pool::{HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig, VolumeInfo};
+pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
 pub use shared::LockStatus;
 pub use snapshot::Usage;
-pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
 pub use volume::{Request, Volume};

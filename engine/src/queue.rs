@@ -45,10 +45,22 @@ impl AsMut<[u8]> for AlignedBuf {
 /// One request of a queue. Sectors are 512 bytes; buffers are owned by the
 /// queue until the request's [`Completion`] gives them back.
 pub enum QueueOp<B> {
-    Read { sector: u64, buf: B },
-    Write { sector: u64, buf: B },
-    Discard { sector: u64, sectors: u64 },
-    WriteZeroes { sector: u64, sectors: u64 },
+    Read {
+        sector: u64,
+        buf: B,
+    },
+    Write {
+        sector: u64,
+        buf: B,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    WriteZeroes {
+        sector: u64,
+        sectors: u64,
+    },
     /// Makes every request completed before it durable.
     Flush,
 }
@@ -134,7 +146,11 @@ impl Volume {
     /// handle of its own: the volume stays open while the queue lives).
     pub fn queue<B: IoBuf>(&self, depth: usize) -> Result<IoQueue<B>> {
         let depth = depth.clamp(1, 1024);
-        let ring = match self.inner().dev.ring((depth as u32 * 2).next_power_of_two()) {
+        let ring = match self
+            .inner()
+            .dev
+            .ring((depth as u32 * 2).next_power_of_two())
+        {
             None => None,
             Some(r) => Some(r.map_err(|e| Error::io("setting up an I/O queue", e))?),
         };
@@ -537,4 +553,3 @@ impl<B: IoBuf> Drop for IoQueue<B> {
         }
     }
 }
-

@@ -15,10 +15,10 @@
 use crate::dev::{AlignedBuf, IoOp};
 use crate::error::{Error, Result};
 use crate::extmap::Segment;
-use crate::plan::{self, Alloc, Piece, Scratch};
 use crate::format::catalog::flags;
 use crate::format::journal::Entry;
 use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
+use crate::plan::{self, Alloc, Piece, Scratch};
 use crate::pool::{Inner, STRIPES};
 use parking_lot::MutexGuard;
 use std::sync::Arc;

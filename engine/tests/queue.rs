@@ -20,7 +20,10 @@ impl TempFile {
         let dir = std::env::var_os("THINLUN_TEST_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(std::env::temp_dir);
-        TempFile(dir.join(format!("thinlun-queue-{name}-{}-{n}.img", std::process::id())))
+        TempFile(dir.join(format!(
+            "thinlun-queue-{name}-{}-{n}.img",
+            std::process::id()
+        )))
     }
 }
 
@@ -32,10 +35,23 @@ impl Drop for TempFile {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write { sector: u64, sectors: u64, byte: u8 },
-    Read { sector: u64, sectors: u64 },
-    Discard { sector: u64, sectors: u64 },
-    Zero { sector: u64, sectors: u64 },
+    Write {
+        sector: u64,
+        sectors: u64,
+        byte: u8,
+    },
+    Read {
+        sector: u64,
+        sectors: u64,
+    },
+    Discard {
+        sector: u64,
+        sectors: u64,
+    },
+    Zero {
+        sector: u64,
+        sectors: u64,
+    },
     Flush,
     /// Drain, snapshot, and remember the model at that point.
     Snapshot,
@@ -175,7 +191,9 @@ proptest! {
 fn pattern(writer: u64, block: u64, round: u64) -> AlignedBuf {
     let mut b = AlignedBuf::zeroed(4096);
     for (i, c) in b.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(writer << 56 | block << 24 | round << 8 | (i as u64 & 0xff)).to_le_bytes());
+        c.copy_from_slice(
+            &(writer << 56 | block << 24 | round << 8 | (i as u64 & 0xff)).to_le_bytes(),
+        );
     }
     b
 }
@@ -205,7 +223,13 @@ fn a_full_queue_beside_batches_and_snapshots() {
                 for k in 0..even.len() {
                     // Scattered: k -> 37k mod 512 visits every block once.
                     let b = even[(k * 37) % even.len()];
-                    q.submit(b, QueueOp::Write { sector: b * 8, buf: pattern(1, b, round) });
+                    q.submit(
+                        b,
+                        QueueOp::Write {
+                            sector: b * 8,
+                            buf: pattern(1, b, round),
+                        },
+                    );
                     q.complete(0, &mut done);
                 }
             }
@@ -218,12 +242,16 @@ fn a_full_queue_beside_batches_and_snapshots() {
                 for chunk in odd.chunks(16) {
                     // Each block written as eight 512-byte writes in one
                     // batch: read-modify-write under the stripe locks.
-                    let data: Vec<AlignedBuf> = chunk.iter().map(|&b| pattern(2, b, round)).collect();
+                    let data: Vec<AlignedBuf> =
+                        chunk.iter().map(|&b| pattern(2, b, round)).collect();
                     let mut reqs: Vec<thinlun::Request> = Vec::new();
                     for (&b, d) in chunk.iter().zip(&data) {
                         for k in 0..8u64 {
                             let part = &d[(k * 512) as usize..((k + 1) * 512) as usize];
-                            reqs.push(thinlun::Request::Write { sector: b * 8 + k, data: part });
+                            reqs.push(thinlun::Request::Write {
+                                sector: b * 8 + k,
+                                data: part,
+                            });
                         }
                     }
                     for r in vol.submit(&mut reqs) {
@@ -238,7 +266,10 @@ fn a_full_queue_beside_batches_and_snapshots() {
                 let name = format!("vm@s{}", names.len());
                 pool.create_snapshot(&name).unwrap();
                 let mut first = AlignedBuf::zeroed((blocks * 4096) as usize);
-                pool.open_volume(&name).unwrap().read(0, &mut first).unwrap();
+                pool.open_volume(&name)
+                    .unwrap()
+                    .read(0, &mut first)
+                    .unwrap();
                 names.push((name, first));
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
@@ -266,13 +297,19 @@ fn a_full_queue_beside_batches_and_snapshots() {
         s.read(0, &mut buf).unwrap();
         // A write still in flight when the snapshot was taken must not
         // land in it afterwards.
-        assert!(buf[..] == first[..], "snapshot {name} changed after it was taken");
+        assert!(
+            buf[..] == first[..],
+            "snapshot {name} changed after it was taken"
+        );
         for b in 0..blocks {
             let data = &buf[(b * 4096) as usize..((b + 1) * 4096) as usize];
             // Batch-side blocks may hold a partly applied batch (its 512-byte
             // writes are separate requests); queue-side blocks never do.
             if (b / 16) % 2 == 0 {
-                assert!(whole(data, b), "snapshot {name}: block {b} holds a torn write");
+                assert!(
+                    whole(data, b),
+                    "snapshot {name}: block {b} holds a torn write"
+                );
             }
         }
     }
@@ -283,7 +320,10 @@ fn a_full_queue_beside_batches_and_snapshots() {
     for b in 0..blocks {
         let writer = if (b / 16) % 2 == 0 { 1 } else { 2 };
         let data = &buf[(b * 4096) as usize..((b + 1) * 4096) as usize];
-        assert!(data == &pattern(writer, b, rounds)[..], "block {b} lost its last write");
+        assert!(
+            data == &pattern(writer, b, rounds)[..],
+            "block {b} lost its last write"
+        );
     }
     drop(vol);
     pool.close().unwrap();
@@ -307,7 +347,13 @@ fn a_snapshot_waits_for_unfinished_queue_writes() {
     for b in 0..8u64 {
         let mut buf = AlignedBuf::zeroed(4096);
         buf.fill(9);
-        q.submit(b, QueueOp::Write { sector: b * 32, buf });
+        q.submit(
+            b,
+            QueueOp::Write {
+                sector: b * 32,
+                buf,
+            },
+        );
     }
     let taken = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -330,6 +376,10 @@ fn a_snapshot_waits_for_unfinished_queue_writes() {
     let mut got = vec![0u8; 4096];
     for b in 0..8u64 {
         snap.read(b * 32, &mut got).unwrap();
-        assert!(got.iter().all(|&x| x == 9), "block {} of the snapshot", b * 4);
+        assert!(
+            got.iter().all(|&x| x == 9),
+            "block {} of the snapshot",
+            b * 4
+        );
     }
 }

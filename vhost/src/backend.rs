@@ -2,14 +2,18 @@
 //! vhost-user protocol, and the data path of each queue.
 //!
 //! Each queue has its own worker thread (`queues_per_thread`). On a kick the
-//! worker drains every available chain, parses them, turns them into one
-//! engine batch ([`thinlun::Volume::submit`], one io_uring submission),
-//! writes the status bytes, then publishes the used entries in the order
-//! the chains were taken and signals the guest once (when EVENT_IDX says it
-//! wants to hear). In-order completion is what makes reconnect safe: see
-//! the crate README.
+//! worker takes every available chain and parses it. Reads and writes go to
+//! the engine's I/O queue ([`crate::flow`]) and stay in flight while the
+//! worker takes more: the worker waits for completions, persists the new
+//! mappings of finished writes, and publishes used entries in the order the
+//! chains were taken, until nothing is left in flight. Everything else
+//! (flush, discard, write-zeroes, GET_ID, bounced buffers) runs as one engine
+//! batch ([`thinlun::Volume::submit`]) once the requests before it are done.
+//! The guest is signalled when EVENT_IDX says it wants to hear. In-order
+//! completion is what makes reconnect safe: see the crate README.
 
 use crate::config::BlkConfig;
+use crate::flow::Flow;
 use crate::guest::{self, HostSeg, Mem, Reader};
 use crate::request::{self, Command, Desc, Parsed, Status, ID_BYTES, SECTOR};
 use std::io;
@@ -119,10 +123,11 @@ struct Inner {
     /// Per queue: `next_used` was taken from the used ring in guest memory
     /// since the queue was (re)started.
     synced: Vec<AtomicBool>,
-    /// Per queue: held by the worker while it processes the queue, so
-    /// `stop_vring` (GET_VRING_BASE) returns only once the batch in
-    /// progress has completed and the ring position it reports is final.
-    busy: Vec<Mutex<()>>,
+    /// Per queue: the requests in flight, held by the worker while it
+    /// processes the queue, so `stop_vring` (GET_VRING_BASE) returns only
+    /// once everything taken has completed and the ring position it
+    /// reports is final.
+    flows: Vec<Mutex<Flow>>,
 }
 
 impl BlkBackend {
@@ -135,24 +140,23 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 write_through: AtomicBool::new(false),
                 synced: (0..n).map(|_| AtomicBool::new(false)).collect(),
-                busy: (0..n).map(|_| Mutex::new(())).collect(),
+                flows: (0..n).map(|_| Mutex::new(Flow::new())).collect(),
             }),
         }
     }
 
     fn process_vring(&self, vring: &Vring, q: usize) -> io::Result<()> {
-        let _busy = self
-            .inner
-            .busy
-            .get(q)
-            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
+        let Some(flow) = self.inner.flows.get(q) else {
+            return Ok(());
+        };
+        let mut flow = flow.lock().unwrap_or_else(|e| e.into_inner());
         let atomic = self
             .inner
             .mem
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let mem = atomic.memory();
+        let mem: Arc<Mem> = atomic.memory().into_inner();
         if let Some(flag) = self.inner.synced.get(q) {
             if !flag.load(Ordering::Acquire) {
                 // A restarted server (or a re-started queue) continues the
@@ -168,24 +172,174 @@ impl BlkBackend {
         loop {
             use virtio_queue::QueueT;
             if !vring.get_ref().get_queue().ready() {
-                break; // stopped (GET_VRING_BASE): take nothing more
+                // Stopped (GET_VRING_BASE): take nothing more, finish what
+                // was taken.
+                flow.drain();
+                self.publish(vring, &mem, &mut flow)?;
+                break;
             }
             if event_idx {
                 vring.disable_notification().map_err(io::Error::other)?;
             }
             let chains = take_chains(&mut vring.get_mut(), &mem)?;
-            if !chains.is_empty() {
-                let done = self.run_batch(&mem, &chains);
-                for (head, len) in done {
-                    vring.add_used(head, len).map_err(io::Error::other)?;
+            let took = !chains.is_empty();
+            if took {
+                self.start_chains(&mem, chains, &mut flow);
+            }
+            if flow.in_flight() > 0 {
+                // Having just taken requests, collect what is done without
+                // waiting and look for more; otherwise wait for one.
+                flow.reap(usize::from(!took));
+            }
+            self.publish(vring, &mem, &mut flow)?;
+            if flow.outstanding() > 0 {
+                if flow.in_flight() == 0 {
+                    break; // cannot happen: nothing left to wait for
                 }
-                if vring.needs_notification().map_err(io::Error::other)? {
-                    vring.signal_used_queue()?;
-                }
+                continue;
             }
             if !event_idx || !vring.enable_notification().map_err(io::Error::other)? {
                 break;
             }
+        }
+        Ok(())
+    }
+
+    /// Starts the chains of one drain: reads and writes into the engine's
+    /// queue, runs of other requests as batches once everything before
+    /// them is done.
+    fn start_chains(&self, mem: &Arc<Mem>, chains: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
+        let dev = &self.inner.dev;
+        let cfg = &dev.config;
+        let mut lim = cfg.limits();
+        lim.capacity = dev.volume.size_bytes() / SECTOR;
+        let reader = Reader(mem);
+        let n = chains.len();
+        dev.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+        dev.stats.max_batch.fetch_max(n as u64, Ordering::Relaxed);
+        // Write-through needs a flush before each write completes: batches.
+        let stream = !self.inner.write_through.load(Ordering::Relaxed);
+
+        // What streams: a well-formed read or write whose segments all
+        // translate to guest memory in place and overlap no other segment
+        // of the drain where the device writes.
+        let mut plans: Vec<Option<Streamed>> = Vec::with_capacity(n);
+        let mut all: Vec<(usize, usize, bool, usize)> = Vec::new();
+        for (i, (_, descs)) in chains.iter().enumerate() {
+            let parsed = request::parse(descs, &reader, &lim);
+            let data = match parsed {
+                Ok(Parsed {
+                    status_addr,
+                    cmd: Ok(Command::Read { sector, segs }),
+                }) => Some((status_addr, sector, segs, false)),
+                Ok(Parsed {
+                    status_addr,
+                    cmd: Ok(Command::Write { sector, segs }),
+                }) => Some((status_addr, sector, segs, true)),
+                _ => None,
+            };
+            let plan = match data {
+                Some((status_addr, sector, segs, write)) if stream => {
+                    let host: Option<Vec<HostSeg>> = segs
+                        .iter()
+                        .map(|s| {
+                            guest::translate(mem, *s)
+                                .filter(|_| (s.len as u64).is_multiple_of(SECTOR))
+                        })
+                        .collect();
+                    // A read-only device fails writes in the batch path.
+                    let allowed = !write || !cfg.read_only;
+                    match host {
+                        Some(segs) if allowed && !segs.is_empty() => {
+                            all.extend(segs.iter().map(|s| (s.ptr as usize, s.len, !write, i)));
+                            Some(Streamed {
+                                status_addr,
+                                sector,
+                                segs,
+                                write,
+                            })
+                        }
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            plans.push(plan);
+        }
+        let mut flagged = vec![false; n];
+        guest::overlapping_owners(&mut all, &mut flagged);
+
+        let mut run: Vec<(u16, Vec<Desc>)> = Vec::new();
+        for ((head, descs), (plan, flagged)) in
+            chains.into_iter().zip(plans.into_iter().zip(flagged))
+        {
+            let streamed = match plan {
+                Some(p) if !flagged => {
+                    if !run.is_empty() {
+                        self.run_in_order(mem, std::mem::take(&mut run), flow);
+                    }
+                    flow.start(
+                        &dev.volume,
+                        mem,
+                        head,
+                        p.status_addr,
+                        p.sector,
+                        &p.segs,
+                        p.write,
+                    )
+                    .is_ok()
+                }
+                _ => false,
+            };
+            if !streamed {
+                run.push((head, descs));
+            }
+        }
+        if !run.is_empty() {
+            self.run_in_order(mem, run, flow);
+        }
+    }
+
+    /// Runs chains as one batch after everything taken before them.
+    fn run_in_order(&self, mem: &Mem, run: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
+        flow.drain();
+        let done = self.run_batch(mem, &run);
+        flow.finished(done);
+    }
+
+    /// Publishes the finished requests at the front of the flow, in order:
+    /// persists the mappings of finished writes first (default
+    /// durability), writes the status bytes, adds the used entries and
+    /// signals the guest if it wants to hear.
+    fn publish(&self, vring: &Vring, mem: &Mem, flow: &mut Flow) -> io::Result<()> {
+        let dev = &self.inner.dev;
+        let persist_failed = flow.writes_ready()
+            && dev.durability == Durability::ProcessCrash
+            && dev.volume.persist().is_err();
+        let mut done = Vec::new();
+        flow.take_ready(persist_failed, &mut done);
+        if done.is_empty() {
+            return Ok(());
+        }
+        for d in done {
+            let len = match d.finished {
+                Some(len) => len,
+                None => {
+                    if d.status != Status::Ok {
+                        dev.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    match d.status_addr {
+                        Some(addr) if guest::put_status(mem, addr, d.status as u8) => {
+                            d.used_data + 1
+                        }
+                        _ => 0,
+                    }
+                }
+            };
+            vring.add_used(d.head, len).map_err(io::Error::other)?;
+        }
+        if vring.needs_notification().map_err(io::Error::other)? {
+            vring.signal_used_queue()?;
         }
         Ok(())
     }
@@ -456,6 +610,14 @@ fn waves(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
     out
 }
 
+/// A read or write that streams through the engine's queue.
+struct Streamed {
+    status_addr: u64,
+    sector: u64,
+    segs: Vec<HostSeg>,
+    write: bool,
+}
+
 /// Pops every available chain, as (head index, descriptors).
 fn take_chains(state: &mut VringState<Gm>, mem: &Mem) -> io::Result<Vec<(u16, Vec<Desc>)>> {
     use virtio_queue::QueueOwnedT;
@@ -691,7 +853,7 @@ impl VhostUserBackend for BlkBackend {
         let q = queue_index as usize;
         let _idle = self
             .inner
-            .busy
+            .flows
             .get(q)
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(s) = self.inner.synced.get(q) {

@@ -29,6 +29,7 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+mod flow;
 pub mod guest;
 pub mod request;
 pub mod server;
