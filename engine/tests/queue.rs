@@ -211,8 +211,10 @@ fn a_full_queue_beside_batches_and_snapshots() {
     let blocks = 1024u64; // 4 MiB
     pool.create_volume("vm", blocks * 4096).unwrap();
     let rounds = 6u64;
-    let even: Vec<u64> = (0..blocks).filter(|b| (b / 16) % 2 == 0).collect();
-    let odd: Vec<u64> = (0..blocks).filter(|b| (b / 16) % 2 == 1).collect();
+    let even: Vec<u64> = (0..blocks).filter(|b| (b / 16).is_multiple_of(2)).collect();
+    let odd: Vec<u64> = (0..blocks)
+        .filter(|b| !(b / 16).is_multiple_of(2))
+        .collect();
     let stop = std::sync::atomic::AtomicBool::new(false);
     let snapshots = std::thread::scope(|s| {
         let queue_side = s.spawn(|| {
@@ -288,7 +290,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
         if data.iter().all(|&x| x == 0) {
             return true;
         }
-        let writer = if (b / 16) % 2 == 0 { 1 } else { 2 };
+        let writer = if (b / 16).is_multiple_of(2) { 1 } else { 2 };
         (1..=rounds).any(|r| data == &pattern(writer, b, r)[..])
     };
     let mut buf = AlignedBuf::zeroed((blocks * 4096) as usize);
@@ -305,7 +307,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
             let data = &buf[(b * 4096) as usize..((b + 1) * 4096) as usize];
             // Batch-side blocks may hold a partly applied batch (its 512-byte
             // writes are separate requests); queue-side blocks never do.
-            if (b / 16) % 2 == 0 {
+            if (b / 16).is_multiple_of(2) {
                 assert!(
                     whole(data, b),
                     "snapshot {name}: block {b} holds a torn write"
@@ -318,7 +320,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
     let vol = pool.open_volume("vm").unwrap();
     vol.read(0, &mut buf).unwrap();
     for b in 0..blocks {
-        let writer = if (b / 16) % 2 == 0 { 1 } else { 2 };
+        let writer = if (b / 16).is_multiple_of(2) { 1 } else { 2 };
         let data = &buf[(b * 4096) as usize..((b + 1) * 4096) as usize];
         assert!(
             data == &pattern(writer, b, rounds)[..],

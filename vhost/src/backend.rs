@@ -13,7 +13,7 @@
 //! completion is what makes reconnect safe: see the crate README.
 
 use crate::config::BlkConfig;
-use crate::flow::Flow;
+use crate::flow::{DataRequest, Flow};
 use crate::guest::{self, HostSeg, Mem, Reader};
 use crate::request::{self, Command, Desc, Parsed, Status, ID_BYTES, SECTOR};
 use std::io;
@@ -53,6 +53,9 @@ pub enum Durability {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub requests: AtomicU64,
+    /// Requests that streamed through the engine's queue.
+    pub streamed: AtomicU64,
+    /// Engine batches run (requests that did not stream).
     pub batches: AtomicU64,
     pub errors: AtomicU64,
     pub max_batch: AtomicU64,
@@ -62,6 +65,7 @@ pub struct Stats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsSnapshot {
     pub requests: u64,
+    pub streamed: u64,
     pub batches: u64,
     pub errors: u64,
     pub max_batch: u64,
@@ -71,6 +75,7 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
             requests: self.requests.load(Ordering::Relaxed),
+            streamed: self.streamed.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
             max_batch: self.max_batch.load(Ordering::Relaxed),
@@ -223,7 +228,7 @@ impl BlkBackend {
         // What streams: a well-formed read or write whose segments all
         // translate to guest memory in place and overlap no other segment
         // of the drain where the device writes.
-        let mut plans: Vec<Option<Streamed>> = Vec::with_capacity(n);
+        let mut plans: Vec<Option<DataRequest>> = Vec::with_capacity(n);
         let mut all: Vec<(usize, usize, bool, usize)> = Vec::new();
         for (i, (_, descs)) in chains.iter().enumerate() {
             let parsed = request::parse(descs, &reader, &lim);
@@ -252,7 +257,7 @@ impl BlkBackend {
                     match host {
                         Some(segs) if allowed && !segs.is_empty() => {
                             all.extend(segs.iter().map(|s| (s.ptr as usize, s.len, !write, i)));
-                            Some(Streamed {
+                            Some(DataRequest {
                                 status_addr,
                                 sector,
                                 segs,
@@ -278,16 +283,11 @@ impl BlkBackend {
                     if !run.is_empty() {
                         self.run_in_order(mem, std::mem::take(&mut run), flow);
                     }
-                    flow.start(
-                        &dev.volume,
-                        mem,
-                        head,
-                        p.status_addr,
-                        p.sector,
-                        &p.segs,
-                        p.write,
-                    )
-                    .is_ok()
+                    let ok = flow.start(&dev.volume, mem, head, &p).is_ok();
+                    if ok {
+                        dev.stats.streamed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    ok
                 }
                 _ => false,
             };
@@ -352,9 +352,7 @@ impl BlkBackend {
         lim.capacity = dev.volume.size_bytes() / SECTOR;
         let reader = Reader(mem);
         let n = chains.len();
-        dev.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
         dev.stats.batches.fetch_add(1, Ordering::Relaxed);
-        dev.stats.max_batch.fetch_max(n as u64, Ordering::Relaxed);
 
         let mut reqs: Vec<Pending> = chains
             .iter()
@@ -608,14 +606,6 @@ fn waves(ops: &[Op]) -> Vec<std::ops::Range<usize>> {
     }
     out.push(start..ops.len());
     out
-}
-
-/// A read or write that streams through the engine's queue.
-struct Streamed {
-    status_addr: u64,
-    sector: u64,
-    segs: Vec<HostSeg>,
-    write: bool,
 }
 
 /// Pops every available chain, as (head index, descriptors).

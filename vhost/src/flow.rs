@@ -52,6 +52,14 @@ impl AsMut<[u8]> for GuestBuf {
 // in a mapping the value keeps alive, however the value moves.
 unsafe impl IoBuf for GuestBuf {}
 
+/// A read or write that streams: its segments translated in place.
+pub struct DataRequest {
+    pub status_addr: u64,
+    pub sector: u64,
+    pub segs: Vec<HostSeg>,
+    pub write: bool,
+}
+
 /// One request taken from the avail ring, until its used entry goes out.
 struct Taken {
     head: u16,
@@ -106,16 +114,12 @@ impl Flow {
 
     /// Records a request and starts its segments in the engine: a read
     /// into, or a write from, guest memory in place.
-    #[allow(clippy::too_many_arguments)]
     pub fn start(
         &mut self,
         volume: &Volume,
         mem: &Arc<Mem>,
         head: u16,
-        status_addr: u64,
-        sector: u64,
-        segs: &[HostSeg],
-        write: bool,
+        req: &DataRequest,
     ) -> thinlun::Result<()> {
         if self.queue.is_none() {
             self.queue = Some(volume.queue(DEPTH)?);
@@ -123,27 +127,27 @@ impl Flow {
         let seq = self.first_seq + self.taken.len() as u64;
         self.taken.push_back(Taken {
             head,
-            status_addr: Some(status_addr),
-            left: segs.len() as u32,
+            status_addr: Some(req.status_addr),
+            left: req.segs.len() as u32,
             status: Status::Ok,
-            used_data: if write {
+            used_data: if req.write {
                 0
             } else {
-                segs.iter().map(|s| s.len as u32).sum()
+                req.segs.iter().map(|s| s.len as u32).sum()
             },
-            modifies: write,
+            modifies: req.write,
             finished: None,
         });
         let Some(q) = self.queue.as_mut() else {
             return Ok(());
         };
-        let mut at = sector;
-        for &seg in segs {
+        let mut at = req.sector;
+        for &seg in &req.segs {
             let buf = GuestBuf {
                 seg,
                 _mem: mem.clone(),
             };
-            let op = if write {
+            let op = if req.write {
                 QueueOp::Write { sector: at, buf }
             } else {
                 QueueOp::Read { sector: at, buf }
@@ -151,7 +155,7 @@ impl Flow {
             q.submit(seq, op);
             at += seg.len as u64 / crate::request::SECTOR;
         }
-        if segs.is_empty() {
+        if req.segs.is_empty() {
             self.note(seq, Ok(()));
         }
         Ok(())

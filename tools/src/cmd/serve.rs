@@ -142,11 +142,12 @@ pub fn run_daemon(mut daemon: Daemon) -> CliResult<()> {
     let mut failed = Vec::new();
     for s in &stopped {
         eprintln!(
-            "thinctl: stopped serving '{}': {} connection{}, {} requests in {} batches, {} errors",
+            "thinctl: stopped serving '{}': {} connection{}, {} requests ({} streamed, {} batches), {} errors",
             s.name,
             s.connections,
             if s.connections == 1 { "" } else { "s" },
             s.stats.requests,
+            s.stats.streamed,
             s.stats.batches,
             s.stats.errors
         );

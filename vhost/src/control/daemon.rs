@@ -31,11 +31,12 @@ pub struct Stopped {
 impl Stopped {
     fn summary(&self) -> String {
         format!(
-            "{}: {} connection{}, {} requests in {} batches, {} errors{}",
+            "{}: {} connection{}, {} requests ({} streamed, {} batches), {} errors{}",
             self.name,
             self.connections,
             if self.connections == 1 { "" } else { "s" },
             self.stats.requests,
+            self.stats.streamed,
             self.stats.batches,
             self.stats.errors,
             self.error
