@@ -52,6 +52,28 @@
 //! pool.remove_volume("base-100-disk-0", true)?; // with its snapshot
 //! # Ok(()) }
 //! ```
+//!
+//! Servers and benchmarks that keep many requests in flight use an
+//! [`IoQueue`]: each request completes as soon as its own I/O does, so the
+//! device never idles waiting for the slowest of a batch. Buffers are owned
+//! by the queue while in flight ([`IoBuf`]) and come back with the
+//! completion:
+//!
+//! ```no_run
+//! use thinlun::{dev::AlignedBuf, IoQueue, Pool, QueueOp};
+//! # fn main() -> thinlun::Result<()> {
+//! let pool = Pool::open_path("pool.img".as_ref(), &Default::default())?;
+//! let vol = pool.open_volume("vm-100-disk-0")?;
+//! let mut q: IoQueue<AlignedBuf> = vol.queue(32)?;
+//! for i in 0..32u64 {
+//!     let buf = AlignedBuf::zeroed(4096);
+//!     q.submit(i, QueueOp::Read { sector: i * 8, buf });
+//! }
+//! let mut done = Vec::new();
+//! q.drain(&mut done); // or q.complete(1, &mut done) to take them as they come
+//! assert!(done.iter().all(|c| c.result.is_ok()));
+//! # Ok(()) }
+//! ```
 
 pub mod check;
 pub mod dev;
