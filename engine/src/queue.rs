@@ -192,14 +192,10 @@ impl<B: IoBuf> IoQueue<B> {
         if self.in_flight >= self.depth {
             self.wait_for(1);
         }
-        let checked = match &self.broken {
-            Some(why) => Err(Error::io(
-                "I/O queue",
-                io::Error::other(format!("the queue's io_uring failed: {why}")),
-            )),
-            None => self.validate(&mut op),
-        };
-        if let Err(e) = checked {
+        if self.broken.is_some() {
+            return self.refuse(tag, op);
+        }
+        if let Err(e) = self.validate(&mut op) {
             return self.ready.push_back(Completion {
                 tag,
                 op,
@@ -213,7 +209,10 @@ impl<B: IoBuf> IoQueue<B> {
             self.wait_for(self.in_flight);
         }
         let stripes = if modifies {
-            self.hold_stripes(b0, b1)
+            match self.hold_stripes(b0, b1) {
+                Some(s) => s,
+                None => return self.refuse(tag, op),
+            }
         } else {
             Vec::new()
         };
@@ -237,6 +236,16 @@ impl<B: IoBuf> IoQueue<B> {
     pub fn drain(&mut self, out: &mut Vec<Completion<B>>) {
         self.wait_for(self.in_flight);
         out.extend(self.ready.drain(..));
+    }
+
+    /// Completes a request at once with the error of a broken ring.
+    fn refuse(&mut self, tag: u64, op: QueueOp<B>) {
+        let why = self.broken.as_deref().unwrap_or("unknown");
+        let result = Err(Error::io(
+            "I/O queue",
+            io::Error::other(format!("the queue's io_uring failed: {why}")),
+        ));
+        self.ready.push_back(Completion { tag, op, result });
     }
 
     fn validate(&self, op: &mut QueueOp<B>) -> Result<()> {
@@ -284,7 +293,9 @@ impl<B: IoBuf> IoQueue<B> {
     /// Takes the stripe locks of blocks `b0..b1` for a new write. Another
     /// writer holding one makes the queue empty itself first, then wait in
     /// stripe order like every batch, so no two ever wait for each other.
-    fn hold_stripes(&mut self, b0: u64, b1: u64) -> Vec<usize> {
+    /// `None` when the ring broke while emptying (its requests keep their
+    /// stripes).
+    fn hold_stripes(&mut self, b0: u64, b1: u64) -> Option<Vec<usize>> {
         let wanted = self.vol.stripes_of(b0, b1);
         let mut taken = Vec::with_capacity(wanted.len());
         for &s in &wanted {
@@ -305,6 +316,9 @@ impl<B: IoBuf> IoQueue<B> {
                 None => {
                     self.release_stripes(&taken);
                     self.wait_for(self.in_flight);
+                    if self.broken.is_some() {
+                        return None;
+                    }
                     for &s in &wanted {
                         let g = self.vol.stripe(s).lock_arc();
                         self.held.push(Held {
@@ -313,11 +327,11 @@ impl<B: IoBuf> IoQueue<B> {
                             _guard: g,
                         });
                     }
-                    return wanted;
+                    return Some(wanted);
                 }
             }
         }
-        taken
+        Some(taken)
     }
 
     fn release_stripes(&mut self, stripes: &[usize]) {
