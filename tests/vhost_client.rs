@@ -332,8 +332,8 @@ fn a_full_queue_of_mixed_requests_stays_in_order() {
     let mut rng = thinlun_tests::Rng(0x0dd5_eed5);
     let mut model = vec![0u8; (BLOCKS * 4096) as usize];
     // In flight: (id, block or None for a flush, data slot, expected read bytes).
-    let mut in_flight: std::collections::VecDeque<(u16, Option<u64>, usize, Option<Vec<u8>>)> =
-        Default::default();
+    type InFlight = (u16, Option<u64>, usize, Option<Vec<u8>>);
+    let mut in_flight: std::collections::VecDeque<InFlight> = Default::default();
     let mut free_slots: Vec<usize> = (0..DEPTH).collect();
     let (mut queued, mut completed) = (0u64, 0u64);
     let at = |b: u64| (b * 4096) as usize;
