@@ -20,6 +20,12 @@
 //!   written once after the snapshot, so every write is a copy-on-write of
 //!   shared data; when every block has been written, the snapshot is
 //!   removed and a new one taken, outside the timed region.
+//! * `rand4k_qd32/raw_read_kept_full`, `raw_write_kept_full`,
+//!   `thinlun_read_queue`, `thinlun_overwrite_queue`: 32 random 4 KiB
+//!   reads / overwrites per iteration with 32 kept in flight throughout, as
+//!   fio's `iodepth` does: on the raw file through a `thinlun::dev::Ring`,
+//!   on the fully written volume through an `IoQueue` (each request
+//!   completes on its own; the engine's streaming path).
 //! * `rand4k_flush8/*`: 8 random 4 KiB writes followed by a flush, as a
 //!   database commits: raw is 8 writes then `fdatasync`; thinlun is one
 //!   `Volume::submit` of 8 `Request::Write` and a `Request::Flush`, as
@@ -54,8 +60,10 @@ use criterion::{Criterion, SamplingMode, Throughput};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-use thinlun::dev::{AlignedBuf, BlockDevice, FileDevice, IoOp};
-use thinlun::{OpenOptions, Pool, PoolConfig, Request, Volume, BLOCK_SIZE, SECTOR_SIZE};
+use thinlun::dev::{AlignedBuf, BlockDevice, FileDevice, IoOp, RawOp, Ring};
+use thinlun::{
+    IoQueue, OpenOptions, Pool, PoolConfig, QueueOp, Request, Volume, BLOCK_SIZE, SECTOR_SIZE,
+};
 use thinlun_benches::{
     bench_dir, criterion_dir, criterion_estimate_ns, fill_pattern, remove_if_exists,
     write_full_file, Rng,
@@ -167,6 +175,101 @@ fn thinlun_random(vol: &Volume, n: usize, write: bool, flush: bool, seed: u64) -
             reqs.push(Request::Flush);
         }
         timed(|| check_all(vol.submit(&mut reqs)))
+    })
+}
+
+/// Requests per iteration of the kept-full cases (the group's throughput
+/// unit); the queue stays full from one iteration to the next.
+const KEPT: usize = QD;
+
+/// Random 4 KiB reads or writes on the raw file with `QD` kept in flight
+/// across iterations.
+struct RawKeptFull {
+    /// Declared first: dropped (waiting for the kernel) before the buffers.
+    ring: Ring,
+    bufs: Vec<AlignedBuf>,
+    free: Vec<usize>,
+    rng: Rng,
+    write: bool,
+}
+
+impl RawKeptFull {
+    fn new(raw: &FileDevice, write: bool, seed: u64) -> RawKeptFull {
+        let ring = raw
+            .ring(2 * QD as u32)
+            .expect("a file device has a ring")
+            .expect("setting up the ring");
+        RawKeptFull {
+            ring,
+            bufs: bufs(QD, BLOCK_SIZE, seed),
+            free: (0..QD).collect(),
+            rng: Rng::new(seed),
+            write,
+        }
+    }
+
+    /// Completes `KEPT` requests, refilling as they complete.
+    fn run(&mut self) -> Duration {
+        let mut done = Vec::new();
+        let mut completed = 0;
+        let t = Instant::now();
+        while completed < KEPT {
+            while let Some(i) = self.free.pop() {
+                let op = RawOp {
+                    write: self.write,
+                    offset: self.rng.below(DATA_BLOCKS) * BS,
+                    ptr: self.bufs[i].as_mut_ptr(),
+                    len: BLOCK_SIZE,
+                };
+                // SAFETY: buffer `i` is owned by this struct, which keeps it
+                // until the ring has returned its completion (`free` holds
+                // only buffers not in flight), and the ring is dropped
+                // (waiting for the kernel) before the buffers.
+                unsafe { self.ring.push(op, i as u64) }.expect("raw I/O");
+                self.ring.submit().expect("raw I/O");
+            }
+            self.ring.reap(1, &mut done).expect("raw I/O");
+            for (i, r) in done.drain(..) {
+                r.expect("raw I/O");
+                self.free.push(i as usize);
+                completed += 1;
+            }
+        }
+        t.elapsed()
+    }
+}
+
+/// The same on a volume through an `IoQueue`.
+fn thinlun_kept_full(vol: &Volume, write: bool, seed: u64) -> Op<'_> {
+    let mut q: IoQueue<AlignedBuf> = vol.queue(QD).expect("setting up the queue");
+    let mut free = bufs(QD, BLOCK_SIZE, seed);
+    let mut rng = Rng::new(seed);
+    let mut done = Vec::new();
+    Box::new(move || {
+        let mut completed = 0;
+        let t = Instant::now();
+        while completed < KEPT {
+            while let Some(buf) = free.pop() {
+                let sector = rng.below(DATA_BLOCKS) * BS / SECTOR_SIZE;
+                let op = if write {
+                    QueueOp::Write { sector, buf }
+                } else {
+                    QueueOp::Read { sector, buf }
+                };
+                q.submit(0, op);
+            }
+            q.complete(1, &mut done);
+            for c in done.drain(..) {
+                if let Err(e) = c.result {
+                    panic!("thinlun request failed: {e}");
+                }
+                if let QueueOp::Read { buf, .. } | QueueOp::Write { buf, .. } = c.op {
+                    free.push(buf);
+                }
+                completed += 1;
+            }
+        }
+        t.elapsed()
     })
 }
 
@@ -530,6 +633,36 @@ fn main() {
             ),
             raw: raw_random(&raw, QD, true, false, 12),
             tl: thinlun_random(&full, QD, true, false, 12),
+        },
+        Case {
+            meta: meta(
+                "4K random read, 32 kept in flight",
+                RAND,
+                "raw_read_kept_full",
+                "thinlun_read_queue",
+                KEPT as f64,
+                "ops/s",
+            ),
+            raw: {
+                let mut r = RawKeptFull::new(&raw, false, 15);
+                Box::new(move || r.run())
+            },
+            tl: thinlun_kept_full(&full, false, 15),
+        },
+        Case {
+            meta: meta(
+                "4K random overwrite, 32 kept in flight",
+                RAND,
+                "raw_write_kept_full",
+                "thinlun_overwrite_queue",
+                KEPT as f64,
+                "ops/s",
+            ),
+            raw: {
+                let mut r = RawKeptFull::new(&raw, true, 16);
+                Box::new(move || r.run())
+            },
+            tl: thinlun_kept_full(&full, true, 16),
         },
         Case {
             meta: meta(
