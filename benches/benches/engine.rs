@@ -636,7 +636,7 @@ fn main() {
         },
         Case {
             meta: meta(
-                "4K random read, 32 kept in flight",
+                "4K read, kept 32 deep",
                 RAND,
                 "raw_read_kept_full",
                 "thinlun_read_queue",
@@ -651,7 +651,7 @@ fn main() {
         },
         Case {
             meta: meta(
-                "4K random overwrite, 32 kept in flight",
+                "4K overwrite, kept 32 deep",
                 RAND,
                 "raw_write_kept_full",
                 "thinlun_overwrite_queue",
