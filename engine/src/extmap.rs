@@ -68,7 +68,11 @@ impl Segment {
 /// volume that changes a shared leaf changes its own copy.
 #[derive(Debug, Default)]
 pub(crate) struct Leaf {
-    extents: Vec<Packed>,
+    /// Behind an `Arc` of its own so a checkpoint can take the extents
+    /// under the state lock for the price of a reference, and unpack and
+    /// encode them after; a change meanwhile copies them (`make_mut`).
+    /// Sharing between volumes is the outer `Arc<Leaf>`'s count.
+    extents: Arc<Vec<Packed>>,
     /// Block holding this leaf on disk (0 = not written yet). Atomic so a
     /// checkpoint can record it in a leaf that is shared meanwhile; the
     /// contents of a shared leaf never change.
@@ -96,7 +100,7 @@ impl Leaf {
         let mut v = Vec::with_capacity(extents.len());
         v.extend(extents.iter().map(|&e| Packed::pack(e)));
         Arc::new(Leaf {
-            extents: v,
+            extents: Arc::new(v),
             disk: AtomicU64::new(block),
             version: 0,
         })
@@ -149,7 +153,17 @@ pub(crate) struct LeafSnapshot {
     /// On-disk block if unchanged since the last checkpoint, else 0.
     pub disk: u64,
     /// The extents, when the leaf must be written.
-    pub extents: Vec<Extent>,
+    pub extents: Option<LeafExtents>,
+}
+
+/// A leaf's extents as a checkpoint took them: shared with the live leaf
+/// until either changes, unpacked only when encoded.
+pub(crate) struct LeafExtents(Arc<Vec<Packed>>);
+
+impl LeafExtents {
+    pub fn unpack(&self) -> Vec<Extent> {
+        self.0.iter().map(|p| p.unpack()).collect()
+    }
 }
 
 /// A physical run released by a mapping change.
@@ -255,7 +269,7 @@ impl ExtentMap {
     /// Visits every extent in virtual order.
     pub fn for_each(&self, mut f: impl FnMut(&Extent)) {
         for leaf in self.leaves.values() {
-            for p in &leaf.extents {
+            for p in leaf.extents.iter() {
                 f(&p.unpack());
             }
         }
@@ -330,7 +344,7 @@ impl ExtentMap {
             }
         }
         let leaf = Arc::make_mut(arc);
-        let ext = &mut leaf.extents;
+        let ext = Arc::make_mut(&mut leaf.extents);
         let first = ext.partition_point(|e| e.vend() <= start);
         let mut last = first;
         while last < ext.len() && ext[last].vblock() < end {
@@ -433,13 +447,13 @@ impl ExtentMap {
             } else {
                 leaf.extents.len() / 2
             };
-            let right = leaf.extents.split_off(at);
+            let right = Arc::make_mut(&mut leaf.extents).split_off(at);
             let right_key = right[0].vblock();
             self.next_version += 1;
             self.leaves.insert(
                 right_key,
                 Arc::new(Leaf {
-                    extents: right,
+                    extents: Arc::new(right),
                     disk: AtomicU64::new(0),
                     version: self.next_version,
                 }),
@@ -474,11 +488,7 @@ impl ExtentMap {
                 key,
                 version: l.version,
                 disk: l.disk(),
-                extents: if l.disk() == 0 {
-                    l.extents.iter().map(|p| p.unpack()).collect()
-                } else {
-                    Vec::new()
-                },
+                extents: (l.disk() == 0).then(|| LeafExtents(l.extents.clone())),
             })
             .collect();
         let mut unused = std::mem::take(&mut self.stale_nodes);

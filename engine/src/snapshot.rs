@@ -10,7 +10,7 @@ use crate::dev::write_blocks;
 use crate::error::{Error, Result};
 use crate::extmap::RefChanges;
 use crate::format::catalog::{encode_volume_header, flags, VolumeHeader, VolumeRecord};
-use crate::format::{node, BLOCK_SIZE};
+use crate::format::BLOCK_SIZE;
 use crate::names::is_valid_volume_name;
 use crate::pool::{info_of, plan_tree, Inner, Pool, TreePlan, VolumeInfo};
 use crate::space::Cursor;
@@ -504,7 +504,7 @@ impl Inner {
                 crate::pool::write_nodes(dev, &node_writes[..split]).and_then(|()| {
                     let mut blocks: Vec<(u64, Vec<u8>)> = node_writes[split..]
                         .iter()
-                        .map(|w| (w.at, node::encode(&w.node, w.volume, w.generation, w.at)))
+                        .map(|w| (w.at, w.encode()))
                         .collect();
                     blocks.extend(headers);
                     self.write_catalog_with(st, blocks)

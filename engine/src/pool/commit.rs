@@ -12,6 +12,7 @@
 use super::{Inner, Pool};
 use crate::dev::{write_blocks, BlockDevice};
 use crate::error::{Error, Result};
+use crate::extmap::LeafExtents;
 use crate::format::catalog::{
     encode_catalog, encode_volume_header, CatalogBlock, VolumeHeader, VolumeRecord,
     RECORDS_PER_BLOCK,
@@ -100,9 +101,26 @@ fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
 /// metadata lock so a checkpoint stalls the data path as little as possible.
 pub(crate) struct NodeWrite {
     pub at: u64,
-    pub node: Node,
+    pub node: NodeBody,
     pub volume: u64,
     pub generation: u64,
+}
+
+/// What a planned node holds: a leaf's extents are unpacked only when
+/// encoded, outside the state lock.
+pub(crate) enum NodeBody {
+    Leaf(LeafExtents),
+    Built(Node),
+}
+
+impl NodeWrite {
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let node = match &self.node {
+            NodeBody::Leaf(l) => &Node::Leaf(l.unpack()),
+            NodeBody::Built(n) => n,
+        };
+        node::encode(node, self.volume, self.generation, self.at)
+    }
 }
 
 /// Encodes and writes nodes in batches.
@@ -110,7 +128,7 @@ pub(crate) fn write_nodes(dev: &dyn BlockDevice, nodes: &[NodeWrite]) -> Result<
     for batch in nodes.chunks(1024) {
         let blocks: Vec<(u64, Vec<u8>)> = batch
             .iter()
-            .map(|w| (w.at, node::encode(&w.node, w.volume, w.generation, w.at)))
+            .map(|w| (w.at, w.encode()))
             .collect();
         write_blocks(dev, &blocks).map_err(|e| Error::io("writing mapping nodes", e))?;
     }
@@ -148,14 +166,14 @@ pub(crate) fn plan_tree(
     let mut written = Vec::new();
     let mut children: Vec<(u64, u64)> = Vec::with_capacity(leaves.len());
     for leaf in leaves {
-        if leaf.disk != 0 {
+        let Some(extents) = leaf.extents.filter(|_| leaf.disk == 0) else {
             children.push((leaf.key, leaf.disk));
             continue;
-        }
+        };
         let at = st.alloc_meta().ok_or(Error::NoSpace)?;
         node_writes.push(NodeWrite {
             at,
-            node: Node::Leaf(leaf.extents),
+            node: NodeBody::Leaf(extents),
             volume: id,
             generation: journal_seq,
         });
@@ -175,7 +193,7 @@ pub(crate) fn plan_tree(
             };
             node_writes.push(NodeWrite {
                 at,
-                node: n,
+                node: NodeBody::Built(n),
                 volume: id,
                 generation: journal_seq,
             });
