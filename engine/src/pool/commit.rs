@@ -126,10 +126,7 @@ impl NodeWrite {
 /// Encodes and writes nodes in batches.
 pub(crate) fn write_nodes(dev: &dyn BlockDevice, nodes: &[NodeWrite]) -> Result<()> {
     for batch in nodes.chunks(1024) {
-        let blocks: Vec<(u64, Vec<u8>)> = batch
-            .iter()
-            .map(|w| (w.at, w.encode()))
-            .collect();
+        let blocks: Vec<(u64, Vec<u8>)> = batch.iter().map(|w| (w.at, w.encode())).collect();
         write_blocks(dev, &blocks).map_err(|e| Error::io("writing mapping nodes", e))?;
     }
     Ok(())
