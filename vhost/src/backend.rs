@@ -192,8 +192,9 @@ impl BlkBackend {
                 self.start_chains(&mem, chains, &mut flow);
             }
             if flow.in_flight() > 0 {
-                // Having just taken requests, collect what is done without
-                // waiting and look for more; otherwise wait for one.
+                // Having just taken requests, collect what is already done
+                // (no system call if nothing is) and look for more;
+                // otherwise wait for one.
                 flow.reap(usize::from(!took));
             }
             self.publish(vring, &mem, &mut flow)?;
