@@ -211,14 +211,22 @@ impl BlkBackend {
         Ok(())
     }
 
+    /// The request limits, with the volume's current capacity (it may
+    /// have grown since the server started).
+    fn limits(&self) -> request::Limits {
+        let dev = &self.inner.dev;
+        let mut lim = dev.config.limits();
+        lim.capacity = dev.volume.size_bytes() / SECTOR;
+        lim
+    }
+
     /// Starts the chains of one drain: reads and writes into the engine's
     /// queue, runs of other requests as batches once everything before
     /// them is done.
     fn start_chains(&self, mem: &Arc<Mem>, chains: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
         let dev = &self.inner.dev;
         let cfg = &dev.config;
-        let mut lim = cfg.limits();
-        lim.capacity = dev.volume.size_bytes() / SECTOR;
+        let lim = self.limits();
         let reader = Reader(mem);
         let n = chains.len();
         dev.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
@@ -349,8 +357,7 @@ impl BlkBackend {
     fn run_batch(&self, mem: &Mem, chains: &[(u16, Vec<Desc>)]) -> Vec<(u16, u32)> {
         let dev = &self.inner.dev;
         let cfg = &dev.config;
-        let mut lim = cfg.limits();
-        lim.capacity = dev.volume.size_bytes() / SECTOR;
+        let lim = self.limits();
         let reader = Reader(mem);
         let n = chains.len();
         dev.stats.batches.fetch_add(1, Ordering::Relaxed);

@@ -31,6 +31,28 @@ fn cpu_of(who: libc::c_int) -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// `qd` buffers of `bs` bytes, each with its own pattern.
+fn data_bufs(qd: usize, bs: usize) -> Vec<AlignedBuf> {
+    (0..qd)
+        .map(|i| {
+            let mut b = AlignedBuf::zeroed(bs);
+            fill_pattern(&mut b, 0x3333 + i as u64);
+            b
+        })
+        .collect()
+}
+
+/// The figures of a run that started at `t0` with `cpu0` of CPU used.
+fn measured(lat: Vec<f64>, t0: Instant, cpu0: Duration, exhausted: bool) -> Measured {
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = self_cpu() - cpu0;
+    let mut m = Measured::from_latencies(lat, secs, exhausted);
+    if m.ios > 0 {
+        m.cpu_us_per_io = Some(cpu.as_secs_f64() * 1e6 / m.ios as f64);
+    }
+    m
+}
+
 /// Batches of up to `qd` requests of `bs` bytes for about `secs` (or until
 /// the pattern is exhausted). Every request of a batch is given the batch's
 /// latency: they are handed over together and complete together.
@@ -42,13 +64,7 @@ pub fn run_batches(
     write: bool,
     secs: f64,
 ) -> Measured {
-    let mut bufs: Vec<AlignedBuf> = (0..qd)
-        .map(|i| {
-            let mut b = AlignedBuf::zeroed(bs);
-            fill_pattern(&mut b, 0x3333 + i as u64);
-            b
-        })
-        .collect();
+    let mut bufs = data_bufs(qd, bs);
     let mut lat: Vec<f64> = Vec::new();
     let mut exhausted = false;
     let cpu0 = self_cpu();
@@ -86,13 +102,7 @@ pub fn run_batches(
             break;
         }
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = self_cpu() - cpu0;
-    let mut m = Measured::from_latencies(lat, secs, exhausted);
-    if m.ios > 0 {
-        m.cpu_us_per_io = Some(cpu.as_secs_f64() * 1e6 / m.ios as f64);
-    }
-    m
+    measured(lat, t0, cpu0, exhausted)
 }
 
 /// An `IoQueue` kept `qd` deep with requests of `bs` bytes for about
@@ -107,13 +117,7 @@ pub fn run_queue(
     secs: f64,
 ) -> Measured {
     let mut q: IoQueue<AlignedBuf> = vol.queue(qd).expect("setting up the queue");
-    let mut free: Vec<AlignedBuf> = (0..qd)
-        .map(|i| {
-            let mut b = AlignedBuf::zeroed(bs);
-            fill_pattern(&mut b, 0x3333 + i as u64);
-            b
-        })
-        .collect();
+    let mut free = data_bufs(qd, bs);
     let mut started: Vec<Instant> = Vec::new();
     let mut lat: Vec<f64> = Vec::new();
     let mut done = Vec::with_capacity(qd);
@@ -160,11 +164,5 @@ pub fn run_queue(
     }
     q.drain(&mut done);
     collect(&mut done, &mut free, &started);
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu = self_cpu() - cpu0;
-    let mut m = Measured::from_latencies(lat, secs, exhausted);
-    if m.ios > 0 {
-        m.cpu_us_per_io = Some(cpu.as_secs_f64() * 1e6 / m.ios as f64);
-    }
-    m
+    measured(lat, t0, cpu0, exhausted)
 }
