@@ -38,6 +38,20 @@ pub(crate) struct SharedCtx {
     /// When a background claim last found no group to take (boot-time ms),
     /// so a full pool is not asked again every second.
     claim_failed_ms: std::sync::atomic::AtomicU64,
+    /// Whether `open_volume` waits for a silent holder to be proven dead.
+    wait_for_holders: std::sync::atomic::AtomicBool,
+}
+
+/// How often a waiting `open_volume` reads the holder's slot.
+const HOLDER_POLL: Duration = Duration::from_millis(200);
+/// How often it says that it is still waiting.
+const HOLDER_NOTE: Duration = Duration::from_secs(3);
+
+/// Progress of one `open_volume` waiting for a silent holder.
+#[derive(Default)]
+pub(crate) struct HolderWait {
+    started: Option<std::time::Instant>,
+    noted: Option<std::time::Instant>,
 }
 
 impl SharedCtx {
@@ -46,6 +60,7 @@ impl SharedCtx {
             lease,
             group_free: Mutex::new(Vec::new()),
             claim_failed_ms: std::sync::atomic::AtomicU64::new(0),
+            wait_for_holders: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -588,6 +603,74 @@ impl Inner {
         Ok(())
     }
 
+    /// After `open_volume` found `name` active on another host: while that
+    /// host is silent, waits until it is proven dead (its slot unchanged
+    /// for the dead time as this process watched it) or leaves, and returns
+    /// whether to try again. `false` (give up, report the holder) when
+    /// waiting is off, the holder is seen renewing, the wait has run past
+    /// its bound, or the volume is not held by another host at all.
+    pub(crate) fn wait_for_holder(&self, name: &str, w: &mut HolderWait) -> Result<bool> {
+        let Some(sh) = self.shared_ctx() else {
+            return Ok(false);
+        };
+        if !sh
+            .wait_for_holders
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return Ok(false);
+        }
+        let holder = {
+            let st = self.state.lock();
+            st.id_by_name(name)
+                .and_then(|id| st.volumes.get(&id))
+                .map(|v| v.rec.active_host as u32)
+        };
+        let Some(h) = holder.filter(|&h| h != 0 && h != self.host_id) else {
+            return Ok(false);
+        };
+        let started = *w.started.get_or_insert_with(std::time::Instant::now);
+        // Bounded: the dead time plus a margin for slow reads of the slots.
+        let limit = Duration::from_millis(sh.lease.timing.dead_ms() * 2 + 5_000);
+        loop {
+            sh.lease.observe()?;
+            let Some(watch) = sh.lease.watch_of(h) else {
+                return Ok(false);
+            };
+            if watch.free || watch.dead_in_ms == 0 {
+                return Ok(true); // left, or dead: activation recovers it
+            }
+            let now = std::time::Instant::now();
+            // Alive: its slot changed since this wait began. (A change just
+            // before it proves nothing: a host killed a moment ago looks the
+            // same. So a live holder is refused at its next renewal, within
+            // 2 x io_timeout.)
+            let waited_ms = now.duration_since(started).as_millis() as u64;
+            if watch.changed_while_watched && watch.unchanged_ms < waited_ms {
+                return Ok(false);
+            }
+            if now.duration_since(started) > limit {
+                return Ok(false);
+            }
+            if w.noted.is_none_or(|t| now.duration_since(t) >= HOLDER_NOTE) {
+                w.noted = Some(now);
+                eprintln!(
+                    "thinlun: waiting up to {} s for host {h} ('{}'), silent for {} s",
+                    watch.dead_in_ms.div_ceil(1000),
+                    sh.lease.name_of(h),
+                    watch.watched_ms / 1000
+                );
+            }
+            std::thread::sleep(HOLDER_POLL.min(Duration::from_millis(watch.dead_in_ms)));
+        }
+    }
+
+    pub(crate) fn set_wait_for_holders(&self, on: bool) {
+        if let Some(sh) = self.shared_ctx() {
+            sh.wait_for_holders
+                .store(on, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     pub(crate) fn lease(&self) -> Option<&Arc<HostLease>> {
         self.shared_ctx().map(|s| &s.lease)
     }
@@ -677,6 +760,8 @@ impl Pool {
                             renewal: s.renewal,
                             state,
                             unchanged_ms: None,
+                            watched_ms: None,
+                            dead_in_ms: None,
                             is_self: false,
                         })
                     })
@@ -732,6 +817,13 @@ impl Pool {
     /// Releases this host's activation of a volume (for live migration:
     /// release on the source, then open on the target). Refused while the
     /// volume is open here.
+    /// Whether `open_volume` waits for a volume's silent holder to be
+    /// proven dead (the default) or refuses at once naming the holder, as
+    /// lvmlockd's OWNER_NOWAIT does. No effect on a single-host pool.
+    pub fn set_wait_for_dead_holders(&self, wait: bool) {
+        self.inner.set_wait_for_holders(wait);
+    }
+
     pub fn release_volume(&self, name: &str) -> Result<()> {
         let id = {
             let st = self.inner.state.lock();

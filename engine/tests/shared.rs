@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use thinlun::check::check;
 use thinlun::dev::{BlockDevice, MemDevice};
 use thinlun::{Error, HostOptions, OpenOptions, Pool, PoolConfig, SharedConfig};
@@ -236,10 +236,31 @@ fn dead_host_is_recovered_with_its_acknowledged_writes() {
     let lun = Lun::new("dead");
     let h1 = lun.host(1).unwrap();
     host_2_dies_with_vm_2(&lun, 32);
-    // Until host 2 is seen dead its volume stays its own.
-    assert!(matches!(h1.open_volume("vm-2"), Err(Error::Busy(_))));
-    std::thread::sleep(Duration::from_millis(12 * IO_TIMEOUT_MS as u64));
-    // Any pool-wide change (here: opening the volume) recovers host 2.
+    // Until host 2 is seen dead its volume stays its own: without waiting
+    // (thinctl --no-wait) the holder is named at once.
+    h1.set_wait_for_dead_holders(false);
+    let t = Instant::now();
+    let e = h1.open_volume("vm-2").err();
+    assert!(
+        matches!(&e, Some(Error::Busy(m)) if m.contains("active on host 2")),
+        "{e:?}"
+    );
+    assert!(
+        t.elapsed() < dead_time(),
+        "no-wait waited {:?}",
+        t.elapsed()
+    );
+    // Waiting (the default), open_volume returns once host 2 has stayed
+    // silent for the dead time, and recovers it.
+    h1.set_wait_for_dead_holders(true);
+    let t = Instant::now();
+    let v = h1.open_volume("vm-2").unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(6 * IO_TIMEOUT_MS as u64),
+        "took a silent host's volume after only {:?}",
+        t.elapsed()
+    );
+    drop(v);
     for i in 0..32u64 {
         assert_eq!(read(&h1, "vm-2", i), i as u8 + 1);
     }

@@ -162,3 +162,66 @@ fn one_writer_per_volume_across_hosts_and_release_for_migration() {
     let check = thinctl(&dir, 0, &["check"]);
     ok(&check);
 }
+
+/// Failover: host 1's server is killed with the volume active. On host 2,
+/// `serve --no-wait` names the holder at once; a plain `serve` waits until
+/// host 1 is proven dead, recovers it and serves the volume, with every
+/// write host 1 made.
+#[test]
+fn serve_waits_for_a_dead_holder_and_takes_its_volume() {
+    let dir = TempDir::new("failover");
+    new_shared_pool(&dir);
+    let image = dir.path("disk.raw");
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i / 4096) as u8 ^ 0x5a).collect();
+    std::fs::write(&image, &data).unwrap();
+    ok(&thinctl(
+        &dir,
+        1,
+        &["import", "vm-100-disk-0", image.to_str().unwrap()],
+    ));
+    let sock1 = dir.path("vm1.sock");
+    let mut server1 = serve(&dir, 1, "vm-100-disk-0", &sock1);
+    wait_for(&sock1);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    server1.kill().unwrap();
+    server1.wait().unwrap();
+
+    let sock2 = dir.path("vm2.sock");
+    let sock2_arg = sock2.to_str().unwrap();
+    let e = err(&thinctl(
+        &dir,
+        2,
+        &["serve", "vm-100-disk-0", "--socket", sock2_arg, "--no-wait"],
+    ));
+    assert!(e.contains("active on host 1"), "{e}");
+    assert!(!sock2.exists());
+
+    let log = std::fs::File::create(dir.path("serve2.log")).unwrap();
+    let mut server2 = command(&dir, 2, &["serve", "vm-100-disk-0", "--socket", sock2_arg])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(&sock2);
+    let term = Command::new("kill")
+        .args(["-TERM", &server2.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(server2.wait().unwrap().success());
+    let log = std::fs::read_to_string(dir.path("serve2.log")).unwrap();
+    assert!(log.contains("waiting up to"), "{log}");
+    assert!(log.contains("host 1"), "{log}");
+
+    let out = dir.path("out.raw");
+    ok(&thinctl(
+        &dir,
+        2,
+        &["export", "vm-100-disk-0", out.to_str().unwrap()],
+    ));
+    assert!(
+        std::fs::read(&out).unwrap() == data,
+        "exported data differs"
+    );
+    ok(&thinctl(&dir, 0, &["check"]));
+}

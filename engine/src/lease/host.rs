@@ -3,7 +3,7 @@
 //! own writes when renewal stops.
 
 use super::clock::{now_ms, raise_to_realtime, KillTimer};
-use super::{HostView, Timing};
+use super::{HostView, HostWatch, Timing};
 use crate::dev::{read_block, write_blocks, BlockDevice, IoOp};
 use crate::error::{Error, Result};
 use crate::format::lease::{HostSlot, SlotState};
@@ -44,6 +44,9 @@ struct Observed {
     damaged: bool,
     fingerprint: u32,
     since_ms: u64,
+    /// The slot changed after this process first read it: its host was
+    /// alive then.
+    changed: bool,
 }
 
 /// Stand-in for a slot that cannot be decoded.
@@ -294,7 +297,8 @@ impl HostLease {
             };
             match seen.get_mut(&h) {
                 Some(o) if o.fingerprint == fingerprint => {}
-                _ => {
+                prev => {
+                    let changed = prev.is_some();
                     seen.insert(
                         h,
                         Observed {
@@ -302,6 +306,7 @@ impl HostLease {
                             damaged,
                             fingerprint,
                             since_ms: now,
+                            changed,
                         },
                     );
                 }
@@ -331,6 +336,29 @@ impl HostLease {
         let now = now_ms();
         now.saturating_sub(since_ms) >= self.timing.dead_ms()
             && now.saturating_sub(self.watching_since_ms) >= self.timing.dead_ms()
+    }
+
+    /// What this process has seen of host `h`'s slot (`None` for this
+    /// host or a slot never read).
+    pub fn watch_of(&self, h: u32) -> Option<HostWatch> {
+        if h == self.host_id {
+            return None;
+        }
+        let seen = self.observed.lock();
+        let o = seen.get(&h)?;
+        let now = now_ms();
+        let unchanged = now.saturating_sub(o.since_ms);
+        let watched = now.saturating_sub(self.watching_since_ms);
+        let dead = self.timing.dead_ms();
+        Some(HostWatch {
+            unchanged_ms: unchanged,
+            watched_ms: watched.min(unchanged),
+            changed_while_watched: o.changed,
+            dead_in_ms: dead
+                .saturating_sub(unchanged)
+                .max(dead.saturating_sub(watched)),
+            free: o.slot.as_ref().is_some_and(|s| s.state == SlotState::Free),
+        })
     }
 
     /// Live-marked (or damaged) slots of other hosts that have not
@@ -405,6 +433,12 @@ impl HostLease {
                     renewal: s.renewal,
                     state,
                     unchanged_ms: Some(now.saturating_sub(o.since_ms)),
+                    watched_ms: Some(now.saturating_sub(o.since_ms.max(self.watching_since_ms))),
+                    dead_in_ms: (state == "unknown").then(|| {
+                        let dead = self.timing.dead_ms();
+                        dead.saturating_sub(now.saturating_sub(o.since_ms))
+                            .max(dead.saturating_sub(now.saturating_sub(self.watching_since_ms)))
+                    }),
                     is_self: h == self.host_id,
                 })
             })

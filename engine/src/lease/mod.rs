@@ -68,5 +68,26 @@ pub struct HostView {
     pub state: &'static str,
     /// Milliseconds since this host last saw the slot change.
     pub unchanged_ms: Option<u64>,
+    /// Milliseconds this process has watched the slot stay unchanged
+    /// (the part of `unchanged_ms` that counts toward the dead time).
+    pub watched_ms: Option<u64>,
+    /// For a silent host: milliseconds until this process declares it
+    /// dead, if its slot stays unchanged.
+    pub dead_in_ms: Option<u64>,
     pub is_self: bool,
+}
+
+/// How a silent holder looks to the host that waits for it
+/// ([`HostLease::watch_of`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostWatch {
+    pub unchanged_ms: u64,
+    /// How long this process itself has seen the slot unchanged.
+    pub watched_ms: u64,
+    /// The slot changed while this process watched: its host renews.
+    pub changed_while_watched: bool,
+    /// Milliseconds until the host counts as dead if nothing changes.
+    pub dead_in_ms: u64,
+    /// The host left the pool (its slot is free).
+    pub free: bool,
 }

@@ -771,7 +771,28 @@ impl Pool {
     /// On a shared pool a writable volume is activated exclusively for
     /// this host first (as `lvchange -aey`); it is released when its last
     /// handle closes. Snapshots and base images need no activation.
+    ///
+    /// On a shared pool, a volume held by a host that has stopped renewing
+    /// its lease is waited for, as sanlock's acquire waits: once that
+    /// host's slot has stayed unchanged for the dead time (counted from
+    /// this process's own first read), the host is recovered and the
+    /// volume taken. A holder seen renewing is refused at once. See
+    /// [`Pool::set_wait_for_dead_holders`].
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
+        let mut wait = crate::shared::HolderWait::default();
+        loop {
+            match self.open_volume_once(name) {
+                Err(Error::Busy(msg)) => {
+                    if !self.inner.wait_for_holder(name, &mut wait)? {
+                        return Err(Error::Busy(msg));
+                    }
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn open_volume_once(&self, name: &str) -> Result<crate::Volume> {
         // The handle is counted under the same lock that sees the
         // activation, so a release (which needs zero handles) cannot slip
         // in between.

@@ -30,9 +30,17 @@ fn status_text(s: &LockStatus) -> String {
         let change = h
             .unchanged_ms
             .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        let state = match (h.state, h.watched_ms, h.dead_in_ms) {
+            ("unknown", Some(w), Some(d)) => format!(
+                "silent (watched {:.1} s, dead in {:.1} s if unchanged)",
+                w as f64 / 1000.0,
+                d as f64 / 1000.0
+            ),
+            (s, _, _) => s.to_string(),
+        };
         out.push_str(&format!(
             "{:<5} {:<21} {:<11} {:<9} {:<12} {}\n",
-            h.host_id, h.name, h.generation, h.renewal, change, h.state
+            h.host_id, h.name, h.generation, h.renewal, change, state
         ));
     }
     let name_of = |id: u32| {
@@ -81,13 +89,20 @@ fn status_json(s: &LockStatus) -> Json {
                 s.hosts
                     .iter()
                     .map(|h| {
-                        Json::Object(vec![
+                        let mut fields = vec![
                             ("host_id", h.host_id.into()),
                             ("name", h.name.as_str().into()),
                             ("generation", h.generation.into()),
                             ("renewals", h.renewal.into()),
                             ("state", h.state.into()),
-                        ])
+                        ];
+                        // A silent host: how long this process watched it,
+                        // and when it will count as dead.
+                        if let (Some(w), Some(d)) = (h.watched_ms, h.dead_in_ms) {
+                            fields.push(("watched_ms", w.into()));
+                            fields.push(("dead_in_ms", d.into()));
+                        }
+                        Json::Object(fields)
                     })
                     .collect(),
             ),

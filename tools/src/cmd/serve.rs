@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// none with --read-only]
     #[arg(long, value_name = "PATH", env = "THINLUN_CONTROL")]
     pub control: Option<PathBuf>,
+    /// On a shared pool, fail at once when another host holds the volume,
+    /// instead of waiting for a silent holder to be proven dead
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 pub fn block_size(s: &str) -> Result<u32, String> {
@@ -88,6 +92,7 @@ pub fn run(pool: Option<&std::path::Path>, args: &ServeArgs) -> CliResult<()> {
     } else {
         open_writable_waiting(path)?
     };
+    pool.set_wait_for_dead_holders(!args.no_wait);
     let info = pool.volume_info(&args.name)?;
     let read_only = args.read_only || info.read_only;
     // A read-only pool is not locked: the control socket belongs to the
