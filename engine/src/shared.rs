@@ -644,11 +644,11 @@ impl Inner {
             // before it proves nothing: a host killed a moment ago looks the
             // same. So a live holder is refused at its next renewal, within
             // 2 x io_timeout.)
-            let waited_ms = now.duration_since(started).as_millis() as u64;
-            if watch.changed_while_watched && watch.unchanged_ms < waited_ms {
+            let waited = now.duration_since(started);
+            if watch.changed_while_watched && watch.unchanged_ms < waited.as_millis() as u64 {
                 return Ok(false);
             }
-            if now.duration_since(started) > limit {
+            if waited > limit {
                 return Ok(false);
             }
             if w.noted.is_none_or(|t| now.duration_since(t) >= HOLDER_NOTE) {
@@ -814,9 +814,6 @@ impl Pool {
         })
     }
 
-    /// Releases this host's activation of a volume (for live migration:
-    /// release on the source, then open on the target). Refused while the
-    /// volume is open here.
     /// Whether `open_volume` waits for a volume's silent holder to be
     /// proven dead (the default) or refuses at once naming the holder, as
     /// lvmlockd's OWNER_NOWAIT does. No effect on a single-host pool.
@@ -824,6 +821,9 @@ impl Pool {
         self.inner.set_wait_for_holders(wait);
     }
 
+    /// Releases this host's activation of a volume (for live migration:
+    /// release on the source, then open on the target). Refused while the
+    /// volume is open here.
     pub fn release_volume(&self, name: &str) -> Result<()> {
         let id = {
             let st = self.inner.state.lock();

@@ -333,9 +333,20 @@ impl HostLease {
     }
 
     fn dead_since(&self, since_ms: u64) -> bool {
-        let now = now_ms();
-        now.saturating_sub(since_ms) >= self.timing.dead_ms()
-            && now.saturating_sub(self.watching_since_ms) >= self.timing.dead_ms()
+        self.dead_in_ms(since_ms, now_ms()) == 0
+    }
+
+    /// How long this process has watched a slot that last changed at
+    /// `since_ms` stay unchanged: only time since its own first read counts.
+    fn watched_ms(&self, since_ms: u64, now: u64) -> u64 {
+        now.saturating_sub(since_ms.max(self.watching_since_ms))
+    }
+
+    /// Milliseconds until a slot unchanged since `since_ms` counts as dead.
+    fn dead_in_ms(&self, since_ms: u64, now: u64) -> u64 {
+        self.timing
+            .dead_ms()
+            .saturating_sub(self.watched_ms(since_ms, now))
     }
 
     /// What this process has seen of host `h`'s slot (`None` for this
@@ -347,16 +358,11 @@ impl HostLease {
         let seen = self.observed.lock();
         let o = seen.get(&h)?;
         let now = now_ms();
-        let unchanged = now.saturating_sub(o.since_ms);
-        let watched = now.saturating_sub(self.watching_since_ms);
-        let dead = self.timing.dead_ms();
         Some(HostWatch {
-            unchanged_ms: unchanged,
-            watched_ms: watched.min(unchanged),
+            unchanged_ms: now.saturating_sub(o.since_ms),
+            watched_ms: self.watched_ms(o.since_ms, now),
             changed_while_watched: o.changed,
-            dead_in_ms: dead
-                .saturating_sub(unchanged)
-                .max(dead.saturating_sub(watched)),
+            dead_in_ms: self.dead_in_ms(o.since_ms, now),
             free: o.slot.as_ref().is_some_and(|s| s.state == SlotState::Free),
         })
     }
@@ -433,12 +439,8 @@ impl HostLease {
                     renewal: s.renewal,
                     state,
                     unchanged_ms: Some(now.saturating_sub(o.since_ms)),
-                    watched_ms: Some(now.saturating_sub(o.since_ms.max(self.watching_since_ms))),
-                    dead_in_ms: (state == "unknown").then(|| {
-                        let dead = self.timing.dead_ms();
-                        dead.saturating_sub(now.saturating_sub(o.since_ms))
-                            .max(dead.saturating_sub(now.saturating_sub(self.watching_since_ms)))
-                    }),
+                    watched_ms: Some(self.watched_ms(o.since_ms, now)),
+                    dead_in_ms: (state == "unknown").then(|| self.dead_in_ms(o.since_ms, now)),
                     is_self: h == self.host_id,
                 })
             })

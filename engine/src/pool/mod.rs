@@ -776,7 +776,8 @@ impl Pool {
     /// its lease is waited for, as sanlock's acquire waits: once that
     /// host's slot has stayed unchanged for the dead time (counted from
     /// this process's own first read), the host is recovered and the
-    /// volume taken. A holder seen renewing is refused at once. See
+    /// volume taken. A holder seen renewing meanwhile is refused, at its
+    /// next renewal (within 2 x io_timeout). See
     /// [`Pool::set_wait_for_dead_holders`].
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
         let mut wait = crate::shared::HolderWait::default();
