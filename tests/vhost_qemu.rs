@@ -14,76 +14,14 @@
 //! THINLUN_E2E_INSTALL=0). The guest runs under TCG: each test takes about
 //! 30 to 60 seconds.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use thinlun_tests::{parent_of, thinctl};
 
-/// One guest at a time: two TCG guests on two cores would each take twice
-/// as long.
-static GUEST: Mutex<()> = Mutex::new(());
-
-fn lab_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab")
-}
-
-fn have_qemu() -> bool {
-    Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn have_guest_kernel() -> bool {
-    std::fs::read_dir("/boot").is_ok_and(|d| {
-        d.flatten().any(|e| {
-            let n = e.file_name().to_string_lossy().into_owned();
-            n.starts_with("vmlinuz-") && n.contains("cloud")
-        })
-    })
-}
-
-/// Whether the lab can run here; prints why not.
-fn lab_ready() -> bool {
-    let lab = lab_dir();
-    if !lab.join("run-guest.sh").exists() {
-        eprintln!(
-            "SKIP: no guest lab at {} (shared/ beside the checkout)",
-            lab.display()
-        );
-        return false;
-    }
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if (!have_qemu() || !have_guest_kernel())
-        && root
-        && std::env::var("THINLUN_E2E_INSTALL").as_deref() != Ok("0")
-    {
-        eprintln!("installing QEMU and the guest kernel with install-qemu.sh");
-        let _ = Command::new("bash")
-            .arg(lab.join("install-qemu.sh"))
-            .stdout(Stdio::null())
-            .status();
-    }
-    if !have_qemu() {
-        eprintln!(
-            "SKIP: qemu-system-x86_64 not available (run ../shared/lab/install-qemu.sh as root)"
-        );
-        return false;
-    }
-    if !have_guest_kernel() {
-        eprintln!(
-            "SKIP: no /boot/vmlinuz-*cloud* guest kernel (run ../shared/lab/install-qemu.sh)"
-        );
-        return false;
-    }
-    true
-}
+mod lab;
+use lab::{assert_guest_ok, booted, console, lab_dir, lab_ready, spawn_guest, GUEST};
 
 struct Lab {
     dir: PathBuf,
@@ -165,32 +103,7 @@ impl Lab {
 
     /// Starts the guest; its console lines arrive on the channel.
     fn guest(&self, script: &Path, env: &[(&str, &str)]) -> (Child, mpsc::Receiver<String>) {
-        let mut cmd = Command::new("bash");
-        cmd.arg(lab_dir().join("run-guest.sh"))
-            .arg(&self.sock)
-            .arg(script)
-            .env("GUEST_TIMEOUT", "150")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let out = child.stdout.take().unwrap();
-        let err = child.stderr.take().unwrap();
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let _ = tx2.send(format!("[qemu] {line}"));
-            }
-        });
-        (child, rx)
+        spawn_guest(&self.sock, script, env)
     }
 
     /// Stops the server with SIGTERM; it must exit cleanly and remove its
@@ -225,58 +138,6 @@ impl Drop for Lab {
     }
 }
 
-/// Collects the console until GUEST-END (or the guest exits). `on_event`
-/// sees each line, and `None` at least every 200 ms.
-fn console(rx: &mpsc::Receiver<String>, mut on_event: impl FnMut(Option<&str>)) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut lines = Vec::new();
-    while Instant::now() < deadline {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                let line = line.replace('\r', "");
-                on_event(Some(&line));
-                let end = line.contains("GUEST-END");
-                lines.push(line);
-                if end {
-                    break;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => on_event(None),
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    lines
-}
-
-/// Whether the guest got as far as running its script.
-fn booted(lines: &[String]) -> bool {
-    lines.iter().any(|l| l.contains("GUEST-BEGIN"))
-}
-
-/// Every expected check passed, nothing failed, the script ended with 0.
-fn assert_guest_ok(lines: &[String], expected: &[&str]) {
-    let text = lines.join("\n");
-    for name in expected {
-        assert!(
-            lines
-                .iter()
-                .any(|l| l.contains(&format!("CHECK {name} ok"))),
-            "check '{name}' did not pass; console:\n{text}"
-        );
-    }
-    assert!(!text.contains("FAIL"), "a check failed; console:\n{text}");
-    assert!(
-        lines.iter().any(|l| l.contains("GUEST-END rc=0")),
-        "no 'GUEST-END rc=0'; console:\n{text}"
-    );
-    for l in lines
-        .iter()
-        .filter(|l| l.contains("CHECK") || l.contains("INFO"))
-    {
-        eprintln!("guest: {}", l.trim());
-    }
-}
-
 const EXAMPLE_CHECKS: &[&str] = &["mkfs", "mount", "fsck", "readback", "fio-verify"];
 
 #[test]
@@ -304,7 +165,7 @@ fn guest_checks_pass() {
     for attempt in 1..=2 {
         let started = Instant::now();
         let (mut guest, rx) = lab.guest(&script, &[("NQ", "2")]);
-        lines = console(&rx, |_| {});
+        lines = console(&rx, |_| {}, None);
         let _ = guest.wait();
         eprintln!(
             "guest ran {:.1} s (attempt {attempt})",
@@ -346,32 +207,36 @@ fn guest_survives_server_kill() {
         let (mut guest, rx) =
             lab.guest(&lab_dir().join("example-guest.sh"), &[("RECONNECT", "500")]);
         let mut fio_kill_at = None;
-        lines = console(&rx, |line| {
-            let mut why = None;
-            if line.is_some_and(|l| l.contains("CHECK mount ok")) {
-                // While the guest writes its 16 MiB file.
-                std::thread::sleep(Duration::from_millis(300));
-                why = Some("during the file write");
-            }
-            if line.is_some_and(|l| l.contains("CHECK readback ok")) {
-                fio_kill_at = Some(Instant::now() + Duration::from_secs(3));
-            }
-            if fio_kill_at.is_some_and(|t| Instant::now() >= t) {
-                fio_kill_at = None;
-                why = Some("during fio verify");
-            }
-            if let Some(why) = why {
-                // SIGKILL: no flush, no clean close, in the middle of I/O.
-                let mut s = server.take().unwrap();
-                s.kill().unwrap();
-                let _ = s.wait();
-                kills.push(format!(
-                    "killed {why} at {:.1} s",
-                    started.elapsed().as_secs_f64()
-                ));
-                server = Some(lab.serve(1));
-            }
-        });
+        lines = console(
+            &rx,
+            |line| {
+                let mut why = None;
+                if line.is_some_and(|l| l.contains("CHECK mount ok")) {
+                    // While the guest writes its 16 MiB file.
+                    std::thread::sleep(Duration::from_millis(300));
+                    why = Some("during the file write");
+                }
+                if line.is_some_and(|l| l.contains("CHECK readback ok")) {
+                    fio_kill_at = Some(Instant::now() + Duration::from_secs(3));
+                }
+                if fio_kill_at.is_some_and(|t| Instant::now() >= t) {
+                    fio_kill_at = None;
+                    why = Some("during fio verify");
+                }
+                if let Some(why) = why {
+                    // SIGKILL: no flush, no clean close, in the middle of I/O.
+                    let mut s = server.take().unwrap();
+                    s.kill().unwrap();
+                    let _ = s.wait();
+                    kills.push(format!(
+                        "killed {why} at {:.1} s",
+                        started.elapsed().as_secs_f64()
+                    ));
+                    server = Some(lab.serve(1));
+                }
+            },
+            None,
+        );
         let _ = guest.wait();
         eprintln!(
             "guest ran {:.1} s (attempt {attempt}); {}",

@@ -12,6 +12,7 @@
 //! The guest is signalled when EVENT_IDX says it wants to hear. In-order
 //! completion is what makes reconnect safe: see the crate README.
 
+use crate::activation::Activation;
 use crate::config::BlkConfig;
 use crate::flow::{DataRequest, Flow};
 use crate::guest::{self, HostSeg, Mem, Reader};
@@ -30,6 +31,10 @@ use vmm_sys_util::event::{
 };
 
 type Gm = GuestMemoryAtomic<Mem>;
+
+/// The vhost feature bit that says the device logs the guest pages it
+/// writes (live migration; the log comes with SET_LOG_BASE).
+const VHOST_F_LOG_ALL: u64 = 1 << 26;
 type Vring = VringMutex<Gm>;
 
 /// Largest queue the front end may configure.
@@ -85,7 +90,7 @@ impl Stats {
 
 /// What a backend serves, shared by every connection of one server.
 pub struct Device {
-    pub volume: Arc<Volume>,
+    pub activation: Activation,
     pub config: BlkConfig,
     pub serial: [u8; ID_BYTES],
     pub durability: Durability,
@@ -95,13 +100,13 @@ pub struct Device {
 
 impl Device {
     pub fn new(
-        volume: Arc<Volume>,
+        activation: Activation,
         config: BlkConfig,
         serial: &str,
         durability: Durability,
     ) -> Device {
         Device {
-            volume,
+            activation,
             config,
             serial: request::serial_bytes(serial),
             durability,
@@ -133,6 +138,9 @@ struct Inner {
     /// once everything taken has completed and the ring position it
     /// reports is final.
     flows: Vec<Mutex<Flow>>,
+    /// The front end asked for dirty logging (VHOST_F_LOG_ALL): a live
+    /// migration is under way, and a stop of every queue is its last.
+    log_all: AtomicBool,
 }
 
 impl BlkBackend {
@@ -146,7 +154,23 @@ impl BlkBackend {
                 write_through: AtomicBool::new(false),
                 synced: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 flows: (0..n).map(|_| Mutex::new(Flow::new())).collect(),
+                log_all: AtomicBool::new(false),
             }),
+        }
+    }
+
+    /// Gives the volume up once nothing is in flight: at the last stop of
+    /// a migration, and when the front end disconnects (docs/LOCKING.md
+    /// 4.4). The engine queues hold volume handles, so they close first.
+    pub fn release(&self, why: &str) {
+        for f in &self.inner.flows {
+            f.lock().unwrap_or_else(|e| e.into_inner()).close();
+        }
+        if let Err(e) = self.inner.dev.activation.release(why) {
+            eprintln!(
+                "thinlun-vhost: '{}': commit at release failed: {e}",
+                self.inner.dev.activation.name()
+            );
         }
     }
 
@@ -154,6 +178,9 @@ impl BlkBackend {
         let Some(flow) = self.inner.flows.get(q) else {
             return Ok(());
         };
+        // Outside the queue's lock: a GET_VRING_BASE during the wait for
+        // another holder's release must not wait with it.
+        let vol = self.inner.dev.activation.acquire();
         let mut flow = flow.lock().unwrap_or_else(|e| e.into_inner());
         let atomic = self
             .inner
@@ -173,6 +200,11 @@ impl BlkBackend {
                 flag.store(true, Ordering::Release);
             }
         }
+        let vol = match vol {
+            Ok(v) => v,
+            Err(_) => return self.fail_all(vring, &mem),
+        };
+        let vol = &*vol;
         let event_idx = self.inner.event_idx.load(Ordering::Relaxed);
         loop {
             use virtio_queue::QueueT;
@@ -180,7 +212,7 @@ impl BlkBackend {
                 // Stopped (GET_VRING_BASE): take nothing more, finish what
                 // was taken.
                 flow.drain();
-                self.publish(vring, &mem, &mut flow)?;
+                self.publish(vring, &mem, vol, &mut flow)?;
                 break;
             }
             if event_idx {
@@ -189,7 +221,7 @@ impl BlkBackend {
             let chains = take_chains(&mut vring.get_mut(), &mem)?;
             let took = !chains.is_empty();
             if took {
-                self.start_chains(&mem, chains, &mut flow);
+                self.start_chains(&mem, vol, chains, &mut flow);
             }
             if flow.in_flight() > 0 {
                 // Having just taken requests, collect what is already done
@@ -197,7 +229,7 @@ impl BlkBackend {
                 // otherwise wait for one.
                 flow.reap(usize::from(!took));
             }
-            self.publish(vring, &mem, &mut flow)?;
+            self.publish(vring, &mem, vol, &mut flow)?;
             if flow.outstanding() > 0 {
                 if flow.in_flight() == 0 {
                     break; // cannot happen: nothing left to wait for
@@ -213,20 +245,44 @@ impl BlkBackend {
 
     /// The request limits, with the volume's current capacity (it may
     /// have grown since the server started).
-    fn limits(&self) -> request::Limits {
-        let dev = &self.inner.dev;
-        let mut lim = dev.config.limits();
-        lim.capacity = dev.volume.size_bytes() / SECTOR;
+    fn limits(&self, size_bytes: u64) -> request::Limits {
+        let mut lim = self.inner.dev.config.limits();
+        lim.capacity = size_bytes / SECTOR;
         lim
+    }
+
+    /// Answers every available chain with IOERR: the volume could not be
+    /// activated (the reason is in the log).
+    fn fail_all(&self, vring: &Vring, mem: &Mem) -> io::Result<()> {
+        let lim = self.limits(self.inner.dev.activation.size_bytes());
+        let chains = take_chains(&mut vring.get_mut(), mem)?;
+        if chains.is_empty() {
+            return Ok(());
+        }
+        for (head, descs) in chains {
+            let mut p = Pending::new(head, request::parse(&descs, &Reader(mem), &lim));
+            p.fail(Status::IoErr);
+            self.inner.dev.stats.errors.fetch_add(1, Ordering::Relaxed);
+            vring
+                .add_used(head, p.finish(mem))
+                .map_err(io::Error::other)?;
+        }
+        vring.signal_used_queue()
     }
 
     /// Starts the chains of one drain: reads and writes into the engine's
     /// queue, runs of other requests as batches once everything before
     /// them is done.
-    fn start_chains(&self, mem: &Arc<Mem>, chains: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
+    fn start_chains(
+        &self,
+        mem: &Arc<Mem>,
+        vol: &Volume,
+        chains: Vec<(u16, Vec<Desc>)>,
+        flow: &mut Flow,
+    ) {
         let dev = &self.inner.dev;
         let cfg = &dev.config;
-        let lim = self.limits();
+        let lim = self.limits(vol.size_bytes());
         let reader = Reader(mem);
         let n = chains.len();
         dev.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
@@ -290,9 +346,9 @@ impl BlkBackend {
             let streamed = match plan {
                 Some(p) if !flagged => {
                     if !run.is_empty() {
-                        self.run_in_order(mem, std::mem::take(&mut run), flow);
+                        self.run_in_order(mem, vol, std::mem::take(&mut run), flow);
                     }
-                    let ok = flow.start(&dev.volume, mem, head, &p).is_ok();
+                    let ok = flow.start(vol, mem, head, &p).is_ok();
                     if ok {
                         dev.stats.streamed.fetch_add(1, Ordering::Relaxed);
                     }
@@ -305,14 +361,14 @@ impl BlkBackend {
             }
         }
         if !run.is_empty() {
-            self.run_in_order(mem, run, flow);
+            self.run_in_order(mem, vol, run, flow);
         }
     }
 
     /// Runs chains as one batch after everything taken before them.
-    fn run_in_order(&self, mem: &Mem, run: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
+    fn run_in_order(&self, mem: &Mem, vol: &Volume, run: Vec<(u16, Vec<Desc>)>, flow: &mut Flow) {
         flow.drain();
-        let done = self.run_batch(mem, &run);
+        let done = self.run_batch(mem, vol, &run);
         flow.finished(done);
     }
 
@@ -320,11 +376,11 @@ impl BlkBackend {
     /// persists the mappings of finished writes first (default
     /// durability), writes the status bytes, adds the used entries and
     /// signals the guest if it wants to hear.
-    fn publish(&self, vring: &Vring, mem: &Mem, flow: &mut Flow) -> io::Result<()> {
+    fn publish(&self, vring: &Vring, mem: &Mem, vol: &Volume, flow: &mut Flow) -> io::Result<()> {
         let dev = &self.inner.dev;
         let persist_failed = flow.writes_ready()
             && dev.durability == Durability::ProcessCrash
-            && dev.volume.persist().is_err();
+            && vol.persist().is_err();
         let mut done = Vec::new();
         flow.take_ready(persist_failed, &mut done);
         if done.is_empty() {
@@ -354,10 +410,10 @@ impl BlkBackend {
     }
 
     /// Runs one drained batch; returns (head, used length) in chain order.
-    fn run_batch(&self, mem: &Mem, chains: &[(u16, Vec<Desc>)]) -> Vec<(u16, u32)> {
+    fn run_batch(&self, mem: &Mem, vol: &Volume, chains: &[(u16, Vec<Desc>)]) -> Vec<(u16, u32)> {
         let dev = &self.inner.dev;
         let cfg = &dev.config;
-        let lim = self.limits();
+        let lim = self.limits(vol.size_bytes());
         let reader = Reader(mem);
         let n = chains.len();
         dev.stats.batches.fetch_add(1, Ordering::Relaxed);
@@ -521,10 +577,10 @@ impl BlkBackend {
                 .iter_mut()
                 .map(|op| op.request(&dev.zeroes))
                 .collect();
-            results.extend(dev.volume.submit(&mut batch));
+            results.extend(vol.submit(&mut batch));
         }
         let commit_failed = (write_through && results.get(commit_at).is_none_or(|r| r.is_err()))
-            || (persist && dev.volume.persist().is_err());
+            || (persist && vol.persist().is_err());
 
         // Statuses, bounce copies, and the used lengths.
         let mut done = Vec::with_capacity(n);
@@ -535,7 +591,7 @@ impl BlkBackend {
                 let failed = results[p.ops.clone()].iter().find_map(|r| r.as_ref().err());
                 if let Some(e) = failed {
                     if logged < 3 && dev.stats.errors.load(Ordering::Relaxed) < 100 {
-                        eprintln!("thinlun-vhost: '{}': {e}", dev.volume.name());
+                        eprintln!("thinlun-vhost: '{}': {e}", vol.name());
                         logged += 1;
                     }
                     outcome = Some(Err(Status::IoErr));
@@ -544,6 +600,10 @@ impl BlkBackend {
                 } else if let Command::Read { segs, .. } = cmd {
                     let copied = ops[p.ops.clone()].iter().all(|op| match op {
                         Op::ReadBounce { buf, .. } => guest::scatter(mem, segs, buf).is_ok(),
+                        Op::ReadGuest { seg, .. } => {
+                            guest::mark_written(mem, seg);
+                            true
+                        }
                         _ => true,
                     });
                     outcome = Some(if copied {
@@ -775,7 +835,7 @@ impl Op {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
+    type Bitmap = vhost_user_backend::bitmap::BitmapMmapRegion;
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
@@ -787,7 +847,9 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn features(&self) -> u64 {
-        self.inner.dev.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.inner.dev.config.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VHOST_F_LOG_ALL
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -795,6 +857,18 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD
+    }
+
+    fn acked_features(&self, features: u64) {
+        let on = features & VHOST_F_LOG_ALL != 0;
+        if self.inner.log_all.swap(on, Ordering::AcqRel) != on {
+            eprintln!(
+                "thinlun-vhost: '{}': dirty logging {}",
+                self.inner.dev.activation.name(),
+                if on { "on (migration)" } else { "off" }
+            );
+        }
     }
 
     fn reset_device(&self) {
@@ -812,7 +886,7 @@ impl VhostUserBackend for BlkBackend {
         cfg.writeback = !self.inner.write_through.load(Ordering::Relaxed);
         // The current size: a front end that re-reads the configuration
         // (at reconnect) sees a volume grown since the server started.
-        cfg.size_bytes = self.inner.dev.volume.size_bytes();
+        cfg.size_bytes = self.inner.dev.activation.size_bytes();
         cfg.read(offset, size)
     }
 
@@ -856,6 +930,15 @@ impl VhostUserBackend for BlkBackend {
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()));
         if let Some(s) = self.inner.synced.get(q) {
             s.store(false, Ordering::Release);
+        }
+        drop(_idle);
+        // With dirty logging on, the front end stops every queue only to
+        // hand the device to a migration target: release for it. A
+        // migration that fails resumes here, and the next kick opens the
+        // volume again.
+        let all_stopped = self.inner.synced.iter().all(|s| !s.load(Ordering::Acquire));
+        if all_stopped && self.inner.log_all.load(Ordering::Acquire) {
+            self.release("the front end stopped the device for a migration");
         }
         Ok(())
     }

@@ -9,7 +9,7 @@
 //! write-zeroes, GET_ID, bounced buffers, malformed chains) runs as an
 //! engine batch once everything before it has completed.
 
-use crate::guest::{HostSeg, Mem};
+use crate::guest::{self, HostSeg, Mem};
 use crate::request::Status;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -161,6 +161,13 @@ impl Flow {
         Ok(())
     }
 
+    /// Waits for everything in flight, then closes the engine queue (it
+    /// holds a handle of the volume, which a release must close).
+    pub fn close(&mut self) {
+        self.drain();
+        self.queue = None;
+    }
+
     /// Records requests the batch path already finished, in order.
     pub fn finished(&mut self, done: impl IntoIterator<Item = (u16, u32)>) {
         for (head, used) in done {
@@ -184,8 +191,10 @@ impl Flow {
         let mut got = std::mem::take(&mut self.completions);
         q.complete(min, &mut got);
         for c in got.drain(..) {
-            if let Err(e) = &c.result {
-                eprintln!("thinlun-vhost: request failed: {e}");
+            match (&c.result, &c.op) {
+                (Err(e), _) => eprintln!("thinlun-vhost: request failed: {e}"),
+                (Ok(()), QueueOp::Read { buf, .. }) => guest::mark_written(&buf._mem, &buf.seg),
+                _ => {}
             }
             self.note(c.tag, c.result.map_err(|_| ()));
         }

@@ -3,9 +3,18 @@
 //! slices that the engine uses in place.
 
 use crate::request::{BadAddress, GuestRead, Segment};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vhost_user_backend::bitmap::BitmapMmapRegion;
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 
-pub type Mem = GuestMemoryMmap<()>;
+/// Guest memory with the dirty log of a live migration: the crate's
+/// bitmap fills in once the front end sends SET_LOG_BASE. Copies through
+/// `Bytes` (status bytes, bounce copies, used-ring entries) mark the pages
+/// they write; data the kernel reads into guest memory in place is marked
+/// with [`mark_written`] once it has landed.
+pub type Mem = GuestMemoryMmap<BitmapMmapRegion>;
 
 /// The parser's view of guest memory: volatile copies, bounds-checked.
 pub struct Reader<'a>(pub &'a Mem);
@@ -24,6 +33,8 @@ impl GuestRead for Reader<'_> {
 pub struct HostSeg {
     pub ptr: *mut u8,
     pub len: usize,
+    /// Where it is in guest memory, for the dirty log.
+    pub guest: u64,
 }
 
 /// Translates a segment to host memory when it lies inside one region;
@@ -40,7 +51,20 @@ pub fn translate(mem: &Mem, seg: Segment) -> Option<HostSeg> {
     Some(HostSeg {
         ptr,
         len: seg.len as usize,
+        guest: seg.addr,
     })
+}
+
+/// Marks a segment the device wrote in place (a read's data, after the
+/// I/O completed) in the dirty log. Marking earlier would let the front
+/// end copy the page and clear its bit before the data lands. Costs a
+/// lookup and an empty check while no log is set.
+pub fn mark_written(mem: &Mem, seg: &HostSeg) {
+    let addr = GuestAddress(seg.guest);
+    if let Some(region) = mem.find_region(addr) {
+        let offset = addr.unchecked_offset_from(region.start_addr()) as usize;
+        region.bitmap().mark_dirty(offset, seg.len);
+    }
 }
 
 /// Copies the concatenated segments out of guest memory.

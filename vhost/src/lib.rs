@@ -26,6 +26,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod activation;
 pub mod backend;
 pub mod config;
 pub mod control;
@@ -35,6 +36,7 @@ pub mod request;
 pub mod server;
 pub mod signals;
 
+pub use activation::Activation;
 pub use backend::{Durability, StatsSnapshot};
 pub use config::BlkConfig;
 pub use control::{default_control_path, Daemon};

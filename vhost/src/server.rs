@@ -1,6 +1,7 @@
 //! Serving one volume on one vhost-user socket: accept a front end, serve
 //! it until it disconnects, listen again; stop on request.
 
+use crate::activation::Activation;
 use crate::backend::{BlkBackend, Device, Durability, StatsSnapshot};
 use crate::config::BlkConfig;
 use std::io;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use thinlun::Volume;
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How to serve a volume.
@@ -28,6 +29,9 @@ pub struct ServeOptions {
     /// GET_ID answer (at most 20 bytes are used).
     pub serial: String,
     pub durability: Durability,
+    /// How long a server whose front end starts the rings waits for
+    /// another server's release of the volume (a live migration's source).
+    pub activation_wait: std::time::Duration,
 }
 
 impl ServeOptions {
@@ -40,6 +44,7 @@ impl ServeOptions {
             opt_io_bytes: 1 << 20,
             serial: serial.to_string(),
             durability: Durability::ProcessCrash,
+            activation_wait: std::time::Duration::from_secs(10),
         }
     }
 }
@@ -136,8 +141,13 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds the socket (replacing a stale one) and prepares the device.
+    /// Serves a volume the caller opened, for the server's whole life.
     pub fn new(volume: Arc<Volume>, opts: &ServeOptions) -> io::Result<Server> {
+        Server::with_activation(Activation::pinned(volume), opts)
+    }
+
+    /// Binds the socket (replacing a stale one) and prepares the device.
+    pub fn with_activation(activation: Activation, opts: &ServeOptions) -> io::Result<Server> {
         if opts.block_size != 512 && opts.block_size != 4096 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -150,10 +160,15 @@ impl Server {
                 format!("{} queues (use 1 to 64)", opts.num_queues),
             ));
         }
-        let size = volume.size_bytes();
+        let size = activation.size_bytes();
         let mut config = BlkConfig::new(size, opts.block_size, opts.opt_io_bytes, opts.num_queues);
         config.read_only = opts.read_only;
-        let device = Arc::new(Device::new(volume, config, &opts.serial, opts.durability));
+        let device = Arc::new(Device::new(
+            activation,
+            config,
+            &opts.serial,
+            opts.durability,
+        ));
         check_stale_socket(&opts.socket)?;
         let listener = Listener::new(&opts.socket, true).map_err(|e| {
             io::Error::other(format!("listening on {}: {e}", opts.socket.display()))
@@ -179,6 +194,11 @@ impl Server {
 
     pub fn stats(&self) -> StatsSnapshot {
         self.device.stats.snapshot()
+    }
+
+    /// Commits and gives up the volume (see [`Activation::release`]).
+    pub fn release(&self, why: &str) -> thinlun::Result<()> {
+        self.device.activation.release(why)
     }
 
     /// Front ends served so far.
@@ -235,9 +255,9 @@ impl Server {
     /// stop is asked. Its worker threads are joined before this returns,
     /// so no request of this connection runs after it.
     fn serve_one(&mut self) -> io::Result<()> {
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+        let mem = GuestMemoryAtomic::new(crate::guest::Mem::new());
         let backend = BlkBackend::new(self.device.clone(), mem.clone());
-        let mut daemon = VhostUserDaemon::new("thinlun-vhost".to_string(), backend, mem)
+        let mut daemon = VhostUserDaemon::new("thinlun-vhost".to_string(), backend.clone(), mem)
             .map_err(|e| io::Error::other(e.to_string()))?;
         daemon
             .start(&mut self.listener)
@@ -254,6 +274,7 @@ impl Server {
         *self.stop.conn() = None;
         // Dropping the daemon signals the queue workers and joins them.
         drop(daemon);
+        backend.release("the front end disconnected");
         if !self.stop.is_stopped() {
             match r {
                 Ok(()) => eprintln!("thinlun-vhost: front end disconnected; listening again"),

@@ -416,6 +416,12 @@ impl Pool {
         self.inner.read_only
     }
 
+    /// Whether several hosts share the pool (volumes are activated
+    /// through leases on the LUN).
+    pub fn is_shared(&self) -> bool {
+        self.inner.shared.is_some()
+    }
+
     /// Makes every write completed before this call durable.
     pub fn flush(&self) -> Result<()> {
         self.inner.flush()
@@ -791,6 +797,13 @@ impl Pool {
                 r => return r,
             }
         }
+    }
+
+    /// Opens a volume without waiting: Busy at once while another host
+    /// holds it, silent or not (a migration target polls this while the
+    /// source releases).
+    pub fn try_open_volume(&self, name: &str) -> Result<crate::Volume> {
+        self.open_volume_once(name)
     }
 
     fn open_volume_once(&self, name: &str) -> Result<crate::Volume> {

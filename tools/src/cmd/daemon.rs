@@ -41,6 +41,9 @@ pub struct ServeAddArgs {
     /// Control socket of the daemon [default: <pool path>.ctl]
     #[arg(long, value_name = "PATH", env = "THINLUN_CONTROL")]
     pub control: Option<PathBuf>,
+    /// Serve the target of a live migration (see 'serve --help')
+    #[arg(long)]
+    pub incoming: bool,
 }
 
 #[derive(Args)]
@@ -115,10 +118,11 @@ pub fn add(pool: Option<&Path>, args: &ServeAddArgs) -> CliResult<()> {
     let socket = std::path::absolute(&args.socket)
         .map_err(|e| CliError::io(&args.socket.display().to_string(), e))?;
     let line = format!(
-        "add {} {} {}",
+        "add {} {} {}{}",
         word("volume", &args.name)?,
         word("socket", &socket.to_string_lossy())?,
-        args.queues
+        args.queues,
+        if args.incoming { " incoming" } else { "" }
     );
     let t = ask(&control, &line)?;
     emit(&format!("{t}\n"))

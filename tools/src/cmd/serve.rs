@@ -42,6 +42,14 @@ pub struct ServeArgs {
     /// instead of waiting for a silent holder to be proven dead
     #[arg(long)]
     pub no_wait: bool,
+    /// Serve the target of a live migration (QEMU's -incoming): answer
+    /// the front end at once, but open the volume only when it starts the
+    /// rings, once the source's server has released it
+    #[arg(long)]
+    pub incoming: bool,
+    /// How long the rings' start waits for another server's release
+    #[arg(long, value_name = "SECONDS", default_value_t = 10)]
+    pub incoming_wait: u64,
 }
 
 pub fn block_size(s: &str) -> Result<u32, String> {
@@ -110,13 +118,14 @@ pub fn run(pool: Option<&std::path::Path>, args: &ServeArgs) -> CliResult<()> {
         } else {
             Durability::ProcessCrash
         },
+        activation_wait: Duration::from_secs(args.incoming_wait),
         ..ServeOptions::new(&args.socket, &args.name)
     };
     let mut daemon = Daemon::new(pool, control.as_deref(), template)
         .map_err(|e| CliError::new(format!("serving '{}': {e}", args.name)))?;
     let socket = std::path::absolute(&args.socket).unwrap_or_else(|_| args.socket.clone());
     daemon
-        .add(&args.name, &socket, args.queues)
+        .add(&args.name, &socket, args.queues, args.incoming)
         .map_err(CliError::new)?;
     signals
         .stop_on_signal(daemon.stop_handle())

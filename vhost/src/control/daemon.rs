@@ -6,6 +6,7 @@
 //! the engine calls `thinctl` would make itself if it could open the pool.
 
 use super::protocol::{parse_request, read_request, PolicyChange, Request};
+use crate::activation::Activation;
 use crate::backend::StatsSnapshot;
 use crate::server::{check_stale_socket, default_serial, ServeOptions, Server, StopHandle};
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use thinlun::{Pool, Volume};
+use thinlun::Pool;
 
 /// What serving a volume came to, once stopped.
 #[derive(Clone, Debug)]
@@ -52,7 +53,6 @@ struct Served {
     socket: PathBuf,
     queues: u16,
     read_only: bool,
-    vol: Arc<Volume>,
     stop: StopHandle,
     thread: JoinHandle<(io::Result<()>, Server)>,
 }
@@ -131,7 +131,15 @@ impl Daemon {
     }
 
     /// Starts serving volume `name` on `socket`; returns the reply text.
-    pub fn add(&mut self, name: &str, socket: &Path, queues: u16) -> Result<String, String> {
+    /// `incoming`: serve the target of a live migration, which opens the
+    /// volume when its front end starts the rings (docs/LOCKING.md 4.4).
+    pub fn add(
+        &mut self,
+        name: &str,
+        socket: &Path,
+        queues: u16,
+        incoming: bool,
+    ) -> Result<String, String> {
         if self.served.contains_key(name) {
             return Err(format!("'{name}' is already served"));
         }
@@ -152,9 +160,26 @@ impl Daemon {
             serial: default_serial(&info.name, info.id),
             ..self.template.clone()
         };
-        let vol = Arc::new(pool.open_volume(name).map_err(|e| e.to_string())?);
-        let mut server =
-            Server::new(vol.clone(), &opts).map_err(|e| format!("serving '{name}': {e}"))?;
+        // Only a shared pool's activation can pass to another host; on a
+        // pool of one host the server keeps its volume open (and so
+        // protected from remove and rollback) while it is served.
+        if incoming && !pool.is_shared() {
+            return Err(format!(
+                "'{name}': incoming needs a shared pool (the source's server must be on another host)"
+            ));
+        }
+        let open = if incoming {
+            None
+        } else {
+            Some(Arc::new(pool.open_volume(name).map_err(|e| e.to_string())?))
+        };
+        let activation = match open {
+            Some(vol) if !pool.is_shared() => Activation::pinned(vol),
+            open => Activation::handover(pool.clone(), name, open, opts.activation_wait)
+                .map_err(|e| e.to_string())?,
+        };
+        let mut server = Server::with_activation(activation, &opts)
+            .map_err(|e| format!("serving '{name}': {e}"))?;
         let stop = server.stop_handle();
         let thread = std::thread::Builder::new()
             .name(format!(
@@ -167,10 +192,15 @@ impl Daemon {
             })
             .map_err(|e| format!("starting a thread: {e}"))?;
         let text = format!(
-            "serving {name} on {} ({queues} queue{}{})",
+            "serving {name} on {} ({queues} queue{}{}{})",
             socket.display(),
             if queues == 1 { "" } else { "s" },
-            if read_only { ", read-only" } else { "" }
+            if read_only { ", read-only" } else { "" },
+            if incoming {
+                ", incoming: opened when the front end starts"
+            } else {
+                ""
+            }
         );
         self.served.insert(
             name.to_string(),
@@ -179,7 +209,6 @@ impl Daemon {
                 socket: socket.to_path_buf(),
                 queues,
                 read_only,
-                vol,
                 stop,
                 thread,
             },
@@ -269,8 +298,9 @@ impl Daemon {
                 name,
                 socket,
                 queues,
+                incoming,
             } => {
-                let t = self.add(&name, &socket, queues)?;
+                let t = self.add(&name, &socket, queues, incoming)?;
                 eprintln!("thinlun-vhost: {t}");
                 Ok(t)
             }
@@ -523,16 +553,18 @@ fn finish(name: &str, s: Served) -> Stopped {
     let (stats, connections) = server.as_ref().map_or((StatsSnapshot::default(), 0), |s| {
         (s.stats(), s.connections())
     });
+    let released = match &server {
+        Some(srv) if !s.read_only => srv.release("no longer served"),
+        _ => Ok(()),
+    };
     drop(server);
     let mut error = served.err().map(|e| e.to_string());
     if panicked {
         error = Some("serving thread panicked".to_string());
         let _ = std::fs::remove_file(&s.socket);
     }
-    if !s.read_only {
-        if let Err(e) = s.vol.flush() {
-            error.get_or_insert(format!("flush: {e}"));
-        }
+    if let Err(e) = released {
+        error.get_or_insert(format!("flush: {e}"));
     }
     Stopped {
         name: name.to_string(),

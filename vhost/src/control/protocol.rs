@@ -50,6 +50,9 @@ pub enum Request {
         name: String,
         socket: PathBuf,
         queues: u16,
+        /// For the target of a live migration: open the volume only when
+        /// the front end starts the rings.
+        incoming: bool,
     },
     /// Stop serving a volume (it stays in the pool).
     Remove(String),
@@ -141,7 +144,7 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             Ok(Request::Snapshot(spec.to_string()))
         }
         ["snapshot", ..] => usage("snapshot VOL@SNAP"),
-        ["add", name, socket] | ["add", name, socket, _] => {
+        ["add", name, socket] | ["add", name, socket, _] | ["add", name, socket, _, "incoming"] => {
             let queues = match words.get(3) {
                 None => 1,
                 Some(q) => match q.parse::<u16>() {
@@ -156,9 +159,10 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
                 name: name.to_string(),
                 socket: PathBuf::from(socket),
                 queues,
+                incoming: words.len() == 5,
             })
         }
-        ["add", ..] => usage("add VOL SOCKET [QUEUES]"),
+        ["add", ..] => usage("add VOL SOCKET [QUEUES [incoming]]"),
         ["remove", name] => Ok(Request::Remove(name.to_string())),
         ["remove", ..] => usage("remove VOL"),
         ["list"] => Ok(Request::List),
@@ -402,7 +406,8 @@ mod tests {
             Ok(Request::Add {
                 name: "vm-1".into(),
                 socket: "/run/a.sock".into(),
-                queues: 4
+                queues: 4,
+                incoming: false,
             })
         );
         assert_eq!(
@@ -410,7 +415,17 @@ mod tests {
             Ok(Request::Add {
                 name: "vm-1".into(),
                 socket: "/run/a.sock".into(),
-                queues: 1
+                queues: 1,
+                incoming: false,
+            })
+        );
+        assert_eq!(
+            parse_request("add vm-1 /run/a.sock 2 incoming"),
+            Ok(Request::Add {
+                name: "vm-1".into(),
+                socket: "/run/a.sock".into(),
+                queues: 2,
+                incoming: true,
             })
         );
         assert_eq!(
@@ -432,6 +447,7 @@ mod tests {
             "add vm-1 /a.sock 65",
             "add vm-1 /a.sock x",
             "add vm-1 /a.sock 1 2",
+            "add vm-1 /a.sock 1 incoming x",
             "remove",
             "remove a b",
             "list x",

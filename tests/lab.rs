@@ -1,0 +1,164 @@
+//! The guest lab (../shared/lab) for the end-to-end tests: whether it can
+//! run here, a guest on a socket, and its console.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// One guest at a time: two TCG guests on two cores would each take twice
+/// as long.
+pub static GUEST: Mutex<()> = Mutex::new(());
+
+pub fn lab_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/lab")
+}
+
+fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn have_guest_kernel() -> bool {
+    std::fs::read_dir("/boot").is_ok_and(|d| {
+        d.flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.starts_with("vmlinuz-") && n.contains("cloud")
+        })
+    })
+}
+
+/// Whether the lab can run here; prints why not.
+pub fn lab_ready() -> bool {
+    let lab = lab_dir();
+    if !lab.join("run-guest.sh").exists() {
+        eprintln!(
+            "SKIP: no guest lab at {} (shared/ beside the checkout)",
+            lab.display()
+        );
+        return false;
+    }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if (!have_qemu() || !have_guest_kernel())
+        && root
+        && std::env::var("THINLUN_E2E_INSTALL").as_deref() != Ok("0")
+    {
+        eprintln!("installing QEMU and the guest kernel with install-qemu.sh");
+        let _ = Command::new("bash")
+            .arg(lab.join("install-qemu.sh"))
+            .stdout(Stdio::null())
+            .status();
+    }
+    if !have_qemu() {
+        eprintln!(
+            "SKIP: qemu-system-x86_64 not available (run ../shared/lab/install-qemu.sh as root)"
+        );
+        return false;
+    }
+    if !have_guest_kernel() {
+        eprintln!(
+            "SKIP: no /boot/vmlinuz-*cloud* guest kernel (run ../shared/lab/install-qemu.sh)"
+        );
+        return false;
+    }
+    true
+}
+
+/// Starts a guest on `sock` running `script`; its console lines (QEMU's
+/// own messages prefixed `[qemu]`) arrive on the channel.
+pub fn spawn_guest(
+    sock: &Path,
+    script: &Path,
+    env: &[(&str, &str)],
+) -> (Child, mpsc::Receiver<String>) {
+    let mut cmd = Command::new("bash");
+    cmd.arg(lab_dir().join("run-guest.sh"))
+        .arg(sock)
+        .arg(script)
+        .env("GUEST_TIMEOUT", "150")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    let err = child.stderr.take().unwrap();
+    let tx2 = tx.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx2.send(format!("[qemu] {line}"));
+        }
+    });
+    (child, rx)
+}
+
+/// Collects the console until GUEST-END (or the guest exits). `on_event`
+/// sees each line, and `None` at least every 200 ms.
+/// `until`: stop after the line that contains it too.
+pub fn console(
+    rx: &mpsc::Receiver<String>,
+    mut on_event: impl FnMut(Option<&str>),
+    until: Option<&str>,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut lines = Vec::new();
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => {
+                let line = line.replace('\r', "");
+                on_event(Some(&line));
+                let end = line.contains("GUEST-END") || until.is_some_and(|u| line.contains(u));
+                lines.push(line);
+                if end {
+                    break;
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => on_event(None),
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    lines
+}
+
+/// Whether the guest got as far as running its script.
+pub fn booted(lines: &[String]) -> bool {
+    lines.iter().any(|l| l.contains("GUEST-BEGIN"))
+}
+
+/// Every expected check passed, nothing failed, the script ended with 0.
+pub fn assert_guest_ok(lines: &[String], expected: &[&str]) {
+    let text = lines.join("\n");
+    for name in expected {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("CHECK {name} ok"))),
+            "check '{name}' did not pass; console:\n{text}"
+        );
+    }
+    assert!(!text.contains("FAIL"), "a check failed; console:\n{text}");
+    assert!(
+        lines.iter().any(|l| l.contains("GUEST-END rc=0")),
+        "no 'GUEST-END rc=0'; console:\n{text}"
+    );
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("CHECK") || l.contains("INFO"))
+    {
+        eprintln!("guest: {}", l.trim());
+    }
+}
