@@ -8,9 +8,11 @@
 //! loop across the migration, so the data the source's server reads into
 //! guest pages must reach the target through the dirty log, and writes
 //! and reads back blocks; fio verify runs on the target afterwards.
-//! Checked: QEMU reports the migration completed, every guest check
-//! passes, the source released before the target activated, and the pool
-//! checks clean.
+//! A cancelled migration comes first: the source keeps serving and the
+//! target never opens the volume. Checked: QEMU reports the second
+//! migration completed, every guest check passes, the source released
+//! before the target activated, and the pool checks clean. Without the
+//! server's marking of read data, the guest's read check fails.
 
 use serde_json::{json, Value};
 use std::io::{BufRead, BufReader, Write};
@@ -178,6 +180,9 @@ impl Qmp {
     }
 }
 
+/// How long the guest's read loop runs: across both migrations.
+const LOOP_SECS: &str = "35";
+
 #[test]
 fn guest_migrates_between_hosts() {
     let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,7 +204,7 @@ fn guest_migrates_between_hosts() {
         let (mut src, src_rx) = spawn_guest(
             &src_sock,
             &script,
-            &[("QMP", src_qmp.to_str().unwrap()), ("LOOP_SECS", "25")],
+            &[("QMP", src_qmp.to_str().unwrap()), ("LOOP_SECS", LOOP_SECS)],
         );
         let before = console(&src_rx, |_| {}, Some("MIGRATE-READY"));
         if before.iter().any(|l| l.contains("MIGRATE-READY")) {
@@ -215,21 +220,54 @@ fn guest_migrates_between_hosts() {
         );
     }
     let mut src = source_guest.expect("the source guest never booted");
-    // The target QEMU starts only now: two run-guest.sh building the
-    // lab's initramfs cache at once would corrupt it.
-    let (mut dst, dst_rx) = spawn_guest(
-        &dst_sock,
-        &script,
-        &[
-            ("QMP", dst_qmp.to_str().unwrap()),
-            ("INCOMING", &mig),
-            ("LOOP_SECS", "25"),
-        ],
-    );
-    let _dst_qmp = Qmp::connect(&dst_qmp);
+    // A target QEMU starts only now: two run-guest.sh building the lab's
+    // initramfs cache at once would corrupt it.
+    let target_qemu = || {
+        let guest = spawn_guest(
+            &dst_sock,
+            &script,
+            &[
+                ("QMP", dst_qmp.to_str().unwrap()),
+                ("INCOMING", &mig),
+                ("LOOP_SECS", LOOP_SECS),
+            ],
+        );
+        let qmp = Qmp::connect(&dst_qmp);
+        (guest, qmp)
+    };
     let mut qmp = Qmp::connect(&src_qmp);
-    // While the guest's read loop runs.
-    std::thread::sleep(Duration::from_secs(2));
+
+    // A cancelled migration first (slow, so it is still running): the
+    // source keeps the volume and keeps serving, the target never opens
+    // it. The target QEMU exits, as an incoming QEMU does.
+    let ((mut dst, _), dst_qmp_conn) = target_qemu();
+    drop(dst_qmp_conn);
+    qmp.execute("migrate-set-parameters", json!({"max-bandwidth": 1 << 20}));
+    qmp.execute("migrate", json!({"uri": mig}));
+    std::thread::sleep(Duration::from_millis(1500));
+    qmp.execute("migrate_cancel", json!({}));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = qmp.execute("query-migrate", json!({}));
+        if r["status"] == "cancelled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "cancel did not finish: {r}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = dst.kill();
+    let _ = dst.wait();
+    assert!(!hosts.log(1).contains("released"), "{}", hosts.log(1));
+    assert!(!hosts.log(2).contains("activated"), "{}", hosts.log(2));
+    let _ = std::fs::remove_file(&dst_qmp);
+
+    // Then the migration: 100 MiB/s makes the first pass over the
+    // guest's memory last seconds, with the guest's read loop inside it.
+    let ((mut dst, dst_rx), _dst_qmp_conn) = target_qemu();
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 100 << 20}),
+    );
     qmp.execute("migrate", json!({"uri": mig}));
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
