@@ -769,3 +769,84 @@ fn reconnect_and_multiple_queues() {
     drop(server);
     assert!(!s.sock.exists(), "socket removed once the server is gone");
 }
+
+/// The target of a live migration on host 2 of a shared pool: it answers
+/// the configuration from the catalog while host 1 still holds the
+/// volume, fails requests with IOERR once its bounded wait for host 1's
+/// release runs out, and serves as soon as host 1 has released.
+#[test]
+fn incoming_target_waits_for_the_release() {
+    use thinlun::{HostOptions, OpenOptions, SharedConfig};
+    use thinlun_vhost::Activation;
+    let dir = TempDir::new("incoming");
+    let path = dir.0.join("lun.img");
+    let cfg = PoolConfig {
+        size_bytes: Some(256 << 20),
+        shared: Some(SharedConfig {
+            io_timeout_ms: 200,
+            group_bytes: Some(16 << 20),
+        }),
+        ..PoolConfig::default()
+    };
+    Pool::create_path(&path, &cfg).unwrap().close().unwrap();
+    let host = |id: u32| OpenOptions {
+        read_only: false,
+        host: Some(HostOptions {
+            host_id: id,
+            host_name: Some(format!("host{id}")),
+            watchdog: false,
+            run_dir: Some(dir.0.join(format!("run{id}"))),
+        }),
+        boot_id: None,
+    };
+    let host1 = Pool::open_path(&path, &host(1)).unwrap();
+    host1.create_volume("vm-1", 64 << 20).unwrap();
+    let source = host1.open_volume("vm-1").unwrap();
+    source.write(0, &pattern(9, 4096)).unwrap();
+
+    let host2 = Pool::open_path(&path, &host(2)).unwrap();
+    let activation =
+        Activation::handover(host2.clone(), "vm-1", None, Duration::from_millis(300)).unwrap();
+    let sock = dir.0.join("target.sock");
+    let mut server =
+        Server::with_activation(activation, &ServeOptions::new(&sock, "vm-1")).unwrap();
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || {
+        server.run().unwrap();
+        server
+    });
+
+    let mut c = Client::connect(&sock, 1);
+    let capacity = u64::from_le_bytes(c.config()[..8].try_into().unwrap());
+    assert_eq!(capacity, (64 << 20) / 512, "size from the catalog");
+    // Host 1 holds the volume: the wait runs out.
+    assert_eq!(c.read(0, 0, 4096), S_IOERR);
+    assert!(
+        matches!(host2.try_open_volume("vm-1"), Err(thinlun::Error::Busy(_))),
+        "host 1 still holds it"
+    );
+    // The source's last handle closes: commit, checkpoint, release.
+    drop(source);
+    assert_eq!(c.read(0, 0, 4096), S_OK);
+    same(c.data(0, 4096), &pattern(9, 4096), "the source's write");
+    c.data(4096, 4096).copy_from_slice(&pattern(10, 4096));
+    assert_eq!(c.write(8, 4096, 4096), S_OK);
+    // Now host 2 holds it.
+    assert!(matches!(
+        host1.try_open_volume("vm-1"),
+        Err(thinlun::Error::Busy(_))
+    ));
+    drop(c);
+    stop.stop();
+    let server = thread.join().unwrap();
+    server.release("test over").unwrap();
+    drop(server);
+    let back = host1.open_volume("vm-1").unwrap();
+    let mut buf = vec![0; 4096];
+    back.read(8, &mut buf).unwrap();
+    same(
+        &buf,
+        &pattern(10, 4096),
+        "the target's write, back on host 1",
+    );
+}
