@@ -174,6 +174,47 @@ impl Volume {
         self.inner.persist()
     }
 
+    /// What the bytes `offset..offset+len` hold, as runs of (length,
+    /// stored) in order: `stored` is false where the volume reads as zeros
+    /// without storage (never written, discarded or zeroed). For exports
+    /// that report holes (NBD's `base:allocation`); runs are clipped to the
+    /// range, and the range to the volume's end.
+    pub fn allocation(&self, offset: u64, len: u64) -> Result<Vec<(u64, bool)>> {
+        let bs = BLOCK_SIZE as u64;
+        let st = self.inner.state.lock();
+        let v = st
+            .volumes
+            .get(&self.id)
+            .ok_or_else(|| Error::NoSuchVolume(self.name.clone()))?;
+        let end = offset.saturating_add(len).min(v.rec.size_bytes);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let (b0, b1) = (offset / bs, end.div_ceil(bs));
+        let mut segs = Vec::new();
+        v.map.lookup(b0, b1 - b0, &mut segs);
+        drop(st);
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for seg in &segs {
+            let (vb, n, stored) = match *seg {
+                Segment::Mapped { vblock, len, .. } => (vblock, len, true),
+                Segment::Hole { vblock, len } | Segment::Zero { vblock, len } => {
+                    (vblock, len, false)
+                }
+            };
+            let lo = (vb * bs).max(offset);
+            let hi = ((vb + n) * bs).min(end);
+            if hi <= lo {
+                continue;
+            }
+            match out.last_mut() {
+                Some((l, s)) if *s == stored => *l += hi - lo,
+                _ => out.push((hi - lo, stored)),
+            }
+        }
+        Ok(out)
+    }
+
     fn one(&self, r: Request<'_>) -> Result<()> {
         let mut reqs = [r];
         self.submit(&mut reqs).pop().unwrap_or(Ok(()))

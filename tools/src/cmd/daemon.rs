@@ -32,8 +32,17 @@ pub struct ServeAddArgs {
     /// Volume to serve
     pub name: String,
     /// vhost-user socket to listen on (replaced if it is a stale socket)
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "nbd",
+        conflicts_with = "nbd"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Export over NBD instead, on the daemon's NBD socket (it listens on
+    /// PATH from the first export)
     #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub nbd: Option<PathBuf>,
     /// Virtqueues (one worker thread each)
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -115,15 +124,23 @@ pub fn ask(control: &Path, line: &str) -> CliResult<String> {
 pub fn add(pool: Option<&Path>, args: &ServeAddArgs) -> CliResult<()> {
     let control = control_of(pool, args.control.as_deref())?;
     // The daemon's working directory is not ours.
-    let socket = std::path::absolute(&args.socket)
-        .map_err(|e| CliError::io(&args.socket.display().to_string(), e))?;
-    let line = format!(
-        "add {} {} {}{}",
-        word("volume", &args.name)?,
-        word("socket", &socket.to_string_lossy())?,
-        args.queues,
-        if args.incoming { " incoming" } else { "" }
-    );
+    let absolute =
+        |p: &Path| std::path::absolute(p).map_err(|e| CliError::io(&p.display().to_string(), e));
+    let line = match (&args.socket, &args.nbd) {
+        (_, Some(nbd)) => format!(
+            "add-nbd {} {}",
+            word("volume", &args.name)?,
+            word("socket", &absolute(nbd)?.to_string_lossy())?
+        ),
+        (Some(sock), None) => format!(
+            "add {} {} {}{}",
+            word("volume", &args.name)?,
+            word("socket", &absolute(sock)?.to_string_lossy())?,
+            args.queues,
+            if args.incoming { " incoming" } else { "" }
+        ),
+        (None, None) => return Err(CliError::new("give --socket or --nbd")),
+    };
     let t = ask(&control, &line)?;
     emit(&format!("{t}\n"))
 }

@@ -18,8 +18,12 @@ pub struct ServeArgs {
     /// Volume to serve
     pub name: String,
     /// vhost-user socket to listen on (replaced if it exists)
+    #[arg(long, value_name = "PATH", required_unless_present = "nbd")]
+    pub socket: Option<PathBuf>,
+    /// Also (or only) export the volume over NBD on this Unix socket; the
+    /// export name is the volume name (docs/NBD.md)
     #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
+    pub nbd: Option<PathBuf>,
     /// Virtqueues (one worker thread each)
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u16).range(1..=64))]
@@ -119,27 +123,36 @@ pub fn run(pool: Option<&std::path::Path>, args: &ServeArgs) -> CliResult<()> {
             Durability::ProcessCrash
         },
         activation_wait: Duration::from_secs(args.incoming_wait),
-        ..ServeOptions::new(&args.socket, &args.name)
+        ..ServeOptions::new(args.socket.as_deref().unwrap_or(Path::new("")), &args.name)
     };
     let mut daemon = Daemon::new(pool, control.as_deref(), template)
         .map_err(|e| CliError::new(format!("serving '{}': {e}", args.name)))?;
-    let socket = std::path::absolute(&args.socket).unwrap_or_else(|_| args.socket.clone());
-    daemon
-        .add(&args.name, &socket, args.queues, args.incoming)
-        .map_err(CliError::new)?;
+    if let Some(sock) = &args.socket {
+        let socket = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
+        daemon
+            .add(&args.name, &socket, args.queues, args.incoming)
+            .map_err(CliError::new)?;
+    }
+    if let Some(sock) = &args.nbd {
+        let socket = std::path::absolute(sock).unwrap_or_else(|_| sock.clone());
+        let t = daemon.add_nbd(&args.name, &socket).map_err(CliError::new)?;
+        eprintln!("thinctl: {t}");
+    }
     signals
         .stop_on_signal(daemon.stop_handle())
         .map_err(|e| CliError::io("starting the signal thread", e))?;
-    eprintln!(
-        "thinctl: serving '{}' ({}{}, {} queue{}, {}-byte blocks) on {}",
-        args.name,
-        size(info.size_bytes),
-        if read_only { ", read-only" } else { "" },
-        args.queues,
-        if args.queues == 1 { "" } else { "s" },
-        args.block_size,
-        args.socket.display()
-    );
+    if let Some(sock) = &args.socket {
+        eprintln!(
+            "thinctl: serving '{}' ({}{}, {} queue{}, {}-byte blocks) on {}",
+            args.name,
+            size(info.size_bytes),
+            if read_only { ", read-only" } else { "" },
+            args.queues,
+            if args.queues == 1 { "" } else { "s" },
+            args.block_size,
+            sock.display()
+        );
+    }
     run_daemon(daemon)
 }
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use thinlun::Pool;
+use thinlun_nbd::NbdServer;
 
 /// What serving a volume came to, once stopped.
 #[derive(Clone, Debug)]
@@ -77,6 +78,8 @@ pub struct Daemon {
     served: BTreeMap<String, Served>,
     control: Option<ControlSocket>,
     stop: StopHandle,
+    /// The NBD socket, once a volume is exported on it.
+    nbd: Option<NbdServer>,
 }
 
 impl Daemon {
@@ -114,6 +117,7 @@ impl Daemon {
             served: BTreeMap::new(),
             control,
             stop: StopHandle::new()?,
+            nbd: None,
         })
     }
 
@@ -216,6 +220,61 @@ impl Daemon {
         Ok(text)
     }
 
+    /// Exports `name` (a volume, or `VOL@SNAP` and base images read-only)
+    /// over NBD on `socket`; the daemon's NBD server listens there from the
+    /// first export. The volume is opened, and so activated on a shared
+    /// pool and protected from remove and rollback, until it is removed.
+    pub fn add_nbd(&mut self, name: &str, socket: &Path) -> Result<String, String> {
+        if self.served.contains_key(name) {
+            return Err(format!("'{name}' is already served over vhost-user"));
+        }
+        if let Some(srv) = &self.nbd {
+            if srv.path() != socket {
+                return Err(format!(
+                    "this daemon exports over NBD on {}; use that socket",
+                    srv.path().display()
+                ));
+            }
+            if srv.export_names().iter().any(|n| n == name) {
+                return Err(format!("'{name}' is already exported"));
+            }
+        }
+        let pool = self.pool().clone();
+        let info = pool.volume_info(name).map_err(|e| e.to_string())?;
+        let read_only = self.template.read_only || info.read_only;
+        let volume = Arc::new(pool.open_volume(name).map_err(|e| e.to_string())?);
+        if self.nbd.is_none() {
+            let srv = NbdServer::bind(socket).map_err(|e| e.to_string())?;
+            self.nbd = Some(srv);
+        }
+        let export = thinlun_nbd::Export {
+            volume,
+            read_only,
+            preferred_bytes: u32::try_from(pool.status().chunk_bytes).unwrap_or(1 << 20),
+        };
+        let srv = self.nbd.as_ref().ok_or("no NBD server")?;
+        srv.add_export(name, export)?;
+        Ok(format!(
+            "exporting {name} over NBD on {}{}",
+            socket.display(),
+            if read_only { " (read-only)" } else { "" }
+        ))
+    }
+
+    /// Withdraws an NBD export: closes its connections and commits.
+    fn remove_nbd(&mut self, name: &str) -> Option<Result<String, String>> {
+        let e = self.nbd.as_ref()?.remove_export(name)?;
+        let flushed = if e.read_only {
+            Ok(())
+        } else {
+            e.volume.flush()
+        };
+        Some(match flushed {
+            Ok(()) => Ok(format!("stopped exporting {name}")),
+            Err(err) => Err(format!("stopped exporting {name} (flush failed: {err})")),
+        })
+    }
+
     /// Stops serving `name`: ends its connection, joins its thread,
     /// removes its socket and flushes the volume.
     pub fn remove(&mut self, name: &str) -> Result<Stopped, String> {
@@ -304,16 +363,34 @@ impl Daemon {
                 eprintln!("thinlun-vhost: {t}");
                 Ok(t)
             }
+            Request::AddNbd { name, socket } => {
+                let t = self.add_nbd(&name, &socket)?;
+                eprintln!("thinlun-vhost: {t}");
+                Ok(t)
+            }
             Request::Remove(name) => {
+                if let Some(r) = self.remove_nbd(&name) {
+                    eprintln!("thinlun-vhost: {}", r.as_ref().unwrap_or_else(|e| e));
+                    return r;
+                }
                 let s = self.remove(&name)?;
                 let t = format!("stopped {}", s.summary());
                 eprintln!("thinlun-vhost: {t}");
                 Ok(t)
             }
             Request::List => {
-                let mut t = self.served.len().to_string();
+                let nbd: Vec<(String, &Path)> = self.nbd.as_ref().map_or(Vec::new(), |srv| {
+                    srv.export_names()
+                        .into_iter()
+                        .map(|n| (n, srv.path()))
+                        .collect()
+                });
+                let mut t = (self.served.len() + nbd.len()).to_string();
                 for (n, s) in &self.served {
                     t.push_str(&format!(" {n}={}", s.socket.display()));
+                }
+                for (n, path) in nbd {
+                    t.push_str(&format!(" {n}=nbd:{}", path.display()));
                 }
                 Ok(t)
             }
@@ -520,6 +597,11 @@ impl Daemon {
             .into_iter()
             .map(|(name, s)| finish(&name, s))
             .collect();
+        // Closes every NBD connection and the export handles, so the pool
+        // below commits everything they wrote.
+        if let Some(mut srv) = self.nbd.take() {
+            srv.stop();
+        }
         self.control = None; // unlinks the control socket
         let pool = self.pool.take().expect("pool open until shutdown");
         pool.close().map_err(|e| format!("closing the pool: {e}"))?;

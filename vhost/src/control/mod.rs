@@ -12,8 +12,9 @@
 //! |---|---|
 //! | `snapshot VOL@SNAP` | `ok VOL@SNAP mapped_bytes=N` |
 //! | `grow` | `ok size_bytes=N` |
-//! | `add VOL SOCKET [QUEUES]` | `ok serving VOL on SOCKET (N queues[, read-only])` |
-//! | `remove VOL` (stop serving it) | `ok stopped VOL: N connections, R requests (S streamed, B batches), E errors` |
+//! | `add VOL SOCKET [QUEUES [incoming]]` | `ok serving VOL on SOCKET (N queues[, read-only])` |
+//! | `add-nbd VOL SOCKET` (export over NBD; one NBD socket per daemon) | `ok exporting VOL over NBD on SOCKET[ (read-only)]` |
+//! | `remove VOL` (stop serving or exporting it) | `ok stopped VOL: N connections, R requests (S streamed, B batches), E errors` |
 //! | `list` | `ok N [VOL=SOCKET]...` |
 //! | `status` | `ok key=value ...` (pool figures, `served=N`) |
 //! | `create VOL BYTES [force]` | `ok VOL size_bytes=N` |

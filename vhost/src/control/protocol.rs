@@ -54,6 +54,12 @@ pub enum Request {
         /// the front end starts the rings.
         incoming: bool,
     },
+    /// Export a volume (or `VOL@SNAP`, read-only) on the daemon's NBD
+    /// socket, which listens at `socket` from the first such request.
+    AddNbd {
+        name: String,
+        socket: PathBuf,
+    },
     /// Stop serving a volume (it stays in the pool).
     Remove(String),
     List,
@@ -163,6 +169,16 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             })
         }
         ["add", ..] => usage("add VOL SOCKET [QUEUES [incoming]]"),
+        ["add-nbd", name, socket] => {
+            if !socket.starts_with('/') {
+                return Err(format!("socket '{socket}' is not an absolute path"));
+            }
+            Ok(Request::AddNbd {
+                name: name.to_string(),
+                socket: PathBuf::from(socket),
+            })
+        }
+        ["add-nbd", ..] => usage("add-nbd VOL SOCKET"),
         ["remove", name] => Ok(Request::Remove(name.to_string())),
         ["remove", ..] => usage("remove VOL"),
         ["list"] => Ok(Request::List),
@@ -429,6 +445,13 @@ mod tests {
             })
         );
         assert_eq!(
+            parse_request("add-nbd vm-1@s /run/nbd.sock"),
+            Ok(Request::AddNbd {
+                name: "vm-1@s".into(),
+                socket: "/run/nbd.sock".into(),
+            })
+        );
+        assert_eq!(
             parse_request("remove vm-1"),
             Ok(Request::Remove("vm-1".into()))
         );
@@ -448,6 +471,8 @@ mod tests {
             "add vm-1 /a.sock x",
             "add vm-1 /a.sock 1 2",
             "add vm-1 /a.sock 1 incoming x",
+            "add-nbd vm-1",
+            "add-nbd vm-1 rel.sock",
             "remove",
             "remove a b",
             "list x",

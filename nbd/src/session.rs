@@ -1,0 +1,226 @@
+//! The transmission phase of one connection: requests answered in order.
+//!
+//! Durability is the vhost server's default: a completed WRITE, TRIM or
+//! WRITE_ZEROES has its mappings persisted (it survives a kill -9 of the
+//! server), FUA and FLUSH make it durable on the device.
+
+use crate::handshake::{Ended, Negotiated};
+use crate::proto::*;
+use std::io::{Read, Write};
+use thinlun::{Error, Volume, SECTOR_SIZE};
+
+/// Largest piece of zeros written at once for WRITE_ZEROES with NO_HOLE.
+const ZERO_PIECE: usize = 1 << 20;
+
+struct Reply<'a, S: Write> {
+    s: &'a mut S,
+    structured: bool,
+}
+
+impl<S: Write> Reply<'_, S> {
+    fn ok(&mut self, handle: u64) -> std::io::Result<()> {
+        if self.structured {
+            let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
+            self.s.write_all(&h)
+        } else {
+            self.s.write_all(&simple_reply(handle, 0))
+        }
+    }
+
+    fn err(&mut self, handle: u64, e: NbdError, msg: &str) -> std::io::Result<()> {
+        if self.structured {
+            self.s.write_all(&error_chunk(handle, e, msg))
+        } else {
+            self.s.write_all(&simple_reply(handle, e as u32))
+        }
+    }
+
+    fn data(&mut self, handle: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.structured {
+            let h = chunk_header(
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_OFFSET_DATA,
+                handle,
+                8 + data.len() as u32,
+            );
+            self.s.write_all(&h)?;
+            self.s.write_all(&offset.to_be_bytes())?;
+        } else {
+            self.s.write_all(&simple_reply(handle, 0))?;
+        }
+        self.s.write_all(data)
+    }
+
+    fn chunk(&mut self, handle: u64, kind: u16, payload: &[u8]) -> std::io::Result<()> {
+        let h = chunk_header(REPLY_FLAG_DONE, kind, handle, payload.len() as u32);
+        self.s.write_all(&h)?;
+        self.s.write_all(payload)
+    }
+}
+
+/// A request the export cannot run, as the client hears it.
+struct Refused(NbdError, String);
+
+fn engine_error(e: Error) -> Refused {
+    match e {
+        Error::NoSpace => Refused(NbdError::NoSpc, "the pool is full".into()),
+        e => Refused(NbdError::Io, e.to_string()),
+    }
+}
+
+/// Serves requests until the client disconnects (DISC or EOF) or breaks
+/// the protocol.
+pub fn serve<S: Read + Write>(s: &mut S, n: &Negotiated) -> Result<(), Ended> {
+    let vol = &*n.export.volume;
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let mut h = [0u8; REQUEST_BYTES];
+        s.read_exact(&mut h)?;
+        let req = parse_request(&h).map_err(|_| Ended::Protocol("bad request magic".into()))?;
+        let has_payload = req.kind == CMD_WRITE;
+        if has_payload {
+            if req.len > MAX_PAYLOAD {
+                // The payload cannot be skipped safely: close.
+                return Err(Ended::Protocol(format!("write of {} bytes", req.len)));
+            }
+            buf.resize(req.len as usize, 0);
+            s.read_exact(&mut buf)?;
+        }
+        let mut reply = Reply {
+            s,
+            structured: n.structured,
+        };
+        let outcome = match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_READ => {
+                read(vol, &req, &mut buf).map(|()| reply.data(req.handle, req.offset, &buf))
+            }
+            CMD_BLOCK_STATUS => block_status(vol, n, &req)
+                .map(|p| reply.chunk(req.handle, REPLY_TYPE_BLOCK_STATUS, &p)),
+            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE => {
+                change(vol, n.export.read_only, &req, &buf).map(|()| reply.ok(req.handle))
+            }
+            k => Err(Refused(NbdError::Inval, format!("unknown command {k}"))),
+        };
+        match outcome {
+            Ok(sent) => sent?,
+            Err(Refused(e, msg)) => {
+                log::debug!("nbd '{}': request {}: {msg}", n.name, req.kind);
+                reply.err(req.handle, e, &msg)?;
+            }
+        }
+    }
+}
+
+/// The sectors of a byte range, refused when unaligned, empty or past
+/// the end (`past_end` is the error the command reports for that).
+fn sectors(vol: &Volume, req: &Request, past_end: NbdError) -> Result<(u64, u64), Refused> {
+    let (off, len) = (req.offset, u64::from(req.len));
+    if len == 0 {
+        return Err(Refused(NbdError::Inval, "zero length".into()));
+    }
+    if off % SECTOR_SIZE != 0 || len % SECTOR_SIZE != 0 {
+        return Err(Refused(
+            NbdError::Inval,
+            format!("offset {off} and length {len} must be multiples of {SECTOR_SIZE}"),
+        ));
+    }
+    if off.checked_add(len).is_none_or(|e| e > vol.size_bytes()) {
+        return Err(Refused(
+            past_end,
+            format!("{off}+{len} is past the end ({} bytes)", vol.size_bytes()),
+        ));
+    }
+    Ok((off / SECTOR_SIZE, len / SECTOR_SIZE))
+}
+
+fn read(vol: &Volume, req: &Request, buf: &mut Vec<u8>) -> Result<(), Refused> {
+    if req.len > MAX_PAYLOAD {
+        return Err(Refused(
+            NbdError::Overflow,
+            format!("read of {} bytes", req.len),
+        ));
+    }
+    let (sector, _) = sectors(vol, req, NbdError::Inval)?;
+    buf.resize(req.len as usize, 0);
+    vol.read(sector, buf).map_err(engine_error)
+}
+
+fn change(vol: &Volume, read_only: bool, req: &Request, data: &[u8]) -> Result<(), Refused> {
+    match req.kind {
+        CMD_FLUSH => return vol.flush().map_err(engine_error),
+        // A hint only: the engine reads from the device each time.
+        CMD_CACHE => return sectors(vol, req, NbdError::Inval).map(|_| ()),
+        _ => {}
+    }
+    if read_only {
+        return Err(Refused(NbdError::Perm, "the export is read-only".into()));
+    }
+    let past_end = if req.kind == CMD_TRIM {
+        NbdError::Inval
+    } else {
+        NbdError::NoSpc
+    };
+    let (sector, count) = sectors(vol, req, past_end)?;
+    match req.kind {
+        CMD_WRITE => vol.write(sector, data),
+        CMD_TRIM => vol.discard(sector, count),
+        _ if req.flags & CMD_FLAG_NO_HOLE == 0 => vol.write_zeroes(sector, count),
+        // Allocated zeros need data writes: not fast.
+        _ if req.flags & CMD_FLAG_FAST_ZERO != 0 => {
+            return Err(Refused(
+                NbdError::NotSup,
+                "zeroing without holes is slow".into(),
+            ));
+        }
+        _ => write_zeros(vol, sector, count),
+    }
+    .map_err(engine_error)?;
+    if req.flags & CMD_FLAG_FUA != 0 {
+        vol.flush()
+    } else {
+        vol.persist()
+    }
+    .map_err(engine_error)
+}
+
+fn write_zeros(vol: &Volume, sector: u64, count: u64) -> thinlun::Result<()> {
+    let zeros = vec![0u8; ZERO_PIECE];
+    let per = ZERO_PIECE as u64 / SECTOR_SIZE;
+    let mut at = 0;
+    while at < count {
+        let n = per.min(count - at);
+        vol.write(sector + at, &zeros[..(n * SECTOR_SIZE) as usize])?;
+        at += n;
+    }
+    Ok(())
+}
+
+/// The base:allocation descriptors of a range: (length, flags) pairs.
+fn block_status(vol: &Volume, n: &Negotiated, req: &Request) -> Result<Vec<u8>, Refused> {
+    if !n.allocation {
+        return Err(Refused(
+            NbdError::Inval,
+            "no metadata context was selected".into(),
+        ));
+    }
+    let (off, len) = (req.offset, u64::from(req.len));
+    if len == 0 || off.checked_add(len).is_none_or(|e| e > vol.size_bytes()) {
+        return Err(Refused(
+            NbdError::Inval,
+            format!("{off}+{len} is out of range"),
+        ));
+    }
+    let runs = vol.allocation(off, len).map_err(engine_error)?;
+    let mut p = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+    for (run, stored) in runs {
+        // Runs are within the request, so they fit in 32 bits.
+        let flags = if stored { 0 } else { STATE_HOLE | STATE_ZERO };
+        p.extend_from_slice(&(run as u32).to_be_bytes());
+        p.extend_from_slice(&flags.to_be_bytes());
+        if req.flags & CMD_FLAG_REQ_ONE != 0 {
+            break;
+        }
+    }
+    Ok(p)
+}
