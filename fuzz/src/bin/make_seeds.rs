@@ -369,6 +369,39 @@ fn main() {
     write(&dir, "virtio_request", &virtio_requests());
     write(&dir, "lease", &lease_sectors());
     write(&dir, "diffstream", &diff_streams());
+    write(&dir, "nbd_handshake", &nbd_handshakes());
+}
+
+/// What QEMU and nbdinfo send: client flags, then STRUCTURED_REPLY,
+/// SET_META_CONTEXT base:allocation, LIST, INFO and GO for "vm".
+fn nbd_handshakes() -> Vec<Vec<u8>> {
+    fn opt(out: &mut Vec<u8>, option: u32, data: &[u8]) {
+        out.extend_from_slice(b"IHAVEOPT");
+        out.extend_from_slice(&option.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+    let mut name = 2u32.to_be_bytes().to_vec();
+    name.extend_from_slice(b"vm");
+    let mut info = name.clone();
+    info.extend_from_slice(&1u16.to_be_bytes());
+    info.extend_from_slice(&3u16.to_be_bytes());
+    let mut meta = name.clone();
+    meta.extend_from_slice(&1u32.to_be_bytes());
+    meta.extend_from_slice(&15u32.to_be_bytes());
+    meta.extend_from_slice(b"base:allocation");
+    let mut full = 3u32.to_be_bytes().to_vec();
+    opt(&mut full, 8, &[]);
+    opt(&mut full, 10, &meta);
+    opt(&mut full, 9, &meta);
+    opt(&mut full, 3, &[]);
+    opt(&mut full, 6, &info);
+    opt(&mut full, 7, &info);
+    let mut old = 1u32.to_be_bytes().to_vec();
+    opt(&mut old, 1, b"vm");
+    let mut abort = 3u32.to_be_bytes().to_vec();
+    opt(&mut abort, 2, &[]);
+    vec![full, old, abort]
 }
 
 /// A live and a free host slot, and a lock register choosing and holding.
