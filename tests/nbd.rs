@@ -491,3 +491,29 @@ fn a_snapshot_export_reads_consistently_beside_writes() {
     n.ctl(&["remove", "vm@backup"]);
     n.stop();
 }
+
+/// Without the kernel's nbd module (these machines have none), map and
+/// unmap fail with one line that says what is missing.
+#[test]
+fn map_without_the_kernel_module_says_what_is_missing() {
+    if Path::new("/sys/module/nbd").exists() {
+        eprintln!("SKIP: this kernel has the nbd module");
+        return;
+    }
+    let n = Nbd::new("map");
+    for args in [vec!["map", "vm"], vec!["unmap", "/dev/nbd0"]] {
+        let out = Command::new(thinctl())
+            .arg("-p")
+            .arg(&n.pool)
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains("the kernel has no NBD client") && err.contains("-blockdev driver=nbd"),
+            "{err}"
+        );
+    }
+}

@@ -187,7 +187,7 @@ back as the dump) before anything is written. Needs the pool to itself."
         #[arg(long)]
         force: bool,
     },
-    /// Serve a volume to a VM over vhost-user-blk until SIGTERM/SIGINT
+    /// Serve a volume to a VM over vhost-user-blk (or NBD) until SIGTERM/SIGINT
     Serve(cmd::serve::ServeArgs),
     /// Serve volumes of the pool, added and removed at run time through a
     /// control socket, until SIGTERM/SIGINT
@@ -196,6 +196,11 @@ back as the dump) before anything is written. Needs the pool to itself."
     ServeAdd(cmd::daemon::ServeAddArgs),
     /// Ask the serving process to stop serving a volume
     ServeRemove(cmd::daemon::ServeRemoveArgs),
+    /// Attach a volume as a local block device (/dev/nbdN) through the
+    /// kernel's NBD client; the serving process exports it
+    Map(cmd::map::MapArgs),
+    /// Detach a device attached by 'map'
+    Unmap(cmd::map::UnmapArgs),
     #[command(flatten)]
     Snap(cmd::snapshot::SnapCommand),
     /// Leases of a shared pool
@@ -355,6 +360,8 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::Daemon(args) => cmd::daemon::run(pool, &args),
         Command::ServeAdd(args) => cmd::daemon::add(pool, &args),
         Command::ServeRemove(args) => cmd::daemon::remove(pool, &args),
+        Command::Map(args) => cmd::map::map(pool, &args),
+        Command::Unmap(args) => cmd::map::unmap(&args),
         Command::Snap(c) => cmd::snapshot::run(pool, c),
         Command::Lock(LockCommand::Status { json }) => cmd::lock::status(pool, json),
         Command::Release { name } => cmd::lock::release(pool, &name),

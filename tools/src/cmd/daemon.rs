@@ -92,7 +92,7 @@ pub fn run(pool: Option<&Path>, args: &DaemonArgs) -> CliResult<()> {
 }
 
 /// The control socket to talk to: the one given, or the pool's.
-fn control_of(pool: Option<&Path>, given: Option<&Path>) -> CliResult<PathBuf> {
+pub fn control_of(pool: Option<&Path>, given: Option<&Path>) -> CliResult<PathBuf> {
     match given {
         Some(c) => Ok(c.to_path_buf()),
         None => Ok(default_control_path(pool_path(pool)?)),
@@ -100,7 +100,7 @@ fn control_of(pool: Option<&Path>, given: Option<&Path>) -> CliResult<PathBuf> {
 }
 
 /// One word of a request line: no blanks, no line breaks.
-fn word<'a>(what: &str, s: &'a str) -> CliResult<&'a str> {
+pub fn word<'a>(what: &str, s: &'a str) -> CliResult<&'a str> {
     if s.is_empty() || s.chars().any(char::is_whitespace) {
         return Err(CliError::new(format!(
             "{what} '{s}' cannot be sent to the daemon (empty or holds blanks)"

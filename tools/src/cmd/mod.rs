@@ -9,6 +9,7 @@ pub mod dump;
 pub mod export;
 pub mod import;
 pub mod lock;
+pub mod map;
 pub mod pool;
 pub mod repair;
 pub mod serve;
