@@ -1,7 +1,11 @@
 //! The guest lab (../shared/lab) for the end-to-end tests: whether it can
 //! run here, a guest on a socket, and its console.
 
-use std::io::{BufRead, BufReader};
+#![allow(dead_code)] // each e2e test crate uses part of the lab
+
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -160,5 +164,71 @@ pub fn assert_guest_ok(lines: &[String], expected: &[&str]) {
         .filter(|l| l.contains("CHECK") || l.contains("INFO"))
     {
         eprintln!("guest: {}", l.trim());
+    }
+}
+
+/// A QMP connection to one QEMU.
+pub struct Qmp {
+    out: UnixStream,
+    input: BufReader<UnixStream>,
+}
+
+impl Qmp {
+    pub fn connect(path: &Path) -> Qmp {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let out = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(e) => panic!("QMP {}: {e}", path.display()),
+            }
+        };
+        let mut qmp = Qmp {
+            input: BufReader::new(out.try_clone().unwrap()),
+            out,
+        };
+        qmp.line(); // the greeting
+        qmp.execute("qmp_capabilities", json!({}));
+        qmp
+    }
+
+    fn line(&mut self) -> Value {
+        let mut l = String::new();
+        self.input.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP said {l:?}: {e}"))
+    }
+
+    /// Runs a command; returns its `return` (events in between are skipped).
+    pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        let msg = json!({"execute": cmd, "arguments": args});
+        writeln!(self.out, "{msg}").unwrap();
+        loop {
+            let r = self.line();
+            if let Some(e) = r.get("error") {
+                panic!("QMP {cmd}: {e}");
+            }
+            if let Some(v) = r.get("return") {
+                return v.clone();
+            }
+        }
+    }
+}
+
+/// Migrates the VM behind `src` to `uri` (a target QEMU started with
+/// INCOMING=uri) and waits for the end; returns query-migrate's answer.
+pub fn migrate(src: &mut Qmp, uri: &str) -> Value {
+    src.execute("migrate", json!({ "uri": uri }));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = src.execute("query-migrate", json!({}));
+        let s = r["status"].as_str().unwrap_or("");
+        if ["completed", "failed", "cancelled"].contains(&s) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "migration did not finish: {r}");
+        std::thread::sleep(Duration::from_millis(100));
     }
 }

@@ -517,3 +517,106 @@ fn map_without_the_kernel_module_says_what_is_missing() {
         );
     }
 }
+
+mod lab;
+
+/// A real guest on the export (QEMU's NBD client under virtio-blk): the
+/// lab's example script, while the server is killed with SIGKILL and
+/// restarted during the guest's file write; QEMU reconnects.
+#[test]
+fn guest_on_the_export_survives_a_server_kill() {
+    let _one = lab::GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab::lab_ready() {
+        return;
+    }
+    let mut n = Nbd::new("guest");
+    n.serve();
+    let script = lab::lab_dir().join("example-guest.sh");
+    let env = [("DISK", "nbd"), ("EXPORT", "vm"), ("RECONNECT", "500")];
+    let mut lines = Vec::new();
+    let mut kills = 0;
+    // One more try only if the guest never booted (see vhost_qemu.rs).
+    for _attempt in 1..=2 {
+        let (mut guest, rx) = lab::spawn_guest(&n.sock, &script, &env);
+        lines = lab::console(
+            &rx,
+            |line| {
+                if line.is_some_and(|l| l.contains("CHECK mount ok")) {
+                    std::thread::sleep(Duration::from_millis(300));
+                    n.kill9();
+                    n.serve();
+                    kills += 1;
+                }
+            },
+            None,
+        );
+        let _ = guest.wait();
+        if lab::booted(&lines) {
+            break;
+        }
+    }
+    assert_eq!(kills, 1, "the server was killed mid-run");
+    lab::assert_guest_ok(&lines, &["mkfs", "mount", "fsck", "readback", "fio-verify"]);
+    n.stop();
+}
+
+/// A live migration between two QEMU processes attached to one export
+/// (shared storage: QEMU hands the image over itself). The guest's fio
+/// reads verify across it (tests/guest/migrate.sh).
+#[test]
+fn guest_migrates_on_one_export() {
+    let _one = lab::GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab::lab_ready() {
+        return;
+    }
+    let mut n = Nbd::new("migrate");
+    n.serve();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/migrate.sh");
+    let (src_qmp, dst_qmp) = (n.dir.join("src.qmp"), n.dir.join("dst.qmp"));
+    let mig = format!("unix:{}", n.dir.join("mig.sock").display());
+    let common = [("DISK", "nbd"), ("EXPORT", "vm"), ("LOOP_SECS", "25")];
+    let with = |extra: &[(&'static str, String)]| {
+        let mut v: Vec<(&str, String)> = common.iter().map(|(k, v)| (*k, v.to_string())).collect();
+        v.extend(extra.iter().cloned());
+        v
+    };
+    let src_env = with(&[("QMP", src_qmp.display().to_string())]);
+    let src_env: Vec<(&str, &str)> = src_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut src = None;
+    for _attempt in 1..=2 {
+        let (mut g, rx) = lab::spawn_guest(&n.sock, &script, &src_env);
+        let before = lab::console(&rx, |_| {}, Some("MIGRATE-READY"));
+        if before.iter().any(|l| l.contains("MIGRATE-READY")) {
+            src = Some(g);
+            break;
+        }
+        let _ = g.kill();
+        let _ = g.wait();
+        assert!(
+            !lab::booted(&before),
+            "booted, not ready:\n{}",
+            before.join("\n")
+        );
+    }
+    let mut src = src.expect("the source guest never booted");
+    let dst_env = with(&[
+        ("QMP", dst_qmp.display().to_string()),
+        ("INCOMING", mig.clone()),
+    ]);
+    let dst_env: Vec<(&str, &str)> = dst_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (mut dst, dst_rx) = lab::spawn_guest(&n.sock, &script, &dst_env);
+    let _dst = lab::Qmp::connect(&dst_qmp);
+    let mut qmp = lab::Qmp::connect(&src_qmp);
+    let status = lab::migrate(&mut qmp, &mig);
+    assert_eq!(status["status"], "completed", "{status}");
+    eprintln!(
+        "migrated on one NBD export: downtime {} ms, total {} ms",
+        status["downtime"], status["total-time"]
+    );
+    qmp.execute("quit", serde_json::json!({}));
+    let _ = src.wait();
+    let lines = lab::console(&dst_rx, |_| {}, None);
+    let _ = dst.wait();
+    lab::assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);
+    n.stop();
+}

@@ -14,16 +14,14 @@
 //! before the target activated, and the pool checks clean. Without the
 //! server's marking of read data, the guest's read check fails.
 
-use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use thinlun_tests::{parent_of, thinctl};
 
 mod lab;
-use lab::{assert_guest_ok, booted, console, lab_ready, spawn_guest, GUEST};
+use lab::{assert_guest_ok, booted, console, lab_ready, migrate, spawn_guest, Qmp, GUEST};
 
 struct Hosts {
     dir: PathBuf,
@@ -130,56 +128,6 @@ impl Drop for Hosts {
     }
 }
 
-/// A QMP connection to one QEMU.
-struct Qmp {
-    out: UnixStream,
-    input: BufReader<UnixStream>,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let out = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Err(e) => panic!("QMP {}: {e}", path.display()),
-            }
-        };
-        let mut qmp = Qmp {
-            input: BufReader::new(out.try_clone().unwrap()),
-            out,
-        };
-        qmp.line(); // the greeting
-        qmp.execute("qmp_capabilities", json!({}));
-        qmp
-    }
-
-    fn line(&mut self) -> Value {
-        let mut l = String::new();
-        self.input.read_line(&mut l).unwrap();
-        serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP said {l:?}: {e}"))
-    }
-
-    /// Runs a command; returns its `return` (events in between are skipped).
-    fn execute(&mut self, cmd: &str, args: Value) -> Value {
-        let msg = json!({"execute": cmd, "arguments": args});
-        writeln!(self.out, "{msg}").unwrap();
-        loop {
-            let r = self.line();
-            if let Some(e) = r.get("error") {
-                panic!("QMP {cmd}: {e}");
-            }
-            if let Some(v) = r.get("return") {
-                return v.clone();
-            }
-        }
-    }
-}
-
 /// How long the guest's read loop runs: across both migrations.
 const LOOP_SECS: &str = "35";
 
@@ -268,17 +216,7 @@ fn guest_migrates_between_hosts() {
         "migrate-set-parameters",
         json!({"max-bandwidth": 100 << 20}),
     );
-    qmp.execute("migrate", json!({"uri": mig}));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        let r = qmp.execute("query-migrate", json!({}));
-        let s = r["status"].as_str().unwrap_or("").to_string();
-        if ["completed", "failed", "cancelled"].contains(&s.as_str()) {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "migration did not finish: {r}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = migrate(&mut qmp, &mig);
     assert_eq!(status["status"], "completed", "{status}");
     eprintln!(
         "migrated: downtime {} ms, total {} ms",

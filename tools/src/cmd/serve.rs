@@ -18,10 +18,15 @@ pub struct ServeArgs {
     /// Volume to serve
     pub name: String,
     /// vhost-user socket to listen on (replaced if it exists)
-    #[arg(long, value_name = "PATH", required_unless_present = "nbd")]
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "nbd",
+        conflicts_with = "nbd"
+    )]
     pub socket: Option<PathBuf>,
-    /// Also (or only) export the volume over NBD on this Unix socket; the
-    /// export name is the volume name (docs/NBD.md)
+    /// Export the volume over NBD on this Unix socket instead; the export
+    /// name is the volume name (docs/NBD.md)
     #[arg(long, value_name = "PATH")]
     pub nbd: Option<PathBuf>,
     /// Virtqueues (one worker thread each)

@@ -147,6 +147,11 @@ impl Daemon {
         if self.served.contains_key(name) {
             return Err(format!("'{name}' is already served"));
         }
+        if let Some(srv) = &self.nbd {
+            if srv.export_names().iter().any(|n| n == name) {
+                return Err(format!("'{name}' is already exported over NBD"));
+            }
+        }
         if let Some((other, _)) = self.served.iter().find(|(_, s)| s.socket == socket) {
             return Err(format!(
                 "{} is the socket of '{other}' already",
