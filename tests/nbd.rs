@@ -532,7 +532,9 @@ fn guest_on_the_export_survives_a_server_kill() {
     let mut n = Nbd::new("guest");
     n.serve();
     let script = lab::lab_dir().join("example-guest.sh");
-    let env = [("DISK", "nbd"), ("EXPORT", "vm"), ("RECONNECT", "500")];
+    // QEMU fails requests paused longer than reconnect-delay: give the
+    // restart (which may wait for the dead process's pool lock) 5 s.
+    let env = [("DISK", "nbd"), ("EXPORT", "vm"), ("RECONNECT", "5000")];
     let mut lines = Vec::new();
     let mut kills = 0;
     // One more try only if the guest never booted (see vhost_qemu.rs).
@@ -543,8 +545,10 @@ fn guest_on_the_export_survives_a_server_kill() {
             |line| {
                 if line.is_some_and(|l| l.contains("CHECK mount ok")) {
                     std::thread::sleep(Duration::from_millis(300));
+                    let t = Instant::now();
                     n.kill9();
                     n.serve();
+                    eprintln!("server back in {} ms", t.elapsed().as_millis());
                     kills += 1;
                 }
             },
