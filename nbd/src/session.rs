@@ -68,48 +68,160 @@ fn engine_error(e: Error) -> Refused {
     }
 }
 
+/// Requests taken into one engine batch at most.
+const MAX_BATCH: usize = 32;
+
+/// One request and its payload, read off the wire.
+struct Queued {
+    req: Request,
+    data: Vec<u8>,
+}
+
 /// Serves requests until the client disconnects (DISC or EOF) or breaks
-/// the protocol.
-pub fn serve<S: Read + Write>(s: &mut S, n: &Negotiated) -> Result<(), Ended> {
+/// the protocol. `more_waiting` says whether the client has sent more
+/// than was read (for batching; `false` serves one request at a time).
+///
+/// Reads and writes already queued on the socket run as one engine batch
+/// (the engine keeps them in flight together, as a deep queue needs), with
+/// one persist for the batch's writes; other commands run alone, in order.
+pub fn serve<S: Read + Write>(
+    s: &mut S,
+    n: &Negotiated,
+    mut more_waiting: impl FnMut(&S) -> bool,
+) -> Result<(), Ended> {
     let vol = &*n.export.volume;
-    let mut buf: Vec<u8> = Vec::new();
     loop {
-        let mut h = [0u8; REQUEST_BYTES];
-        s.read_exact(&mut h)?;
-        let req = parse_request(&h).map_err(|_| Ended::Protocol("bad request magic".into()))?;
-        let has_payload = req.kind == CMD_WRITE;
-        if has_payload {
-            if req.len > MAX_PAYLOAD {
-                // The payload cannot be skipped safely: close.
-                return Err(Ended::Protocol(format!("write of {} bytes", req.len)));
-            }
-            buf.resize(req.len as usize, 0);
-            s.read_exact(&mut buf)?;
+        let mut batch = vec![read_request(s)?];
+        while batch.len() < MAX_BATCH
+            && batch.last().is_some_and(|q| batchable(vol, n, &q.req))
+            && more_waiting(s)
+        {
+            batch.push(read_request(s)?);
         }
-        let mut reply = Reply {
-            s,
-            structured: n.structured,
+        let tail = match batch.last() {
+            Some(q) if !batchable(vol, n, &q.req) => batch.pop(),
+            _ => None,
         };
-        let outcome = match req.kind {
-            CMD_DISC => return Ok(()),
-            CMD_READ => {
-                read(vol, &req, &mut buf).map(|()| reply.data(req.handle, req.offset, &buf))
+        if !batch.is_empty() {
+            run_batch(s, n, batch)?;
+        }
+        if let Some(q) = tail {
+            if q.req.kind == CMD_DISC {
+                return Ok(());
             }
-            CMD_BLOCK_STATUS => block_status(vol, n, &req)
-                .map(|p| reply.chunk(req.handle, REPLY_TYPE_BLOCK_STATUS, &p)),
-            CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE => {
-                change(vol, n.export.read_only, &req, &buf).map(|()| reply.ok(req.handle))
+            run_one(s, n, &q)?;
+        }
+    }
+}
+
+fn read_request<S: Read>(s: &mut S) -> Result<Queued, Ended> {
+    let mut h = [0u8; REQUEST_BYTES];
+    s.read_exact(&mut h)?;
+    let req = parse_request(&h).map_err(|_| Ended::Protocol("bad request magic".into()))?;
+    let mut data = Vec::new();
+    if req.kind == CMD_WRITE {
+        if req.len > MAX_PAYLOAD {
+            // The payload cannot be skipped safely: close.
+            return Err(Ended::Protocol(format!("write of {} bytes", req.len)));
+        }
+        data.resize(req.len as usize, 0);
+        s.read_exact(&mut data)?;
+    }
+    Ok(Queued { req, data })
+}
+
+/// A plain, valid READ or WRITE: it can share an engine batch.
+fn batchable(vol: &Volume, n: &Negotiated, r: &Request) -> bool {
+    let write = r.kind == CMD_WRITE && !n.export.read_only && r.flags & CMD_FLAG_FUA == 0;
+    (r.kind == CMD_READ || write)
+        && r.len <= MAX_PAYLOAD
+        && sectors(vol, r, NbdError::Inval).is_ok()
+}
+
+fn run_batch<S: Write>(s: &mut S, n: &Negotiated, mut batch: Vec<Queued>) -> Result<(), Ended> {
+    let vol = &*n.export.volume;
+    let mut reqs: Vec<thinlun::Request<'_>> = batch
+        .iter_mut()
+        .map(|q| {
+            let sector = q.req.offset / SECTOR_SIZE;
+            if q.req.kind == CMD_READ {
+                q.data.resize(q.req.len as usize, 0);
+                thinlun::Request::Read {
+                    sector,
+                    buf: &mut q.data,
+                }
+            } else {
+                thinlun::Request::Write {
+                    sector,
+                    data: &q.data,
+                }
             }
-            k => Err(Refused(NbdError::Inval, format!("unknown command {k}"))),
-        };
-        match outcome {
-            Ok(sent) => sent?,
-            Err(Refused(e, msg)) => {
-                log::debug!("nbd '{}': request {}: {msg}", n.name, req.kind);
-                reply.err(req.handle, e, &msg)?;
+        })
+        .collect();
+    let mut results: Vec<Result<(), Refused>> = vol
+        .submit(&mut reqs)
+        .into_iter()
+        .map(|r| r.map_err(engine_error))
+        .collect();
+    drop(reqs);
+    let is_write = |q: &Queued| q.req.kind == CMD_WRITE;
+    if batch
+        .iter()
+        .zip(&results)
+        .any(|(q, r)| is_write(q) && r.is_ok())
+    {
+        if let Err(e) = vol.persist() {
+            // Unpersisted writes are not reported done.
+            for (q, r) in batch.iter().zip(results.iter_mut()) {
+                if is_write(q) && r.is_ok() {
+                    *r = Err(Refused(NbdError::Io, format!("persisting: {e}")));
+                }
             }
         }
     }
+    let mut reply = Reply {
+        s,
+        structured: n.structured,
+    };
+    for (q, r) in batch.iter().zip(results) {
+        match r {
+            Ok(()) if q.req.kind == CMD_READ => reply.data(q.req.handle, q.req.offset, &q.data)?,
+            Ok(()) => reply.ok(q.req.handle)?,
+            Err(Refused(code, msg)) => {
+                log::debug!("nbd '{}': request {}: {msg}", n.name, q.req.kind);
+                reply.err(q.req.handle, code, &msg)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn run_one<S: Write>(s: &mut S, n: &Negotiated, q: &Queued) -> Result<(), Ended> {
+    let vol = &*n.export.volume;
+    let req = &q.req;
+    let mut buf = Vec::new();
+    let mut reply = Reply {
+        s,
+        structured: n.structured,
+    };
+    let outcome = match req.kind {
+        CMD_READ => read(vol, req, &mut buf).map(|()| reply.data(req.handle, req.offset, &buf)),
+        CMD_BLOCK_STATUS => {
+            block_status(vol, n, req).map(|p| reply.chunk(req.handle, REPLY_TYPE_BLOCK_STATUS, &p))
+        }
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE => {
+            change(vol, n.export.read_only, req, &q.data).map(|()| reply.ok(req.handle))
+        }
+        k => Err(Refused(NbdError::Inval, format!("unknown command {k}"))),
+    };
+    match outcome {
+        Ok(sent) => sent?,
+        Err(Refused(e, msg)) => {
+            log::debug!("nbd '{}': request {}: {msg}", n.name, req.kind);
+            reply.err(req.handle, e, &msg)?;
+        }
+    }
+    Ok(())
 }
 
 /// The sectors of a byte range, refused when unaligned, empty or past

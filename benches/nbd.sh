@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# NBD comparison, one run on one file system: fio's nbd engine against
+# thinlun's export (thinctl serve --nbd) and qemu-storage-daemon's NBD
+# export of a raw file and of a qcow2 file. Prints IOPS (MiB/s for 1 MiB
+# cases), the ratio to qsd-raw, and each server's CPU per request.
+#   bash benches/nbd.sh [SECONDS-PER-CASE]
+# Files go to $THINLUN_BENCH_DIR/nbd (default /var/tmp/thinlun-bench; not
+# tmpfs). Needs fio (with its nbd engine), qemu-img, qemu-storage-daemon.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-5}
+dir=${THINLUN_BENCH_DIR:-/var/tmp/thinlun-bench}/nbd
+size=1G
+rm -rf "$dir"; mkdir -p "$dir"
+cargo build --release -q -p thinctl
+T=$PWD/target/release/thinctl
+export THINLUN_POOL=$dir/pool.img
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+hz=$(getconf CLK_TCK)
+
+start_thinlun() {
+    rm -f "$dir/pool.img"
+    $T pool create --size 4G >/dev/null
+    $T create vm $size >/dev/null
+    $T serve vm --nbd "$dir/t.sock" 2>"$dir/t.log" &
+    pid=$!; sock=$dir/t.sock; export_name=vm
+}
+start_qsd() { # $1: raw|qcow2
+    rm -f "$dir/q.img"
+    qemu-img create -q -f "$1" "$dir/q.img" $size
+    qemu-storage-daemon \
+        --blockdev driver=file,node-name=f0,filename="$dir/q.img",cache.direct=on,aio=io_uring \
+        --blockdev driver="$1",node-name=d0,file=f0 \
+        --nbd-server addr.type=unix,addr.path="$dir/q.sock" \
+        --export type=nbd,id=e0,node-name=d0,name=vm,writable=on 2>"$dir/q.log" &
+    pid=$!; sock=$dir/q.sock; export_name=vm
+}
+wait_sock() { for _ in $(seq 100); do [ -S "$sock" ] && return; sleep 0.1; done; echo "no socket" >&2; exit 1; }
+stop() { kill "$pid"; wait "$pid" 2>/dev/null || true; }
+
+# fio job: name rw bs qd [size-limit]
+job() {
+    fio --name="$1" --ioengine=nbd --uri="nbd+unix:///$export_name?socket=$sock" \
+        --rw="$2" --bs="$3" --iodepth="$4" --size=$size --time_based=1 --runtime="$secs" \
+        --randrepeat=0 --norandommap=1 --output-format=json 2>/dev/null
+}
+result() { # fio json on stdin -> "iops mibps ios"
+    python3 -c '
+import json,sys
+t=sys.stdin.read()  # fio prints "connected to NBD server" first
+j=json.loads(t[t.index("{"):])["jobs"][0]
+r,w=j["read"],j["write"]
+print(r["iops"]+w["iops"], (r["bw_bytes"]+w["bw_bytes"])/2**20, r["total_ios"]+w["total_ios"])'
+}
+prefill() { fio --name=fill --ioengine=nbd --uri="nbd+unix:///$export_name?socket=$sock" \
+    --rw=write --bs=1M --iodepth=4 --size=$size >/dev/null 2>&1; }
+
+cases="fw1:randwrite:4k:1:fresh fw32:randwrite:4k:32:fresh rr1:randread:4k:1:filled rr32:randread:4k:32:filled ow1:randwrite:4k:1:filled ow32:randwrite:4k:32:filled sw:write:1M:4:fresh sr:read:1M:4:filled"
+declare -A out
+for backend in qsd-raw qsd-qcow2 thinlun; do
+    for c in $cases; do
+        IFS=: read -r name rw bs qd state <<<"$c"
+        case $backend in
+            qsd-raw) start_qsd raw ;; qsd-qcow2) start_qsd qcow2 ;; thinlun) start_thinlun ;;
+        esac
+        wait_sock
+        [ "$state" = filled ] && prefill
+        t0=$(cpu_ticks "$pid")
+        read -r iops mibps ios < <(job "$name" "$rw" "$bs" "$qd" | result)
+        t1=$(cpu_ticks "$pid")
+        us=$(python3 -c "print(round(($t1-$t0)/$hz*1e6/max($ios,1),1))")
+        out[$backend:$name]="$iops $mibps $us"
+        stop
+    done
+done
+printf '%-6s %-20s %12s %12s %12s %10s %10s %8s %8s %8s\n' case what qsd-raw qsd-qcow2 thinlun "t/raw" "t/qcow2" "us-raw" "us-qcow" "us-thin"
+for c in $cases; do
+    IFS=: read -r name rw bs qd state <<<"$c"
+    read -r ri rm ru <<<"${out[qsd-raw:$name]}"
+    read -r qi qm qu <<<"${out[qsd-qcow2:$name]}"
+    read -r ti tm tu <<<"${out[thinlun:$name]}"
+    if [ "$bs" = 1M ]; then a=$rm; b=$qm; t=$tm; unit=MiB/s; else a=$ri; b=$qi; t=$ti; unit=IOPS; fi
+    python3 -c "
+a,b,t=$a,$b,$t
+print('%-6s %-20s %12.0f %12.0f %12.0f %10.2f %10.2f %8s %8s %8s' % ('$name','$rw $bs QD$qd $unit',a,b,t,t/a,t/b,'$ru','$qu','$tu'))"
+done
