@@ -118,6 +118,9 @@ impl Drop for Nbd {
                 unsafe { libc::kill(s.id() as i32, libc::SIGKILL) };
             }
         }
+        if std::thread::panicking() {
+            eprintln!("---- serve.log of the failed run:\n{}", self.log());
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -124,6 +124,13 @@ impl Drop for Hosts {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
+        if std::thread::panicking() {
+            eprintln!(
+                "---- host 1:\n{}\n---- host 2:\n{}",
+                self.log(1),
+                self.log(2)
+            );
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -134,6 +134,11 @@ impl Drop for Lab {
                 unsafe { libc::kill(pid as i32, libc::SIGKILL) };
             }
         }
+        if std::thread::panicking() {
+            // What the server saw is the other half of a failed run.
+            let log = std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default();
+            eprintln!("---- serve.log of the failed run:\n{log}");
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
