@@ -10,7 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use thinlun_tests::{parent_of, thinctl};
+use thinlun_tests::{parent_of, thinctl, thinctl_ok, Rng};
 
 fn have(tool: &str) -> bool {
     let ok = Command::new("sh")
@@ -49,14 +49,7 @@ impl Nbd {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(thinctl())
-            .arg("-p")
-            .arg(&self.pool)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "thinctl {args:?}: {}", text(&out));
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        thinctl_ok(&self.pool, args)
     }
 
     fn log(&self) -> String {
@@ -176,17 +169,8 @@ const MIB: u64 = 1 << 20;
 
 /// A raw image with 8 MiB of data, a hole, 3 MiB more at 40 MiB.
 fn raw_image(path: &Path) {
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut chunk = |n: u64| -> Vec<u8> {
-        (0..n)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                seed as u8
-            })
-            .collect()
-    };
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut chunk = |n: u64| -> Vec<u8> { (0..n).map(|_| rng.next_u64() as u8).collect() };
     let f = std::fs::File::create(path).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&chunk(8 * MIB), 0).unwrap();

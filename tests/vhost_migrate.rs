@@ -18,7 +18,7 @@ use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use thinlun_tests::{parent_of, thinctl};
+use thinlun_tests::{parent_of, thinctl, thinctl_ok};
 
 mod lab;
 use lab::{assert_guest_ok, booted, console, lab_ready, migrate, spawn_guest, Qmp, GUEST};
@@ -56,20 +56,10 @@ impl Hosts {
     }
 
     fn ctl(&self, host: u32, args: &[&str]) -> String {
-        let out = Command::new(thinctl())
-            .arg("-p")
-            .arg(&self.pool)
-            .args(["--host-id", &host.to_string()])
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "thinctl {args:?}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        let host = host.to_string();
+        let mut all = vec!["--host-id", &host];
+        all.extend_from_slice(args);
+        thinctl_ok(&self.pool, &all)
     }
 
     fn log(&self, host: u32) -> String {

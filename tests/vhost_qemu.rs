@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use thinlun_tests::{parent_of, thinctl};
+use thinlun_tests::{parent_of, thinctl, thinctl_ok};
 
 mod lab;
 use lab::{assert_guest_ok, booted, console, lab_dir, lab_ready, spawn_guest, GUEST};
@@ -50,20 +50,7 @@ impl Lab {
     }
 
     fn ctl(&self, args: &[&str]) -> String {
-        let out = Command::new(&self.thinctl)
-            .arg("-p")
-            .arg(&self.pool)
-            .args(args)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "thinctl {args:?}: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
+        thinctl_ok(&self.pool, args)
     }
 
     /// Starts `thinctl serve` and waits for its socket.

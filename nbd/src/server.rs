@@ -85,20 +85,7 @@ impl NbdServer {
     /// export, or `None` if there was none by that name.
     pub fn remove_export(&self, name: &str) -> Option<Arc<Export>> {
         let e = self.shared.exports.remove(name)?;
-        let threads: Vec<JoinHandle<()>> = {
-            let mut conns = self.shared.conns.lock();
-            conns
-                .values_mut()
-                .filter(|c| c.export.as_deref() == Some(name))
-                .filter_map(|c| {
-                    let _ = c.stream.shutdown(Shutdown::Both);
-                    c.thread.take()
-                })
-                .collect()
-        };
-        for t in threads {
-            let _ = t.join();
-        }
+        self.close_connections(|c| c.export.as_deref() == Some(name));
         Some(e)
     }
 
@@ -121,20 +108,27 @@ impl NbdServer {
         if let Some(a) = self.acceptor.take() {
             let _ = a.join();
         }
-        let threads: Vec<JoinHandle<()>> = {
-            let mut conns = self.shared.conns.lock();
-            conns
-                .values_mut()
-                .filter_map(|c| {
-                    let _ = c.stream.shutdown(Shutdown::Both);
-                    c.thread.take()
-                })
-                .collect()
-        };
+        self.close_connections(|_| true);
+        let _ = std::fs::remove_file(&self.path);
+    }
+
+    /// Shuts the chosen connections down and waits for their threads
+    /// (outside the table's lock, which a finishing thread takes).
+    fn close_connections(&self, chosen: impl Fn(&Conn) -> bool) {
+        let threads: Vec<JoinHandle<()>> = self
+            .shared
+            .conns
+            .lock()
+            .values_mut()
+            .filter(|c| chosen(c))
+            .filter_map(|c| {
+                let _ = c.stream.shutdown(Shutdown::Both);
+                c.thread.take()
+            })
+            .collect();
         for t in threads {
             let _ = t.join();
         }
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
