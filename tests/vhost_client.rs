@@ -805,8 +805,14 @@ fn incoming_target_waits_for_the_release() {
     source.write(0, &pattern(9, 4096)).unwrap();
 
     let host2 = Pool::open_path(&path, &host(2)).unwrap();
-    let activation =
-        Activation::handover(host2.clone(), "vm-1", None, Duration::from_millis(300)).unwrap();
+    let activation = Activation::handover(
+        host2.clone(),
+        "vm-1",
+        None,
+        Default::default(),
+        Duration::from_millis(300),
+    )
+    .unwrap();
     let sock = dir.0.join("target.sock");
     let mut server =
         Server::with_activation(activation, &ServeOptions::new(&sock, "vm-1")).unwrap();
@@ -849,4 +855,65 @@ fn incoming_target_waits_for_the_release() {
         &pattern(10, 4096),
         "the target's write, back on host 1",
     );
+}
+
+/// Two servers of one volume in one process (a VM moving to a new QEMU
+/// process on one host) share a writer slot: the second serves only once
+/// the first has released, and then the first waits in turn.
+#[test]
+fn two_servers_of_one_volume_take_turns() {
+    use thinlun_vhost::{Activation, WriterSlot};
+    let dir = TempDir::new("writer-slot");
+    let cfg = PoolConfig {
+        size_bytes: Some(256 << 20),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::create_path(&dir.0.join("lun.img"), &cfg).unwrap();
+    pool.create_volume("vm-1", 64 << 20).unwrap();
+    let slot = Arc::new(WriterSlot::default());
+    let wait = Duration::from_millis(200);
+    let start = |tag: &str| {
+        let vol = Arc::new(pool.open_volume("vm-1").unwrap());
+        let act = Activation::pinned_sharing(vol, slot.clone(), wait);
+        let sock = dir.0.join(format!("{tag}.sock"));
+        let mut server = Server::with_activation(act, &ServeOptions::new(&sock, "vm-1")).unwrap();
+        let stop = server.stop_handle();
+        let thread = std::thread::spawn(move || {
+            server.run().unwrap();
+            server
+        });
+        (sock, stop, thread)
+    };
+    let (old_sock, old_stop, old_thread) = start("old");
+    let (new_sock, new_stop, new_thread) = start("new");
+
+    let mut old = Client::connect(&old_sock, 1);
+    old.data(0, 4096).copy_from_slice(&pattern(1, 4096));
+    assert_eq!(old.write(0, 0, 4096), S_OK);
+    let mut new = Client::connect(&new_sock, 1);
+    // The old server writes: the new one's wait runs out.
+    assert_eq!(new.read(0, 0, 4096), S_IOERR);
+    // The old front end goes away: its server releases the slot.
+    drop(old);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if new.read(0, 0, 4096) == S_OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the slot never passed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    same(
+        new.data(0, 4096),
+        &pattern(1, 4096),
+        "the old server's write",
+    );
+    // And now the old server's next front end waits for the new one.
+    let mut again = Client::connect(&old_sock, 1);
+    assert_eq!(again.read(0, 0, 4096), S_IOERR);
+    drop((again, new));
+    for (stop, thread) in [(old_stop, old_thread), (new_stop, new_thread)] {
+        stop.stop();
+        thread.join().unwrap().release("test over").unwrap();
+    }
 }

@@ -10,6 +10,10 @@
 //! releases when its front end stops the device with dirty logging on
 //! (the final stop of a migration) or disconnects. The target then waits a
 //! bounded time for that release, so both never write at once.
+//!
+//! Two servers of one volume in one process (a VM moving to a new QEMU
+//! process on the same host) share a [`WriterSlot`]: only the server
+//! holding it serves the rings, whatever the pool's activation says.
 
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -32,10 +36,38 @@ impl PoolVolume {
     }
 }
 
+/// The right to write one volume within this process, taken by the server
+/// whose front end runs the rings and given back at its release.
+#[derive(Default)]
+pub struct WriterSlot {
+    taken: Mutex<bool>,
+}
+
+impl WriterSlot {
+    fn try_take(&self) -> bool {
+        let mut t = self.taken.lock();
+        !std::mem::replace(&mut *t, true)
+    }
+
+    fn give(&self) {
+        *self.taken.lock() = false;
+    }
+}
+
+/// What a server holds of its volume.
+#[derive(Default)]
+struct Held {
+    /// The open handle (on a shared pool, the activation).
+    volume: Option<Arc<Volume>>,
+    /// This server has the [`WriterSlot`].
+    writing: bool,
+}
+
 /// The volume a server writes, when it holds it.
 pub struct Activation {
     name: String,
-    held: Mutex<Option<Arc<Volume>>>,
+    held: Mutex<Held>,
+    writer: Arc<WriterSlot>,
     /// `None`: the volume was handed in open and stays open (no
     /// handover; tests and embedders that manage activation themselves).
     source: Option<PoolVolume>,
@@ -51,12 +83,25 @@ pub struct Activation {
 impl Activation {
     /// A volume opened by the caller, held for the server's whole life.
     pub fn pinned(vol: Arc<Volume>) -> Activation {
+        Activation::pinned_sharing(vol, Arc::new(WriterSlot::default()), Duration::ZERO)
+    }
+
+    /// A volume held open for the server's whole life that writes only
+    /// while it has `writer`, which other servers of the volume in this
+    /// process share (waiting up to `wait` for it). Suits a pool of one
+    /// host, where the open handle protects the volume from remove and
+    /// rollback.
+    pub fn pinned_sharing(vol: Arc<Volume>, writer: Arc<WriterSlot>, wait: Duration) -> Activation {
         Activation {
             name: vol.name().to_string(),
             size_bytes: vol.size_bytes(),
-            held: Mutex::new(Some(vol)),
+            held: Mutex::new(Held {
+                volume: Some(vol),
+                writing: false,
+            }),
+            writer,
             source: None,
-            wait: Duration::ZERO,
+            wait,
             gave_up: Mutex::new(false),
         }
     }
@@ -68,6 +113,7 @@ impl Activation {
         pool: Pool,
         name: &str,
         open: Option<Arc<Volume>>,
+        writer: Arc<WriterSlot>,
         wait: Duration,
     ) -> thinlun::Result<Activation> {
         let size_bytes = match &open {
@@ -76,7 +122,11 @@ impl Activation {
         };
         Ok(Activation {
             name: name.to_string(),
-            held: Mutex::new(open),
+            held: Mutex::new(Held {
+                volume: open,
+                writing: false,
+            }),
+            writer,
             source: Some(PoolVolume {
                 pool,
                 name: name.to_string(),
@@ -93,7 +143,7 @@ impl Activation {
 
     /// The held volume, if any.
     pub fn current(&self) -> Option<Arc<Volume>> {
-        self.held.lock().clone()
+        self.held.lock().volume.clone()
     }
 
     /// The size the front end sees: the held volume's (it may have grown),
@@ -108,59 +158,92 @@ impl Activation {
             .unwrap_or(self.size_bytes)
     }
 
-    /// The volume to serve the rings with, opening it if it is not held:
-    /// retried until the bound while another server or host holds it
-    /// (the source of a migration still releasing it).
+    /// The volume to serve the rings with, taking the writer slot and
+    /// opening the volume if this server lacks either: retried until the
+    /// bound while another server or host holds them (the source of a
+    /// migration still releasing).
     pub fn acquire(&self) -> Result<Arc<Volume>, String> {
         let mut held = self.held.lock();
-        if let Some(v) = held.as_ref() {
+        if let (true, Some(v)) = (held.writing, held.volume.as_ref()) {
             return Ok(v.clone());
         }
-        let Some(src) = &self.source else {
-            return Err(format!("'{}' was released", self.name));
-        };
         let mut gave_up = self.gave_up.lock();
         let start = Instant::now();
         let deadline = start + if *gave_up { Duration::ZERO } else { self.wait };
         let mut noted = false;
         loop {
-            match src.open() {
+            let why = match self.try_acquire(&mut held) {
                 Ok(v) => {
-                    let v = Arc::new(v);
-                    *held = Some(v.clone());
                     *gave_up = false;
+                    let waited = if noted {
+                        format!(" after waiting {} ms", start.elapsed().as_millis())
+                    } else {
+                        String::new()
+                    };
                     eprintln!(
-                        "thinlun-vhost: '{}': activated for the front end's rings{}",
-                        self.name,
-                        if noted {
-                            format!(" after waiting {} ms", start.elapsed().as_millis())
-                        } else {
-                            String::new()
-                        }
+                        "thinlun-vhost: '{}': activated for the front end's rings{waited}",
+                        self.name
                     );
                     return Ok(v);
                 }
-                Err(thinlun::Error::Busy(msg)) if Instant::now() < deadline => {
+                Err(Wait::Busy(why)) if Instant::now() < deadline => {
                     if !noted {
                         eprintln!(
-                            "thinlun-vhost: '{}': waiting up to {} ms for its release: {msg}",
+                            "thinlun-vhost: '{}': waiting up to {} ms for its release: {why}",
                             self.name,
                             self.wait.as_millis()
                         );
                         noted = true;
                     }
                     std::thread::sleep(Duration::from_millis(20));
+                    continue;
                 }
-                Err(e) => {
-                    *gave_up = true;
-                    let why = format!(
-                        "'{}' not activated after {} ms ({e}); answering IOERR",
-                        self.name,
-                        start.elapsed().as_millis()
-                    );
-                    eprintln!("thinlun-vhost: {why}");
-                    return Err(why);
-                }
+                Err(Wait::Busy(why) | Wait::Failed(why)) => why,
+            };
+            *gave_up = true;
+            let why = format!(
+                "'{}' not activated after {} ms ({why}); answering IOERR",
+                self.name,
+                start.elapsed().as_millis()
+            );
+            eprintln!("thinlun-vhost: {why}");
+            return Err(why);
+        }
+    }
+
+    /// One try: the slot first (another server of this process may be
+    /// writing), then the pool's activation.
+    fn try_acquire(&self, held: &mut Held) -> Result<Arc<Volume>, Wait> {
+        if !held.writing {
+            if !self.writer.try_take() {
+                return Err(Wait::Busy(
+                    "another server of this process is writing it".to_string(),
+                ));
+            }
+            held.writing = true;
+        }
+        if let Some(v) = &held.volume {
+            return Ok(v.clone());
+        }
+        let opened = match &self.source {
+            None => Err(Wait::Failed("it was released".to_string())),
+            Some(src) => src.open().map_err(|e| match e {
+                thinlun::Error::Busy(msg) => Wait::Busy(msg),
+                e => Wait::Failed(e.to_string()),
+            }),
+        };
+        match opened {
+            Ok(v) => {
+                let v = Arc::new(v);
+                held.volume = Some(v.clone());
+                Ok(v)
+            }
+            Err(e) => {
+                // Not holding the volume, this server must not keep others
+                // of this process from it.
+                held.writing = false;
+                self.writer.give();
+                Err(e)
             }
         }
     }
@@ -171,17 +254,31 @@ impl Activation {
     /// committed.
     pub fn release(&self, why: &str) -> thinlun::Result<()> {
         let mut held = self.held.lock();
-        let Some(v) = held.as_ref() else {
-            return Ok(());
+        let flushed = match &held.volume {
+            Some(v) if held.writing || self.source.is_some() => v.flush(),
+            _ => Ok(()),
         };
-        let flushed = v.flush();
+        let had = held.writing || (self.source.is_some() && held.volume.is_some());
+        if held.writing {
+            held.writing = false;
+            self.writer.give();
+        }
         if self.source.is_some() {
             // Dropping the last handle releases; a flush error is still
             // reported, and the journal keeps what was persisted.
-            *held = None;
+            held.volume = None;
+        }
+        if had {
             eprintln!("thinlun-vhost: '{}': released ({why})", self.name);
         }
         *self.gave_up.lock() = false;
         flushed
     }
+}
+
+/// Why a try to activate did not succeed.
+enum Wait {
+    /// Held elsewhere: worth waiting for.
+    Busy(String),
+    Failed(String),
 }

@@ -36,7 +36,7 @@ pub mod request;
 pub mod server;
 pub mod signals;
 
-pub use activation::Activation;
+pub use activation::{Activation, WriterSlot};
 pub use backend::{Durability, StatsSnapshot};
 pub use config::BlkConfig;
 pub use control::{default_control_path, Daemon};

@@ -59,6 +59,10 @@ pub struct ServeAddArgs {
 pub struct ServeRemoveArgs {
     /// Volume to stop serving
     pub name: String,
+    /// Stop only the server on this socket (the source of a migration
+    /// between two QEMU processes of this host) [default: all of VOL's]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
     /// Control socket of the daemon [default: <pool path>.ctl]
     #[arg(long, value_name = "PATH", env = "THINLUN_CONTROL")]
     pub control: Option<PathBuf>,
@@ -121,21 +125,25 @@ pub fn ask(control: &Path, line: &str) -> CliResult<String> {
     }
 }
 
+/// A path as the daemon must see it: its working directory is not ours.
+fn absolute(p: &Path) -> CliResult<String> {
+    std::path::absolute(p)
+        .map(|a| a.to_string_lossy().into_owned())
+        .map_err(|e| CliError::io(&p.display().to_string(), e))
+}
+
 pub fn add(pool: Option<&Path>, args: &ServeAddArgs) -> CliResult<()> {
     let control = control_of(pool, args.control.as_deref())?;
-    // The daemon's working directory is not ours.
-    let absolute =
-        |p: &Path| std::path::absolute(p).map_err(|e| CliError::io(&p.display().to_string(), e));
     let line = match (&args.socket, &args.nbd) {
         (_, Some(nbd)) => format!(
             "add-nbd {} {}",
             word("volume", &args.name)?,
-            word("socket", &absolute(nbd)?.to_string_lossy())?
+            word("socket", &absolute(nbd)?)?
         ),
         (Some(sock), None) => format!(
             "add {} {} {}{}",
             word("volume", &args.name)?,
-            word("socket", &absolute(sock)?.to_string_lossy())?,
+            word("socket", &absolute(sock)?)?,
             args.queues,
             if args.incoming { " incoming" } else { "" }
         ),
@@ -147,7 +155,12 @@ pub fn add(pool: Option<&Path>, args: &ServeAddArgs) -> CliResult<()> {
 
 pub fn remove(pool: Option<&Path>, args: &ServeRemoveArgs) -> CliResult<()> {
     let control = control_of(pool, args.control.as_deref())?;
-    let t = ask(&control, &format!("remove {}", word("volume", &args.name)?))?;
+    let mut line = format!("remove {}", word("volume", &args.name)?);
+    if let Some(s) = &args.socket {
+        line.push(' ');
+        line.push_str(&word("socket", &absolute(s)?)?);
+    }
+    let t = ask(&control, &line)?;
     emit(&format!("{t}\n"))
 }
 

@@ -6,7 +6,7 @@
 //! the engine calls `thinctl` would make itself if it could open the pool.
 
 use super::protocol::{parse_request, read_request, PolicyChange, Request};
-use crate::activation::Activation;
+use crate::activation::{Activation, WriterSlot};
 use crate::backend::StatsSnapshot;
 use crate::server::{check_stale_socket, default_serial, ServeOptions, Server, StopHandle};
 use std::collections::BTreeMap;
@@ -49,8 +49,13 @@ impl Stopped {
 }
 
 struct Served {
+    /// The volume's name now (kept up to date by `rename`).
+    name: String,
     /// The volume's id: its name can change while served (`rename`).
     id: u64,
+    /// Shared with the other server of the volume during a migration
+    /// between two QEMU processes of this host.
+    writer: Arc<WriterSlot>,
     socket: PathBuf,
     queues: u16,
     read_only: bool,
@@ -75,7 +80,9 @@ impl Drop for ControlSocket {
 pub struct Daemon {
     pool: Option<Pool>,
     template: ServeOptions,
-    served: BTreeMap<String, Served>,
+    /// By socket: a volume has two servers while its VM moves to another
+    /// QEMU process on this host.
+    served: BTreeMap<PathBuf, Served>,
     control: Option<ControlSocket>,
     stop: StopHandle,
     /// The NBD socket, once a volume is exported on it.
@@ -134,9 +141,15 @@ impl Daemon {
         self.pool.as_ref().expect("pool open until shutdown")
     }
 
+    fn servers_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Served> + 'a {
+        self.served.values().filter(move |s| s.name == name)
+    }
+
     /// Starts serving volume `name` on `socket`; returns the reply text.
-    /// `incoming`: serve the target of a live migration, which opens the
-    /// volume when its front end starts the rings (docs/LOCKING.md 4.4).
+    /// `incoming`: serve the target of a live migration, which writes
+    /// only once its front end starts the rings and the source (another
+    /// host's server, or this daemon's on another socket) has released
+    /// (docs/LOCKING.md 4.4).
     pub fn add(
         &mut self,
         name: &str,
@@ -144,18 +157,44 @@ impl Daemon {
         queues: u16,
         incoming: bool,
     ) -> Result<String, String> {
-        if self.served.contains_key(name) {
-            return Err(format!("'{name}' is already served"));
+        let same: Vec<&Served> = self.servers_of(name).collect();
+        match (same.as_slice(), incoming) {
+            ([], _) => {}
+            ([src], true) => {
+                if src.queues != queues {
+                    return Err(format!(
+                        "'{name}' is served with {} queue{} on {}; the target of its migration needs the same",
+                        src.queues,
+                        if src.queues == 1 { "" } else { "s" },
+                        src.socket.display()
+                    ));
+                }
+            }
+            ([src], false) => {
+                return Err(format!(
+                    "'{name}' is already served on {}; to move its VM to another QEMU process, add it with incoming on a new socket",
+                    src.socket.display()
+                ))
+            }
+            _ => {
+                return Err(format!(
+                    "'{name}' is already served on two sockets (a migration); remove one first"
+                ))
+            }
         }
+        let writer = same
+            .first()
+            .map_or_else(Default::default, |s| s.writer.clone());
         if let Some(srv) = &self.nbd {
             if srv.export_names().iter().any(|n| n == name) {
                 return Err(format!("'{name}' is already exported over NBD"));
             }
         }
-        if let Some((other, _)) = self.served.iter().find(|(_, s)| s.socket == socket) {
+        if let Some(other) = self.served.get(socket) {
             return Err(format!(
-                "{} is the socket of '{other}' already",
-                socket.display()
+                "{} is the socket of '{}' already",
+                socket.display(),
+                other.name
             ));
         }
         let pool = self.pool();
@@ -169,23 +208,23 @@ impl Daemon {
             serial: default_serial(&info.name, info.id),
             ..self.template.clone()
         };
-        // Only a shared pool's activation can pass to another host; on a
+        // Only a shared pool's activation passes to another host, so the
+        // target of a migration opens there when its rings start. On a
         // pool of one host the server keeps its volume open (and so
-        // protected from remove and rollback) while it is served.
-        if incoming && !pool.is_shared() {
-            return Err(format!(
-                "'{name}': incoming needs a shared pool (the source's server must be on another host)"
-            ));
-        }
-        let open = if incoming {
-            None
-        } else {
-            Some(Arc::new(pool.open_volume(name).map_err(|e| e.to_string())?))
+        // protected from remove and rollback) while it is served, and the
+        // writer slot alone passes between the two servers.
+        let wait = opts.activation_wait;
+        let open = || {
+            pool.open_volume(name)
+                .map(Arc::new)
+                .map_err(|e| e.to_string())
         };
-        let activation = match open {
-            Some(vol) if !pool.is_shared() => Activation::pinned(vol),
-            open => Activation::handover(pool.clone(), name, open, opts.activation_wait)
-                .map_err(|e| e.to_string())?,
+        let activation = if !pool.is_shared() {
+            Activation::pinned_sharing(open()?, writer.clone(), wait)
+        } else {
+            let vol = if incoming { None } else { Some(open()?) };
+            Activation::handover(pool.clone(), name, vol, writer.clone(), wait)
+                .map_err(|e| e.to_string())?
         };
         let mut server = Server::with_activation(activation, &opts)
             .map_err(|e| format!("serving '{name}': {e}"))?;
@@ -206,15 +245,17 @@ impl Daemon {
             if queues == 1 { "" } else { "s" },
             if read_only { ", read-only" } else { "" },
             if incoming {
-                ", incoming: opened when the front end starts"
+                ", incoming: writes once its front end starts"
             } else {
                 ""
             }
         );
         self.served.insert(
-            name.to_string(),
+            socket.to_path_buf(),
             Served {
+                name: info.name.clone(),
                 id: info.id,
+                writer,
                 socket: socket.to_path_buf(),
                 queues,
                 read_only,
@@ -230,7 +271,7 @@ impl Daemon {
     /// first export. The volume is opened, and so activated on a shared
     /// pool and protected from remove and rollback, until it is removed.
     pub fn add_nbd(&mut self, name: &str, socket: &Path) -> Result<String, String> {
-        if self.served.contains_key(name) {
+        if self.servers_of(name).next().is_some() {
             return Err(format!("'{name}' is already served over vhost-user"));
         }
         if let Some(srv) = &self.nbd {
@@ -280,22 +321,36 @@ impl Daemon {
         })
     }
 
-    /// Stops serving `name`: ends its connection, joins its thread,
-    /// removes its socket and flushes the volume.
-    pub fn remove(&mut self, name: &str) -> Result<Stopped, String> {
-        let s = self
-            .served
-            .remove(name)
-            .ok_or_else(|| format!("'{name}' is not served"))?;
-        s.stop.stop();
-        Ok(finish(name, s))
+    /// Stops serving `name` (on `socket` only, if given: the source of a
+    /// finished migration on this host): ends the connection, joins the
+    /// thread, removes the socket and flushes the volume.
+    pub fn remove(&mut self, name: &str, socket: Option<&Path>) -> Result<Vec<Stopped>, String> {
+        let sockets: Vec<PathBuf> = self
+            .servers_of(name)
+            .filter(|s| socket.is_none_or(|p| p == s.socket))
+            .map(|s| s.socket.clone())
+            .collect();
+        if sockets.is_empty() {
+            return Err(match socket {
+                None => format!("'{name}' is not served"),
+                Some(p) => format!("'{name}' is not served on {}", p.display()),
+            });
+        }
+        let gone: Vec<Served> = sockets
+            .iter()
+            .filter_map(|p| self.served.remove(p))
+            .collect();
+        for s in &gone {
+            s.stop.stop();
+        }
+        Ok(gone.into_iter().map(finish).collect())
     }
 
     /// `(name, socket, queues, read-only)` of every served volume.
     pub fn list(&self) -> Vec<(String, PathBuf, u16, bool)> {
         self.served
-            .iter()
-            .map(|(n, s)| (n.clone(), s.socket.clone(), s.queues, s.read_only))
+            .values()
+            .map(|s| (s.name.clone(), s.socket.clone(), s.queues, s.read_only))
             .collect()
     }
 
@@ -373,13 +428,19 @@ impl Daemon {
                 eprintln!("thinlun-vhost: {t}");
                 Ok(t)
             }
-            Request::Remove(name) => {
-                if let Some(r) = self.remove_nbd(&name) {
-                    eprintln!("thinlun-vhost: {}", r.as_ref().unwrap_or_else(|e| e));
-                    return r;
+            Request::Remove { name, socket } => {
+                if socket.is_none() {
+                    if let Some(r) = self.remove_nbd(&name) {
+                        eprintln!("thinlun-vhost: {}", r.as_ref().unwrap_or_else(|e| e));
+                        return r;
+                    }
                 }
-                let s = self.remove(&name)?;
-                let t = format!("stopped {}", s.summary());
+                let stopped = self.remove(&name, socket.as_deref())?;
+                let t = stopped
+                    .iter()
+                    .map(|s| format!("stopped {}", s.summary()))
+                    .collect::<Vec<_>>()
+                    .join("; ");
                 eprintln!("thinlun-vhost: {t}");
                 Ok(t)
             }
@@ -391,8 +452,8 @@ impl Daemon {
                         .collect()
                 });
                 let mut t = (self.served.len() + nbd.len()).to_string();
-                for (n, s) in &self.served {
-                    t.push_str(&format!(" {n}={}", s.socket.display()));
+                for s in self.served.values() {
+                    t.push_str(&format!(" {}={}", s.name, s.socket.display()));
                 }
                 for (n, path) in nbd {
                     t.push_str(&format!(" {n}=nbd:{}", path.display()));
@@ -512,10 +573,10 @@ impl Daemon {
             .into_iter()
             .map(|v| (v.id, v.name))
             .collect();
-        let served = std::mem::take(&mut self.served);
-        for (name, s) in served {
-            let key = names.get(&s.id).cloned().unwrap_or(name);
-            self.served.insert(key, s);
+        for s in self.served.values_mut() {
+            if let Some(n) = names.get(&s.id) {
+                s.name.clone_from(n);
+            }
         }
     }
 
@@ -598,10 +659,8 @@ impl Daemon {
         for s in served.values() {
             s.stop.stop();
         }
-        let stopped: Vec<Stopped> = served
-            .into_iter()
-            .map(|(name, s)| finish(&name, s))
-            .collect();
+        let mut stopped: Vec<Stopped> = served.into_values().map(finish).collect();
+        stopped.sort_by(|a, b| a.name.cmp(&b.name));
         // Closes every NBD connection and the export handles, so the pool
         // below commits everything they wrote.
         if let Some(mut srv) = self.nbd.take() {
@@ -619,8 +678,8 @@ impl Drop for Daemon {
         for s in self.served.values() {
             s.stop.stop();
         }
-        for (name, s) in std::mem::take(&mut self.served) {
-            finish(&name, s);
+        for s in std::mem::take(&mut self.served).into_values() {
+            finish(s);
         }
     }
 }
@@ -632,7 +691,7 @@ fn words_after(names: &[String]) -> String {
 
 /// Joins a stopped volume's thread (dropping its server removes the
 /// socket) and flushes the volume.
-fn finish(name: &str, s: Served) -> Stopped {
+fn finish(s: Served) -> Stopped {
     let (served, server, panicked) = match s.thread.join() {
         Ok((r, server)) => (r, Some(server), false),
         Err(_) => (Ok(()), None, true),
@@ -654,7 +713,7 @@ fn finish(name: &str, s: Served) -> Stopped {
         error.get_or_insert(format!("flush: {e}"));
     }
     Stopped {
-        name: name.to_string(),
+        name: s.name,
         connections,
         stats,
         error,

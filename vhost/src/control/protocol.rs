@@ -60,8 +60,12 @@ pub enum Request {
         name: String,
         socket: PathBuf,
     },
-    /// Stop serving a volume (it stays in the pool).
-    Remove(String),
+    /// Stop serving a volume (it stays in the pool): on every socket, or
+    /// on the one given.
+    Remove {
+        name: String,
+        socket: Option<PathBuf>,
+    },
     List,
     Status,
     /// A thin volume; `force` passes the overcommit limit.
@@ -179,8 +183,20 @@ pub fn parse_request(line: &str) -> Result<Request, String> {
             })
         }
         ["add-nbd", ..] => usage("add-nbd VOL SOCKET"),
-        ["remove", name] => Ok(Request::Remove(name.to_string())),
-        ["remove", ..] => usage("remove VOL"),
+        ["remove", name] => Ok(Request::Remove {
+            name: name.to_string(),
+            socket: None,
+        }),
+        ["remove", name, socket] => {
+            if !socket.starts_with('/') {
+                return Err(format!("socket '{socket}' is not an absolute path"));
+            }
+            Ok(Request::Remove {
+                name: name.to_string(),
+                socket: Some(PathBuf::from(socket)),
+            })
+        }
+        ["remove", ..] => usage("remove VOL [SOCKET]"),
         ["list"] => Ok(Request::List),
         ["grow"] => Ok(Request::Grow),
         ["status"] => Ok(Request::Status),
@@ -453,7 +469,17 @@ mod tests {
         );
         assert_eq!(
             parse_request("remove vm-1"),
-            Ok(Request::Remove("vm-1".into()))
+            Ok(Request::Remove {
+                name: "vm-1".into(),
+                socket: None
+            })
+        );
+        assert_eq!(
+            parse_request("remove vm-1 /run/a.sock"),
+            Ok(Request::Remove {
+                name: "vm-1".into(),
+                socket: Some("/run/a.sock".into())
+            })
         );
         assert_eq!(parse_request("list"), Ok(Request::List));
         assert_eq!(parse_request("status"), Ok(Request::Status));
@@ -475,6 +501,7 @@ mod tests {
             "add-nbd vm-1 rel.sock",
             "remove",
             "remove a b",
+            "remove a /b c",
             "list x",
             "status x",
             "bogus",
