@@ -158,7 +158,7 @@ pub fn remove(pool: Option<&Path>, args: &ServeRemoveArgs) -> CliResult<()> {
     let mut line = format!("remove {}", word("volume", &args.name)?);
     if let Some(s) = &args.socket {
         line.push(' ');
-        line.push_str(&word("socket", &absolute(s)?)?);
+        line.push_str(word("socket", &absolute(s)?)?);
     }
     let t = ask(&control, &line)?;
     emit(&format!("{t}\n"))
