@@ -82,7 +82,10 @@ pub fn spawn_guest(
     script: &Path,
     env: &[(&str, &str)],
 ) -> (Child, mpsc::Receiver<String>) {
+    use std::os::unix::process::CommandExt;
     let mut cmd = Command::new("bash");
+    // Its own process group, so that kill_guest reaches QEMU too.
+    cmd.process_group(0);
     cmd.arg(lab_dir().join("run-guest.sh"))
         .arg(sock)
         .arg(script)
@@ -108,6 +111,50 @@ pub fn spawn_guest(
         }
     });
     (child, rx)
+}
+
+/// Boots a guest and reads its console up to the line holding `marker`:
+/// the guest, its console channel, and the lines so far. Under TCG a
+/// starved host can keep a guest from booting at all (see vhost_qemu.rs):
+/// one more try. A guest that boots must reach the marker.
+pub fn boot_until(
+    sock: &Path,
+    script: &Path,
+    env: &[(&str, &str)],
+    marker: &str,
+) -> (Child, mpsc::Receiver<String>, Vec<String>) {
+    for _attempt in 1..=2 {
+        let (mut guest, rx) = spawn_guest(sock, script, env);
+        let lines = console(&rx, |_| {}, Some(marker));
+        if lines.iter().any(|l| l.contains(marker)) {
+            return (guest, rx, lines);
+        }
+        kill_guest(&mut guest);
+        assert!(
+            !booted(&lines),
+            "the guest booted but never printed {marker}:\n{}",
+            lines.join("\n")
+        );
+    }
+    panic!("the guest never booted");
+}
+
+/// Kills a guest as a dead host would lose it: run-guest.sh and its QEMU
+/// at once (SIGKILL to the process group spawn_guest gave them).
+pub fn kill_guest(guest: &mut Child) {
+    // SAFETY: plain syscall; the group is our child's own.
+    unsafe { libc::kill(-(guest.id() as i32), libc::SIGKILL) };
+    let _ = guest.wait();
+}
+
+/// `script` with shell variables set at its top, written into `dir`: the
+/// guest sees no environment of ours.
+pub fn guest_script(dir: &Path, script: &Path, vars: &[(&str, &str)]) -> PathBuf {
+    let mut text: String = vars.iter().map(|(k, v)| format!("{k}='{v}'\n")).collect();
+    text.push_str(&std::fs::read_to_string(script).unwrap());
+    let out = dir.join(script.file_name().unwrap());
+    std::fs::write(&out, text).unwrap();
+    out
 }
 
 /// Collects the console until GUEST-END (or the guest exits). `on_event`

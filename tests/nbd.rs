@@ -562,10 +562,14 @@ fn guest_migrates_on_one_export() {
     }
     let mut n = Nbd::new("migrate");
     n.serve();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/migrate.sh");
+    let script = lab::guest_script(
+        &n.dir,
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/migrate.sh"),
+        &[("LOOP_SECS", "25")],
+    );
     let (src_qmp, dst_qmp) = (n.dir.join("src.qmp"), n.dir.join("dst.qmp"));
     let mig = format!("unix:{}", n.dir.join("mig.sock").display());
-    let common = [("DISK", "nbd"), ("EXPORT", "vm"), ("LOOP_SECS", "25")];
+    let common = [("DISK", "nbd"), ("EXPORT", "vm")];
     let with = |extra: &[(&'static str, String)]| {
         let mut v: Vec<(&str, String)> = common.iter().map(|(k, v)| (*k, v.to_string())).collect();
         v.extend(extra.iter().cloned());
@@ -573,23 +577,7 @@ fn guest_migrates_on_one_export() {
     };
     let src_env = with(&[("QMP", src_qmp.display().to_string())]);
     let src_env: Vec<(&str, &str)> = src_env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut src = None;
-    for _attempt in 1..=2 {
-        let (mut g, rx) = lab::spawn_guest(&n.sock, &script, &src_env);
-        let before = lab::console(&rx, |_| {}, Some("MIGRATE-READY"));
-        if before.iter().any(|l| l.contains("MIGRATE-READY")) {
-            src = Some(g);
-            break;
-        }
-        let _ = g.kill();
-        let _ = g.wait();
-        assert!(
-            !lab::booted(&before),
-            "booted, not ready:\n{}",
-            before.join("\n")
-        );
-    }
-    let mut src = src.expect("the source guest never booted");
+    let (mut src, _, _) = lab::boot_until(&n.sock, &script, &src_env, "MIGRATE-READY");
     let dst_env = with(&[
         ("QMP", dst_qmp.display().to_string()),
         ("INCOMING", mig.clone()),

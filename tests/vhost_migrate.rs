@@ -18,183 +18,31 @@
 
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
-use thinlun_tests::{parent_of, thinctl, thinctl_ok};
 
+mod hosts;
 mod lab;
-use lab::{assert_guest_ok, booted, console, lab_ready, migrate, spawn_guest, Qmp, GUEST};
-
-struct Hosts {
-    dir: PathBuf,
-    pool: PathBuf,
-    shared: bool,
-    servers: Vec<u32>,
-}
-
-impl Hosts {
-    /// A pool with volume `vm`: shared by hosts, or of one host.
-    fn new(tag: &str, shared: bool) -> Hosts {
-        let dir = std::env::temp_dir().join(format!("thinlun-e2e-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let hosts = Hosts {
-            pool: dir.join("lun.img"),
-            dir,
-            shared,
-            servers: Vec::new(),
-        };
-        let mut create = vec!["pool", "create", "--size", "2G"];
-        if shared {
-            create.extend(["--shared", "--io-timeout", "1s"]);
-        }
-        hosts.ctl(1, &create);
-        hosts.ctl(1, &["create", "vm", "1G"]);
-        hosts
-    }
-
-    fn command(&self, host: u32, args: &[&str]) -> Command {
-        let mut cmd = Command::new(thinctl());
-        cmd.arg("-p").arg(&self.pool);
-        if self.shared {
-            cmd.args(["--host-id", &host.to_string()]);
-        }
-        cmd.args(args);
-        cmd
-    }
-
-    fn ctl(&self, host: u32, args: &[&str]) -> String {
-        let host = host.to_string();
-        let mut all = vec!["--host-id", &host];
-        if !self.shared {
-            all.clear();
-        }
-        all.extend_from_slice(args);
-        thinctl_ok(&self.pool, &all)
-    }
-
-    /// The error of a thinctl command that must fail.
-    fn ctl_fails(&self, host: u32, args: &[&str]) -> String {
-        let out = self.command(host, args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn control(&self, host: u32) -> PathBuf {
-        self.dir.join(format!("host{host}.ctl"))
-    }
-
-    /// `thinctl daemon` as host `host`, waiting for its control socket.
-    fn daemon(&mut self, host: u32) -> Child {
-        let ctl = self.control(host);
-        let log = std::fs::File::create(self.dir.join(format!("host{host}.log"))).unwrap();
-        let mut child = self
-            .command(host, &["daemon", "--control", ctl.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.servers.push(child.id());
-        self.wait_for(host, &mut child, &ctl);
-        child
-    }
-
-    fn wait_for(&self, host: u32, child: &mut Child, path: &Path) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !path.exists() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("thinctl exited with {status}:\n{}", self.log(host));
-            }
-            assert!(Instant::now() < deadline, "no socket:\n{}", self.log(host));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log(&self, host: u32) -> String {
-        std::fs::read_to_string(self.dir.join(format!("host{host}.log"))).unwrap_or_default()
-    }
-
-    /// `thinctl serve vm` as host `host`, waiting for its socket.
-    fn serve(&mut self, host: u32, extra: &[&str]) -> (Child, PathBuf) {
-        let sock = self.dir.join(format!("host{host}.sock"));
-        let log = std::fs::File::create(self.dir.join(format!("host{host}.log"))).unwrap();
-        let mut child = self
-            .command(host, &["serve", "vm", "--socket"])
-            .arg(&sock)
-            .arg("--control")
-            .arg(self.control(host))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.servers.push(child.id());
-        self.wait_for(host, &mut child, &sock);
-        (child, sock)
-    }
-
-    fn stop(&self, host: u32, mut server: Child) {
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
-        let status = server.wait().unwrap();
-        assert!(
-            status.success(),
-            "host {host}: {status}\n{}",
-            self.log(host)
-        );
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for &pid in &self.servers {
-            if parent_of(pid) == Some(std::process::id()) {
-                // SAFETY: plain syscall on our own child process.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-        if std::thread::panicking() {
-            eprintln!(
-                "---- host 1:\n{}\n---- host 2:\n{}",
-                self.log(1),
-                self.log(2)
-            );
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use hosts::Hosts;
+use lab::{
+    assert_guest_ok, boot_until, console, guest_script, kill_guest, lab_ready, migrate,
+    spawn_guest, Qmp, GUEST,
+};
 
 /// How long the guest's read loop runs: across both migrations.
-const LOOP_SECS: &str = "35";
+const LOOP_SECS: &str = "25";
 
 /// Boots the source guest on `sock` with a QMP socket and waits until its
-/// script is ready to be migrated. Under TCG a starved host can keep a
-/// guest from booting at all (see vhost_qemu.rs): one more try. A guest
-/// that boots must get ready.
-fn boot_source(sock: &Path, script: &Path, qmp: &Path, loop_secs: &str) -> Child {
-    for _attempt in 1..=2 {
-        let (mut src, src_rx) = spawn_guest(
-            sock,
-            script,
-            &[("QMP", qmp.to_str().unwrap()), ("LOOP_SECS", loop_secs)],
-        );
-        let before = console(&src_rx, |_| {}, Some("MIGRATE-READY"));
-        if before.iter().any(|l| l.contains("MIGRATE-READY")) {
-            return src;
-        }
-        let _ = src.kill();
-        let _ = src.wait();
-        assert!(
-            !booted(&before),
-            "the source guest booted but did not get ready:\n{}",
-            before.join("\n")
-        );
-    }
-    panic!("the source guest never booted");
+/// script is ready to be migrated.
+fn boot_source(sock: &Path, script: &Path, qmp: &Path) -> Child {
+    let env = [("QMP", qmp.to_str().unwrap())];
+    boot_until(sock, script, &env, "MIGRATE-READY").0
 }
 
-fn migrate_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/migrate.sh")
+/// The guest's script, its read loop running for `loop_secs`.
+fn migrate_script(dir: &Path, loop_secs: &str) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/migrate.sh");
+    guest_script(dir, &script, &[("LOOP_SECS", loop_secs)])
 }
 
 #[test]
@@ -206,22 +54,18 @@ fn guest_migrates_between_hosts() {
     let mut hosts = Hosts::new("mig", true);
     let (source, src_sock) = hosts.serve(1, &[]);
     let (target, dst_sock) = hosts.serve(2, &["--incoming"]);
-    let script = migrate_script();
+    let script = migrate_script(&hosts.dir, LOOP_SECS);
     let src_qmp = hosts.dir.join("src.qmp");
     let dst_qmp = hosts.dir.join("dst.qmp");
     let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
-    let mut src = boot_source(&src_sock, &script, &src_qmp, LOOP_SECS);
+    let mut src = boot_source(&src_sock, &script, &src_qmp);
     // A target QEMU starts only now: two run-guest.sh building the lab's
     // initramfs cache at once would corrupt it.
     let target_qemu = || {
         let guest = spawn_guest(
             &dst_sock,
             &script,
-            &[
-                ("QMP", dst_qmp.to_str().unwrap()),
-                ("INCOMING", &mig),
-                ("LOOP_SECS", LOOP_SECS),
-            ],
+            &[("QMP", dst_qmp.to_str().unwrap()), ("INCOMING", &mig)],
         );
         let qmp = Qmp::connect(&dst_qmp);
         (guest, qmp)
@@ -246,8 +90,7 @@ fn guest_migrates_between_hosts() {
         assert!(Instant::now() < deadline, "cancel did not finish: {r}");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let _ = dst.kill();
-    let _ = dst.wait();
+    kill_guest(&mut dst);
     assert!(!hosts.log(1).contains("released"), "{}", hosts.log(1));
     assert!(!hosts.log(2).contains("activated"), "{}", hosts.log(2));
     let _ = std::fs::remove_file(&dst_qmp);
@@ -322,18 +165,14 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
     );
     assert!(t.contains("incoming"), "{t}");
 
-    let script = migrate_script();
+    let script = migrate_script(&hosts.dir, "20");
     let (src_qmp, dst_qmp) = (hosts.dir.join("src.qmp"), hosts.dir.join("dst.qmp"));
     let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
-    let mut src = boot_source(Path::new(s1), &script, &src_qmp, "20");
+    let mut src = boot_source(Path::new(s1), &script, &src_qmp);
     let (mut dst, dst_rx) = spawn_guest(
         Path::new(s2),
         &script,
-        &[
-            ("QMP", dst_qmp.to_str().unwrap()),
-            ("INCOMING", &mig),
-            ("LOOP_SECS", "20"),
-        ],
+        &[("QMP", dst_qmp.to_str().unwrap()), ("INCOMING", &mig)],
     );
     let _dst_qmp = Qmp::connect(&dst_qmp);
     let mut qmp = Qmp::connect(&src_qmp);
