@@ -102,10 +102,15 @@ impl Hosts {
 
     /// `thinctl serve vm` as host `host`, waiting for its socket.
     pub fn serve(&mut self, host: u32, extra: &[&str]) -> (Child, PathBuf) {
+        self.serve_volume(host, "vm", extra)
+    }
+
+    /// `thinctl serve VOL` as host `host`, waiting for its socket.
+    pub fn serve_volume(&mut self, host: u32, vol: &str, extra: &[&str]) -> (Child, PathBuf) {
         let sock = self.dir.join(format!("host{host}.sock"));
         let log = std::fs::File::create(self.dir.join(format!("host{host}.log"))).unwrap();
         let mut child = self
-            .command(host, &["serve", "vm", "--socket"])
+            .command(host, &["serve", vol, "--socket"])
             .arg(&sock)
             .arg("--control")
             .arg(self.control(host))

@@ -250,15 +250,21 @@ impl Qmp {
 
     /// Runs a command; returns its `return` (events in between are skipped).
     pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
+        self.try_execute(cmd, args)
+            .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
+    }
+
+    /// Runs a command: its `return`, or its `error`.
+    pub fn try_execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
         let msg = json!({"execute": cmd, "arguments": args});
         writeln!(self.out, "{msg}").unwrap();
         loop {
             let r = self.line();
             if let Some(e) = r.get("error") {
-                panic!("QMP {cmd}: {e}");
+                return Err(e.clone());
             }
             if let Some(v) = r.get("return") {
-                return v.clone();
+                return Ok(v.clone());
             }
         }
     }

@@ -209,3 +209,79 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
     let check = hosts.ctl(1, &["check"]);
     assert!(check.contains("clean"), "pool check: {check}");
 }
+
+/// QEMU does not compare the disks of a migration: with a target served
+/// another volume (of another size or not), the migration completes and
+/// the VM goes on with the wrong disk (seen with QEMU 10). So a target's
+/// server refuses a volume that no server has active, since no VM can be
+/// migrating from it. The target QEMU then cannot start, the migration
+/// fails in QEMU, and the VM goes on on the source, its volume untouched.
+#[test]
+fn a_migration_to_a_wrong_volume_fails_and_the_vm_stays() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_ready() {
+        return;
+    }
+    let mut hosts = Hosts::new("migbad", true);
+    hosts.ctl(1, &["create", "small", "512M"]);
+    hosts.ctl(1, &["create", "other", "1G"]);
+    let (source, src_sock) = hosts.serve(1, &[]);
+    let dst_sock = hosts.dir.join("host2.sock");
+    for vol in ["small", "other"] {
+        let e = hosts.ctl_fails(
+            2,
+            &[
+                "serve",
+                vol,
+                "--socket",
+                dst_sock.to_str().unwrap(),
+                "--incoming",
+            ],
+        );
+        assert!(
+            e.contains("not in use") && e.contains("check the name"),
+            "{e}"
+        );
+    }
+    assert!(!dst_sock.exists());
+
+    let script = migrate_script(&hosts.dir, "15");
+    let (src_qmp, dst_qmp) = (hosts.dir.join("src.qmp"), hosts.dir.join("dst.qmp"));
+    let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
+    let env = [("QMP", src_qmp.to_str().unwrap())];
+    let (mut src, src_rx, _) = boot_until(&src_sock, &script, &env, "MIGRATE-READY");
+    // The target QEMU finds no server and does not start.
+    let (mut dst, dst_rx) = spawn_guest(
+        &dst_sock,
+        &script,
+        &[("QMP", dst_qmp.to_str().unwrap()), ("INCOMING", &mig)],
+    );
+    let status = dst.wait().unwrap();
+    let said = console(&dst_rx, |_| {}, None).join("\n");
+    assert!(
+        !status.success() && said.contains("host2.sock"),
+        "{status}: {said}"
+    );
+
+    let mut qmp = Qmp::connect(&src_qmp);
+    match qmp.try_execute("migrate", json!({ "uri": mig })) {
+        Err(e) => eprintln!("migrate refused: {e}"),
+        Ok(_) => {
+            let r = migrate(&mut qmp, &mig);
+            assert_eq!(r["status"], "failed", "{r}");
+        }
+    }
+    let run = qmp.execute("query-status", json!({}));
+    assert_eq!(run["status"], "running", "{run}");
+    let lines = console(&src_rx, |_| {}, None);
+    let _ = src.wait();
+    assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);
+    let a = hosts.log(1);
+    assert!(
+        !a.contains("released (the front end stopped the device for a migration)"),
+        "the source handed the volume over:\n{a}"
+    );
+    hosts.stop(1, source);
+    let check = hosts.ctl(3, &["check"]);
+    assert!(check.contains("clean"), "pool check: {check}");
+}

@@ -706,6 +706,19 @@ pub struct LockStatus {
 }
 
 impl Pool {
+    /// The host whose activation holds volume `name`, read under the
+    /// global lock so that another host's recent activation shows. `None`
+    /// when it is free, and on a pool of one host.
+    pub fn active_host(&self, name: &str) -> Result<Option<u32>> {
+        let _g = self.inner.global()?;
+        let st = self.inner.state.lock();
+        let id = st
+            .id_by_name(name)
+            .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
+        let h = st.volumes.get(&id).map_or(0, |v| v.rec.active_host as u32);
+        Ok((h != 0).then_some(h))
+    }
+
     /// Host slots, the global lock, volume activations and group claims.
     /// A process that has not joined watches the slots for `watch` to tell
     /// renewing hosts from silent ones.

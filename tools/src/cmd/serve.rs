@@ -53,7 +53,8 @@ pub struct ServeArgs {
     pub no_wait: bool,
     /// Serve the target of a live migration (QEMU's -incoming): answer
     /// the front end at once, but open the volume only when it starts the
-    /// rings, once the source's server has released it
+    /// rings, once the source's server has released it. Refused for a
+    /// volume no server has active (no VM can be migrating from it)
     #[arg(long)]
     pub incoming: bool,
     /// How long the rings' start waits for another server's release

@@ -182,6 +182,21 @@ impl Daemon {
                 ))
             }
         }
+        if incoming && same.is_empty() {
+            // A migration's source holds its volume until the handover, so
+            // a free volume means the target was given the wrong one: the
+            // target QEMU must not start on it (QEMU does not compare the
+            // disks of a migration; the VM would go on with another disk).
+            let holder = self.pool().active_host(name).map_err(|e| e.to_string())?;
+            if holder.is_none() {
+                return Err(format!(
+                    "'{name}' is not in use (no server on any host has it active), so no running VM \
+                     can be migrating from it: a migration target serves the source VM's volume \
+                     (check the name); to start a VM or restore a saved state on '{name}', serve it \
+                     without --incoming"
+                ));
+            }
+        }
         let writer = same
             .first()
             .map_or_else(Default::default, |s| s.writer.clone());
