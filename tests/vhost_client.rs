@@ -862,19 +862,51 @@ fn incoming_target_waits_for_the_release() {
 /// the first has released, and then the first waits in turn.
 #[test]
 fn two_servers_of_one_volume_take_turns() {
+    take_turns(false);
+    take_turns(true);
+}
+
+/// On a pool of one host both servers keep the volume open (pinned); on a
+/// shared pool they release and activate it as between hosts.
+fn take_turns(shared: bool) {
+    use thinlun::{HostOptions, OpenOptions, SharedConfig};
     use thinlun_vhost::{Activation, WriterSlot};
-    let dir = TempDir::new("writer-slot");
+    let dir = TempDir::new(if shared {
+        "writer-slot-shared"
+    } else {
+        "writer-slot"
+    });
     let cfg = PoolConfig {
         size_bytes: Some(256 << 20),
+        shared: shared.then(|| SharedConfig {
+            io_timeout_ms: 200,
+            group_bytes: Some(16 << 20),
+        }),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&dir.0.join("lun.img"), &cfg).unwrap();
+    let path = dir.0.join("lun.img");
+    Pool::create_path(&path, &cfg).unwrap().close().unwrap();
+    let opts = OpenOptions {
+        read_only: false,
+        host: shared.then(|| HostOptions {
+            host_id: 1,
+            host_name: Some("host1".to_string()),
+            watchdog: false,
+            run_dir: Some(dir.0.join("run")),
+        }),
+        boot_id: None,
+    };
+    let pool = Pool::open_path(&path, &opts).unwrap();
     pool.create_volume("vm-1", 64 << 20).unwrap();
     let slot = Arc::new(WriterSlot::default());
     let wait = Duration::from_millis(200);
     let start = |tag: &str| {
         let vol = Arc::new(pool.open_volume("vm-1").unwrap());
-        let act = Activation::pinned_sharing(vol, slot.clone(), wait);
+        let act = if shared {
+            Activation::handover(pool.clone(), "vm-1", Some(vol), slot.clone(), wait).unwrap()
+        } else {
+            Activation::pinned_sharing(vol, slot.clone(), wait)
+        };
         let sock = dir.0.join(format!("{tag}.sock"));
         let mut server = Server::with_activation(act, &ServeOptions::new(&sock, "vm-1")).unwrap();
         let stop = server.stop_handle();
@@ -916,4 +948,54 @@ fn two_servers_of_one_volume_take_turns() {
         stop.stop();
         thread.join().unwrap().release("test over").unwrap();
     }
+}
+
+/// A server that released its volume (its front end went away) opens it
+/// again by id: a rename meanwhile does not lose it.
+#[test]
+fn a_released_volume_renamed_meanwhile_is_opened_again() {
+    use thinlun_vhost::Activation;
+    let dir = TempDir::new("renamed");
+    let cfg = PoolConfig {
+        size_bytes: Some(256 << 20),
+        ..PoolConfig::default()
+    };
+    let pool = Pool::create_path(&dir.0.join("lun.img"), &cfg).unwrap();
+    pool.create_volume("vm-1", 64 << 20).unwrap();
+    let open = Arc::new(pool.open_volume("vm-1").unwrap());
+    let act = Activation::handover(
+        pool.clone(),
+        "vm-1",
+        Some(open),
+        Default::default(),
+        Duration::from_secs(1),
+    )
+    .unwrap();
+    let sock = dir.0.join("vm.sock");
+    let mut server = Server::with_activation(act, &ServeOptions::new(&sock, "vm-1")).unwrap();
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || {
+        server.run().unwrap();
+        server
+    });
+    let mut c = Client::connect(&sock, 1);
+    c.data(0, 4096).copy_from_slice(&pattern(3, 4096));
+    assert_eq!(c.write(0, 0, 4096), S_OK);
+    drop(c);
+    // Released at the disconnect: the rename is allowed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = pool.rename_volume("vm-1", "vm-renamed") {
+        assert!(Instant::now() < deadline, "never released: {e}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = Client::connect(&sock, 1);
+    assert_eq!(c.read(0, 0, 4096), S_OK);
+    same(
+        c.data(0, 4096),
+        &pattern(3, 4096),
+        "the write, under the new name",
+    );
+    drop(c);
+    stop.stop();
+    thread.join().unwrap().release("test over").unwrap();
 }

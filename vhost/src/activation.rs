@@ -20,19 +20,33 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thinlun::{Pool, Volume};
 
-/// Where a server opens its volume again after releasing it.
+/// Where a server opens its volume again after releasing it: by id, since
+/// the volume may be renamed meanwhile.
 pub struct PoolVolume {
     pub pool: Pool,
-    pub name: String,
+    pub id: u64,
 }
 
 impl PoolVolume {
+    fn info(&self) -> thinlun::Result<thinlun::VolumeInfo> {
+        self.pool
+            .volumes()
+            .into_iter()
+            .find(|v| v.id == self.id)
+            .ok_or_else(|| thinlun::Error::NoSuchVolume(format!("volume id {}", self.id)))
+    }
+
     fn open(&self) -> thinlun::Result<Volume> {
-        self.pool.try_open_volume(&self.name)
+        let name = self.info()?.name;
+        match self.pool.try_open_volume(&name) {
+            // Renamed on another host: the activation's refresh knows.
+            Err(thinlun::Error::NoSuchVolume(_)) => self.pool.try_open_volume(&self.info()?.name),
+            r => r,
+        }
     }
 
     fn size_bytes(&self) -> Option<u64> {
-        self.pool.volume_info(&self.name).ok().map(|i| i.size_bytes)
+        self.info().ok().map(|i| i.size_bytes)
     }
 }
 
@@ -116,10 +130,8 @@ impl Activation {
         writer: Arc<WriterSlot>,
         wait: Duration,
     ) -> thinlun::Result<Activation> {
-        let size_bytes = match &open {
-            Some(v) => v.size_bytes(),
-            None => pool.volume_info(name)?.size_bytes,
-        };
+        let info = pool.volume_info(name)?;
+        let size_bytes = open.as_ref().map_or(info.size_bytes, |v| v.size_bytes());
         Ok(Activation {
             name: name.to_string(),
             held: Mutex::new(Held {
@@ -127,10 +139,7 @@ impl Activation {
                 writing: false,
             }),
             writer,
-            source: Some(PoolVolume {
-                pool,
-                name: name.to_string(),
-            }),
+            source: Some(PoolVolume { pool, id: info.id }),
             wait,
             size_bytes,
             gave_up: Mutex::new(false),
