@@ -4,6 +4,7 @@
 # export of a raw file and of a qcow2 file. Prints IOPS (MiB/s for 1 MiB
 # cases), the ratio to qsd-raw, and each server's CPU per request.
 #   bash benches/nbd.sh [SECONDS-PER-CASE]
+# CASES="sr rr32" runs only the cases named (fw1 fw32 rr1 rr32 ow1 ow32 sw sr).
 # Files go to $THINLUN_BENCH_DIR/nbd (default /var/tmp/thinlun-bench; not
 # tmpfs). Needs fio (with its nbd engine), qemu-img, qemu-storage-daemon.
 set -euo pipefail
@@ -57,6 +58,9 @@ prefill() { fio --name=fill --ioengine=nbd --uri="nbd+unix:///$export_name?socke
     --rw=write --bs=1M --iodepth=4 --size=$size >/dev/null 2>&1; }
 
 cases="fw1:randwrite:4k:1:fresh fw32:randwrite:4k:32:fresh rr1:randread:4k:1:filled rr32:randread:4k:32:filled ow1:randwrite:4k:1:filled ow32:randwrite:4k:32:filled sw:write:1M:4:fresh sr:read:1M:4:filled"
+if [ -n "${CASES:-}" ]; then
+    cases=$(for c in $cases; do for w in $CASES; do if [ "${c%%:*}" = "$w" ]; then echo "$c"; fi; done; done)
+fi
 declare -A out
 for backend in qsd-raw qsd-qcow2 thinlun; do
     for c in $cases; do

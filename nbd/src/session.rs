@@ -6,56 +6,104 @@
 
 use crate::handshake::{Ended, Negotiated};
 use crate::proto::*;
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use thinlun::{Error, Volume, SECTOR_SIZE};
 
 /// Largest piece of zeros written at once for WRITE_ZEROES with NO_HOLE.
 const ZERO_PIECE: usize = 1 << 20;
 
-struct Reply<'a, S: Write> {
-    s: &'a mut S,
+/// Reply headers, encoded for one vectored write with their payloads.
+struct Heads {
     structured: bool,
+    bytes: Vec<u8>,
 }
 
-impl<S: Write> Reply<'_, S> {
-    fn ok(&mut self, handle: u64) -> std::io::Result<()> {
+impl Heads {
+    fn new(structured: bool) -> Heads {
+        Heads {
+            structured,
+            bytes: Vec::with_capacity(1024),
+        }
+    }
+
+    fn ok(&mut self, handle: u64) {
         if self.structured {
             let h = chunk_header(REPLY_FLAG_DONE, REPLY_TYPE_NONE, handle, 0);
-            self.s.write_all(&h)
+            self.bytes.extend_from_slice(&h);
         } else {
-            self.s.write_all(&simple_reply(handle, 0))
+            self.bytes.extend_from_slice(&simple_reply(handle, 0));
         }
     }
 
-    fn err(&mut self, handle: u64, e: NbdError, msg: &str) -> std::io::Result<()> {
+    fn err(&mut self, handle: u64, e: NbdError, msg: &str) {
         if self.structured {
-            self.s.write_all(&error_chunk(handle, e, msg))
+            self.bytes.extend_from_slice(&error_chunk(handle, e, msg));
         } else {
-            self.s.write_all(&simple_reply(handle, e as u32))
+            self.bytes.extend_from_slice(&simple_reply(handle, e as u32));
         }
     }
 
-    fn data(&mut self, handle: u64, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    /// The header of a read's data, which follows it.
+    fn data(&mut self, handle: u64, offset: u64, len: usize) {
         if self.structured {
-            let h = chunk_header(
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                handle,
-                8 + data.len() as u32,
-            );
-            self.s.write_all(&h)?;
-            self.s.write_all(&offset.to_be_bytes())?;
+            let kind = REPLY_TYPE_OFFSET_DATA;
+            let h = chunk_header(REPLY_FLAG_DONE, kind, handle, 8 + len as u32);
+            self.bytes.extend_from_slice(&h);
+            self.bytes.extend_from_slice(&offset.to_be_bytes());
         } else {
-            self.s.write_all(&simple_reply(handle, 0))?;
+            self.bytes.extend_from_slice(&simple_reply(handle, 0));
         }
-        self.s.write_all(data)
     }
 
-    fn chunk(&mut self, handle: u64, kind: u16, payload: &[u8]) -> std::io::Result<()> {
-        let h = chunk_header(REPLY_FLAG_DONE, kind, handle, payload.len() as u32);
-        self.s.write_all(&h)?;
-        self.s.write_all(payload)
+    /// The header of a chunk of `kind` whose payload follows it.
+    fn chunk(&mut self, handle: u64, kind: u16, len: usize) {
+        let h = chunk_header(REPLY_FLAG_DONE, kind, handle, len as u32);
+        self.bytes.extend_from_slice(&h);
     }
+}
+
+/// Pieces of the replies to send: header bytes and payloads, in order.
+enum Piece<'a> {
+    Head(std::ops::Range<usize>),
+    Payload(&'a [u8]),
+}
+
+/// Sends the pieces with as few system calls as the socket allows (std's
+/// `write_all_vectored` is not stable).
+fn send(s: &mut impl Write, heads: &Heads, pieces: &[Piece<'_>]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = pieces
+        .iter()
+        .map(|p| match p {
+            Piece::Head(r) => IoSlice::new(&heads.bytes[r.clone()]),
+            Piece::Payload(d) => IoSlice::new(d),
+        })
+        .filter(|sl| !sl.is_empty())
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = s.write_vectored(rest)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, n);
+    }
+    Ok(())
+}
+
+/// Adds a header written by `f` to `pieces`.
+fn head(heads: &mut Heads, pieces: &mut Vec<Piece<'_>>, f: impl FnOnce(&mut Heads)) {
+    let at = heads.bytes.len();
+    f(heads);
+    pieces.push(Piece::Head(at..heads.bytes.len()));
+}
+
+/// What a request that ran alone answers.
+enum Answer {
+    /// The read's data, in its buffer.
+    Data,
+    /// A block status chunk's payload.
+    Status(Vec<u8>),
+    Done,
 }
 
 /// A request the export cannot run, as the client hears it.
@@ -70,6 +118,43 @@ fn engine_error(e: Error) -> Refused {
 
 /// Requests taken into one engine batch at most.
 const MAX_BATCH: usize = 32;
+
+/// Payload buffers a connection keeps for reuse, in bytes at most: a
+/// fresh buffer per request costs an allocation and page faults (large
+/// ones are mapped anew each time) and zeroing.
+const SPARE_BYTES: usize = 16 << 20;
+
+/// Payload buffers of finished requests, for the next ones.
+#[derive(Default)]
+struct Spare {
+    bufs: Vec<Vec<u8>>,
+    bytes: usize,
+}
+
+impl Spare {
+    /// A buffer of `len` bytes; what it held before is left (the caller
+    /// overwrites it).
+    fn take(&mut self, len: usize) -> Vec<u8> {
+        let mut b = match self.bufs.iter().position(|b| b.capacity() >= len) {
+            Some(i) => {
+                let b = self.bufs.swap_remove(i);
+                self.bytes -= b.capacity();
+                b
+            }
+            None => Vec::new(),
+        };
+        // Zero-fills only what the buffer never held.
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&mut self, b: Vec<u8>) {
+        if b.capacity() > 0 && self.bytes + b.capacity() <= SPARE_BYTES {
+            self.bytes += b.capacity();
+            self.bufs.push(b);
+        }
+    }
+}
 
 /// One request and its payload, read off the wire.
 struct Queued {
@@ -90,43 +175,54 @@ pub fn serve<S: Read + Write>(
     mut more_waiting: impl FnMut(&S) -> bool,
 ) -> Result<(), Ended> {
     let vol = &*n.export.volume;
+    let mut spare = Spare::default();
     loop {
-        let mut batch = vec![read_request(s)?];
+        let mut batch = vec![read_request(s, &mut spare)?];
         while batch.len() < MAX_BATCH
             && batch.last().is_some_and(|q| batchable(vol, n, &q.req))
             && more_waiting(s)
         {
-            batch.push(read_request(s)?);
+            batch.push(read_request(s, &mut spare)?);
         }
         let tail = match batch.last() {
             Some(q) if !batchable(vol, n, &q.req) => batch.pop(),
             _ => None,
         };
         if !batch.is_empty() {
-            run_batch(s, n, batch)?;
+            run_batch(s, n, &mut batch)?;
         }
         if let Some(q) = tail {
             if q.req.kind == CMD_DISC {
                 return Ok(());
             }
-            run_one(s, n, &q)?;
+            let mut q = q;
+            run_one(s, n, &mut q, &mut spare)?;
+            batch.push(q);
+        }
+        for q in batch {
+            spare.give(q.data);
         }
     }
 }
 
-fn read_request<S: Read>(s: &mut S) -> Result<Queued, Ended> {
+fn read_request<S: Read>(s: &mut S, spare: &mut Spare) -> Result<Queued, Ended> {
     let mut h = [0u8; REQUEST_BYTES];
     s.read_exact(&mut h)?;
     let req = parse_request(&h).map_err(|_| Ended::Protocol("bad request magic".into()))?;
-    let mut data = Vec::new();
-    if req.kind == CMD_WRITE {
-        if req.len > MAX_PAYLOAD {
+    let data = match req.kind {
+        CMD_WRITE if req.len > MAX_PAYLOAD => {
             // The payload cannot be skipped safely: close.
             return Err(Ended::Protocol(format!("write of {} bytes", req.len)));
         }
-        data.resize(req.len as usize, 0);
-        s.read_exact(&mut data)?;
-    }
+        CMD_WRITE => {
+            let mut data = spare.take(req.len as usize);
+            s.read_exact(&mut data)?;
+            data
+        }
+        // A read's buffer, if it is valid (sizes are checked later).
+        CMD_READ if req.len <= MAX_PAYLOAD => spare.take(req.len as usize),
+        _ => Vec::new(),
+    };
     Ok(Queued { req, data })
 }
 
@@ -138,14 +234,13 @@ fn batchable(vol: &Volume, n: &Negotiated, r: &Request) -> bool {
         && sectors(vol, r, NbdError::Inval).is_ok()
 }
 
-fn run_batch<S: Write>(s: &mut S, n: &Negotiated, mut batch: Vec<Queued>) -> Result<(), Ended> {
+fn run_batch<S: Write>(s: &mut S, n: &Negotiated, batch: &mut [Queued]) -> Result<(), Ended> {
     let vol = &*n.export.volume;
     let mut reqs: Vec<thinlun::Request<'_>> = batch
         .iter_mut()
         .map(|q| {
             let sector = q.req.offset / SECTOR_SIZE;
             if q.req.kind == CMD_READ {
-                q.data.resize(q.req.len as usize, 0);
                 thinlun::Request::Read {
                     sector,
                     buf: &mut q.data,
@@ -179,48 +274,68 @@ fn run_batch<S: Write>(s: &mut S, n: &Negotiated, mut batch: Vec<Queued>) -> Res
             }
         }
     }
-    let mut reply = Reply {
-        s,
-        structured: n.structured,
-    };
+    // Every reply of the batch in one vectored write.
+    let mut heads = Heads::new(n.structured);
+    let mut pieces = Vec::with_capacity(batch.len() * 2);
     for (q, r) in batch.iter().zip(results) {
+        let handle = q.req.handle;
         match r {
-            Ok(()) if q.req.kind == CMD_READ => reply.data(q.req.handle, q.req.offset, &q.data)?,
-            Ok(()) => reply.ok(q.req.handle)?,
+            Ok(()) if q.req.kind == CMD_READ => {
+                head(&mut heads, &mut pieces, |h| {
+                    h.data(handle, q.req.offset, q.data.len())
+                });
+                pieces.push(Piece::Payload(&q.data));
+            }
+            Ok(()) => head(&mut heads, &mut pieces, |h| h.ok(handle)),
             Err(Refused(code, msg)) => {
                 log::debug!("nbd '{}': request {}: {msg}", n.name, q.req.kind);
-                reply.err(q.req.handle, code, &msg)?;
+                head(&mut heads, &mut pieces, |h| h.err(handle, code, &msg));
             }
         }
     }
+    send(s, &heads, &pieces)?;
     Ok(())
 }
 
-fn run_one<S: Write>(s: &mut S, n: &Negotiated, q: &Queued) -> Result<(), Ended> {
+fn run_one<S: Write>(
+    s: &mut S,
+    n: &Negotiated,
+    q: &mut Queued,
+    spare: &mut Spare,
+) -> Result<(), Ended> {
     let vol = &*n.export.volume;
     let req = &q.req;
-    let mut buf = Vec::new();
-    let mut reply = Reply {
-        s,
-        structured: n.structured,
-    };
+    let handle = req.handle;
     let outcome = match req.kind {
-        CMD_READ => read(vol, req, &mut buf).map(|()| reply.data(req.handle, req.offset, &buf)),
-        CMD_BLOCK_STATUS => {
-            block_status(vol, n, req).map(|p| reply.chunk(req.handle, REPLY_TYPE_BLOCK_STATUS, &p))
-        }
+        CMD_READ => read(vol, req, &mut q.data, spare).map(|()| Answer::Data),
+        CMD_BLOCK_STATUS => block_status(vol, n, req).map(Answer::Status),
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_FLUSH | CMD_CACHE => {
-            change(vol, n.export.read_only, req, &q.data).map(|()| reply.ok(req.handle))
+            change(vol, n.export.read_only, req, &q.data).map(|()| Answer::Done)
         }
         k => Err(Refused(NbdError::Inval, format!("unknown command {k}"))),
     };
-    match outcome {
-        Ok(sent) => sent?,
+    let mut heads = Heads::new(n.structured);
+    let mut pieces = Vec::with_capacity(2);
+    match &outcome {
+        Ok(Answer::Data) => {
+            head(&mut heads, &mut pieces, |h| {
+                h.data(handle, req.offset, q.data.len())
+            });
+            pieces.push(Piece::Payload(&q.data));
+        }
+        Ok(Answer::Status(p)) => {
+            head(&mut heads, &mut pieces, |h| {
+                h.chunk(handle, REPLY_TYPE_BLOCK_STATUS, p.len())
+            });
+            pieces.push(Piece::Payload(p));
+        }
+        Ok(Answer::Done) => head(&mut heads, &mut pieces, |h| h.ok(handle)),
         Err(Refused(e, msg)) => {
             log::debug!("nbd '{}': request {}: {msg}", n.name, req.kind);
-            reply.err(req.handle, e, &msg)?;
+            head(&mut heads, &mut pieces, |h| h.err(handle, *e, msg));
         }
     }
+    send(s, &heads, &pieces)?;
     Ok(())
 }
 
@@ -246,7 +361,8 @@ fn sectors(vol: &Volume, req: &Request, past_end: NbdError) -> Result<(u64, u64)
     Ok((off / SECTOR_SIZE, len / SECTOR_SIZE))
 }
 
-fn read(vol: &Volume, req: &Request, buf: &mut Vec<u8>) -> Result<(), Refused> {
+/// A read that could not join a batch (or failed its checks there).
+fn read(vol: &Volume, req: &Request, buf: &mut Vec<u8>, spare: &mut Spare) -> Result<(), Refused> {
     if req.len > MAX_PAYLOAD {
         return Err(Refused(
             NbdError::Overflow,
@@ -254,7 +370,9 @@ fn read(vol: &Volume, req: &Request, buf: &mut Vec<u8>) -> Result<(), Refused> {
         ));
     }
     let (sector, _) = sectors(vol, req, NbdError::Inval)?;
-    buf.resize(req.len as usize, 0);
+    if buf.len() != req.len as usize {
+        *buf = spare.take(req.len as usize);
+    }
     vol.read(sector, buf).map_err(engine_error)
 }
 
