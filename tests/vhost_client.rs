@@ -878,7 +878,7 @@ fn take_turns(shared: bool) {
     });
     let cfg = PoolConfig {
         size_bytes: Some(256 << 20),
-        shared: shared.then(|| SharedConfig {
+        shared: shared.then_some(SharedConfig {
             io_timeout_ms: 200,
             group_bytes: Some(16 << 20),
         }),
