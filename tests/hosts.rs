@@ -136,6 +136,15 @@ impl Hosts {
     }
 }
 
+/// The timestamp of the first line of a server's log that holds `needle`
+/// (thinctl's logger starts each line with an RFC 3339 UTC time, which
+/// compares as text).
+pub fn stamp(log: &str, needle: &str) -> Option<String> {
+    let line = log.lines().find(|l| l.contains(needle))?;
+    let ts = line.split_whitespace().next()?;
+    ts.ends_with('Z').then(|| ts.to_string())
+}
+
 impl Drop for Hosts {
     fn drop(&mut self) {
         for &pid in &self.servers {

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 mod hosts;
 mod lab;
-use hosts::Hosts;
+use hosts::{stamp, Hosts};
 use lab::{
     assert_guest_ok, boot_until, console, guest_script, kill_guest, lab_ready, migrate,
     spawn_guest, Qmp, GUEST,
@@ -121,10 +121,18 @@ fn guest_migrates_between_hosts() {
         a.contains("released (the front end stopped the device for a migration)"),
         "source log:\n{a}"
     );
-    assert!(
-        b.contains("activated for the front end's rings"),
-        "target log:\n{b}"
+    let released = stamp(
+        &a,
+        "released (the front end stopped the device for a migration)",
     );
+    let activated = stamp(&b, "activated for the front end's rings");
+    match (released, activated) {
+        (Some(r), Some(t)) => assert!(
+            r <= t,
+            "host 2 activated at {t}, before host 1 released at {r}"
+        ),
+        _ => panic!("no release on host 1 or no activation on host 2:\n{a}\n----\n{b}"),
+    }
     hosts.stop(1, source);
     hosts.stop(2, target);
     let check = hosts.ctl(3, &["check"]);

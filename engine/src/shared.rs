@@ -306,8 +306,8 @@ impl Inner {
                 write_claims(self.dev.as_ref(), &layout, &claims, 1)?;
             }
         }
-        eprintln!(
-            "thinlun: host {d} ('{}') is dead; replaying its journal and releasing its volumes",
+        log::info!(
+            "host {d} ('{}') is dead; replaying its journal and releasing its volumes",
             dead.name
         );
         let tmp =
@@ -653,8 +653,8 @@ impl Inner {
             }
             if w.noted.is_none_or(|t| now.duration_since(t) >= HOLDER_NOTE) {
                 w.noted = Some(now);
-                eprintln!(
-                    "thinlun: waiting up to {} s for host {h} ('{}'), silent for {} s",
+                log::info!(
+                    "waiting up to {} s for host {h} ('{}'), silent for {} s",
                     watch.dead_in_ms.div_ceil(1000),
                     sh.lease.name_of(h),
                     watch.watched_ms / 1000

@@ -72,8 +72,8 @@ impl Drop for Volume {
             // On a shared pool the last close releases the activation so
             // another host may take the volume (live migration).
             if let Err(e) = self.inner.deactivate(self.id) {
-                eprintln!(
-                    "thinlun: volume '{}' stays active on this host: releasing it failed: {e}",
+                log::warn!(
+                    "volume '{}' stays active on this host: releasing it failed: {e}",
                     self.name
                 );
             }

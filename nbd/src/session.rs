@@ -39,7 +39,8 @@ impl Heads {
         if self.structured {
             self.bytes.extend_from_slice(&error_chunk(handle, e, msg));
         } else {
-            self.bytes.extend_from_slice(&simple_reply(handle, e as u32));
+            self.bytes
+                .extend_from_slice(&simple_reply(handle, e as u32));
         }
     }
 

@@ -382,7 +382,33 @@ fn usage_error(e: &clap::Error) -> String {
     format!("{msg} (see 'thinctl --help')")
 }
 
+/// The libraries' messages on stderr: a UTC timestamp (to line up the logs
+/// of two hosts' servers), the crate, and the message; info and above
+/// unless RUST_LOG says otherwise.
+fn install_logger() {
+    use std::io::Write;
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format(|buf, record| {
+            let from = match record.target().split("::").next() {
+                Some("thinlun") => "thinlun",
+                Some("thinlun_vhost") => "thinlun-vhost",
+                Some("thinlun_nbd") => "thinlun-nbd",
+                Some(other) => other,
+                None => "thinctl",
+            };
+            let level = match record.level() {
+                log::Level::Error => "error: ",
+                log::Level::Warn => "warning: ",
+                _ => "",
+            };
+            let ts = buf.timestamp_millis();
+            writeln!(buf, "{ts} {from}: {level}{}", record.args())
+        })
+        .init();
+}
+
 fn main() -> ExitCode {
+    install_logger();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help, --version, and the full help when a subcommand is missing.

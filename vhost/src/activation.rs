@@ -189,16 +189,16 @@ impl Activation {
                     } else {
                         String::new()
                     };
-                    eprintln!(
-                        "thinlun-vhost: '{}': activated for the front end's rings{waited}",
+                    log::info!(
+                        "'{}': activated for the front end's rings{waited}",
                         self.name
                     );
                     return Ok(v);
                 }
                 Err(Wait::Busy(why)) if Instant::now() < deadline => {
                     if !noted {
-                        eprintln!(
-                            "thinlun-vhost: '{}': waiting up to {} ms for its release: {why}",
+                        log::info!(
+                            "'{}': waiting up to {} ms for its release: {why}",
                             self.name,
                             self.wait.as_millis()
                         );
@@ -215,7 +215,7 @@ impl Activation {
                 self.name,
                 start.elapsed().as_millis()
             );
-            eprintln!("thinlun-vhost: {why}");
+            log::warn!("{why}");
             return Err(why);
         }
     }
@@ -278,7 +278,7 @@ impl Activation {
             held.volume = None;
         }
         if had {
-            eprintln!("thinlun-vhost: '{}': released ({why})", self.name);
+            log::info!("'{}': released ({why})", self.name);
         }
         *self.gave_up.lock() = false;
         flushed

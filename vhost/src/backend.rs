@@ -167,8 +167,8 @@ impl BlkBackend {
             f.lock().unwrap_or_else(|e| e.into_inner()).close();
         }
         if let Err(e) = self.inner.dev.activation.release(why) {
-            eprintln!(
-                "thinlun-vhost: '{}': commit at release failed: {e}",
+            log::warn!(
+                "'{}': commit at release failed: {e}",
                 self.inner.dev.activation.name()
             );
         }
@@ -591,7 +591,7 @@ impl BlkBackend {
                 let failed = results[p.ops.clone()].iter().find_map(|r| r.as_ref().err());
                 if let Some(e) = failed {
                     if logged < 3 && dev.stats.errors.load(Ordering::Relaxed) < 100 {
-                        eprintln!("thinlun-vhost: '{}': {e}", vol.name());
+                        log::warn!("'{}': {e}", vol.name());
                         logged += 1;
                     }
                     outcome = Some(Err(Status::IoErr));
@@ -863,8 +863,8 @@ impl VhostUserBackend for BlkBackend {
     fn acked_features(&self, features: u64) {
         let on = features & VHOST_F_LOG_ALL != 0;
         if self.inner.log_all.swap(on, Ordering::AcqRel) != on {
-            eprintln!(
-                "thinlun-vhost: '{}': dirty logging {}",
+            log::info!(
+                "'{}': dirty logging {}",
                 self.inner.dev.activation.name(),
                 if on { "on (migration)" } else { "off" }
             );
@@ -957,7 +957,7 @@ impl VhostUserBackend for BlkBackend {
         if let Err(e) = self.process_vring(vring, thread_id) {
             // Never stop the worker over one bad event; the guest sees
             // the queue stall only if the ring itself is unusable.
-            eprintln!("thinlun-vhost: queue {thread_id}: {e}");
+            log::warn!("queue {thread_id}: {e}");
         }
         Ok(())
     }

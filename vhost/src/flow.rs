@@ -192,7 +192,7 @@ impl Flow {
         q.complete(min, &mut got);
         for c in got.drain(..) {
             match (&c.result, &c.op) {
-                (Err(e), _) => eprintln!("thinlun-vhost: request failed: {e}"),
+                (Err(e), _) => log::warn!("request failed: {e}"),
                 (Ok(()), QueueOp::Read { buf, .. }) => guest::mark_written(&buf._mem, &buf.seg),
                 _ => {}
             }

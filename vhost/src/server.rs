@@ -277,8 +277,8 @@ impl Server {
         backend.release("the front end disconnected");
         if !self.stop.is_stopped() {
             match r {
-                Ok(()) => eprintln!("thinlun-vhost: front end disconnected; listening again"),
-                Err(e) => eprintln!("thinlun-vhost: front end gone ({e}); listening again"),
+                Ok(()) => log::info!("front end disconnected; listening again"),
+                Err(e) => log::info!("front end gone ({e}); listening again"),
             }
         }
         Ok(())

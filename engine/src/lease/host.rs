@@ -223,8 +223,8 @@ impl HostLease {
     fn lose(&self, why: String) {
         let mut lost = self.lost.lock();
         if lost.is_none() {
-            eprintln!(
-                "thinlun: host {} lost its lease ({why}); writes are stopped until the pool is reopened",
+            log::warn!(
+                "host {} lost its lease ({why}); writes are stopped until the pool is reopened",
                 self.host_id
             );
             *lost = Some(why);

@@ -418,14 +418,14 @@ impl Daemon {
                     .pool()
                     .create_snapshot(&spec)
                     .map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: created snapshot '{}'", info.name);
+                log::info!("created snapshot '{}'", info.name);
                 Ok(format!("{} mapped_bytes={}", info.name, info.mapped_bytes))
             }
             Request::Grow => {
                 // Served volumes see the new space at once: allocation
                 // happens in this process.
                 let bytes = self.pool().grow().map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: pool grown to {bytes} bytes");
+                log::info!("pool grown to {bytes} bytes");
                 Ok(format!("size_bytes={bytes}"))
             }
             Request::Add {
@@ -435,18 +435,18 @@ impl Daemon {
                 incoming,
             } => {
                 let t = self.add(&name, &socket, queues, incoming)?;
-                eprintln!("thinlun-vhost: {t}");
+                log::info!("{t}");
                 Ok(t)
             }
             Request::AddNbd { name, socket } => {
                 let t = self.add_nbd(&name, &socket)?;
-                eprintln!("thinlun-vhost: {t}");
+                log::info!("{t}");
                 Ok(t)
             }
             Request::Remove { name, socket } => {
                 if socket.is_none() {
                     if let Some(r) = self.remove_nbd(&name) {
-                        eprintln!("thinlun-vhost: {}", r.as_ref().unwrap_or_else(|e| e));
+                        log::info!("{}", r.as_ref().unwrap_or_else(|e| e));
                         return r;
                     }
                 }
@@ -456,7 +456,7 @@ impl Daemon {
                     .map(|s| format!("stopped {}", s.summary()))
                     .collect::<Vec<_>>()
                     .join("; ");
-                eprintln!("thinlun-vhost: {t}");
+                log::info!("{t}");
                 Ok(t)
             }
             Request::List => {
@@ -481,7 +481,7 @@ impl Daemon {
                     .pool()
                     .create_volume_with(&name, bytes, force)
                     .map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: created volume '{}'", info.name);
+                log::info!("created volume '{}'", info.name);
                 Ok(format!("{} size_bytes={}", info.name, info.size_bytes))
             }
             Request::Resize { name, bytes, force } => {
@@ -496,10 +496,7 @@ impl Daemon {
                 let new = pool
                     .resize_volume(&name, bytes, force)
                     .map_err(|e| e.to_string())?;
-                eprintln!(
-                    "thinlun-vhost: resized volume '{name}' to {} bytes",
-                    new.size_bytes
-                );
+                log::info!("resized volume '{name}' to {} bytes", new.size_bytes);
                 Ok(format!(
                     "{name} old_size_bytes={} size_bytes={}",
                     info.size_bytes, new.size_bytes
@@ -517,7 +514,7 @@ impl Daemon {
                 // A served volume has an open handle: the engine refuses it.
                 pool.remove_volume(&name, recursive)
                     .map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: removed '{name}' from the pool");
+                log::info!("removed '{name}' from the pool");
                 Ok(if info.snapshot {
                     format!("{name} snapshot")
                 } else {
@@ -529,7 +526,7 @@ impl Daemon {
                     .rename_volume(&old, &new)
                     .map_err(|e| e.to_string())?;
                 self.rekey_served();
-                eprintln!("thinlun-vhost: renamed '{old}' to '{new}'");
+                log::info!("renamed '{old}' to '{new}'");
                 Ok(format!("{old} {new}"))
             }
             Request::Rollback { snapshot, force } => {
@@ -543,7 +540,7 @@ impl Daemon {
                     .collect();
                 // The engine refuses a volume with open handles (served).
                 pool.rollback(&snapshot, force).map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: rolled back to '{snapshot}'");
+                log::info!("rolled back to '{snapshot}'");
                 Ok(format!("{snapshot}{}", words_after(&newer)))
             }
             Request::Clone { source, new } => {
@@ -551,10 +548,7 @@ impl Daemon {
                     .pool()
                     .clone_volume(&source, &new)
                     .map_err(|e| e.to_string())?;
-                eprintln!(
-                    "thinlun-vhost: created linked clone '{}' of '{source}'",
-                    info.name
-                );
+                log::info!("created linked clone '{}' of '{source}'", info.name);
                 Ok(format!(
                     "{} size_bytes={} mapped_bytes={}",
                     info.name, info.size_bytes, info.mapped_bytes
@@ -565,14 +559,14 @@ impl Daemon {
                     .pool()
                     .make_base(&name, new_name.as_deref())
                     .map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: '{}' is now a base image", info.name);
+                log::info!("'{}' is now a base image", info.name);
                 Ok(info.name)
             }
             Request::Policy(change) => {
                 let pool = self.pool();
                 let new = change.apply(pool.status().policy);
                 pool.set_policy(new).map_err(|e| e.to_string())?;
-                eprintln!("thinlun-vhost: pool policy changed");
+                log::info!("pool policy changed");
                 let line = PolicyChange::whole(&new).request_line();
                 Ok(line.trim_start_matches("policy ").to_string())
             }
@@ -639,7 +633,7 @@ impl Daemon {
     /// dmeventd does for thin pools).
     fn log_thresholds(&self) {
         for ev in self.pool().threshold_events() {
-            eprintln!("thinlun-vhost: warning: {ev}");
+            log::warn!("{ev}");
         }
     }
 
@@ -651,7 +645,7 @@ impl Daemon {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
             Err(e) => {
-                eprintln!("thinlun-vhost: control socket: {e}");
+                log::warn!("control socket: {e}");
                 return;
             }
         };
