@@ -584,16 +584,12 @@ impl BlkBackend {
 
         // Statuses, bounce copies, and the used lengths.
         let mut done = Vec::with_capacity(n);
-        let mut logged = 0;
         for p in reqs.iter_mut() {
             let mut outcome = None;
             if let Some(Ok(cmd)) = &p.cmd {
                 let failed = results[p.ops.clone()].iter().find_map(|r| r.as_ref().err());
                 if let Some(e) = failed {
-                    if logged < 3 && dev.stats.errors.load(Ordering::Relaxed) < 100 {
-                        log::warn!("'{}': {e}", vol.name());
-                        logged += 1;
-                    }
+                    crate::flow::REQUEST_ERRORS.warn(|| format!("'{}': {e}", vol.name()));
                     outcome = Some(Err(Status::IoErr));
                 } else if commit_failed && cmd.modifies() {
                     outcome = Some(Err(Status::IoErr));

@@ -15,6 +15,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use thinlun::{Completion, IoBuf, IoQueue, QueueOp, Volume};
 
+/// Failed requests, logged a few at a time (shared by every queue).
+pub(crate) static REQUEST_ERRORS: crate::loglimit::LogLimit = crate::loglimit::LogLimit::new();
+
 /// Requests one queue keeps in the engine at most.
 const DEPTH: usize = 256;
 
@@ -192,7 +195,7 @@ impl Flow {
         q.complete(min, &mut got);
         for c in got.drain(..) {
             match (&c.result, &c.op) {
-                (Err(e), _) => log::warn!("request failed: {e}"),
+                (Err(e), _) => REQUEST_ERRORS.warn(|| format!("request failed: {e}")),
                 (Ok(()), QueueOp::Read { buf, .. }) => guest::mark_written(&buf._mem, &buf.seg),
                 _ => {}
             }

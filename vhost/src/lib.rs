@@ -32,6 +32,7 @@ pub mod config;
 pub mod control;
 mod flow;
 pub mod guest;
+mod loglimit;
 pub mod request;
 pub mod server;
 pub mod signals;
