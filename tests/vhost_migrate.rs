@@ -293,3 +293,67 @@ fn a_migration_to_a_wrong_volume_fails_and_the_vm_stays() {
     let check = hosts.ctl(3, &["check"]);
     assert!(check.contains("clean"), "pool check: {check}");
 }
+
+/// The case the refusal above cannot catch: a target served another
+/// running VM's volume. The migration completes in QEMU, but the target's
+/// server never gets the volume: it waits out --incoming-wait and answers
+/// IOERR, writing nothing. The source's VM, paused after the migration,
+/// resumes with QMP `cont`: its server opens the volume again at the next
+/// kick, and the guest finishes every check there.
+#[test]
+fn a_target_without_its_volume_fails_and_the_source_resumes() {
+    let _one = GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    if !lab_ready() {
+        return;
+    }
+    let mut hosts = Hosts::new("migbusy", true);
+    hosts.ctl(1, &["create", "other", "1G"]);
+    let (source, src_sock) = hosts.serve(1, &[]);
+    // Another VM's volume, active on host 3.
+    let (holder, _) = hosts.serve_volume(3, "other", &[]);
+    let (target, dst_sock) =
+        hosts.serve_volume(2, "other", &["--incoming", "--incoming-wait", "2"]);
+
+    let script = migrate_script(&hosts.dir, "20");
+    let (src_qmp, dst_qmp) = (hosts.dir.join("src.qmp"), hosts.dir.join("dst.qmp"));
+    let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
+    let env = [("QMP", src_qmp.to_str().unwrap())];
+    let (mut src, src_rx, _) = boot_until(&src_sock, &script, &env, "MIGRATE-READY");
+    let (mut dst, _dst_rx) = spawn_guest(
+        &dst_sock,
+        &script,
+        &[("QMP", dst_qmp.to_str().unwrap()), ("INCOMING", &mig)],
+    );
+    let _dst_qmp = Qmp::connect(&dst_qmp);
+    let mut qmp = Qmp::connect(&src_qmp);
+    let status = migrate(&mut qmp, &mig);
+    assert_eq!(status["status"], "completed", "{status}");
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !hosts.log(2).contains("not activated after") {
+        assert!(Instant::now() < deadline, "target log:\n{}", hosts.log(2));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    kill_guest(&mut dst);
+    qmp.execute("cont", json!({}));
+    let run = qmp.execute("query-status", json!({}));
+    assert_eq!(run["status"], "running", "{run}");
+    let lines = console(&src_rx, |_| {}, None);
+    let _ = src.wait();
+    assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);
+
+    let a = hosts.log(1);
+    let released = a
+        .find("released (the front end stopped the device for a migration)")
+        .unwrap_or_else(|| panic!("no release at the migration:\n{a}"));
+    let again = a
+        .rfind("activated for the front end's rings")
+        .unwrap_or_else(|| panic!("no activation:\n{a}"));
+    assert!(released < again, "the source never activated again:\n{a}");
+    assert!(!hosts.log(2).contains("activated for"), "{}", hosts.log(2));
+    hosts.stop(1, source);
+    hosts.stop(2, target);
+    hosts.stop(3, holder);
+    let check = hosts.ctl(4, &["check"]);
+    assert!(check.contains("clean"), "pool check: {check}");
+}

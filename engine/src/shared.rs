@@ -564,6 +564,15 @@ impl Inner {
             let mut st = self.state.lock();
             let layout = st.sb.layout;
             let mut claims = read_claims(self.dev.as_ref(), &layout)?;
+            let me = self.host_id;
+            // A host that holds nothing writes nothing: one without an
+            // allocation group (more hosts than groups) has no block for a
+            // new catalog, and its leaving must still succeed.
+            if !claims.iter().any(|c| c.owner as u32 == me)
+                && !st.volumes.values().any(|v| v.rec.active_host as u32 == me)
+            {
+                return Ok(());
+            }
             for c in claims.iter_mut().filter(|c| c.owner as u32 == self.host_id) {
                 c.owner = 0;
                 c.generation += 1;

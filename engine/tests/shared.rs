@@ -501,3 +501,35 @@ fn hosts_claim_groups_as_they_fill_and_return_unused_ones() {
     h1.close().unwrap();
     lun.check_clean();
 }
+
+/// A host that joins when every allocation group is claimed has no block
+/// for metadata; holding nothing, it leaves without writing and its
+/// close succeeds (it used to fail with "out of data space").
+#[test]
+fn a_host_without_a_group_closes_cleanly() {
+    let lun = Lun::new("nogroup");
+    let h1 = lun.host(1).unwrap();
+    h1.create_volume("big", 64 * MIB).unwrap();
+    let v = h1.open_volume("big").unwrap();
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut full = false;
+    for i in 0..64u64 {
+        if v.write(i * (chunk.len() as u64 / 512), &chunk).is_err() {
+            full = true;
+            break;
+        }
+    }
+    assert!(full, "the pool never filled");
+    let h2 = lun.host(2).unwrap();
+    let owned2 = h2
+        .lock_status(Duration::ZERO)
+        .unwrap()
+        .groups
+        .iter()
+        .filter(|&&(_, o)| o == 2)
+        .count();
+    assert_eq!(owned2, 0, "host 2 found a group to claim");
+    h2.close().unwrap();
+    drop(v);
+    h1.close().unwrap();
+}
