@@ -139,6 +139,23 @@ pub fn boot_until(
     panic!("the guest never booted");
 }
 
+/// A guest's console kept for a failing test: if the test panics while
+/// this is alive, what the guest and its QEMU printed is shown (a QEMU
+/// that exited mid-test says why only there).
+pub struct ConsoleOnPanic(pub mpsc::Receiver<String>);
+
+impl Drop for ConsoleOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let lines: Vec<String> = self.0.try_iter().collect();
+            eprintln!("---- guest console (last 40 lines):");
+            for l in lines.iter().skip(lines.len().saturating_sub(40)) {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
 /// Kills a guest as a dead host would lose it: run-guest.sh and its QEMU
 /// at once (SIGKILL to the process group spawn_guest gave them).
 pub fn kill_guest(guest: &mut Child) {

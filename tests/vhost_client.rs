@@ -35,6 +35,11 @@ struct Served {
 
 impl Served {
     fn start(pool_mb: u64, vol_mb: u64, configure: impl FnOnce(&mut ServeOptions)) -> Served {
+        // The server's messages (a failed request says why only there) go
+        // to the test's captured output.
+        let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+            .is_test(true)
+            .try_init();
         let dir = TempDir::new("client");
         let cfg = PoolConfig {
             size_bytes: Some(pool_mb << 20),

@@ -148,16 +148,20 @@ impl Client {
                 Virtqueue::new(t, part, QUEUE_SIZE, feats).unwrap()
             })
             .collect();
+        // The data region first, as QEMU maps all memory before it starts
+        // the rings: ADD_MEM_REG gets no reply, so mapped after the rings
+        // it could reach the server after the first kick, which then finds
+        // the request's buffers nowhere and fails it.
+        let mem = DataMem::new(DATA_MEM);
+        transport
+            .map_mem_region(mem.ptr as usize, mem.len, mem._file.as_raw_fd(), 0)
+            .unwrap();
         transport.setup_queues(&queues).unwrap();
         let mut queues = queues;
         for q in queues.iter_mut() {
             // Keep used_event current so the server signals completions.
             q.set_used_notif_enabled(true);
         }
-        let mem = DataMem::new(DATA_MEM);
-        transport
-            .map_mem_region(mem.ptr as usize, mem.len, mem._file.as_raw_fd(), 0)
-            .unwrap();
         Client {
             queues,
             transport,

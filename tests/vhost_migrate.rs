@@ -26,7 +26,7 @@ mod lab;
 use hosts::{stamp, Hosts};
 use lab::{
     assert_guest_ok, boot_until, console, guest_script, kill_guest, lab_ready, migrate,
-    spawn_guest, Qmp, GUEST,
+    spawn_guest, ConsoleOnPanic, Qmp, GUEST,
 };
 
 /// How long the guest's read loop runs: across both migrations.
@@ -34,9 +34,10 @@ const LOOP_SECS: &str = "25";
 
 /// Boots the source guest on `sock` with a QMP socket and waits until its
 /// script is ready to be migrated.
-fn boot_source(sock: &Path, script: &Path, qmp: &Path) -> Child {
+fn boot_source(sock: &Path, script: &Path, qmp: &Path) -> (Child, ConsoleOnPanic) {
     let env = [("QMP", qmp.to_str().unwrap())];
-    boot_until(sock, script, &env, "MIGRATE-READY").0
+    let (guest, rx, _) = boot_until(sock, script, &env, "MIGRATE-READY");
+    (guest, ConsoleOnPanic(rx))
 }
 
 /// The guest's script, its read loop running for `loop_secs`.
@@ -58,7 +59,7 @@ fn guest_migrates_between_hosts() {
     let src_qmp = hosts.dir.join("src.qmp");
     let dst_qmp = hosts.dir.join("dst.qmp");
     let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
-    let mut src = boot_source(&src_sock, &script, &src_qmp);
+    let (mut src, _src_console) = boot_source(&src_sock, &script, &src_qmp);
     // A target QEMU starts only now: two run-guest.sh building the lab's
     // initramfs cache at once would corrupt it.
     let target_qemu = || {
@@ -176,7 +177,7 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
     let script = migrate_script(&hosts.dir, "20");
     let (src_qmp, dst_qmp) = (hosts.dir.join("src.qmp"), hosts.dir.join("dst.qmp"));
     let mig = format!("unix:{}", hosts.dir.join("mig.sock").display());
-    let mut src = boot_source(Path::new(s1), &script, &src_qmp);
+    let (mut src, _src_console) = boot_source(Path::new(s1), &script, &src_qmp);
     let (mut dst, dst_rx) = spawn_guest(
         Path::new(s2),
         &script,
