@@ -495,6 +495,7 @@ impl BlkBackend {
                         let len = segs.iter().map(|s| s.len as usize).sum();
                         let mut buf = AlignedBuf::zeroed(len);
                         if guest::gather(mem, segs, &mut buf).is_err() {
+                            outside_memory(vol, "write");
                             p.fail(Status::IoErr);
                             continue;
                         }
@@ -605,6 +606,7 @@ impl BlkBackend {
                     outcome = Some(if copied {
                         Ok(segs.iter().map(|s| s.len).sum())
                     } else {
+                        outside_memory(vol, "read");
                         Err(Status::IoErr)
                     });
                 }
@@ -957,6 +959,18 @@ impl VhostUserBackend for BlkBackend {
         }
         Ok(())
     }
+}
+
+/// A request whose buffers are not in the guest memory the front end
+/// mapped: the front end's bug (or a race of its memory table against its
+/// kicks), answered IOERR and said in the log, a few times at most.
+fn outside_memory(vol: &Volume, what: &str) {
+    crate::flow::REQUEST_ERRORS.warn(|| {
+        format!(
+            "'{}': a {what} whose buffers are outside the guest memory the front end mapped; answering IOERR",
+            vol.name()
+        )
+    });
 }
 
 #[cfg(test)]
