@@ -291,6 +291,11 @@ impl Qmp {
 /// INCOMING=uri) and waits for the end; returns query-migrate's answer.
 pub fn migrate(src: &mut Qmp, uri: &str) -> Value {
     src.execute("migrate", json!({ "uri": uri }));
+    migration_end(src)
+}
+
+/// Waits for the migration under way to end; returns query-migrate's answer.
+pub fn migration_end(src: &mut Qmp) -> Value {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let r = src.execute("query-migrate", json!({}));

@@ -26,7 +26,7 @@ mod lab;
 use hosts::{stamp, Hosts};
 use lab::{
     assert_guest_ok, boot_until, console, guest_script, kill_guest, lab_ready, migrate,
-    spawn_guest, ConsoleOnPanic, Qmp, GUEST,
+    migration_end, spawn_guest, ConsoleOnPanic, Qmp, GUEST,
 };
 
 /// How long the guest's read loop runs: across both migrations.
@@ -276,7 +276,7 @@ fn a_migration_to_a_wrong_volume_fails_and_the_vm_stays() {
     match qmp.try_execute("migrate", json!({ "uri": mig })) {
         Err(e) => eprintln!("migrate refused: {e}"),
         Ok(_) => {
-            let r = migrate(&mut qmp, &mig);
+            let r = migration_end(&mut qmp);
             assert_eq!(r["status"], "failed", "{r}");
         }
     }
