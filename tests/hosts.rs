@@ -71,15 +71,17 @@ impl Hosts {
     /// `thinctl daemon` as host `host`, waiting for its control socket.
     pub fn daemon(&mut self, host: u32) -> Child {
         let ctl = self.control(host);
+        let cmd = self.command(host, &["daemon", "--control", ctl.to_str().unwrap()]);
+        self.start(host, cmd, &ctl)
+    }
+
+    /// Runs `cmd` as host `host`'s server, logging to its file, and waits
+    /// for `path` (its socket) to appear.
+    fn start(&mut self, host: u32, mut cmd: Command, path: &Path) -> Child {
         let log = std::fs::File::create(self.dir.join(format!("host{host}.log"))).unwrap();
-        let mut child = self
-            .command(host, &["daemon", "--control", ctl.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut child = cmd.stdout(Stdio::null()).stderr(log).spawn().unwrap();
         self.servers.push(child.id());
-        self.wait_for(host, &mut child, &ctl);
+        self.wait_for(host, &mut child, path);
         child
     }
 
@@ -108,19 +110,12 @@ impl Hosts {
     /// `thinctl serve VOL` as host `host`, waiting for its socket.
     pub fn serve_volume(&mut self, host: u32, vol: &str, extra: &[&str]) -> (Child, PathBuf) {
         let sock = self.dir.join(format!("host{host}.sock"));
-        let log = std::fs::File::create(self.dir.join(format!("host{host}.log"))).unwrap();
-        let mut child = self
-            .command(host, &["serve", vol, "--socket"])
-            .arg(&sock)
+        let mut cmd = self.command(host, &["serve", vol, "--socket"]);
+        cmd.arg(&sock)
             .arg("--control")
             .arg(self.control(host))
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.servers.push(child.id());
-        self.wait_for(host, &mut child, &sock);
+            .args(extra);
+        let child = self.start(host, cmd, &sock);
         (child, sock)
     }
 
@@ -143,6 +138,35 @@ pub fn stamp(log: &str, needle: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(needle))?;
     let ts = line.split_whitespace().next()?;
     ts.ends_with('Z').then(|| ts.to_string())
+}
+
+impl Hosts {
+    /// `thinctl check` as host `host` finds the pool clean.
+    pub fn assert_pool_clean(&self, host: u32) {
+        let check = self.ctl(host, &["check"]);
+        assert!(check.contains("clean"), "pool check: {check}");
+    }
+}
+
+/// A server's log line at the source's release that ends a migration.
+pub const RELEASED_FOR_MIGRATION: &str =
+    "released (the front end stopped the device for a migration)";
+/// A server's log line when it starts writing for its front end.
+pub const ACTIVATED: &str = "activated for the front end's rings";
+
+/// One server's log shows the release that ended a migration and, after
+/// it, an activation (the same daemon's other server, or itself again).
+pub fn assert_released_then_activated(log: &str) {
+    let released = log
+        .find(RELEASED_FOR_MIGRATION)
+        .unwrap_or_else(|| panic!("no release at the migration:\n{log}"));
+    let activated = log
+        .rfind(ACTIVATED)
+        .unwrap_or_else(|| panic!("no activation:\n{log}"));
+    assert!(
+        released < activated,
+        "no activation after the release:\n{log}"
+    );
 }
 
 impl Drop for Hosts {

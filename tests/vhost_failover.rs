@@ -95,6 +95,5 @@ fn a_dead_hosts_vm_restarts_on_a_live_host() {
         ],
     );
     hosts.stop(2, server2);
-    let check = hosts.ctl(3, &["check"]);
-    assert!(check.contains("clean"), "pool check: {check}");
+    hosts.assert_pool_clean(3);
 }

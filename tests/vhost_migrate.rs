@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 mod hosts;
 mod lab;
-use hosts::{stamp, Hosts};
+use hosts::{assert_released_then_activated, stamp, Hosts, ACTIVATED, RELEASED_FOR_MIGRATION};
 use lab::{
     assert_guest_ok, boot_until, console, guest_script, kill_guest, lab_ready, migrate,
     migration_end, spawn_guest, ConsoleOnPanic, Qmp, GUEST,
@@ -118,15 +118,9 @@ fn guest_migrates_between_hosts() {
 
     let (a, b) = (hosts.log(1), hosts.log(2));
     assert!(a.contains("dirty logging on"), "source log:\n{a}");
-    assert!(
-        a.contains("released (the front end stopped the device for a migration)"),
-        "source log:\n{a}"
-    );
-    let released = stamp(
-        &a,
-        "released (the front end stopped the device for a migration)",
-    );
-    let activated = stamp(&b, "activated for the front end's rings");
+    assert!(a.contains(RELEASED_FOR_MIGRATION), "source log:\n{a}");
+    let released = stamp(&a, RELEASED_FOR_MIGRATION);
+    let activated = stamp(&b, ACTIVATED);
     match (released, activated) {
         (Some(r), Some(t)) => assert!(
             r <= t,
@@ -136,8 +130,7 @@ fn guest_migrates_between_hosts() {
     }
     hosts.stop(1, source);
     hosts.stop(2, target);
-    let check = hosts.ctl(3, &["check"]);
-    assert!(check.contains("clean"), "pool check: {check}");
+    hosts.assert_pool_clean(3);
 }
 
 /// A VM moves to a new QEMU process on the same host: one daemon of a
@@ -206,17 +199,9 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
 
     // One log, so the order shows: the source's release, then the
     // target's activation.
-    let log = hosts.log(1);
-    let released = log
-        .find("released (the front end stopped the device for a migration)")
-        .unwrap_or_else(|| panic!("no release at the migration:\n{log}"));
-    let activated = log
-        .rfind("activated for the front end's rings")
-        .unwrap_or_else(|| panic!("no activation:\n{log}"));
-    assert!(released < activated, "activated before the release:\n{log}");
+    assert_released_then_activated(&hosts.log(1));
     hosts.stop(1, daemon);
-    let check = hosts.ctl(1, &["check"]);
-    assert!(check.contains("clean"), "pool check: {check}");
+    hosts.assert_pool_clean(1);
 }
 
 /// QEMU does not compare the disks of a migration: with a target served
@@ -287,12 +272,11 @@ fn a_migration_to_a_wrong_volume_fails_and_the_vm_stays() {
     assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);
     let a = hosts.log(1);
     assert!(
-        !a.contains("released (the front end stopped the device for a migration)"),
+        !a.contains(RELEASED_FOR_MIGRATION),
         "the source handed the volume over:\n{a}"
     );
     hosts.stop(1, source);
-    let check = hosts.ctl(3, &["check"]);
-    assert!(check.contains("clean"), "pool check: {check}");
+    hosts.assert_pool_clean(3);
 }
 
 /// The case the refusal above cannot catch: a target served another
@@ -343,18 +327,10 @@ fn a_target_without_its_volume_fails_and_the_source_resumes() {
     let _ = src.wait();
     assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);
 
-    let a = hosts.log(1);
-    let released = a
-        .find("released (the front end stopped the device for a migration)")
-        .unwrap_or_else(|| panic!("no release at the migration:\n{a}"));
-    let again = a
-        .rfind("activated for the front end's rings")
-        .unwrap_or_else(|| panic!("no activation:\n{a}"));
-    assert!(released < again, "the source never activated again:\n{a}");
+    assert_released_then_activated(&hosts.log(1));
     assert!(!hosts.log(2).contains("activated for"), "{}", hosts.log(2));
     hosts.stop(1, source);
     hosts.stop(2, target);
     hosts.stop(3, holder);
-    let check = hosts.ctl(4, &["check"]);
-    assert!(check.contains("clean"), "pool check: {check}");
+    hosts.assert_pool_clean(4);
 }
