@@ -100,17 +100,28 @@ pub fn spawn_guest(
     let out = child.stdout.take().unwrap();
     let err = child.stderr.take().unwrap();
     let tx2 = tx.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    std::thread::spawn(move || {
-        for line in BufReader::new(err).lines().map_while(Result::ok) {
-            let _ = tx2.send(format!("[qemu] {line}"));
-        }
-    });
+    std::thread::spawn(move || each_line(out, |l| drop(tx.send(l))));
+    std::thread::spawn(move || each_line(err, |l| drop(tx2.send(format!("[qemu] {l}")))));
     (child, rx)
+}
+
+/// Reads `from` to its end, a line at a time. Bytes that are not UTF-8
+/// (a serial console prints some) are replaced, not the end of reading:
+/// a reader that stops closes the pipe, and QEMU's next console write
+/// then meets a closed pipe.
+fn each_line(from: impl std::io::Read, mut f: impl FnMut(String)) {
+    let mut r = BufReader::new(from);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                f(line.trim_end_matches(['\n', '\r']).to_string());
+            }
+        }
+    }
 }
 
 /// Boots a guest and reads its console up to the line holding `marker`:
