@@ -207,6 +207,7 @@ fn shared_opts(id: u32, dir: &Path) -> OpenOptions {
             run_dir: Some(dir.join(format!("run{id}"))),
         }),
         boot_id: None,
+        ..OpenOptions::default()
     }
 }
 

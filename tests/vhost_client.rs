@@ -803,6 +803,7 @@ fn incoming_target_waits_for_the_release() {
             run_dir: Some(dir.0.join(format!("run{id}"))),
         }),
         boot_id: None,
+        ..OpenOptions::default()
     };
     let host1 = Pool::open_path(&path, &host(1)).unwrap();
     host1.create_volume("vm-1", 64 << 20).unwrap();
@@ -900,6 +901,7 @@ fn take_turns(shared: bool) {
             run_dir: Some(dir.0.join("run")),
         }),
         boot_id: None,
+        ..OpenOptions::default()
     };
     let pool = Pool::open_path(&path, &opts).unwrap();
     pool.create_volume("vm-1", 64 << 20).unwrap();

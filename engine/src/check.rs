@@ -85,7 +85,14 @@ pub fn check_with_progress(
         Ok(sb) if sb.shared.is_some() => 0,
         _ => SINGLE_HOST_ID,
     };
-    let loaded = match load_observed(dev, label, host, crate::util::boot_id(), Some(progress)) {
+    let loaded = match load_observed(
+        dev,
+        label,
+        host,
+        crate::util::boot_id(),
+        Some(progress),
+        None,
+    ) {
         Ok(l) => l,
         Err(e @ (Error::NotAPool(_) | Error::Io { .. } | Error::UnsupportedVersion { .. })) => {
             return Err(e)

@@ -59,6 +59,11 @@ impl JournalWriter {
         }
     }
 
+    /// Sequence the next block will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// Blocks between the replay start and the tail.
     pub fn used_blocks(&self) -> u32 {
         (self.tail + self.ring_len - self.head) % self.ring_len

@@ -97,13 +97,17 @@ mod shared;
 mod snapshot;
 mod space;
 mod state;
+mod unflushed;
 mod util;
 mod volume;
 
 pub use error::{Error, Result};
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
 pub use names::is_valid_volume_name;
-pub use pool::{HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig, VolumeInfo};
+pub use pool::{
+    HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace,
+    VolumeInfo,
+};
 pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
 pub use shared::LockStatus;
 pub use snapshot::Usage;

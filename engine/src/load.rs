@@ -2,7 +2,7 @@
 //! block is verified as it is read and every physical block is accounted
 //! for exactly once, so a successful load is also the core of `check`.
 
-use crate::dev::{read_block, AlignedBuf, BlockDevice, IoOp};
+use crate::dev::{read_block, AlignedBuf, BlockDevice, IoOp, SurvivingMemory};
 use crate::error::{Error, Result};
 use crate::extmap::{ExtentMap, Leaf, RefChanges};
 use crate::format::catalog::flags;
@@ -15,6 +15,7 @@ use crate::format::superblock::{has_magic, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::space::{Cursor, SpaceMap};
 use crate::state::{State, Vol};
+use crate::unflushed::Owner;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -29,6 +30,11 @@ pub(crate) struct Loaded {
     /// commit must write a block after them (see `JournalWriter`).
     pub unsealed: bool,
     pub replayed_blocks: u64,
+    /// Entries replayed from the unflushed record (now in `state.pending`,
+    /// not yet in the journal).
+    pub from_record: usize,
+    /// Highest epoch found in the unflushed record's memory, and its slot.
+    pub record_epoch: (u64, usize),
     /// Problems that did not stop the load (a damaged copy of a record
     /// that has a good twin).
     pub warnings: Vec<String>,
@@ -348,7 +354,19 @@ fn newer_of<T>(
 /// seqlock-style (the header generation must not change across it) and
 /// retried.
 pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32, boot: u64) -> Result<Loaded> {
-    load_observed(dev, label, host_id, boot, None)
+    load_observed(dev, label, host_id, boot, None, None)
+}
+
+/// [`load`], then the mapping changes that `host_id`'s unflushed record in
+/// `unflushed` holds beyond the journal (crate::unflushed).
+pub(crate) fn load_with_record(
+    dev: &dyn BlockDevice,
+    label: &str,
+    host_id: u32,
+    boot: u64,
+    unflushed: Option<&dyn SurvivingMemory>,
+) -> Result<Loaded> {
+    load_observed(dev, label, host_id, boot, None, unflushed)
 }
 
 /// [`load`], counting the volume trees read in `progress`.
@@ -358,10 +376,11 @@ pub(crate) fn load_observed(
     host_id: u32,
     boot: u64,
     progress: Option<&crate::check::Progress>,
+    unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Loaded> {
     let mut tries = 0;
     loop {
-        match load_once(dev, label, host_id, boot, progress)? {
+        match load_once(dev, label, host_id, boot, progress, unflushed)? {
             Some(l) => return Ok(l),
             None if tries < 50 => {
                 tries += 1;
@@ -391,6 +410,7 @@ fn load_once(
     host_id: u32,
     boot: u64,
     progress: Option<&crate::check::Progress>,
+    unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Option<Loaded>> {
     let mut warnings = Vec::new();
     let sb = read_superblock(dev, label, &mut warnings)?;
@@ -567,6 +587,8 @@ fn load_once(
             prev_crc: 0,
             unsealed: false,
             replayed_blocks: 0,
+            from_record: 0,
+            record_epoch: (0, 1),
             warnings,
         }));
     }
@@ -631,58 +653,32 @@ fn load_once(
         seq = host_ckpt.seq + trusted as u64;
         prev_crc = chain.last().map_or(host_ckpt.prev_crc, |c| c.2);
     }
-    let mut ch = RefChanges::default();
+    let mut replay = Replay {
+        state: &mut state,
+        layout: &layout,
+        meta_blocks: &meta_blocks,
+        host_id,
+        ch: RefChanges::default(),
+        already,
+    };
     for (at, jb, _) in &chain {
-        let at = *at;
         for e in &jb.entries {
-            let Some(vol) = state.volumes.get_mut(&e.volume()) else {
-                continue; // volume removed after this entry
-            };
-            if vol.header.journal_host == host_id && vol.header.journal_seq >= jb.seq {
-                continue; // already in the checkpointed tree
-            }
-            ch.clear();
-            let name = vol.rec.name.clone();
-            match *e {
-                Entry::Map {
-                    vblock,
-                    pblock,
-                    len,
-                    ..
-                } => {
-                    let len = len as u64;
-                    if !layout.is_data_block(pblock)
-                        || !layout.is_data_block(pblock + len - 1)
-                        || (pblock..pblock + len).any(|b| meta_blocks.contains(&b))
-                    {
-                        return Err(Error::Corrupt(format!(
-                            "journal block {at} (volume '{name}') maps blocks {pblock}..{} outside the data area or onto metadata",
-                            pblock + len
-                        )));
-                    }
-                    vol.map.map(vblock, pblock, len, &mut ch);
-                    for p in state.drop_refs(&ch) {
-                        state.space.release(p.0, p.1);
-                    }
-                    // The block may already be held by a snapshot taken
-                    // after this write but before its entry was journaled.
-                    already.clear();
-                    state.space.mark_or_share(pblock, len, &mut already);
-                    for &(sp, sn) in &already {
-                        state.refs.add(sp, sn);
-                    }
-                }
-                Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
-                    if matches!(e, Entry::Zero { .. }) {
-                        vol.map.zero(vblock, len as u64, &mut ch);
-                    } else {
-                        vol.map.unmap(vblock, len as u64, &mut ch);
-                    }
-                    for p in state.drop_refs(&ch) {
-                        state.space.release(p.0, p.1);
-                    }
-                }
-            }
+            replay
+                .entry(e, jb.seq)
+                .map_err(|what| Error::Corrupt(format!("journal block {at} {what}")))?;
+        }
+    }
+    let (mut from_record, mut record_epoch) = (0, (0, 1));
+    if let Some(mem) = unflushed {
+        let owner = Owner {
+            uuid: replay.state.sb.uuid,
+            host_id,
+            boot,
+        };
+        let (found, top) = crate::unflushed::read(mem, owner);
+        record_epoch = top;
+        if let Some(found) = found {
+            from_record = replay.record(&found, &host_ckpt, &chain, seq);
         }
     }
     Ok(Some(Loaded {
@@ -693,6 +689,129 @@ fn load_once(
         prev_crc,
         unsealed: chain.last().is_some_and(|(_, jb, _)| jb.boot != 0),
         replayed_blocks: chain.len() as u64,
+        from_record,
+        record_epoch,
         warnings,
     }))
+}
+
+/// Applies replayed journal entries to a loaded state.
+struct Replay<'a> {
+    state: &'a mut State,
+    layout: &'a Layout,
+    meta_blocks: &'a HashSet<u64>,
+    host_id: u32,
+    ch: RefChanges,
+    already: Vec<(u64, u64)>,
+}
+
+impl Replay<'_> {
+    /// Applies `e`, as carried by the journal block of sequence `seq`;
+    /// an error says what is wrong with it.
+    fn entry(&mut self, e: &Entry, seq: u64) -> std::result::Result<(), String> {
+        let state = &mut *self.state;
+        let layout = self.layout;
+        let Some(vol) = state.volumes.get_mut(&e.volume()) else {
+            return Ok(()); // volume removed after this entry
+        };
+        if vol.header.journal_host == self.host_id && vol.header.journal_seq >= seq {
+            return Ok(()); // already in the checkpointed tree
+        }
+        let ch = &mut self.ch;
+        ch.clear();
+        match *e {
+            Entry::Map {
+                vblock,
+                pblock,
+                len,
+                ..
+            } => {
+                let len = len as u64;
+                if !layout.is_data_block(pblock)
+                    || !layout.is_data_block(pblock + len - 1)
+                    || (pblock..pblock + len).any(|b| self.meta_blocks.contains(&b))
+                {
+                    return Err(format!(
+                        "(volume '{}') maps blocks {pblock}..{} outside the data area or onto metadata",
+                        vol.rec.name,
+                        pblock + len
+                    ));
+                }
+                vol.map.map(vblock, pblock, len, ch);
+                for p in state.drop_refs(ch) {
+                    state.space.release(p.0, p.1);
+                }
+                // The block may already be held by a snapshot taken
+                // after this write but before its entry was journaled.
+                self.already.clear();
+                state.space.mark_or_share(pblock, len, &mut self.already);
+                for &(sp, sn) in &self.already {
+                    state.refs.add(sp, sn);
+                }
+            }
+            Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
+                if matches!(e, Entry::Zero { .. }) {
+                    vol.map.zero(vblock, len as u64, ch);
+                } else {
+                    vol.map.unmap(vblock, len as u64, ch);
+                }
+                for p in state.drop_refs(ch) {
+                    state.space.release(p.0, p.1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies what the unflushed record holds beyond the replayed journal
+    /// `chain` (which ends before sequence `end_seq`), and queues it for
+    /// the next commit. Returns how many entries it applied.
+    ///
+    /// A slot is current only under the host checkpoint it was written
+    /// for: another host's recovery of this host's journal writes a later
+    /// one, and its record is stale then. Its first entries may already be
+    /// in journal blocks from its `start_seq` on, written by a commit that
+    /// died before it could start the other slot; applying from an earlier
+    /// entry than needed would still be right (replaying a suffix of the
+    /// changes in order ends in the same state), applying from a later one
+    /// would not.
+    fn record(
+        &mut self,
+        found: &crate::unflushed::Found,
+        ckpt: &HostCheckpoint,
+        chain: &[(u64, JournalBlock, u32)],
+        end_seq: u64,
+    ) -> usize {
+        let k = found.key;
+        let current = (k.gen_lo..=k.gen_hi).contains(&ckpt.generation)
+            && (ckpt.seq..=end_seq).contains(&k.start_seq);
+        if !current {
+            log::warn!(
+                "host {}: the unflushed record in memory belongs to an earlier checkpoint (generation {}..={}, sequence {}; the journal is at generation {}, sequence {}..{}): it is not replayed",
+                self.host_id, k.gen_lo, k.gen_hi, k.start_seq, ckpt.generation, ckpt.seq, end_seq
+            );
+            return 0;
+        }
+        let journaled: usize = chain
+            .iter()
+            .filter(|(_, jb, _)| jb.seq >= k.start_seq)
+            .map(|(_, jb, _)| jb.entries.len())
+            .sum();
+        let rest = found.entries.get(journaled..).unwrap_or(&[]);
+        for (i, e) in rest.iter().enumerate() {
+            if let Err(what) = self.entry(e, k.start_seq) {
+                // Memory this process wrote: a bad entry is a bug, and the
+                // entries before it are still a consistent older state.
+                log::warn!(
+                    "host {}: unflushed record entry {} {what}; replay stops there",
+                    self.host_id,
+                    journaled + i
+                );
+                self.state.pending.extend_from_slice(&rest[..i]);
+                return i;
+            }
+        }
+        self.state.pending.extend_from_slice(rest);
+        rest.len()
+    }
 }

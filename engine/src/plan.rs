@@ -127,15 +127,17 @@ pub(crate) fn publish(st: &mut State, id: u64, allocs: &[Alloc], ok: bool) {
     let mut ch = RefChanges::default();
     match (ok, st.volumes.get_mut(&id)) {
         (true, Some(vol)) => {
+            let mut entries = Vec::with_capacity(allocs.len());
             for &(v, p, n) in allocs {
                 vol.map.map(v, p, n, &mut ch);
-                st.pending.push(Entry::Map {
+                entries.push(Entry::Map {
                     volume: id,
                     vblock: v,
                     pblock: p,
                     len: n as u32,
                 });
             }
+            st.queue_entries(&entries);
         }
         _ => {
             for &(_, p, n) in allocs {

@@ -80,6 +80,7 @@ pub(crate) fn open_shared(
     params: SharedParams,
     host: &HostOptions,
     boot: u64,
+    unflushed: &crate::pool::UnflushedPlace,
 ) -> Result<Pool> {
     let timing = Timing::from_ms(params.io_timeout_ms);
     let join = JoinOptions {
@@ -102,6 +103,7 @@ pub(crate) fn open_shared(
             false,
             host.host_id,
             boot,
+            unflushed,
             Some(SharedCtx::new(lease.clone())),
             Some(&claims),
         )?;
@@ -131,16 +133,7 @@ fn local_host_name() -> String {
 }
 
 fn default_run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("THINLUN_RUN_DIR") {
-        return PathBuf::from(d);
-    }
-    let run = PathBuf::from("/run/thinlun");
-    if std::fs::create_dir_all(&run).is_ok() {
-        return run;
-    }
-    // SAFETY: getuid cannot fail and touches no memory.
-    let uid = unsafe { libc::getuid() };
-    std::env::temp_dir().join(format!("thinlun-{uid}"))
+    crate::util::run_dir()
 }
 
 /// Reads the claims of the pool's current groups (the table is sized for

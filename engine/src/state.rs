@@ -14,6 +14,7 @@ use crate::format::journal::Entry;
 use crate::format::superblock::Superblock;
 use crate::refs::SharedRefs;
 use crate::space::{Cursor, SpaceMap};
+use crate::unflushed::{RecordKey, UnflushedRecord};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -50,8 +51,12 @@ pub(crate) struct State {
     /// whatever writes the superblock next, or lets another writer do so,
     /// must flush first.
     pub twin_unflushed: bool,
-    /// Journal entries not yet handed to a commit.
+    /// Journal entries not yet handed to a commit. Add to it with
+    /// [`State::queue_entries`] only, which records them in surviving
+    /// memory too.
     pub pending: Vec<Entry>,
+    /// The unflushed record of a writer that keeps one (crate::unflushed).
+    pub unflushed: Option<UnflushedRecord>,
     /// How many times `pending` was taken to be written (see
     /// [`State::take_pending`]).
     pub takes: u64,
@@ -75,6 +80,7 @@ impl State {
             catalog_blocks: Vec::new(),
             twin_unflushed: false,
             pending: Vec::new(),
+            unflushed: None,
             takes: 0,
             batch: 1,
             committed: 0,
@@ -160,6 +166,30 @@ impl State {
         }
     }
 
+    /// Queues mapping changes of completed writes for the journal, and
+    /// records them in surviving memory: from here on they outlive a crash
+    /// of the process.
+    pub fn queue_entries(&mut self, entries: &[Entry]) {
+        self.pending.extend_from_slice(entries);
+        if let Some(r) = self.unflushed.as_mut() {
+            r.append(entries);
+        }
+    }
+
+    /// Whether every queued entry outlives a crash of the process without
+    /// a journal write: they are all in the unflushed record.
+    pub fn all_recorded(&self) -> bool {
+        self.unflushed.as_ref().is_some_and(|r| !r.overflowed())
+    }
+
+    /// Starts the unflushed record over with what is still pending, which
+    /// the journal from `key.start_seq` on will carry.
+    pub fn restart_unflushed(&mut self, key: RecordKey) {
+        if let Some(r) = self.unflushed.as_mut() {
+            r.reset(key, &self.pending);
+        }
+    }
+
     /// Takes the pending journal entries to be written, numbered.
     pub fn take_pending(&mut self) -> (Vec<Entry>, u64) {
         self.takes += 1;
@@ -229,6 +259,7 @@ impl State {
         self.io_epoch = old.io_epoch;
         self.active_io = std::mem::take(&mut old.active_io);
         self.pending = std::mem::take(&mut old.pending);
+        self.unflushed = old.unflushed.take();
         self.takes = old.takes;
         self.pending_frees = std::mem::take(&mut old.pending_frees);
         let mut already = Vec::new();

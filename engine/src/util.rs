@@ -60,3 +60,19 @@ pub fn journal_seed(uuid: &[u8; 16], host_id: u32) -> u32 {
     h.update(&host_id.to_le_bytes());
     h.finalize()
 }
+
+/// Where per-host lock files and unflushed records live: $THINLUN_RUN_DIR,
+/// else /run/thinlun (tmpfs, cleared at boot), else a per-user directory
+/// under the temporary directory.
+pub(crate) fn run_dir() -> std::path::PathBuf {
+    if let Some(d) = std::env::var_os("THINLUN_RUN_DIR") {
+        return std::path::PathBuf::from(d);
+    }
+    let run = std::path::PathBuf::from("/run/thinlun");
+    if std::fs::create_dir_all(&run).is_ok() {
+        return run;
+    }
+    // SAFETY: getuid cannot fail and touches no memory.
+    let uid = unsafe { libc::getuid() };
+    std::env::temp_dir().join(format!("thinlun-{uid}"))
+}

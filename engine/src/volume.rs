@@ -768,7 +768,7 @@ impl Volume {
                 }
             }
             st.apply_changes(&ch);
-            st.pending.extend(entries);
+            st.queue_entries(&entries);
             token = st.io_begin();
         }
 

@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use thinlun::check::check;
-use thinlun::dev::{Event, MemDevice, Trace};
-use thinlun::{OpenOptions, Pool, PoolConfig};
+use thinlun::dev::{Event, MemCopy, MemDevice, Trace};
+use thinlun::{OpenOptions, Pool, PoolConfig, UnflushedPlace};
 
 const BS: usize = 4096;
 /// The boot identity images of a power loss are opened with: the machine
@@ -57,9 +57,14 @@ fn tag_of(block: &[u8]) -> Option<u64> {
     (pattern(tag) == block).then_some(tag)
 }
 
+/// Bytes of surviving memory for the unflushed record in these tests.
+const RECORD_BYTES: usize = 1 << 20;
+
 /// What the workload did, in trace positions.
 #[derive(Default)]
 struct History {
+    /// The unflushed record's memory when recording started.
+    memory_base: Vec<u8>,
     /// (trace length when the flush returned, block -> tag at that time).
     flushes: Vec<(usize, HashMap<u64, u64>)>,
     /// The same for `persist`, which only a process crash must respect.
@@ -109,11 +114,20 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
     let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
     pool.create_volume("vm-1-disk-0", VOL_BLOCKS * BS as u64)
         .unwrap();
-    pool.flush().unwrap();
+    pool.close().unwrap();
+    let memory = dev.surviving_memory(RECORD_BYTES);
+    let opts = OpenOptions {
+        unflushed: UnflushedPlace::In(memory.clone()),
+        ..Default::default()
+    };
+    let pool = Pool::open(dev.clone(), "mem", &opts).unwrap();
+    let mut h = History {
+        memory_base: memory.contents(),
+        ..Default::default()
+    };
     dev.start_trace();
     let vol = pool.open_volume("vm-1-disk-0").unwrap();
     let mut rng = Rng(seed | 1);
-    let mut h = History::default();
     let mut current: HashMap<u64, u64> = HashMap::new();
     h.flushes.push((0, current.clone()));
     let mut next_tag = seed << 20 | 1;
@@ -169,8 +183,11 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
 
 /// Checks an image of the LUN after a crash at trace position `k`, opened
 /// on the boot `boot_id` (`None`: this one, as after a process crash;
-/// `Some(REBOOTED)` after a power loss).
+/// `Some(REBOOTED)` after a power loss), with the unflushed record as the
+/// process left it (a power loss clears it, but its boot check must
+/// make a record that somehow survived harmless).
 fn verify_image(
+    trace: &Trace,
     img: Vec<u8>,
     boot_id: Option<u64>,
     volume: &str,
@@ -178,6 +195,7 @@ fn verify_image(
     h: &History,
     what: &str,
 ) {
+    let memory = trace.memory_image(k, &h.memory_base);
     let dev = Arc::new(MemDevice::from_image(img));
     let report = check(dev.as_ref(), "crash").unwrap();
     assert!(
@@ -191,6 +209,7 @@ fn verify_image(
         &OpenOptions {
             read_only: true,
             boot_id,
+            unflushed: UnflushedPlace::In(Arc::new(MemCopy::new(memory))),
             ..Default::default()
         },
     )
@@ -214,6 +233,7 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
     let mut tried = 0;
     for k in 0..=trace.events.len() {
         verify_image(
+            &trace,
             trace.crash_image(k, &mut |_, _| false),
             Some(REBOOTED),
             "vm-1-disk-0",
@@ -225,6 +245,7 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
         // loss that happened to lose nothing.
         for (boot, what) in [(None, "process crash"), (Some(REBOOTED), "unflushed kept")] {
             verify_image(
+                &trace,
                 trace.crash_image(k, &mut |_, _| true),
                 boot,
                 "vm-1-disk-0",
@@ -237,6 +258,7 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
         for s in 0..subsets_per_point {
             let img = trace.crash_image(k, &mut |_, _| rng.below(2) == 0);
             verify_image(
+                &trace,
                 img,
                 Some(REBOOTED),
                 "vm-1-disk-0",
@@ -336,6 +358,7 @@ fn crash_points_during_volume_management() {
         for keep_unflushed in [false, true] {
             let img = trace.crash_image(k, &mut |_, _| keep_unflushed);
             verify_image(
+                &trace,
                 img.clone(),
                 Some(REBOOTED),
                 "keep",
@@ -452,6 +475,7 @@ fn crash_points_with_snapshots_clones_and_rollback() {
         for kept in [false, true] {
             let img = trace.crash_image(k, &mut |_, _| kept);
             verify_image(
+                &trace,
                 img.clone(),
                 Some(REBOOTED),
                 "vm-1-disk-0",
@@ -614,7 +638,8 @@ fn crash_points_in_back_to_back_snapshots() {
     eprintln!("back-to-back snapshot crash points tried: {tried}");
 }
 
-/// `persist` writes journal blocks with no flush at all. A power loss may
+/// Without an unflushed record (docs/FORMAT.md, 6.7), `persist` writes
+/// journal blocks with no flush at all. A power loss may
 /// keep such a block and lose the data it maps; the machine then reboots,
 /// and the block must not be replayed. A process crash keeps every
 /// completed write, the boot is the same, and the block must be replayed.
@@ -627,6 +652,12 @@ fn unflushed_persists_are_replayed_only_on_the_boot_that_wrote_them() {
             let dev = Arc::new(MemDevice::new(8 << 20));
             let pool = Pool::create(dev.clone(), "mem", &cfg()).unwrap();
             pool.create_volume("v", VOL_BLOCKS * BS as u64).unwrap();
+            pool.close().unwrap();
+            let opts = OpenOptions {
+                unflushed: UnflushedPlace::Off,
+                ..Default::default()
+            };
+            let pool = Pool::open(dev.clone(), "mem", &opts).unwrap();
             let vol = pool.open_volume("v").unwrap();
             vol.write(0, &pattern(1)).unwrap();
             vol.flush().unwrap();
@@ -648,6 +679,7 @@ fn unflushed_persists_are_replayed_only_on_the_boot_that_wrote_them() {
         let opts = OpenOptions {
             read_only: true,
             boot_id,
+            unflushed: UnflushedPlace::Off,
             ..Default::default()
         };
         let pool = Pool::open(dev, "mem", &opts).unwrap();

@@ -80,6 +80,7 @@ impl Lun {
                 run_dir: Some(self.dirs.join(dir)),
             }),
             boot_id,
+            ..Default::default()
         };
         Pool::open(dev, "mem", &opts)
     }
@@ -90,6 +91,7 @@ impl Lun {
             read_only: true,
             host: None,
             boot_id: None,
+            ..Default::default()
         };
         Pool::open(self.dev.clone(), "mem", &opts).unwrap()
     }
@@ -229,6 +231,45 @@ fn unflushed_persists_of_a_dead_host_are_kept_only_on_its_boot() {
         h3.close().unwrap();
         lun.check_clean();
     }
+}
+
+/// A host's process dies after a persist, and a host on another machine
+/// recovers it, dropping that write (as after a power loss) and going on
+/// writing the volume. When the first host starts again on its own boot,
+/// the unflushed record it left behind is stale and must not be replayed:
+/// it would put back a mapping the volume's next writer replaced.
+#[test]
+fn a_record_left_before_another_hosts_recovery_is_not_replayed() {
+    let lun = Lun::new("stale-record");
+    let h2 = lun.host(2).unwrap();
+    h2.create_volume("vm-2", 8 * MIB).unwrap();
+    let v = h2.open_volume("vm-2").unwrap();
+    v.write(0, &vec![1u8; BS]).unwrap();
+    v.flush().unwrap();
+    v.write(8, &vec![2u8; BS]).unwrap();
+    v.persist().unwrap();
+    let path = h2.unflushed_record_path().unwrap();
+    let left = std::fs::read(&path).unwrap();
+    std::mem::forget(v);
+    h2.simulate_crash();
+    // The other machine does not see this machine's record.
+    std::fs::remove_file(&path).unwrap();
+    let h3 = lun
+        .host_on_boot(3, "hv-3", "m3", lun.dev.clone(), Some(0x0dd_b007))
+        .unwrap();
+    std::thread::sleep(dead_time());
+    assert_eq!(read(&h3, "vm-2", 1), 0, "recovered on another boot");
+    let w = h3.open_volume("vm-2").unwrap();
+    w.write(8, &vec![7u8; BS]).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    h3.close().unwrap();
+    std::fs::write(&path, left).unwrap();
+    let h2 = lun.host(2).unwrap();
+    assert_eq!(read(&h2, "vm-2", 1), 7, "a stale record was replayed");
+    h2.close().unwrap();
+    lun.check_clean();
+    assert!(!path.exists(), "a clean close leaves no record");
 }
 
 #[test]

@@ -97,6 +97,7 @@ fn main() {
             run_dir: Some(a.run_dir.clone()),
         }),
         boot_id: None,
+        ..OpenOptions::default()
     };
     let pool = match Pool::open_path(&a.pool, &opts) {
         Ok(p) => p,

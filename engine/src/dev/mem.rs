@@ -2,16 +2,28 @@
 //! tests: a [`Trace`] rebuilds the LUN as a power loss would leave it after
 //! any prefix of the recorded writes and flushes, with any subset of the
 //! writes not yet covered by a flush lost (a volatile cache may drop or
-//! reorder them, one 4 KiB block at a time).
+//! reorder them, one 4 KiB block at a time). Stores into the device's
+//! [`TracedMemory`] (the engine's surviving memory in such tests) go into
+//! the same recording, so a crash point fixes both.
 
-use super::{BlockDevice, IoOp, IO_ALIGN};
+use super::{BlockDevice, IoOp, SurvivingMemory, IO_ALIGN};
 use parking_lot::{Mutex, RwLock};
 use std::io;
+use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 pub enum Event {
-    Write { offset: u64, data: Vec<u8> },
+    Write {
+        offset: u64,
+        data: Vec<u8>,
+    },
     Flush,
+    /// A store into surviving memory: kept by a process crash, gone after
+    /// a power loss.
+    Store {
+        offset: usize,
+        data: Vec<u8>,
+    },
 }
 
 /// A recording: the LUN when recording started, then every write and flush.
@@ -50,11 +62,26 @@ impl Trace {
         }
         img
     }
+
+    /// Surviving memory once `events[..upto]` were issued, from its
+    /// contents `base` when recording started (a process crash keeps every
+    /// store made before it).
+    pub fn memory_image(&self, upto: usize, base: &[u8]) -> Vec<u8> {
+        let mut mem = base.to_vec();
+        for ev in &self.events[..upto] {
+            if let Event::Store { offset, data } = ev {
+                mem[*offset..*offset + data.len()].copy_from_slice(data);
+            }
+        }
+        mem
+    }
 }
+
+type SharedTrace = Arc<Mutex<Option<Trace>>>;
 
 pub struct MemDevice {
     data: RwLock<Vec<u8>>,
-    trace: Mutex<Option<Trace>>,
+    trace: SharedTrace,
 }
 
 impl MemDevice {
@@ -65,8 +92,17 @@ impl MemDevice {
     pub fn from_image(image: Vec<u8>) -> MemDevice {
         MemDevice {
             data: RwLock::new(image),
-            trace: Mutex::new(None),
+            trace: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Surviving memory of `len` bytes whose stores are recorded with this
+    /// device's writes.
+    pub fn surviving_memory(&self, len: usize) -> Arc<TracedMemory> {
+        Arc::new(TracedMemory {
+            data: Mutex::new(vec![0u8; len]),
+            trace: self.trace.clone(),
+        })
     }
 
     /// The current contents (as reads see them).
@@ -98,7 +134,7 @@ impl MemDevice {
                 .iter()
                 .map(|e| match e {
                     Event::Write { data, .. } => data.len() as u64,
-                    Event::Flush => 0,
+                    Event::Flush | Event::Store { .. } => 0,
                 })
                 .sum()
         })
@@ -163,6 +199,38 @@ impl BlockDevice for MemDevice {
             t.events.push(Event::Flush);
         }
         Ok(())
+    }
+}
+
+/// See [`MemDevice::surviving_memory`].
+pub struct TracedMemory {
+    data: Mutex<Vec<u8>>,
+    trace: SharedTrace,
+}
+
+impl TracedMemory {
+    pub fn contents(&self) -> Vec<u8> {
+        self.data.lock().clone()
+    }
+}
+
+impl SurvivingMemory for TracedMemory {
+    fn len(&self) -> usize {
+        self.data.lock().len()
+    }
+
+    fn store(&self, offset: usize, bytes: &[u8]) {
+        self.data.lock()[offset..offset + bytes.len()].copy_from_slice(bytes);
+        if let Some(t) = self.trace.lock().as_mut() {
+            t.events.push(Event::Store {
+                offset,
+                data: bytes.to_vec(),
+            });
+        }
+    }
+
+    fn load(&self, offset: usize, out: &mut [u8]) {
+        out.copy_from_slice(&self.data.lock()[offset..offset + out.len()]);
     }
 }
 

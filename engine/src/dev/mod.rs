@@ -10,11 +10,13 @@ mod file;
 mod mem;
 mod overlay;
 mod ring;
+mod surviving;
 
 pub use file::FileDevice;
-pub use mem::{Event, MemDevice, Trace};
+pub use mem::{Event, MemDevice, Trace, TracedMemory};
 pub use overlay::OverlayDevice;
 pub use ring::{RawOp, Ring};
+pub use surviving::{MappedFile, MemCopy, SurvivingMemory};
 
 use crate::format::BLOCK_SIZE;
 use std::io;

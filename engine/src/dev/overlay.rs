@@ -178,6 +178,7 @@ mod tests {
             .map(|e| match e {
                 Event::Write { offset, data } => format!("w{}:{}", offset / 4096, data[0]),
                 Event::Flush => "f".into(),
+                Event::Store { .. } => "s".into(),
             })
             .collect();
         assert_eq!(kinds, ["w1:1", "w2:2", "f", "w1:9", "f"]);

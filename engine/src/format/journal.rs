@@ -43,7 +43,7 @@ impl Entry {
         }
     }
 
-    fn encode(&self, b: &mut [u8]) {
+    pub(crate) fn encode(&self, b: &mut [u8]) {
         let (op, volume, vblock, pblock, len) = match *self {
             Entry::Map {
                 volume,
@@ -69,7 +69,7 @@ impl Entry {
         put_u64(b, 24, pblock);
     }
 
-    fn decode(b: &[u8]) -> Option<Entry> {
+    pub(crate) fn decode(b: &[u8]) -> Option<Entry> {
         let len = get_u32(b, 4);
         let volume = get_u64(b, 8);
         let vblock = get_u64(b, 16);

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod lease;
 pub mod node;
 pub mod superblock;
+pub mod unflushed;
 
 /// The internal block: the unit of mapping, allocation and validity.
 pub const BLOCK_SIZE: usize = 4096;
@@ -67,6 +68,7 @@ pub mod magic {
     pub const AG_TABLE: &[u8; 8] = b"TLAGTAB\0";
     pub const HOST_SLOT: &[u8; 8] = b"TLHOSTSL";
     pub const LOCK_REGISTER: &[u8; 8] = b"TLLOCKRG";
+    pub const UNFLUSHED: &[u8; 8] = b"TLUNFLSH";
 }
 
 /// Where each region of a pool lies, in blocks from the start of the LUN.

@@ -22,6 +22,7 @@ use crate::format::node::{self, Node, NODE_CAPACITY};
 use crate::format::{SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::journal::JournalWriter;
 use crate::state::State;
+use crate::unflushed::RecordKey;
 use crate::util::now_unix;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::sync::atomic::Ordering;
@@ -260,8 +261,9 @@ impl Inner {
     }
 
     /// Makes the mapping changes of completed writes survive a crash of
-    /// this process (not a power loss, which still needs [`Inner::flush`]):
-    /// their journal blocks are written, with no flush at all. A process
+    /// this process (not a power loss, which still needs [`Inner::flush`]).
+    /// With an unflushed record they already do: nothing is written. Without
+    /// one, their journal blocks are written, with no flush at all. A process
     /// crash loses no completed write, but a power loss can keep a journal
     /// block and lose the data it points to, so such blocks carry this
     /// boot's identity and are replayed only on the same boot or once a
@@ -271,6 +273,14 @@ impl Inner {
     pub(crate) fn persist(&self) -> Result<()> {
         {
             let st = self.state.lock();
+            if st.unflushed.is_some() {
+                // The changes went to the unflushed record as they were
+                // made; a record that ran out of room needs a commit.
+                let recorded = st.all_recorded();
+                drop(st);
+                self.writable()?;
+                return if recorded { Ok(()) } else { self.flush() };
+            }
             if st.pending.is_empty() && self.takes_written.load(Ordering::Acquire) >= st.takes {
                 return Ok(());
             }
@@ -339,6 +349,12 @@ impl Inner {
         let mut st = self.state.lock();
         st.committed = st.committed.max(batch);
         st.reclaim();
+        if !entries.is_empty() {
+            // The journal holds them now: the record keeps only what came
+            // after them.
+            let key = RecordKey::at(ctl.journal.next_seq(), ctl.host_ckpt.generation);
+            st.restart_unflushed(key);
+        }
         Ok(())
     }
 
@@ -410,12 +426,22 @@ impl Inner {
         let host_copy = |k: u64| (region + k, encode_host_checkpoint(&new_ckpt, region + k));
         write_blocks(dev, &headers_for(0)).map_err(io("writing volume headers"))?;
         dev.flush().map_err(io("flushing volume headers"))?;
+        // From the first host checkpoint write on, a crash leaves either
+        // generation durable: the unflushed record must hold under both.
+        self.state.lock().restart_unflushed(RecordKey {
+            start_seq: new_ckpt.seq,
+            gen_lo: ctl.host_ckpt.generation,
+            gen_hi: new_ckpt.generation,
+        });
         let mut second = headers_for(1);
         second.push(host_copy(0));
         write_blocks(dev, &second).map_err(io("writing volume headers"))?;
         dev.flush().map_err(io("flushing volume headers"))?;
         write_blocks(dev, &[host_copy(1)]).map_err(io("writing host checkpoint"))?;
         dev.flush().map_err(io("flushing host checkpoint"))?;
+        self.state
+            .lock()
+            .restart_unflushed(RecordKey::at(new_ckpt.seq, new_ckpt.generation));
         ctl.journal.advance_head_to(&new_ckpt);
         ctl.host_ckpt = new_ckpt;
         let mut st = self.state.lock();
@@ -574,6 +600,11 @@ impl Inner {
             };
             self.commit_locked(ctl)?;
             self.checkpoint_locked(ctl)?;
+        }
+        // Clean: the LUN holds everything; a record left would only be
+        // found stale.
+        if let Some(r) = self.state.lock().unflushed.take() {
+            r.release();
         }
         self.leave()
     }

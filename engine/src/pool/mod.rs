@@ -15,7 +15,9 @@ mod commit;
 mod options;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
-pub use options::{HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, VolumeInfo};
+pub use options::{
+    HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace, VolumeInfo,
+};
 
 use crate::dev::{write_blocks, BlockDevice, FileDevice};
 use crate::error::{Error, Result};
@@ -28,7 +30,7 @@ use crate::format::{
     SUPERBLOCK_A, SUPERBLOCK_B,
 };
 use crate::journal::JournalWriter;
-use crate::load::{load, Loaded};
+use crate::load::{load_with_record, Loaded};
 use crate::names::is_valid_volume_name;
 use crate::space::Cursor;
 use crate::state::{State, Vol};
@@ -291,17 +293,22 @@ impl Pool {
         let sb = crate::load::read_superblock(dev.as_ref(), label, &mut Vec::new())?;
         let boot = opts.boot_id.unwrap_or_else(crate::util::boot_id);
         match (sb.shared, opts.read_only) {
-            (None, ro) => Pool::open_as(dev, label, ro, SINGLE_HOST_ID, boot, None, None),
+            (None, ro) => {
+                let host = SINGLE_HOST_ID;
+                Pool::open_as(dev, label, ro, host, boot, &opts.unflushed, None, None)
+            }
             // Inspecting a shared pool replays no host's journal: each is
             // its host's business.
-            (Some(_), true) => Pool::open_as(dev, label, true, 0, boot, None, None),
+            (Some(_), true) => {
+                Pool::open_as(dev, label, true, 0, boot, &UnflushedPlace::Off, None, None)
+            }
             (Some(params), false) => {
                 let host = opts.host.as_ref().ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "{label} is shared by several hosts: give this host's id (--host-id N or THINLUN_HOST_ID) to write it"
                     ))
                 })?;
-                crate::shared::open_shared(dev, label, &sb, params, host, boot)
+                crate::shared::open_shared(dev, label, &sb, params, host, boot, &opts.unflushed)
             }
         }
     }
@@ -320,7 +327,19 @@ impl Pool {
         claims: &[claims::Claim],
         boot: u64,
     ) -> Result<Pool> {
-        Pool::open_as(dev, label, false, d, boot, None, Some(claims))
+        // A dead host that ran on this machine (a process that died) left
+        // its unflushed record here: recovery completes it, as that host's
+        // next start would, and removes it when it closes.
+        let place = &UnflushedPlace::RunDir;
+        let pool = Pool::open_as(dev, label, false, d, boot, place, None, Some(claims))?;
+        // A record the dead host left on another machine must never be
+        // replayed after this: it would undo what the volumes' next writers
+        // do. A record is current under one or two checkpoint generations;
+        // skipping one makes it stale.
+        if let Some(ctl) = pool.inner.commit.lock().as_mut() {
+            ctl.host_ckpt.generation += 1;
+        }
+        Ok(pool)
     }
 
     /// Opens the pool as `host_id` (0 = replay no journal) on the boot
@@ -335,6 +354,7 @@ impl Pool {
         read_only: bool,
         host_id: u32,
         boot: u64,
+        unflushed: &UnflushedPlace,
         shared: Option<crate::shared::SharedCtx>,
         restrict: Option<&[claims::Claim]>,
     ) -> Result<Pool> {
@@ -342,6 +362,13 @@ impl Pool {
             use std::os::unix::fs::FileTypeExt;
             m.file_type().is_block_device()
         });
+        let uuid = crate::load::read_superblock(dev.as_ref(), label, &mut Vec::new())?.uuid;
+        let owner = crate::unflushed::Owner {
+            uuid,
+            host_id,
+            boot,
+        };
+        let memory = crate::unflushed::memory(unflushed, owner, read_only);
         let Loaded {
             state,
             host_ckpt,
@@ -350,9 +377,21 @@ impl Pool {
             prev_crc,
             unsealed,
             warnings,
+            from_record,
+            record_epoch,
             ..
-        } = load(dev.as_ref(), label, host_id, boot)?;
+        } = load_with_record(dev.as_ref(), label, host_id, boot, memory.as_deref())?;
         let mut state = state;
+        if let (Some(mem), false) = (memory, read_only) {
+            let key = crate::unflushed::RecordKey::at(next_seq, host_ckpt.generation);
+            state.unflushed = crate::unflushed::UnflushedRecord::start(
+                mem,
+                owner,
+                record_epoch,
+                key,
+                &state.pending,
+            );
+        }
         let layout = state.sb.layout;
         let group_free =
             restrict.map(|c| crate::shared::restrict_to_claims(&mut state, c, host_id));
@@ -394,6 +433,12 @@ impl Pool {
             if !pool.inner.warnings.is_empty() {
                 pool.inner.rewrite_redundant_copies()?;
             }
+            if from_record > 0 {
+                log::info!(
+                    "{label}: {from_record} mapping changes of writes completed before the last process ended replayed from its unflushed record"
+                );
+                pool.inner.flush()?;
+            }
             if background {
                 pool.start_background()?;
             }
@@ -405,6 +450,14 @@ impl Pool {
     /// of a record whose twin was good).
     pub fn warnings(&self) -> &[String] {
         &self.inner.warnings
+    }
+
+    /// Where this host's unflushed record is kept when opened with
+    /// [`UnflushedPlace::RunDir`] (the default); `None` for a reader.
+    pub fn unflushed_record_path(&self) -> Option<std::path::PathBuf> {
+        let uuid = self.inner.state.lock().sb.uuid;
+        (!self.inner.read_only && self.inner.host_id != 0)
+            .then(|| crate::unflushed::path_in_run_dir(&uuid, self.inner.host_id))
     }
 
     /// The path or name the pool was opened by.
@@ -743,11 +796,11 @@ impl Pool {
                 let mut at = from;
                 while at < from + len {
                     let n = (from + len - at).min(u32::MAX as u64);
-                    st.pending.push(Entry::Unmap {
+                    st.queue_entries(&[Entry::Unmap {
                         volume: id,
                         vblock: at,
                         len: n as u32,
-                    });
+                    }]);
                     at += n;
                 }
                 st.apply_changes(&ch);

@@ -37,6 +37,32 @@ impl Default for PoolConfig {
     }
 }
 
+/// Where a writer keeps the mapping changes that no commit has journaled
+/// yet, so that [`Volume::persist`](crate::Volume::persist) costs no device
+/// write (docs/FORMAT.md, 6.7).
+#[derive(Clone, Default)]
+pub enum UnflushedPlace {
+    /// A file per pool and host in the run directory (/run/thinlun, which
+    /// is tmpfs; or $THINLUN_RUN_DIR): `<pool uuid>-host<N>.unflushed`.
+    /// Without one, persists write journal blocks.
+    #[default]
+    RunDir,
+    /// None: each persist writes a journal block instead.
+    Off,
+    /// This memory (tests of crash points).
+    In(std::sync::Arc<dyn crate::dev::SurvivingMemory>),
+}
+
+impl std::fmt::Debug for UnflushedPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UnflushedPlace::RunDir => "RunDir",
+            UnflushedPlace::Off => "Off",
+            UnflushedPlace::In(_) => "In(..)",
+        })
+    }
+}
+
 /// How to open a pool.
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
@@ -51,6 +77,9 @@ pub struct OpenOptions {
     /// that rebuild a LUN as a power loss leaves it pass another value,
     /// as the machine would have after rebooting.
     pub boot_id: Option<u64>,
+    /// Where unflushed mapping changes are kept (and, when reopening after
+    /// a crash of the process, found).
+    pub unflushed: UnflushedPlace,
 }
 
 /// Identity of a host on a shared pool (docs/LOCKING.md).

@@ -73,6 +73,7 @@ pub fn write_options() -> OpenOptions {
             ..HostOptions::default()
         }),
         boot_id: None,
+        ..OpenOptions::default()
     }
 }
 
