@@ -272,7 +272,9 @@ impl Qmp {
 
     fn line(&mut self) -> Value {
         let mut l = String::new();
-        self.input.read_line(&mut l).unwrap();
+        if let Err(e) = self.input.read_line(&mut l) {
+            panic!("QMP: reading QEMU's monitor failed ({e})");
+        }
         serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP said {l:?}: {e}"))
     }
 
@@ -285,7 +287,10 @@ impl Qmp {
     /// Runs a command: its `return`, or its `error`.
     pub fn try_execute(&mut self, cmd: &str, args: Value) -> Result<Value, Value> {
         let msg = json!({"execute": cmd, "arguments": args});
-        writeln!(self.out, "{msg}").unwrap();
+        if let Err(e) = writeln!(self.out, "{msg}") {
+            // QEMU is gone: its console (shown on failure) says why.
+            panic!("QMP {cmd}: QEMU closed its monitor ({e})");
+        }
         loop {
             let r = self.line();
             if let Some(e) = r.get("error") {

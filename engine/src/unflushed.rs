@@ -1,4 +1,4 @@
-//! The unflushed record (docs/FORMAT.md, 6.7): the mapping changes of
+//! The unflushed record (docs/FORMAT.md, 6.11): the mapping changes of
 //! completed writes that no commit has journaled yet, kept in surviving
 //! memory (a file on tmpfs) instead of written to the LUN. Each change is
 //! stored there when the write that made it completes, before the write is

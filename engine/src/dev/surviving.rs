@@ -3,7 +3,7 @@
 //! moment it is made, so it survives a crash or kill -9 of the process with
 //! no I/O at all, and a reboot clears it. The engine keeps the mapping
 //! changes of completed writes there until a commit journals them
-//! (docs/FORMAT.md, 6.7).
+//! (docs/FORMAT.md, 6.11).
 
 use memmap2::MmapMut;
 use parking_lot::Mutex;

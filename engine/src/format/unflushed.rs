@@ -1,4 +1,4 @@
-//! The unflushed record (docs/FORMAT.md, 6.7): not on the LUN but in a
+//! The unflushed record (docs/FORMAT.md, 6.11): not on the LUN but in a
 //! host's surviving memory. Two slots, each a header and then records of
 //! one journal entry each. A slot is the entries that the host's next
 //! journal blocks, from sequence `start_seq` on, would carry; the slot with

@@ -39,7 +39,7 @@ impl Default for PoolConfig {
 
 /// Where a writer keeps the mapping changes that no commit has journaled
 /// yet, so that [`Volume::persist`](crate::Volume::persist) costs no device
-/// write (docs/FORMAT.md, 6.7).
+/// write (docs/FORMAT.md, 6.11).
 #[derive(Clone, Default)]
 pub enum UnflushedPlace {
     /// A file per pool and host in the run directory (/run/thinlun, which
