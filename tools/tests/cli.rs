@@ -679,3 +679,88 @@ fn space_policy_trim_and_grow() {
         );
     }
 }
+
+/// `pool create` names what a file already holds and refuses to overwrite
+/// it without `--force`, as pvcreate, wipefs and zpool create do. The
+/// images are made by the real tools.
+#[test]
+fn pool_create_refuses_foreign_data_without_force() {
+    let dir = TempDir::new("foreign");
+    let make = |name: &str, tool: &str, args: &[&str]| -> Option<PathBuf> {
+        let p = dir.path(name);
+        fs::File::create(&p).unwrap().set_len(64 << 20).unwrap();
+        let mut cmd = Command::new(tool);
+        cmd.args(args)
+            .arg(&p)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        match cmd.status() {
+            Ok(s) if s.success() => Some(p),
+            // The tool is missing here: nothing to check with it.
+            _ => {
+                eprintln!("{tool} unavailable: skipping its image");
+                None
+            }
+        }
+    };
+    let qcow2 = dir.path("disk.qcow2");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&qcow2)
+        .arg("64M")
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cases: Vec<(PathBuf, &str)> = Vec::new();
+    if made {
+        cases.push((qcow2, "a qcow2 disk image"));
+    }
+    if let Some(p) = make("ext4.img", "mkfs.ext4", &["-q", "-F"]) {
+        cases.push((p, "a file system (ext4)"));
+    }
+    if let Some(p) = make("swap.img", "mkswap", &[]) {
+        cases.push((p, "swap space"));
+    }
+    let random = dir.path("random.img");
+    let mut bytes = vec![0u8; 1 << 20];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i as u32).wrapping_mul(2_654_435_761).to_le_bytes()[3];
+    }
+    fs::write(&random, &bytes).unwrap();
+    cases.push((random, "data that no probe recognises"));
+    // A partition table written by sfdisk, where it is installed.
+    let gpt = dir.path("gpt.img");
+    fs::File::create(&gpt).unwrap().set_len(64 << 20).unwrap();
+    let sfdisk = Command::new("sfdisk")
+        .arg("-q")
+        .arg(&gpt)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(b"label: gpt\n,\n")?;
+            c.wait()
+        });
+    if sfdisk.is_ok_and(|s| s.success()) {
+        cases.push((gpt, "a partition table (gpt)"));
+    } else {
+        eprintln!("sfdisk unavailable: skipping the partition table");
+    }
+    for (path, what) in &cases {
+        let before = fs::read(path).unwrap();
+        let e = fails(path, &["pool", "create", "--size", "64M"]);
+        assert!(e.contains(what) && e.contains("--force"), "{e}");
+        assert_eq!(&fs::read(path).unwrap(), &before, "{what} was changed");
+    }
+    // A previous thinlun pool is named by the engine.
+    let pool = new_pool(&dir);
+    let e = fails(&pool, &["pool", "create", "--size", "64M"]);
+    assert!(e.contains("already holds a thinlun pool"), "{e}");
+    // Zeros (a new sparse file) need no --force; --force overwrites.
+    let zeros = dir.path("zeros.img");
+    fs::File::create(&zeros).unwrap().set_len(64 << 20).unwrap();
+    ok(&zeros, &["pool", "create", "--size", "64M"]);
+    let (path, _) = &cases[0];
+    ok(path, &["pool", "create", "--size", "64M", "--force"]);
+    ok(path, &["pool", "status"]);
+}

@@ -7,6 +7,7 @@ pub mod diff;
 pub mod du;
 pub mod dump;
 pub mod export;
+pub mod foreign;
 pub mod import;
 pub mod lock;
 pub mod map;

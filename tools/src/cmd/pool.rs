@@ -38,6 +38,17 @@ pub fn create(pool: Option<&Path>, args: CreateArgs) -> CliResult<()> {
             path.display()
         )));
     }
+    if existed {
+        super::foreign::check_not_in_use(path)?;
+        if !args.force {
+            if let Some(what) = super::foreign::existing_content(path)? {
+                return Err(CliError::new(format!(
+                    "{} holds {what}; use --force to overwrite it",
+                    path.display()
+                )));
+            }
+        }
+    }
     let defaults = PoolConfig::default();
     let cfg = PoolConfig {
         size_bytes: args.size,
