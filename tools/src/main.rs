@@ -35,6 +35,21 @@ struct Cli {
           value_parser = clap::value_parser!(u32).range(1..=100))]
     host_id: Option<u32>,
 
+    /// How long to wait, in seconds, for a pool that another thinctl
+    /// command has open for writing (as LVM commands wait for their lock)
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 60,
+        conflicts_with = "no_wait"
+    )]
+    wait: u64,
+
+    /// Fail at once when another thinctl command has the pool open
+    #[arg(long, global = true)]
+    no_wait: bool,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -286,6 +301,7 @@ fn size_arg(s: &str) -> Result<u64, String> {
 
 fn run(cli: Cli) -> CliResult<()> {
     cmd::set_host_id(cli.host_id)?;
+    cmd::set_wait(if cli.no_wait { 0 } else { cli.wait });
     let pool = cli.pool.as_deref();
     match cli.command {
         Command::Pool(PoolCommand::Create {

@@ -764,3 +764,98 @@ fn pool_create_refuses_foreign_data_without_force() {
     ok(path, &["pool", "create", "--size", "64M", "--force"]);
     ok(path, &["pool", "status"]);
 }
+
+/// Commands that change a pool wait for one another, as LVM commands wait
+/// on their lock: ten concurrent snapshots and creates all succeed, a
+/// command that finds the pool held says once that it waits, and
+/// `--no-wait` fails at once.
+#[test]
+fn concurrent_writers_wait_for_the_pool() {
+    let dir = TempDir::new("wait");
+    let pool = new_pool(&dir);
+    ok(&pool, &["create", "vm", "8M"]);
+    let p = pool.to_str().unwrap();
+    let children: Vec<_> = (0..10)
+        .flat_map(|i| {
+            let snap = format!("vm@s{i}");
+            let vol = format!("v{i}");
+            [
+                ["-p", p, "snapshot", &snap]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect::<Vec<_>>(),
+                ["-p", p, "create", &vol, "1M"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+            ]
+        })
+        .map(|args| {
+            Command::new(BIN)
+                .args(&args)
+                .env_remove("THINLUN_POOL")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    let list = ok(&pool, &["list"]);
+    for i in 0..10 {
+        assert!(
+            list.contains(&format!("vm@s{i}")) && list.contains(&format!("v{i} ")),
+            "{list}"
+        );
+    }
+
+    // An import from a pipe holds the pool until its input ends.
+    let mut holder = Command::new(BIN)
+        .args(["-p", p, "import", "held", "-", "--size", "1M"])
+        .env_remove("THINLUN_POOL")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut input = holder.stdin.take().unwrap();
+    input.write_all(&[1u8; BLOCK]).unwrap();
+    // Wait until it has the pool: a --no-wait command is refused then.
+    let mut refused = String::new();
+    for _ in 0..200 {
+        let out = run_with(
+            &pool_args(&pool, &["--no-wait", "create", "x", "1M"]),
+            None,
+            None,
+        );
+        if !out.status.success() {
+            refused = text(&out.stderr);
+            break;
+        }
+        ok(&pool, &["remove", "x"]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        refused.contains("open for writing by another"),
+        "{refused:?}"
+    );
+    assert!(!refused.contains("waiting"), "{refused:?}");
+    // A waiting command says so once, and goes ahead when the pool is free.
+    let waiter = Command::new(BIN)
+        .args(["-p", p, "create", "after", "1M"])
+        .env_remove("THINLUN_POOL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    drop(input);
+    assert!(holder.wait().unwrap().success());
+    let out = waiter.wait_with_output().unwrap();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(stderr.matches("waiting up to 60 s").count(), 1, "{stderr}");
+}

@@ -21,6 +21,7 @@ pub mod volume;
 use crate::error::{CliError, CliResult};
 use std::path::Path;
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 use thinlun::{HostOptions, OpenOptions, Pool};
 
 /// This host's id on shared pools: `--host-id`, `THINLUN_HOST_ID`, or
@@ -115,10 +116,56 @@ pub fn open_read_only(path: &Path) -> CliResult<Pool> {
     Ok(pool)
 }
 
+/// How long a command waits for a pool another command has open for
+/// writing (`--wait`, `--no-wait`).
+static WAIT: OnceLock<Duration> = OnceLock::new();
+
+pub fn set_wait(secs: u64) {
+    let _ = WAIT.set(Duration::from_secs(secs));
+}
+
+/// Opens the pool for writing, waiting while another process has it
+/// (`Busy`) up to `--wait`, with a line on stderr when it starts waiting.
+/// `give_up` says whether a busy pool should not be waited for (a serving
+/// process answers on its control socket instead).
+fn open_writable_waiting(path: &Path, give_up: impl Fn() -> bool) -> thinlun::Result<Pool> {
+    let wait = WAIT.get().copied().unwrap_or(Duration::from_secs(60));
+    let deadline = Instant::now() + wait;
+    let mut said = false;
+    loop {
+        match Pool::open_path(path, &write_options()) {
+            Err(thinlun::Error::Busy(why)) if Instant::now() < deadline && !give_up() => {
+                if !said {
+                    eprintln!(
+                        "thinctl: waiting up to {} s for {}: {why}",
+                        wait.as_secs(),
+                        path.display()
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(50 + jitter_ms()));
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A little jitter, so that waiting commands do not retry in lockstep.
+fn jitter_ms() -> u64 {
+    u64::from(std::process::id() % 7) * 10
+}
+
+/// Opens the pool for writing, waiting for other commands as
+/// [`open_read_write`] does, but not for a serving process: that one keeps
+/// the pool, and `Busy` then means "ask it on its control socket".
+pub fn open_unless_served(path: &Path, control: Option<&Path>) -> thinlun::Result<Pool> {
+    open_writable_waiting(path, || daemon::serving_control(path, control, "").is_ok())
+}
+
 /// Opens the pool for changes; pair with [`close`].
 pub fn open_read_write(path: &Path) -> CliResult<Pool> {
     require_exists(path)?;
-    let pool = Pool::open_path(path, &write_options())?;
+    let pool = open_writable_waiting(path, || false)?;
     report_warnings(&pool);
     Ok(pool)
 }
@@ -136,7 +183,7 @@ pub enum Writer {
 /// else the pool's].
 pub fn open_or_served(path: &Path, control: Option<&Path>) -> CliResult<Writer> {
     require_exists(path)?;
-    match Pool::open_path(path, &write_options()) {
+    match open_unless_served(path, control) {
         Ok(pool) => {
             report_warnings(&pool);
             Ok(Writer::Open(pool))

@@ -109,7 +109,7 @@ pub fn run(pool: Option<&Path>, c: SnapCommand) -> CliResult<()> {
 fn snapshot(pool: Option<&Path>, name: &str, control: Option<&Path>) -> CliResult<()> {
     let path = pool_path(pool)?;
     super::require_exists(path)?;
-    let pool = match Pool::open_path(path, &super::write_options()) {
+    let pool = match super::open_unless_served(path, control) {
         // Held by a serving process: it takes the snapshot (crash-consistent
         // with the guests' in-flight writes).
         Err(thinlun::Error::Busy(why)) => {

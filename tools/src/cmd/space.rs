@@ -122,7 +122,7 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
 
 pub fn grow(pool: Option<&Path>) -> CliResult<()> {
     let path = pool_path(pool)?;
-    let pool = match thinlun::Pool::open_path(path, &super::write_options()) {
+    let pool = match super::open_unless_served(path, None) {
         Ok(p) => p,
         // Served by another process: it grows the pool it holds.
         Err(e @ thinlun::Error::Busy(_)) => {
