@@ -113,16 +113,14 @@ impl Session<'_> {
             if self.queue.pending() == 0 {
                 continue;
             }
-            // Stopped by the queue's depth: collect what is done and take
-            // more. Out of input or room: wait for a completion (or, while
-            // a request is half here, for a little more of it).
-            let min = match took {
-                Took::Depth => 0,
-                Took::Waiting if self.input.partial() => {
-                    self.input.wait(PARTIAL_WAIT);
-                    0
-                }
-                _ => 1,
+            // Nothing more to take now: wait for a completion or, while a
+            // request is half here, for a little more of it (then collect
+            // what completed meanwhile).
+            let min = if matches!(took, Took::Waiting) && self.input.partial() {
+                self.input.wait(PARTIAL_WAIT);
+                0
+            } else {
+                1
             };
             self.queue.complete(min, &mut self.done);
             self.input.rearm();
