@@ -5,6 +5,9 @@
 # cases), the ratio to qsd-raw, and each server's CPU per request.
 #   bash benches/nbd.sh [SECONDS-PER-CASE]
 # CASES="sr rr32" runs only the cases named (fw1 fw32 rr1 rr32 ow1 ow32 sw sr).
+# BACKENDS="thinlun qsd-raw" runs only those servers (default all three).
+# THINCTL=path serves thinlun with that binary instead of building one
+# (for A/B runs of two builds).
 # Files go to $THINLUN_BENCH_DIR/nbd (default /var/tmp/thinlun-bench; not
 # tmpfs). Needs fio (with its nbd engine), qemu-img, qemu-storage-daemon.
 set -euo pipefail
@@ -13,8 +16,12 @@ secs=${1:-5}
 dir=${THINLUN_BENCH_DIR:-/var/tmp/thinlun-bench}/nbd
 size=1G
 rm -rf "$dir"; mkdir -p "$dir"
-cargo build --release -q -p thinctl
-T=$PWD/target/release/thinctl
+if [ -n "${THINCTL:-}" ]; then
+    T=$THINCTL
+else
+    cargo build --release -q -p thinctl
+    T=${CARGO_TARGET_DIR:-$PWD/target}/release/thinctl
+fi
 export THINLUN_POOL=$dir/pool.img
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -62,7 +69,8 @@ if [ -n "${CASES:-}" ]; then
     cases=$(for c in $cases; do for w in $CASES; do if [ "${c%%:*}" = "$w" ]; then echo "$c"; fi; done; done)
 fi
 declare -A out
-for backend in qsd-raw qsd-qcow2 thinlun; do
+backends=${BACKENDS:-qsd-raw qsd-qcow2 thinlun}
+for backend in $backends; do
     for c in $cases; do
         IFS=: read -r name rw bs qd state <<<"$c"
         case $backend in
@@ -75,9 +83,13 @@ for backend in qsd-raw qsd-qcow2 thinlun; do
         t1=$(cpu_ticks "$pid")
         us=$(python3 -c "print(round(($t1-$t0)/$hz*1e6/max($ios,1),1))")
         out[$backend:$name]="$iops $mibps $us"
+        printf '%-10s %-6s %10.0f IOPS %8.1f MiB/s %8s us/req\n' "$backend" "$name" "$iops" "$mibps" "$us"
         stop
     done
 done
+case " $backends " in *" qsd-raw "*) ;; *) exit 0 ;; esac
+case " $backends " in *" qsd-qcow2 "*) ;; *) exit 0 ;; esac
+case " $backends " in *" thinlun "*) ;; *) exit 0 ;; esac
 printf '%-6s %-20s %12s %12s %12s %10s %10s %8s %8s %8s\n' case what qsd-raw qsd-qcow2 thinlun "t/raw" "t/qcow2" "us-raw" "us-qcow" "us-thin"
 for c in $cases; do
     IFS=: read -r name rw bs qd state <<<"$c"

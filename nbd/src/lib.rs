@@ -3,9 +3,14 @@
 //! and the kernel's NBD client attach to. It knows the engine's public API
 //! and nothing of virtio. See docs/NBD.md.
 
+mod buf;
+mod commands;
 pub mod exports;
 pub mod handshake;
+mod input;
+mod output;
 pub mod proto;
+mod reply;
 pub mod server;
 pub mod session;
 

@@ -6,12 +6,10 @@
 
 use crate::exports::{Export, Exports};
 use crate::handshake::{negotiate, Ended};
-use crate::proto::REQUEST_BYTES;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io;
 use std::net::Shutdown;
-use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -211,52 +209,11 @@ fn connection(stream: UnixStream, id: u64, sh: &Shared) {
         return;
     }
     let _ = stream.set_read_timeout(None);
-    // Buffered: many small requests per system call, and what is already
-    // buffered counts as waiting.
-    let mut r = BufReader::with_capacity(1 << 20, &stream);
-    let mut io = Duplex {
-        r: &mut r,
-        w: &stream,
-    };
-    let waiting = |io: &Duplex<'_, '_>| io.r.buffer().len() >= REQUEST_BYTES || readable(&stream);
-    match crate::session::serve(&mut io, &n, waiting) {
+    match crate::session::serve(&stream, &n) {
         Ok(()) | Err(Ended::Quit) => {}
         Err(Ended::Protocol(why)) => log::info!("nbd '{}': closing the client: {why}", n.name),
         Err(Ended::Io(e)) => log::info!("nbd '{}': {e}", n.name),
     }
-}
-
-/// A buffered read side and the plain write side of one socket.
-struct Duplex<'a, 'b> {
-    r: &'a mut BufReader<&'b UnixStream>,
-    w: &'b UnixStream,
-}
-
-impl Read for Duplex<'_, '_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.r.read(buf)
-    }
-}
-
-impl Write for Duplex<'_, '_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.w.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.w.flush()
-    }
-}
-
-/// Whether the socket has bytes to read now.
-fn readable(s: &UnixStream) -> bool {
-    let mut p = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, a zero timeout.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n == 1 && p.revents & libc::POLLIN != 0
 }
 
 fn replace_stale(path: &Path) -> io::Result<()> {
