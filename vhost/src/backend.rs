@@ -965,18 +965,20 @@ impl VhostUserBackend for BlkBackend {
 }
 
 /// How long a queue that just answered everything looks for the guest's
-/// next request before it sleeps until a kick: 20 µs, or
-/// `THINLUN_VHOST_POLL_US` (0 turns it off). At queue depth 1 the next
-/// request follows the answer within microseconds, and catching it here
-/// saves the guest's kick and this thread's wake-up. Bounded and only
-/// after work: an idle queue never spins.
+/// next request before it sleeps until a kick: `THINLUN_VHOST_POLL_US`
+/// microseconds, off (0) by default. At queue depth 1 a poll can catch the
+/// next request without the guest's kick and this thread's wake-up, but
+/// on the 2-core machines measured (BENCHMARKS.md) 20 µs made QD1 reads
+/// slower (0.76-0.77x raw against 0.81-0.91x) and cost 2-5 µs more CPU
+/// per request: the spinning thread competes with the front end and the
+/// kernel. Bounded and only after work: an idle queue never spins.
 fn poll_after_answers() -> std::time::Duration {
     static POLL: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
     *POLL.get_or_init(|| {
         let us = std::env::var("THINLUN_VHOST_POLL_US")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(20);
+            .unwrap_or(0);
         std::time::Duration::from_micros(us)
     })
 }

@@ -22,7 +22,7 @@ pub struct DaemonArgs {
     /// Logical block size the guests see
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = block_size)]
     pub block_size: u32,
-    /// Commit metadata only on guest FLUSH (see 'serve --help')
+    /// Deprecated, no longer faster (see 'serve --help')
     #[arg(long)]
     pub lazy_commit: bool,
 }
@@ -80,6 +80,9 @@ pub fn run(pool: Option<&Path>, args: &DaemonArgs) -> CliResult<()> {
     let template = ServeOptions {
         block_size: args.block_size,
         durability: if args.lazy_commit {
+            log::warn!(
+                "--lazy-commit is deprecated: it is no longer faster, and a crash of this process would lose completed writes"
+            );
             Durability::FlushOnly
         } else {
             Durability::ProcessCrash

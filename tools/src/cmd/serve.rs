@@ -39,8 +39,10 @@ pub struct ServeArgs {
     /// Logical block size the guest sees
     #[arg(long, value_name = "BYTES", default_value_t = 512, value_parser = block_size)]
     pub block_size: u32,
-    /// Commit metadata only on guest FLUSH: faster, but a crash of this
-    /// process then loses unflushed writes (as a power loss would)
+    /// Deprecated: skip persisting completed writes, so that a crash of
+    /// this process loses unflushed writes (as a power loss would). It is
+    /// no longer faster: persisting costs no device write since the
+    /// unflushed record (docs/FORMAT.md, 6.11)
     #[arg(long)]
     pub lazy_commit: bool,
     /// Control socket (snapshots, more volumes) [default: <pool path>.ctl;
@@ -124,6 +126,9 @@ pub fn run(pool: Option<&std::path::Path>, args: &ServeArgs) -> CliResult<()> {
         read_only: args.read_only,
         block_size: args.block_size,
         durability: if args.lazy_commit {
+            log::warn!(
+                "--lazy-commit is deprecated: it is no longer faster, and a crash of this process would lose completed writes"
+            );
             Durability::FlushOnly
         } else {
             Durability::ProcessCrash
