@@ -860,3 +860,35 @@ fn concurrent_writers_wait_for_the_pool() {
     assert!(out.status.success(), "{stderr}");
     assert_eq!(stderr.matches("waiting up to 60 s").count(), 1, "{stderr}");
 }
+
+/// `export VOL -` with stdout redirected to a regular file leaves holes
+/// where the volume has none, as `export VOL FILE` does; through a pipe
+/// the bytes are the same.
+#[test]
+fn export_to_stdout_redirected_to_a_file_is_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("sparse-stdout");
+    let pool = new_pool(&dir);
+    ok(&pool, &["create", "vm", "32M"]);
+    let data = dir.path("data.bin");
+    fs::write(&data, vec![0x5au8; MIB]).unwrap();
+    ok(&pool, &["import", "vm", data.to_str().unwrap()]);
+    let out = dir.path("out.raw");
+    let status = Command::new(BIN)
+        .args(["-p", pool.to_str().unwrap(), "export", "vm", "-"])
+        .env_remove("THINLUN_POOL")
+        .stdout(fs::File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let meta = fs::metadata(&out).unwrap();
+    assert_eq!(meta.len(), 32 * MIB as u64);
+    let allocated = meta.blocks() * 512;
+    assert!(
+        allocated <= 2 * MIB as u64,
+        "{allocated} bytes allocated for 1 MiB of data"
+    );
+    let piped = run_with(&pool_args(&pool, &["export", "vm", "-"]), None, None);
+    assert!(piped.status.success());
+    assert_eq!(fs::read(&out).unwrap(), piped.stdout);
+}

@@ -13,8 +13,49 @@ use thinlun::{Volume, SECTOR_SIZE};
 /// Where the image goes: a regular file gets holes for zero blocks; a
 /// stream or device gets every byte.
 enum Sink {
-    File(File),
+    /// A regular file, written with holes where the volume has none, from
+    /// byte `base` on.
+    File {
+        f: File,
+        base: u64,
+    },
     Stream(Box<dyn Write>),
+}
+
+/// Stdout as a sparse file when it is redirected to a regular file (`>
+/// img`); a stream otherwise, and when opened for appending (`>> img`),
+/// where positioned writes would append instead.
+fn stdout_sink() -> Sink {
+    use std::io::Seek;
+    use std::os::fd::AsFd;
+    let file = io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(File::from)
+        .filter(|f| f.metadata().is_ok_and(|m| m.is_file()))
+        .filter(|_| !stdout_appends());
+    match file {
+        Some(mut f) => match f.stream_position() {
+            Ok(base) => Sink::File { f, base },
+            Err(_) => Sink::Stream(Box::new(io::stdout().lock())),
+        },
+        None => Sink::Stream(Box::new(io::stdout().lock())),
+    }
+}
+
+/// Whether stdout has O_APPEND, as /proc/self/fdinfo/1 shows its flags
+/// (octal); unknown counts as appending, which only costs sparseness.
+fn stdout_appends() -> bool {
+    const O_APPEND: u32 = 0o2000;
+    std::fs::read_to_string("/proc/self/fdinfo/1")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .is_none_or(|flags| flags & O_APPEND != 0)
 }
 
 pub fn run(pool: Option<&Path>, name: &str, file: &Path, force: bool) -> CliResult<()> {
@@ -34,7 +75,7 @@ pub fn run(pool: Option<&Path>, name: &str, file: &Path, force: bool) -> CliResu
     // The volume must exist before the output file is touched.
     let vol = pool.open_volume(name)?;
     let (mut sink, created) = if to_stdout {
-        (Sink::Stream(Box::new(io::stdout().lock())), false)
+        (stdout_sink(), false)
     } else {
         open_output(file, force)?
     };
@@ -80,7 +121,7 @@ fn open_output(file: &Path, force: bool) -> CliResult<(Sink, bool)> {
             .create_new(true)
             .open(file)
             .map_err(|e| CliError::io(&what, e))?;
-        return Ok((Sink::File(f), true));
+        return Ok((Sink::File { f, base: 0 }, true));
     };
     let ft = meta.file_type();
     // Pipes and character devices (/dev/null) are streams, not data to lose.
@@ -114,7 +155,7 @@ fn open_output(file: &Path, force: bool) -> CliResult<(Sink, bool)> {
         .truncate(true)
         .open(file)
         .map_err(|e| CliError::io(&what, e))?;
-    Ok((Sink::File(f), false))
+    Ok((Sink::File { f, base: 0 }, false))
 }
 
 /// Copies the whole volume out. Returns the bytes of non-zero blocks.
@@ -135,19 +176,19 @@ fn copy_out(vol: &Volume, sink: &mut Sink, total: u64, what: &str) -> CliResult<
                 stored += run as u64;
             }
             match sink {
-                Sink::File(f) if !zero => f
-                    .write_all_at(&chunk[at..at + run], offset + at as u64)
+                Sink::File { f, base } if !zero => f
+                    .write_all_at(&chunk[at..at + run], *base + offset + at as u64)
                     .map_err(io_err)?,
-                Sink::File(_) => {}
+                Sink::File { .. } => {}
                 Sink::Stream(w) => w.write_all(&chunk[at..at + run]).map_err(io_err)?,
             }
         }
         offset += len as u64;
     }
     match sink {
-        Sink::File(f) => {
+        Sink::File { f, base } => {
             // Trailing holes need the length set explicitly.
-            f.set_len(total).map_err(io_err)?;
+            f.set_len(*base + total).map_err(io_err)?;
             f.sync_all().map_err(io_err)?;
         }
         Sink::Stream(w) => w.flush().map_err(io_err)?,
