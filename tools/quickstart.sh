@@ -6,10 +6,20 @@
 # then a pool shared by two hosts (leases on the LUN, one writer per volume,
 # release for live migration).
 # Usage: bash tools/quickstart.sh [DIR]   (default /var/tmp/thinlun-demo)
+# Everything it makes in DIR is removed at the end, whether it succeeds or
+# not; KEEP=1 keeps it to look at.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/var/tmp/thinlun-demo}
+made_dir=0
+[ -d "$dir" ] || made_dir=1
 mkdir -p "$dir"
+cleanup() {
+  [ "${KEEP:-0}" = 1 ] && { echo "kept: $dir" >&2; return; }
+  rm -rf "$dir"/{pool.img,disk.raw,disk.out,shared.img,host1,host2,serve.log,serve-shared.log,vm-102.sock,vm-200.sock}
+  if [ "$made_dir" = 1 ]; then rmdir "$dir" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
 
 # Two builds: a target filter such as --example applies to every package
 # named, so one command would skip the thinctl binary.
