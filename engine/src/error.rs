@@ -24,7 +24,7 @@ pub enum Error {
     VolumeExists(String),
     #[error("invalid volume name '{0}': use 1..=128 characters of A-Z a-z 0-9 . _ - (not starting with '-')")]
     InvalidName(String),
-    #[error("invalid argument: {0}")]
+    #[error("{0}")]
     InvalidArgument(String),
     #[error("out of data space: the pool has no free block for this write")]
     NoSpace,

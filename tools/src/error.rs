@@ -4,8 +4,10 @@
 use std::fmt;
 use std::io;
 
-/// Exit code of usage and operational errors.
+/// Exit code of operational errors.
 pub const EXIT_FAILURE: i32 = 1;
+/// Exit code of usage errors: a bad argument, a missing pool (as clap's).
+pub const EXIT_USAGE: i32 = 2;
 /// `check --repair` / `repair`: problems were found and repaired (as fsck).
 pub const EXIT_CHECK_REPAIRED: i32 = 1;
 /// `check`: errors were found and left uncorrected (as fsck).
@@ -51,7 +53,15 @@ impl CliError {
 
 impl From<thinlun::Error> for CliError {
     fn from(e: thinlun::Error) -> CliError {
-        CliError::new(e.to_string())
+        match e {
+            // The name typed is not a volume name: a usage error.
+            e @ thinlun::Error::InvalidName(_) => {
+                CliError::new(e.to_string()).with_code(EXIT_USAGE)
+            }
+            // Other refusals (a shrink without --force, a size past the
+            // pool) depend on the pool: runtime errors.
+            e => CliError::new(e.to_string()),
+        }
     }
 }
 

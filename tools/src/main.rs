@@ -143,7 +143,7 @@ back as the dump) before anything is written. Needs the pool to itself."
     Create {
         name: String,
         /// Virtual size, a multiple of 4 KiB
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = size_arg, allow_hyphen_values = true)]
         size: u64,
         /// Create it even past the pool's overcommit limit
         #[arg(long)]
@@ -169,7 +169,7 @@ back as the dump) before anything is written. Needs the pool to itself."
     /// Grow or shrink a volume
     Resize {
         name: String,
-        #[arg(value_parser = size_arg)]
+        #[arg(value_parser = size_arg, allow_hyphen_values = true)]
         size: u64,
         /// Allow shrinking, which discards the data past the new end
         #[arg(long)]

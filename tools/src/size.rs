@@ -6,6 +6,9 @@
 /// thinctl size may be zero.
 pub fn parse_size(input: &str) -> Result<u64, String> {
     let s = input.trim();
+    if s.starts_with('-') {
+        return Err("sizes cannot be negative".into());
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());

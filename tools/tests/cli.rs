@@ -403,7 +403,7 @@ fn pool_from_environment_and_missing_pool() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(ok(&pool, &["list"]).contains("from-env"));
 
-    let err = fails_with(1, &["list"], None);
+    let err = fails_with(2, &["list"], None);
     assert!(
         err.contains("--pool") && err.contains("THINLUN_POOL"),
         "{err}"
@@ -431,9 +431,9 @@ fn rejects_bad_input() {
     assert!(err.contains("not a regular file"), "{err}");
 
     // Names.
-    let err = fails(&pool, &["create", "bad/name", "1M"]);
+    let err = fails_with(2, &pool_args(&pool, &["create", "bad/name", "1M"]), None);
     assert!(err.contains("invalid volume name"), "{err}");
-    let err = fails(&pool, &["create", "a b", "1M"]);
+    let err = fails_with(2, &pool_args(&pool, &["create", "a b", "1M"]), None);
     assert!(err.contains("invalid volume name"), "{err}");
     ok(&pool, &["create", "v", "1M"]);
     ok(&pool, &["create", "w", "1M"]);
@@ -441,7 +441,7 @@ fn rejects_bad_input() {
     assert!(err.contains("already exists"), "{err}");
     let err = fails(&pool, &["rename", "v", "w"]);
     assert!(err.contains("already exists"), "{err}");
-    let err = fails(&pool, &["rename", "v", "no/pe"]);
+    let err = fails_with(2, &pool_args(&pool, &["rename", "v", "no/pe"]), None);
     assert!(err.contains("invalid volume name"), "{err}");
 
     // Sizes: garbage and zero are usage errors; unaligned is refused.
@@ -891,4 +891,31 @@ fn export_to_stdout_redirected_to_a_file_is_sparse() {
     let piped = run_with(&pool_args(&pool, &["export", "vm", "-"]), None, None);
     assert!(piped.status.success());
     assert_eq!(fs::read(&out).unwrap(), piped.stdout);
+}
+
+/// Usage errors exit 2 (as clap's own do), runtime errors 1, and neither
+/// carries an errno-style prefix.
+#[test]
+fn usage_errors_exit_2_and_runtime_errors_1() {
+    let dir = TempDir::new("exit-codes");
+    let pool = new_pool(&dir);
+    let p = pool.to_str().unwrap();
+    let e = fails_with(2, &["-p", p, "create", "x", "-5G"], None);
+    assert!(e.contains("sizes cannot be negative"), "{e}");
+    let e = fails_with(2, &["-p", p, "create", "x", "12Q"], None);
+    assert!(e.contains("unknown unit"), "{e}");
+    let e = fails_with(2, &["-p", p, "create", "a/b", "1M"], None);
+    assert!(e.contains("invalid volume name"), "{e}");
+    let e = fails_with(2, &["list"], None);
+    assert!(e.contains("no pool given"), "{e}");
+    // A refusal that depends on the pool is a runtime error, worded
+    // without an errno-style prefix.
+    ok(&pool, &["create", "y", "8M"]);
+    let e = fails_with(1, &["-p", p, "resize", "y", "4M"], None);
+    assert!(
+        e.contains("use --force") && !e.contains("invalid argument:"),
+        "{e}"
+    );
+    let e = fails_with(1, &["-p", p, "remove", "missing"], None);
+    assert!(e.contains("not found"), "{e}");
 }

@@ -94,9 +94,18 @@ fn ok(pool: &Path, args: &[&str]) -> String {
 /// Expects exit code 1 and exactly one `thinctl: ...` line on stderr;
 /// returns that line.
 fn fails_in(pool: &Path, args: &[&str], stdin: Option<&[u8]>) -> String {
+    fails_with_code(pool, 1, args, stdin)
+}
+
+/// [`fails_in`] with exit code `code` (2: a usage error).
+fn fails_with_code(pool: &Path, code: i32, args: &[&str], stdin: Option<&[u8]>) -> String {
     let out = run(pool, args, stdin);
     let stderr = text(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "thinctl {args:?}: {stderr:?}");
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "thinctl {args:?}: {stderr:?}"
+    );
     assert!(!stderr.contains("panicked"), "panic: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
@@ -172,11 +181,11 @@ fn snapshot_list_rollback_remove() {
     // Names that exist or are not snapshot names; nothing changes.
     let err = fails(&pool, &["snapshot", "vm-1-disk-0@s1"]);
     assert!(err.contains("'vm-1-disk-0@s1' already exists"), "{err}");
-    let err = fails(&pool, &["snapshot", "vm-1-disk-0@bad/x"]);
+    let err = fails_with_code(&pool, 2, &["snapshot", "vm-1-disk-0@bad/x"], None);
     assert!(err.contains("invalid volume name"), "{err}");
     let err = fails(&pool, &["snapshot", "vm-1-disk-0"]);
     assert!(err.contains("VOL@SNAP"), "{err}");
-    let err = fails(&pool, &["snapshot", "vm-1-disk-0@s1@x"]);
+    let err = fails_with_code(&pool, 2, &["snapshot", "vm-1-disk-0@s1@x"], None);
     assert!(err.contains("invalid volume name"), "{err}");
     let err = fails(&pool, &["snapshot", "ghost@s1"]);
     assert!(err.contains("'ghost' not found"), "{err}");

@@ -86,7 +86,10 @@ pub const BLOCK: usize = thinlun::BLOCK_SIZE;
 
 /// The `--pool` path, or a message naming both ways to give it.
 pub fn pool_path(pool: Option<&Path>) -> CliResult<&Path> {
-    pool.ok_or_else(|| CliError::new("no pool given: use -p/--pool PATH or set THINLUN_POOL"))
+    pool.ok_or_else(|| {
+        CliError::new("no pool given: use -p/--pool PATH or set THINLUN_POOL")
+            .with_code(crate::error::EXIT_USAGE)
+    })
 }
 
 /// A missing path would otherwise surface as a bare ENOENT from the engine.
