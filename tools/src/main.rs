@@ -56,7 +56,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a pool or show its status
+    /// Make and manage the pool: create, status, set (thresholds and policies), grow
     #[command(subcommand)]
     Pool(PoolCommand),
     /// Verify the pool's metadata (exit 0 clean, 1 repaired with --repair, 4 errors left, 8 could not check)
@@ -141,6 +141,7 @@ back as the dump) before anything is written. Needs the pool to itself."
     },
     /// Create a thin volume (no space is allocated until it is written)
     Create {
+        /// Name of the new volume
         name: String,
         /// Virtual size, a multiple of 4 KiB
         #[arg(value_parser = size_arg, allow_hyphen_values = true)]
@@ -152,23 +153,29 @@ back as the dump) before anything is written. Needs the pool to itself."
     /// Return the pool's free space to the file system (hole punch) or, with
     /// --discard, to the SAN (BLKDISCARD on a block device)
     Trim {
+        /// Discard the free space on the device (BLKDISCARD) instead of punching holes in the file
         #[arg(long)]
         discard: bool,
     },
     /// List the volumes
     List {
+        /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
     /// Show one volume
     Info {
+        /// Volume, snapshot (VOL@SNAP) or base image
         name: String,
+        /// Print JSON instead of text
         #[arg(long)]
         json: bool,
     },
     /// Grow or shrink a volume
     Resize {
+        /// Volume to resize
         name: String,
+        /// New virtual size, a multiple of 4 KiB
         #[arg(value_parser = size_arg, allow_hyphen_values = true)]
         size: u64,
         /// Allow shrinking, which discards the data past the new end
@@ -176,9 +183,15 @@ back as the dump) before anything is written. Needs the pool to itself."
         force: bool,
     },
     /// Rename a volume
-    Rename { old: String, new: String },
+    Rename {
+        /// Current name
+        old: String,
+        /// New name
+        new: String,
+    },
     /// Remove a volume or snapshot (VOL@SNAP) and return its space to the pool
     Remove {
+        /// Volume, snapshot (VOL@SNAP) or base image to remove
         name: String,
         /// Also remove the volume's snapshots
         #[arg(short, long)]
@@ -186,6 +199,7 @@ back as the dump) before anything is written. Needs the pool to itself."
     },
     /// Copy a raw image into a volume (created if missing); zero blocks take no space
     Import {
+        /// Volume to write (created if missing)
         name: String,
         /// Image file, or - for stdin
         file: PathBuf,
@@ -195,6 +209,7 @@ back as the dump) before anything is written. Needs the pool to itself."
     },
     /// Copy a volume out as a raw image (sparse when written to a file)
     Export {
+        /// Volume or snapshot (VOL@SNAP) to copy out
         name: String,
         /// Output file, or - for stdout
         file: PathBuf,
@@ -223,7 +238,10 @@ back as the dump) before anything is written. Needs the pool to itself."
     Lock(LockCommand),
     /// Release this host's activation of a volume on a shared pool (live
     /// migration: release here, then open or serve it on the target host)
-    Release { name: String },
+    Release {
+        /// Volume to release
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -231,6 +249,7 @@ enum LockCommand {
     /// Hosts (live, silent, dead, free), the global lock, active volumes
     /// and allocation-group claims
     Status {
+        /// Print JSON instead of text
         #[arg(long)]
         json: bool,
     },
@@ -270,6 +289,7 @@ enum PoolCommand {
     },
     /// Show space use, volumes, journal and policy
     Status {
+        /// Print JSON instead of text
         #[arg(long)]
         json: bool,
     },
@@ -448,5 +468,30 @@ fn main() -> ExitCode {
             }
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
+    }
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every argument and flag of every command says what it is for.
+    #[test]
+    fn every_argument_has_a_description() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id != "help" && id != "version" && a.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "thinctl", &mut missing);
+        assert!(missing.is_empty(), "no description: {missing:#?}");
     }
 }

@@ -16,6 +16,7 @@ use thinlun::Pool;
 pub enum SnapCommand {
     /// Take a read-only, crash-consistent snapshot VOL@SNAP (O(1))
     Snapshot {
+        /// The volume and the new snapshot's name
         #[arg(value_name = "VOL@SNAP")]
         name: String,
         /// Control socket of the process serving the pool, asked when the
@@ -25,6 +26,7 @@ pub enum SnapCommand {
     },
     /// Make a volume the content of its snapshot VOL@SNAP again (O(1))
     Rollback {
+        /// The snapshot to return its volume to
         #[arg(value_name = "VOL@SNAP")]
         name: String,
         /// Also remove the volume's snapshots newer than VOL@SNAP
@@ -33,6 +35,7 @@ pub enum SnapCommand {
     },
     /// Turn a volume into a read-only base image that clones can share
     Base {
+        /// Volume to turn into a base image
         name: String,
         /// Rename it too (e.g. vm-100-disk-0 -> base-100-disk-0)
         #[arg(long = "name", value_name = "NEW")]
@@ -40,25 +43,34 @@ pub enum SnapCommand {
     },
     /// Make a writable linked clone NEW of a base image or snapshot (O(1))
     Clone {
+        /// Base image or snapshot (VOL@SNAP) to clone
         #[arg(value_name = "SRC")]
         source: String,
+        /// Name of the new clone
         new: String,
     },
     /// Copy the data a linked clone still shares, making it independent
-    Flatten { name: String },
+    Flatten {
+        /// Linked clone to make independent
+        name: String,
+    },
     /// Space per volume and snapshot: provisioned, mapped, exclusive, shared
     Du {
         /// One volume (with its snapshots) or one snapshot; default: all
         name: Option<String>,
+        /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
     },
     /// List the extents that differ between a snapshot and a later snapshot or its volume
     Diff {
+        /// The earlier snapshot
         #[arg(value_name = "VOL@SNAP")]
         from: String,
+        /// A later snapshot of the same volume, or the volume itself
         #[arg(value_name = "VOL[@SNAP]")]
         to: String,
+        /// Print JSON instead of a list
         #[arg(long)]
         json: bool,
     },
@@ -83,6 +95,7 @@ pub enum SnapCommand {
     },
     /// Apply an incremental backup stream onto VOL (which must hold its starting snapshot)
     ImportDiff {
+        /// Volume to apply the stream onto
         #[arg(value_name = "VOL")]
         name: String,
         /// Stream file, or - for stdin
