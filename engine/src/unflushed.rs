@@ -143,7 +143,7 @@ impl UnflushedRecord {
         if take == 0 {
             return;
         }
-        let bytes = self.records(self.count, &entries[..take]);
+        let bytes = self.records_for(self.epoch, self.count, &entries[..take]);
         let at = self.slot * slot_len(self.capacity) + HEADER_LEN + self.count * RECORD_LEN;
         self.mem.store(at, &bytes);
         self.count += take;
@@ -181,10 +181,6 @@ impl UnflushedRecord {
     /// The pool closed cleanly: nothing is unflushed.
     pub fn release(&self) {
         self.mem.release();
-    }
-
-    fn records(&self, first: usize, entries: &[Entry]) -> Vec<u8> {
-        self.records_for(self.epoch, first, entries)
     }
 
     fn records_for(&self, epoch: u64, first: usize, entries: &[Entry]) -> Vec<u8> {

@@ -204,6 +204,19 @@ fn host_2_dies_with_vm_2(lun: &Lun, blocks: u64) {
     h2.simulate_crash();
 }
 
+/// Creates vm-2 on `host`, writes block 0 with 1s and flushes, then
+/// writes block 1 with 2s and only persists it; the volume stays open (its
+/// handle is leaked, as a dying process leaves it).
+fn persist_after_a_flush(host: &Pool) {
+    host.create_volume("vm-2", 8 * MIB).unwrap();
+    let v = host.open_volume("vm-2").unwrap();
+    v.write(0, &vec![1u8; BS]).unwrap();
+    v.flush().unwrap();
+    v.write(8, &vec![2u8; BS]).unwrap();
+    v.persist().unwrap();
+    std::mem::forget(v);
+}
+
 /// A host dies after `persist` (its mapping journaled without a flush).
 /// Recovered by a host on another machine (another boot), that write is
 /// dropped, as after a power loss, and the flushed one kept; recovered on
@@ -213,13 +226,7 @@ fn unflushed_persists_of_a_dead_host_are_kept_only_on_its_boot() {
     for (other_machine, want) in [(true, 0u8), (false, 2u8)] {
         let lun = Lun::new(&format!("boot-{other_machine}"));
         let h2 = lun.host(2).unwrap();
-        h2.create_volume("vm-2", 8 * MIB).unwrap();
-        let v = h2.open_volume("vm-2").unwrap();
-        v.write(0, &vec![1u8; BS]).unwrap();
-        v.flush().unwrap();
-        v.write(8, &vec![2u8; BS]).unwrap();
-        v.persist().unwrap();
-        std::mem::forget(v);
+        persist_after_a_flush(&h2);
         h2.simulate_crash();
         let boot = other_machine.then_some(0x0dd_b007);
         let h3 = lun
@@ -242,15 +249,9 @@ fn unflushed_persists_of_a_dead_host_are_kept_only_on_its_boot() {
 fn a_record_left_before_another_hosts_recovery_is_not_replayed() {
     let lun = Lun::new("stale-record");
     let h2 = lun.host(2).unwrap();
-    h2.create_volume("vm-2", 8 * MIB).unwrap();
-    let v = h2.open_volume("vm-2").unwrap();
-    v.write(0, &vec![1u8; BS]).unwrap();
-    v.flush().unwrap();
-    v.write(8, &vec![2u8; BS]).unwrap();
-    v.persist().unwrap();
+    persist_after_a_flush(&h2);
     let path = h2.unflushed_record_path().unwrap();
     let left = std::fs::read(&path).unwrap();
-    std::mem::forget(v);
     h2.simulate_crash();
     // The other machine does not see this machine's record.
     std::fs::remove_file(&path).unwrap();

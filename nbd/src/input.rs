@@ -25,11 +25,38 @@ struct Partial {
     got: usize,
 }
 
-pub struct Input<'a> {
-    s: &'a UnixStream,
-    ahead: Box<[u8]>,
+/// Bytes received but not yet consumed: `buf[start..end]`.
+struct ReadAhead {
+    buf: Box<[u8]>,
     start: usize,
     end: usize,
+}
+
+impl ReadAhead {
+    fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// One receive into the free end (moving what is left to the front
+    /// first when the free end runs short). Returns whether anything came,
+    /// and whether the socket was drained (the read left room).
+    fn fill(&mut self, s: &UnixStream, block: bool) -> Result<(bool, bool), Ended> {
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        } else if self.buf.len() - self.end < SMALL_REST {
+            self.buf.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        let space = self.buf.len() - self.end;
+        let n = recv(s, &mut self.buf[self.end..], block)?;
+        self.end += n;
+        Ok((n > 0, n < space))
+    }
+}
+
+pub struct Input<'a> {
+    s: &'a UnixStream,
+    ahead: ReadAhead,
     partial: Option<Partial>,
     /// The last read found the socket empty (or drained it): reading
     /// again before the session has waited for something would only cost
@@ -41,9 +68,11 @@ impl<'a> Input<'a> {
     pub fn new(s: &'a UnixStream) -> Input<'a> {
         Input {
             s,
-            ahead: vec![0u8; READ_AHEAD].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            ahead: ReadAhead {
+                buf: vec![0u8; READ_AHEAD].into_boxed_slice(),
+                start: 0,
+                end: 0,
+            },
             partial: None,
             dry: false,
         }
@@ -51,7 +80,7 @@ impl<'a> Input<'a> {
 
     /// Whether part of a request has arrived and the rest has not.
     pub fn partial(&self) -> bool {
-        self.partial.is_some() || self.end > self.start
+        self.partial.is_some() || self.ahead.len() > 0
     }
 
     pub fn in_payload(&self) -> bool {
@@ -79,13 +108,14 @@ impl<'a> Input<'a> {
     /// The next request header, not yet taken, if it has arrived (after
     /// waiting for it when `block`).
     pub fn header(&mut self, block: bool) -> Result<Option<Request>, Ended> {
-        while self.end - self.start < REQUEST_BYTES {
+        while self.ahead.len() < REQUEST_BYTES {
             if !self.fill(block)? {
                 return Ok(None);
             }
         }
         let mut h = [0u8; REQUEST_BYTES];
-        h.copy_from_slice(&self.ahead[self.start..self.start + REQUEST_BYTES]);
+        let at = self.ahead.start;
+        h.copy_from_slice(&self.ahead.buf[at..at + REQUEST_BYTES]);
         parse_request(&h)
             .map(Some)
             .map_err(|_| Ended::Protocol("bad request magic".into()))
@@ -94,7 +124,7 @@ impl<'a> Input<'a> {
     /// Takes the header [`Input::header`] returned; a write's payload then
     /// goes into `payload` (of the write's length).
     pub fn take_header(&mut self, req: Request, payload: Option<Buf>) {
-        self.start += REQUEST_BYTES;
+        self.ahead.start += REQUEST_BYTES;
         if let Some(buf) = payload {
             self.partial = Some(Partial { req, buf, got: 0 });
         }
@@ -107,9 +137,10 @@ impl<'a> Input<'a> {
         };
         loop {
             let want = p.buf.len() - p.got;
-            let n = want.min(self.end - self.start);
-            p.buf[p.got..p.got + n].copy_from_slice(&self.ahead[self.start..self.start + n]);
-            self.start += n;
+            let n = want.min(self.ahead.len());
+            let at = self.ahead.start;
+            p.buf[p.got..p.got + n].copy_from_slice(&self.ahead.buf[at..at + n]);
+            self.ahead.start += n;
             p.got += n;
             if p.got == p.buf.len() {
                 break;
@@ -119,14 +150,9 @@ impl<'a> Input<'a> {
                 return Ok(None);
             }
             let read = if rest <= SMALL_REST {
-                fill(
-                    self.s,
-                    &mut self.ahead,
-                    &mut self.start,
-                    &mut self.end,
-                    block,
-                    &mut self.dry,
-                )?
+                let (read, dry) = self.ahead.fill(self.s, block)?;
+                self.dry = dry;
+                read
             } else {
                 let n = recv(self.s, &mut p.buf[p.got..], block)?;
                 p.got += n;
@@ -146,37 +172,10 @@ impl<'a> Input<'a> {
         if self.dry && !block {
             return Ok(false);
         }
-        fill(
-            self.s,
-            &mut self.ahead,
-            &mut self.start,
-            &mut self.end,
-            block,
-            &mut self.dry,
-        )
+        let (read, dry) = self.ahead.fill(self.s, block)?;
+        self.dry = dry;
+        Ok(read)
     }
-}
-
-fn fill(
-    s: &UnixStream,
-    ahead: &mut [u8],
-    start: &mut usize,
-    end: &mut usize,
-    block: bool,
-    dry: &mut bool,
-) -> Result<bool, Ended> {
-    if *start == *end {
-        (*start, *end) = (0, 0);
-    } else if ahead.len() - *end < SMALL_REST {
-        ahead.copy_within(*start..*end, 0);
-        (*start, *end) = (0, *end - *start);
-    }
-    let space = ahead.len() - *end;
-    let n = recv(s, &mut ahead[*end..], block)?;
-    *end += n;
-    // A read that left room took all there was.
-    *dry = n < space;
-    Ok(n > 0)
 }
 
 /// One read from the socket: 0 means nothing there now (never when
