@@ -25,135 +25,7 @@ use virtio_driver::{
 };
 
 include!("vhost_common.rs");
-
-/// A pool file in a scratch directory and the `thinctl` to run on it.
-struct Lab {
-    dir: TempDir,
-    thinctl: PathBuf,
-    pool: PathBuf,
-    /// Processes started, killed on drop so a failing test leaves none.
-    servers: std::cell::RefCell<Vec<u32>>,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for &pid in self.servers.borrow().iter() {
-            // Only a process that is still our child: a server already
-            // stopped and reaped may have had its pid reused.
-            if parent_of(pid) == Some(std::process::id()) {
-                // SAFETY: plain syscall on our own child process.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            }
-        }
-    }
-}
-
-impl Lab {
-    fn new(tag: &str) -> Lab {
-        let dir = TempDir::new(tag);
-        let lab = Lab {
-            thinctl: thinctl(),
-            pool: dir.0.join("pool.img"),
-            dir,
-            servers: Default::default(),
-        };
-        lab.ctl(&["pool", "create", "--size", "256M"]);
-        lab
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.0.join(name)
-    }
-
-    fn control(&self) -> PathBuf {
-        let mut s = std::fs::canonicalize(&self.pool).unwrap().into_os_string();
-        s.push(".ctl");
-        PathBuf::from(s)
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        Command::new(&self.thinctl)
-            .arg("-p")
-            .arg(&self.pool)
-            .args(args)
-            .env_remove("THINLUN_CONTROL")
-            .output()
-            .unwrap()
-    }
-
-    /// Runs thinctl, which must succeed; its stdout.
-    fn ctl(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "thinctl {args:?}: {}{}",
-            text,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        text
-    }
-
-    /// Runs thinctl, which must fail; its stderr.
-    fn ctl_fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            !out.status.success(),
-            "thinctl {args:?} succeeded: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    /// Starts `thinctl <args>` (daemon or serve) and waits until its
-    /// control socket answers.
-    fn start(&self, args: &[&str]) -> Child {
-        let log = File::create(self.path("daemon.log")).unwrap();
-        let mut child = Command::new(&self.thinctl)
-            .arg("-p")
-            .arg(&self.pool)
-            .args(args)
-            .env_remove("THINLUN_CONTROL")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.servers.borrow_mut().push(child.id());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while UnixStream::connect(self.control()).is_err() {
-            if let Some(st) = child.try_wait().unwrap() {
-                panic!("thinctl {args:?} exited with {st}:\n{}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no control socket:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM; the process must exit cleanly and leave no socket.
-    fn stop(&self, mut child: Child, sockets: &[&Path]) {
-        // SAFETY: sending a signal to our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let status = child.wait().unwrap();
-        let log = self.log();
-        assert!(status.success(), "exited with {status}:\n{log}");
-        assert!(log.contains("stopped serving"), "no clean stop in:\n{log}");
-        for s in sockets {
-            assert!(!s.exists(), "{} left behind:\n{log}", s.display());
-        }
-        assert!(!self.control().exists(), "control socket left behind");
-        let check = self.ctl(&["check"]);
-        assert!(check.contains("clean"), "pool check: {check}");
-    }
-}
+include!("daemon_lab.rs");
 
 /// Sends raw bytes to the control socket (closing the write side when
 /// `close` is set) and returns the reply line.
@@ -408,7 +280,9 @@ fn serve_opens_a_control_socket_for_snapshots() {
     c.data(0, LEN).copy_from_slice(&data);
     assert_eq!(c.write(0, 0, LEN), S_OK);
     // Without a control socket the busy pool is reported as before.
+    // --no-wait: a busy pool is refused at once, not after --wait's 60 s.
     let e = lab.ctl_fails(&[
+        "--no-wait",
         "snapshot",
         "vm-1@x",
         "--control",
@@ -429,7 +303,7 @@ fn serve_opens_a_control_socket_for_snapshots() {
     let out = Command::new(&lab.thinctl)
         .arg("-p")
         .arg(&lab.pool)
-        .args(["create", "vm-3", "16M"])
+        .args(["--no-wait", "create", "vm-3", "16M"])
         .env("THINLUN_CONTROL", lab.path("none.ctl"))
         .output()
         .unwrap();

@@ -16,14 +16,16 @@ use crate::activation::Activation;
 use crate::config::BlkConfig;
 use crate::flow::{DataRequest, Flow};
 use crate::guest::{self, HostSeg, Mem, Reader};
+use crate::guest_fault::{self, FileRegistry};
 use crate::request::{self, Command, Desc, Parsed, Status, ID_BYTES, SECTOR};
 use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use thinlun::dev::AlignedBuf;
 use thinlun::{Request, Volume};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost_user_backend::{VhostUserBackend, VringMutex, VringState, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VringMutex, VringState, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -141,6 +143,21 @@ struct Inner {
     /// The front end asked for dirty logging (VHOST_F_LOG_ALL): a live
     /// migration is under way, and a stop of every queue is its last.
     log_all: AtomicBool,
+    /// This front end's memory files, for the SIGBUS handler.
+    files: FileRegistry,
+    /// The memory table last checked ([`guest_fault::check_table`]):
+    /// the data path touches no other.
+    checked: Mutex<Option<Arc<Mem>>>,
+    /// The front end's memory faulted: nothing more is served to it.
+    lost: AtomicBool,
+    /// Ends this front end's connection (set by the server once it is
+    /// accepted).
+    connection: Mutex<Option<ShutdownHandle>>,
+    /// The workers' exit eventfds, which vhost-user-backend 0.24.0 takes
+    /// with `into_raw_fd` and never closes: one descriptor lost per
+    /// connection, so a front end that reconnects in a loop would run the
+    /// daemon out of descriptors. Closed in [`BlkBackend::close_exit_events`].
+    exit_fds: Mutex<Vec<RawFd>>,
 }
 
 impl BlkBackend {
@@ -155,6 +172,11 @@ impl BlkBackend {
                 synced: (0..n).map(|_| AtomicBool::new(false)).collect(),
                 flows: (0..n).map(|_| Mutex::new(Flow::new())).collect(),
                 log_all: AtomicBool::new(false),
+                files: FileRegistry::new(),
+                checked: Mutex::new(None),
+                lost: AtomicBool::new(false),
+                connection: Mutex::new(None),
+                exit_fds: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -174,10 +196,62 @@ impl BlkBackend {
         }
     }
 
+    /// Closes the exit eventfds the crate leaks (see `exit_fds`); only
+    /// once the connection's workers are joined, and only descriptors
+    /// that are still eventfds.
+    pub fn close_exit_events(&self) {
+        for fd in lock(&self.inner.exit_fds).drain(..) {
+            let link = std::fs::read_link(format!("/proc/self/fd/{fd}"));
+            if link.is_ok_and(|l| l.as_os_str() == "anon_inode:[eventfd]") {
+                // SAFETY: the crate gave up this descriptor (into_raw_fd)
+                // to an epoll set that is closed now its worker is joined;
+                // nothing else refers to it.
+                unsafe { libc::close(fd) };
+            }
+        }
+    }
+
+    /// Lets the backend end its own connection (a front end whose memory
+    /// faulted).
+    pub fn set_connection(&self, handle: Option<ShutdownHandle>) {
+        *lock(&self.inner.connection) = handle;
+    }
+
+    /// Checks a memory table before its first use and registers its
+    /// files; false (logged) if it must not be touched.
+    fn memory_checked(&self, mem: &Arc<Mem>) -> Result<(), String> {
+        let mut checked = lock(&self.inner.checked);
+        if checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, mem)) {
+            return Ok(());
+        }
+        let files = guest_fault::check_table(mem)?;
+        self.inner.files.register(&files)?;
+        *checked = Some(mem.clone());
+        Ok(())
+    }
+
+    /// The front end's memory faulted under us (its file was truncated):
+    /// what it asked for is not answered, and it is disconnected. Other
+    /// front ends of the process go on.
+    fn lose_front_end(&self) {
+        if !self.inner.lost.swap(true, Ordering::AcqRel) {
+            log::error!(
+                "'{}': the front end's guest memory is no longer backed by its file (truncated?): disconnecting it",
+                self.inner.dev.activation.name()
+            );
+        }
+        if let Some(h) = lock(&self.inner.connection).as_ref() {
+            h.shutdown();
+        }
+    }
+
     fn process_vring(&self, vring: &Vring, q: usize) -> io::Result<()> {
         let Some(flow) = self.inner.flows.get(q) else {
             return Ok(());
         };
+        if self.inner.lost.load(Ordering::Acquire) {
+            return Ok(());
+        }
         // Outside the queue's lock: a GET_VRING_BASE during the wait for
         // another holder's release must not wait with it.
         let vol = self.inner.dev.activation.acquire();
@@ -189,6 +263,11 @@ impl BlkBackend {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let mem: Arc<Mem> = atomic.memory().into_inner();
+        // The handler installs a new table before telling us: one that
+        // fails the check is refused there (update_memory) and never used.
+        if self.memory_checked(&mem).is_err() {
+            return Ok(());
+        }
         if let Some(flag) = self.inner.synced.get(q) {
             if !flag.load(Ordering::Acquire) {
                 // A restarted server (or a re-started queue) continues the
@@ -222,6 +301,11 @@ impl BlkBackend {
             let took = !chains.is_empty();
             if took {
                 self.start_chains(&mem, vol, chains, &mut flow);
+            }
+            if guest_fault::take_fault() {
+                // Chains or data read as zeros: answer nothing more.
+                self.lose_front_end();
+                return Ok(());
             }
             if flow.in_flight() > 0 {
                 // Having just taken requests, collect what is already done
@@ -497,7 +581,11 @@ impl BlkBackend {
                     if bounce[i] {
                         let len = segs.iter().map(|s| s.len as usize).sum();
                         let mut buf = AlignedBuf::zeroed(len);
-                        if guest::gather(mem, segs, &mut buf).is_err() {
+                        // A contained fault (a truncated memory file)
+                        // gathered zeros, not the guest's data.
+                        if guest::gather(mem, segs, &mut buf).is_err()
+                            || guest_fault::fault_pending()
+                        {
                             outside_memory(vol, "write");
                             p.fail(Status::IoErr);
                             continue;
@@ -907,7 +995,20 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn update_memory(&self, mem: Gm) -> io::Result<()> {
-        *self.inner.mem.lock().unwrap_or_else(|e| e.into_inner()) = mem;
+        let table = mem.memory().into_inner();
+        if let Err(e) = self.memory_checked(&table) {
+            log::warn!(
+                "'{}': refusing the front end's memory table: {e}",
+                self.inner.dev.activation.name()
+            );
+            // The handler installed it before asking: take it out before
+            // any queue uses it. The error ends the connection.
+            if let Ok(guard) = mem.lock() {
+                guard.replace(Mem::new());
+            }
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, e));
+        }
+        *lock(&self.inner.mem) = mem;
         Ok(())
     }
 
@@ -916,7 +1017,10 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        new_event_consumer_and_notifier(EventFlag::NONBLOCK).ok()
+        let pair =
+            new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()?;
+        lock(&self.inner.exit_fds).push(pair.0.as_raw_fd());
+        Some(pair)
     }
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
@@ -955,7 +1059,12 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.get(device_event as usize) else {
             return Ok(());
         };
-        if let Err(e) = self.process_vring(vring, thread_id) {
+        let r = self.process_vring(vring, thread_id);
+        if guest_fault::take_fault() {
+            // What it read of the ring or the data were zeros, not the
+            // guest's: the error, if any, says nothing more.
+            self.lose_front_end();
+        } else if let Err(e) = r {
             // Never stop the worker over one bad event; the guest sees
             // the queue stall only if the ring itself is unusable.
             log::warn!("queue {thread_id}: {e}");
@@ -1021,6 +1130,10 @@ fn outside_memory(vol: &Volume, what: &str) {
             vol.name()
         )
     });
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -6,6 +6,8 @@
 //! - [`request`]: parsing a descriptor chain into a request (pure);
 //! - [`config`]: the virtio-blk configuration space and feature bits;
 //! - [`guest`]: guest memory access and translation to host slices;
+//! - `guest_fault`: refusing memory tables a front end does not back, and
+//!   containing SIGBUS when it truncates them later;
 //! - [`backend`]: the vhost-user backend and the per-queue data path;
 //! - [`server`]: the accept / serve / re-listen loop;
 //! - [`control`]: serving many volumes of one pool, changed at run time
@@ -32,6 +34,7 @@ pub mod config;
 pub mod control;
 mod flow;
 pub mod guest;
+mod guest_fault;
 mod loglimit;
 pub mod request;
 pub mod server;

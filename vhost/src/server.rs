@@ -136,6 +136,7 @@ impl StopHandle {
 pub struct Server {
     device: Arc<Device>,
     listener: Listener,
+    socket: PathBuf,
     stop: StopHandle,
     connections: u64,
 }
@@ -163,6 +164,7 @@ impl Server {
         let size = activation.size_bytes();
         let mut config = BlkConfig::new(size, opts.block_size, opts.opt_io_bytes, opts.num_queues);
         config.read_only = opts.read_only;
+        crate::guest_fault::install();
         let device = Arc::new(Device::new(
             activation,
             config,
@@ -179,6 +181,7 @@ impl Server {
         Ok(Server {
             device,
             listener,
+            socket: opts.socket.clone(),
             stop: StopHandle::new()?,
             connections: 0,
         })
@@ -251,6 +254,61 @@ impl Server {
         }
     }
 
+    /// While a front end is served, closes the connections of others on
+    /// the same socket, with a log line: the vhost-user protocol has no
+    /// refusal message, and QEMU reports the closed socket at once. A
+    /// connection arriving just as the served one ends (a reconnecting
+    /// QEMU) gets a second's grace and is then served.
+    fn refuse_others(&self, ended: &EventFd) {
+        let name = self.device.activation.name();
+        let mut grace = false;
+        loop {
+            let mut fds = [
+                libc::pollfd {
+                    fd: ended.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: self.listener.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // Until the grace runs out only the end of the served
+            // connection is waited for.
+            let (n, timeout) = if grace { (1, 1000) } else { (2, -1) };
+            // SAFETY: `fds` is a valid array of at least `n` pollfd for the
+            // duration of the call; the descriptors outlive it.
+            let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+            if r < 0 {
+                if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return;
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                return;
+            }
+            if !grace {
+                grace = fds[1].revents & libc::POLLIN != 0;
+                continue;
+            }
+            grace = false;
+            match self.listener.accept() {
+                Ok(Some(stream)) => {
+                    log::warn!(
+                        "'{name}': refused a second front end on {}: the volume is served to another front end on this socket",
+                        self.socket.display()
+                    );
+                    drop(stream);
+                }
+                Ok(None) => {}
+                Err(e) => log::warn!("'{name}': accepting on {}: {e}", self.socket.display()),
+            }
+        }
+    }
+
     /// Accepts the pending client and serves it until it disconnects or a
     /// stop is asked. Its worker threads are joined before this returns,
     /// so no request of this connection runs after it.
@@ -263,6 +321,7 @@ impl Server {
             .start(&mut self.listener)
             .map_err(|e| io::Error::other(e.to_string()))?;
         self.connections += 1;
+        backend.set_connection(daemon.shutdown_handle());
         *self.stop.conn() = daemon.shutdown_handle();
         if self.stop.is_stopped() {
             // A stop that raced with the accept.
@@ -270,10 +329,27 @@ impl Server {
                 h.shutdown();
             }
         }
-        let r = daemon.wait();
+        // One front end at a time: others that connect meanwhile are
+        // refused rather than left waiting in the backlog.
+        let this = &*self;
+        let ended = EventFd::new(EFD_NONBLOCK).ok();
+        let r = std::thread::scope(|scope| {
+            let refuser = ended
+                .as_ref()
+                .map(|ended| scope.spawn(move || this.refuse_others(ended)));
+            let r = daemon.wait();
+            if let Some(e) = &ended {
+                let _ = e.write(1);
+            }
+            if let Some(t) = refuser {
+                let _ = t.join();
+            }
+            r
+        });
         *self.stop.conn() = None;
         // Dropping the daemon signals the queue workers and joins them.
         drop(daemon);
+        backend.close_exit_events();
         backend.release("the front end disconnected");
         if !self.stop.is_stopped() {
             match r {

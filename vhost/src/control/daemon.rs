@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -649,6 +649,15 @@ impl Daemon {
                 return;
             }
         };
+        // The socket is 0600, so only its owner (and root) can connect;
+        // the peer's credentials are checked too, should its mode be
+        // widened by hand.
+        if let Err(why) = peer_may_administer(&stream) {
+            log::warn!("control socket: refused a client: {why}");
+            let mut w = &stream;
+            let _ = w.write_all(format!("error {why}\n").as_bytes());
+            return;
+        }
         let reply = match read_request(&stream) {
             Ok(line) => self.handle_line(&line),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => format!("error {e}"),
@@ -690,6 +699,43 @@ impl Drop for Daemon {
         for s in std::mem::take(&mut self.served).into_values() {
             finish(s);
         }
+    }
+}
+
+/// Only root and the daemon's own user administer the pool.
+fn peer_may_administer(stream: &UnixStream) -> Result<(), String> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a ucred
+    // on the stack; the descriptor is the connected stream's.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "cannot read the client's credentials: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if cred.uid == 0 || cred.uid == me {
+        Ok(())
+    } else {
+        Err(format!(
+            "permission denied: uid {} (pid {}) is neither root nor the daemon's user (uid {me})",
+            cred.uid, cred.pid
+        ))
     }
 }
 
