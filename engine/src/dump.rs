@@ -946,6 +946,11 @@ pub fn restore(
             }
         }
     }
+    // Host slots and lock registers, unused on a single-host pool: a
+    // damaged one (random bytes from a stray dd) becomes never-used again.
+    for dl in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+        first.push((dl.block, vec![0u8; BLOCK_SIZE]));
+    }
     let sb = Superblock {
         generation,
         layout,
@@ -988,16 +993,17 @@ pub fn restore(
 
     // Verify before touching the LUN.
     let after = check(ov.as_ref(), label)?;
-    if !after.errors.is_empty() || !after.warnings.is_empty() {
+    let problems: Vec<&String> = after.errors.iter().chain(&after.warnings).collect();
+    if let Some(first) = problems.first() {
+        for p in &problems {
+            log::debug!("{label}: restored metadata: {p}");
+        }
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
         return Err(Error::Corrupt(format!(
-            "the restored metadata did not verify ({}); nothing was written",
-            after
-                .errors
-                .iter()
-                .chain(&after.warnings)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
+            "the restored metadata did not verify ({first}{more}); nothing was written"
         )));
     }
     let back = dump(ov.as_ref(), label)?;
