@@ -20,7 +20,9 @@ pub struct CheckReport {
     pub errors: Vec<String>,
     /// Damage that a redundant copy covers (rewritten on the next commit).
     pub warnings: Vec<String>,
+    /// Catalog entries that are not snapshots (as `PoolStatus::volumes`).
     pub volumes: u64,
+    pub snapshots: u64,
     pub mapped_blocks: u64,
     pub extents: u64,
     pub data_blocks: u64,
@@ -134,7 +136,12 @@ pub fn check_with_progress(
         report.mapped_blocks += v.map.mapped_blocks();
         report.extents += v.map.extent_count();
     }
-    report.volumes = st.volumes.len() as u64;
+    report.snapshots = st
+        .volumes
+        .values()
+        .filter(|v| v.rec.flags & crate::format::catalog::flags::SNAPSHOT != 0)
+        .count() as u64;
+    report.volumes = st.volumes.len() as u64 - report.snapshots;
     report.data_blocks = st.space.total_blocks();
     report.free_blocks = st.space.free_blocks();
     report.metadata_blocks = st.metadata_blocks();

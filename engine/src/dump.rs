@@ -635,7 +635,9 @@ pub struct RestoreOptions {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreReport {
+    /// Volumes restored, snapshots apart (as `PoolStatus::volumes`).
     pub volumes: u64,
+    pub snapshots: u64,
     pub extents: u64,
     /// Metadata blocks the restored pool uses (catalog, headers, nodes).
     pub metadata_blocks: u64,
@@ -1013,7 +1015,12 @@ pub fn restore(
                 .into(),
         ));
     }
-    report.volumes = d.volumes.len() as u64;
+    report.snapshots = d
+        .volumes
+        .iter()
+        .filter(|v| v.flags & flags::SNAPSHOT != 0)
+        .count() as u64;
+    report.volumes = d.volumes.len() as u64 - report.snapshots;
     report.generation = generation;
     if !opts.dry_run {
         report.blocks_written = ov.apply().map_err(io)?;
@@ -1104,7 +1111,7 @@ mod tests {
         let wiped = Arc::new(MemDevice::from_image(wipe_metadata(&mem, &d.layout())));
         assert!(Pool::open(wiped.clone(), "t", &Default::default()).is_err());
         let r = restore(wiped.clone(), "t", &d, &RestoreOptions::default()).unwrap();
-        assert_eq!(r.volumes, 4);
+        assert_eq!((r.volumes, r.snapshots), (3, 1));
         assert!(r.blocks_written > 0);
         let c = check(wiped.as_ref(), "t").unwrap();
         assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");

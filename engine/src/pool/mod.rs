@@ -528,10 +528,14 @@ impl Pool {
             metadata_used_bytes: st.metadata_blocks() * b,
             metadata_reserved_bytes: st.metadata_reserve() * b,
             pending_free_bytes: st.pending_free_blocks() * b,
-            volumes: count(SNAPSHOT | BASE, 0),
+            volumes: count(SNAPSHOT, 0),
             snapshots: count(SNAPSHOT, SNAPSHOT),
             bases: count(BASE, BASE),
-            clones: st.volumes.values().filter(|v| v.rec.origin_id != 0).count() as u64,
+            clones: st
+                .volumes
+                .values()
+                .filter(|v| v.rec.origin_id != 0 && v.rec.flags & SNAPSHOT == 0)
+                .count() as u64,
             provisioned_bytes: provisioned(&st),
             data_used_pct: crate::guard::data_used_pct(&st),
             metadata_used_pct: crate::guard::meta_used_pct(&st),
