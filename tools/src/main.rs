@@ -31,8 +31,9 @@ struct Cli {
 
     /// This host's id on a shared pool (1..=its host count); also
     /// THINLUN_HOST_ID or host_id in /etc/thinlun/thinlun.conf
+    // Only >= 1 here: the pool knows its host count and says it (1..=16).
     #[arg(long, env = "THINLUN_HOST_ID", global = true, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..=100))]
+          value_parser = clap::value_parser!(u32).range(1..))]
     host_id: Option<u32>,
 
     /// How long to wait, in seconds, for a pool that another thinctl
@@ -183,9 +184,11 @@ and check count them the same way."
     Resize {
         /// Volume to resize
         name: String,
-        /// New virtual size, a multiple of 4 KiB
-        #[arg(value_parser = size_arg, allow_hyphen_values = true)]
-        size: u64,
+        /// New virtual size, a multiple of 4 KiB; +SIZE grows by SIZE,
+        /// -SIZE shrinks by it
+        #[arg(value_parser = size::parse_size_change, allow_hyphen_values = true,
+              value_name = "[+|-]SIZE")]
+        size: size::SizeChange,
         /// Allow shrinking, which discards the data past the new end
         #[arg(long)]
         force: bool,
@@ -305,14 +308,14 @@ enum PoolCommand {
         #[arg(long, value_parser = cmd::space::thresholds_arg)]
         metadata_thresholds: Option<cmd::space::Thresholds>,
         /// When data space is full: error (fail with ENOSPC) or queue (wait)
-        #[arg(long, value_name = "error|queue")]
+        #[arg(long, value_name = "error|queue", value_parser = ["error", "queue"])]
         when_full: Option<String>,
         /// How long queued writes wait for space, in seconds
         #[arg(long, value_name = "SECS")]
         queue_timeout: Option<u32>,
         /// Refuse volumes past this provisioned/data ratio (e.g. 2.5), or none
-        #[arg(long, value_name = "RATIO|none")]
-        max_overcommit: Option<String>,
+        #[arg(long, value_name = "RATIO|none", value_parser = cmd::space::overcommit_arg)]
+        max_overcommit: Option<u32>,
     },
     /// Extend the pool onto its grown file or LUN
     Grow,

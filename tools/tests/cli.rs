@@ -503,7 +503,7 @@ fn check_reports_health() {
 
     let out = ok(&pool, &["check"]);
     assert!(
-        out.contains("1 volume,") && out.trim_end().ends_with("clean"),
+        out.contains("1 volume and 0 snapshots,") && out.trim_end().ends_with("clean"),
         "{out}"
     );
     let j = J::parse(&ok(&pool, &["check", "--read-only", "--json"]));

@@ -470,10 +470,13 @@ fn dump_restore_onto_wiped_metadata_gives_back_the_data() {
             "--dry-run",
         ],
     );
-    assert!(out.contains("would restore 3 volumes"), "{out}");
+    assert!(
+        out.contains("would restore 2 volumes and 1 snapshot"),
+        "{out}"
+    );
     assert!(fs::read(&pool).unwrap() == img);
     let out = ok(&pool, &["restore", "--input", dump_file.to_str().unwrap()]);
-    assert!(out.contains("restored 3 volumes"), "{out}");
+    assert!(out.contains("restored 2 volumes and 1 snapshot"), "{out}");
     assert_clean(&pool);
     assert_eq!(contents(&dir, &pool), want);
 
@@ -656,7 +659,7 @@ fn restore_onto_random_metadata_gives_back_the_data() {
         &pool,
         &["restore", "--input", dump_file.to_str().unwrap(), "--force"],
     );
-    assert!(out.contains("restored 3 volumes"), "{out}");
+    assert!(out.contains("restored 2 volumes and 1 snapshot"), "{out}");
     assert_clean(&pool);
     assert_eq!(contents(&dir, &pool), want);
 }

@@ -26,7 +26,7 @@ pub fn status(pool: Option<&Path>, out: &OutputArgs, json: bool) -> CliResult<()
 
 fn status_text(s: &LockStatus, fmt: &OutputArgs) -> CliResult<String> {
     let mut t = Table::new(&[
-        ("HOST", true),
+        ("HOST", false),
         ("NAME", false),
         ("GENERATION", true),
         ("RENEWALS", true),

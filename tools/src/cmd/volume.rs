@@ -3,9 +3,10 @@
 
 use super::daemon::{ask, name_word, reply_number, unexpected};
 use super::{open_or_served, open_read_only, pool_path, with_pool, Writer};
-use crate::error::{emit, CliResult};
+use crate::error::{emit, CliError, CliResult};
 use crate::human::{pct, pct_str, size, utc};
 use crate::json::Json;
+use crate::size::SizeChange;
 use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
 use thinlun::VolumeInfo;
@@ -28,6 +29,7 @@ pub fn create(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             (created.to_string(), reply_number(&t, "size_bytes")?)
         }
     };
+    warn_overcommit(pool_path(pool)?);
     emit(&created_text(&name, bytes))
 }
 
@@ -192,8 +194,11 @@ pub fn info(pool: Option<&Path>, name: &str, out: &OutputArgs, json: bool) -> Cl
     emit(&fields(&picked))
 }
 
-pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
-    let (old, new) = match open_or_served(pool_path(pool)?, None)? {
+pub fn resize(pool: Option<&Path>, name: &str, change: SizeChange, force: bool) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    // Past the ends it depends on the volume's size: a runtime error.
+    let target = |current: u64| change.apply(current).map_err(CliError::new);
+    let (old, new) = match open_or_served(path, None)? {
         Writer::Open(pool) => with_pool(pool, |p| {
             let info = p.volume_info(name)?;
             // The engine resizes read-only volumes too, which would change a
@@ -201,12 +206,21 @@ pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             if info.read_only {
                 return Err(thinlun::Error::ReadOnly(info.name).into());
             }
+            let bytes = target(info.size_bytes)?;
             Ok((
                 info.size_bytes,
                 p.resize_volume(name, bytes, force)?.size_bytes,
             ))
         })?,
         Writer::Served(ctl) => {
+            let bytes = match change {
+                SizeChange::To(b) => b,
+                // The serving process holds the pool; a read-only open
+                // still sees the volume's size.
+                _ => target(with_pool(open_read_only(path)?, |p| {
+                    Ok(p.volume_info(name)?.size_bytes)
+                })?)?,
+            };
             let force = if force { " force" } else { "" };
             let t = ask(&ctl, &format!("resize {} {bytes}{force}", name_word(name)?))?;
             (
@@ -215,11 +229,40 @@ pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             )
         }
     };
+    if new > old {
+        warn_overcommit(path);
+    }
     emit(&format!(
         "resized volume '{name}' from {} to {} ({new} bytes)\n",
         size(old),
         size(new),
     ))
+}
+
+/// Warns, as lvcreate does for thin pools, when the volumes' sizes add up
+/// to more than the pool's data space: writes then fail (or queue) once
+/// the space runs out, whatever the volumes' sizes promise. Read after the
+/// change, so it sees what a serving process did too; a pool that cannot
+/// be read here just gets no warning.
+pub fn warn_overcommit(path: &Path) {
+    let opts = thinlun::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let Ok(p) = thinlun::Pool::open_path(path, &opts) else {
+        return;
+    };
+    let s = p.status();
+    let _ = p.close();
+    if s.provisioned_bytes > s.data_bytes {
+        eprintln!(
+            "thinctl: warning: the volumes now provision {} on {} of data space ({:.2}x overcommitted); writes {} once the data space is full ('thinctl pool status' shows its use)",
+            crate::human::size(s.provisioned_bytes),
+            crate::human::size(s.data_bytes),
+            crate::human::ratio(s.provisioned_bytes, s.data_bytes),
+            if s.policy.when_full == 1 { "wait" } else { "fail" },
+        );
+    }
 }
 
 pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
