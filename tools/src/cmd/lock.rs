@@ -1,6 +1,6 @@
 //! `lock status` and `release`: the leases of a shared pool.
 
-use super::{open_read_only, open_read_write, pool_path, with_pool};
+use super::{open_read_only, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
 use crate::json::Json;
 use crate::table::{OutputArgs, Table};
@@ -160,22 +160,28 @@ fn status_json(s: &LockStatus) -> Json {
 pub fn release(pool: Option<&Path>, name: &str) -> CliResult<()> {
     let path = pool_path(pool)?;
     super::require_exists(path)?;
-    let pool = match open_read_write(path) {
-        Ok(p) => p,
-        Err(e)
-            if e.message
+    // Not open_read_write: a serving process holding this host's id keeps
+    // the pool, so waiting for it (up to --wait) would only delay asking
+    // it on its control socket.
+    let pool = match super::open_unless_served(path, None) {
+        Ok(p) => {
+            super::report_warnings(&p);
+            p
+        }
+        Err(e @ thinlun::Error::Busy(_))
+            if e.to_string()
                 .contains("in use by another thinlun process on this machine") =>
         {
             let control = thinlun_vhost::control::default_control_path(path);
             if !control.exists() {
-                return Err(e);
+                return Err(e.into());
             }
             let t = super::daemon::ask(&control, &format!("remove {name}"))?;
             return emit(&format!(
                 "{t}\nreleased '{name}': the serving process stopped serving it\n"
             ));
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     with_pool(pool, |p| {
         if p.status().shared_io_timeout_ms.is_none() {
