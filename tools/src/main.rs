@@ -92,7 +92,8 @@ the rest.\n\n\
 Fixed: a damaged, missing or out-of-date superblock copy (rewritten from its twin); a damaged copy \
 of a volume header or host journal checkpoint (rewritten from its twin); a torn block at the end of \
 the journal (an interrupted commit, cleared after a checkpoint); journal changes not yet in the \
-trees (folded in). Free space and reference counts are not stored on disk: every open rebuilds \
+trees (folded in); a damaged host slot or lock register of a single-host pool, which never \
+uses them (cleared). Free space and reference counts are not stored on disk: every open rebuilds \
 them from the mapping trees, so leaked blocks are free again without a repair.\n\n\
 Refused, with nothing written (exit 4): anything check reports as an error, such as both copies \
 of a record damaged or a damaged mapping-tree node; restore the metadata from a dump \

@@ -628,7 +628,7 @@ fn repair_rewrites_a_damaged_host_slot_that_check_warns_about() {
     let r = J::parse(&text(&out.stdout));
     assert_eq!(r.get("repaired"), &J::Bool(true), "{r:?}");
     assert_eq!(r.get("clean_after"), &J::Bool(true), "{r:?}");
-    match &r.get("fixes").arr()[..] {
+    match r.get("fixes").arr() {
         [J::Str(fix)] => assert!(fix.contains("host slot at block 16"), "{fix}"),
         other => panic!("one fix expected: {other:?}"),
     }
