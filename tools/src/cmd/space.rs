@@ -108,22 +108,11 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
                 .ok_or_else(|| super::daemon::unexpected(&t))?
         }
     };
-    let pcts = |t: &[u8; 3]| {
-        let set: Vec<String> = t
-            .iter()
-            .filter(|&&x| x > 0)
-            .map(|x| format!("{x}%"))
-            .collect();
-        if set.is_empty() {
-            "none".to_string()
-        } else {
-            set.join(", ")
-        }
-    };
+    // "at [80, 90, 95]": tests/vhost_daemon.rs matches this wording.
     emit(&format!(
-        "policy: data warnings at {}; metadata warnings at {}; when full: {}; overcommit limit: {}\n",
-        pcts(&policy.data_warn_pct),
-        pcts(&policy.meta_warn_pct),
+        "policy: data warnings at {:?}, metadata warnings at {:?}, when full: {}, overcommit limit: {}\n",
+        policy.data_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
+        policy.meta_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
         if policy.when_full == 1 {
             format!("queue writes up to {} s", policy.queue_timeout_ms / 1000)
         } else {
