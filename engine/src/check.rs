@@ -20,7 +20,9 @@ pub struct CheckReport {
     pub errors: Vec<String>,
     /// Damage that a redundant copy covers (rewritten on the next commit).
     pub warnings: Vec<String>,
+    /// Catalog entries that are not snapshots (as `PoolStatus::volumes`).
     pub volumes: u64,
+    pub snapshots: u64,
     pub mapped_blocks: u64,
     pub extents: u64,
     pub data_blocks: u64,
@@ -134,7 +136,12 @@ pub fn check_with_progress(
         report.mapped_blocks += v.map.mapped_blocks();
         report.extents += v.map.extent_count();
     }
-    report.volumes = st.volumes.len() as u64;
+    report.snapshots = st
+        .volumes
+        .values()
+        .filter(|v| v.rec.flags & crate::format::catalog::flags::SNAPSHOT != 0)
+        .count() as u64;
+    report.volumes = st.volumes.len() as u64 - report.snapshots;
     report.data_blocks = st.space.total_blocks();
     report.free_blocks = st.space.free_blocks();
     report.metadata_blocks = st.metadata_blocks();
@@ -193,30 +200,57 @@ pub fn check_with_progress(
 
 /// Host slots and lock registers: a damaged one is only a warning (its
 /// host rewrites it on its next renewal, or it is treated as a dead host's
-/// after the dead time), but an admin should know.
+/// after the dead time; on a single-host pool, which never uses them,
+/// `repair` and `restore` clear it), but an admin should know.
 fn check_leases(dev: &dyn BlockDevice, layout: &crate::format::Layout, report: &mut CheckReport) {
+    match damaged_lease_blocks(dev, layout) {
+        Ok(damaged) => report.warnings.extend(
+            damaged
+                .into_iter()
+                .map(|d| format!("host {}: {}", d.host, d.problem)),
+        ),
+        Err(e) => report.errors.push(e.to_string()),
+    }
+}
+
+/// A host slot or lock register that does not decode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct DamagedLease {
+    pub host: u32,
+    pub block: u64,
+    pub problem: String,
+}
+
+/// Every host slot and lock register that is neither all zeros (never
+/// used) nor a valid record. `Err` when one cannot be read.
+pub(crate) fn damaged_lease_blocks(
+    dev: &dyn BlockDevice,
+    layout: &crate::format::Layout,
+) -> Result<Vec<DamagedLease>> {
     use crate::format::lease::{HostSlot, LockRegister};
+    let mut out = Vec::new();
     for h in 1..=layout.max_hosts {
         let (slot, reg) = (layout.host_slot(h), layout.lock_register(h));
-        match read_block(dev, slot) {
-            Ok(b) => {
-                if let Err(e) = HostSlot::decode(&b, slot, h) {
-                    report.warnings.push(format!("host {h}: {e}"));
-                }
-            }
-            Err(e) => report.errors.push(format!("reading host slot {h}: {e}")),
+        let b =
+            read_block(dev, slot).map_err(|e| Error::io(format!("reading host slot {h}"), e))?;
+        if let Err(e) = HostSlot::decode(&b, slot, h) {
+            out.push(DamagedLease {
+                host: h,
+                block: slot,
+                problem: e.to_string(),
+            });
         }
-        match read_block(dev, reg) {
-            Ok(b) => {
-                if let Err(e) = LockRegister::decode(&b, reg, h) {
-                    report.warnings.push(format!("host {h}: {e}"));
-                }
-            }
-            Err(e) => report
-                .errors
-                .push(format!("reading lock register {h}: {e}")),
+        let b =
+            read_block(dev, reg).map_err(|e| Error::io(format!("reading lock register {h}"), e))?;
+        if let Err(e) = LockRegister::decode(&b, reg, h) {
+            out.push(DamagedLease {
+                host: h,
+                block: reg,
+                problem: e.to_string(),
+            });
         }
     }
+    Ok(out)
 }
 
 /// The address of the ring block where this host's journal replay stopped

@@ -635,7 +635,9 @@ pub struct RestoreOptions {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreReport {
+    /// Volumes restored, snapshots apart (as `PoolStatus::volumes`).
     pub volumes: u64,
+    pub snapshots: u64,
     pub extents: u64,
     /// Metadata blocks the restored pool uses (catalog, headers, nodes).
     pub metadata_blocks: u64,
@@ -946,6 +948,11 @@ pub fn restore(
             }
         }
     }
+    // Host slots and lock registers, unused on a single-host pool: a
+    // damaged one (random bytes from a stray dd) becomes never-used again.
+    for dl in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+        first.push((dl.block, vec![0u8; BLOCK_SIZE]));
+    }
     let sb = Superblock {
         generation,
         layout,
@@ -988,16 +995,17 @@ pub fn restore(
 
     // Verify before touching the LUN.
     let after = check(ov.as_ref(), label)?;
-    if !after.errors.is_empty() || !after.warnings.is_empty() {
+    let problems: Vec<&String> = after.errors.iter().chain(&after.warnings).collect();
+    if let Some(first) = problems.first() {
+        for p in &problems {
+            log::debug!("{label}: restored metadata: {p}");
+        }
+        let more = match problems.len() {
+            1 => String::new(),
+            n => format!(" and {} more", n - 1),
+        };
         return Err(Error::Corrupt(format!(
-            "the restored metadata did not verify ({}); nothing was written",
-            after
-                .errors
-                .iter()
-                .chain(&after.warnings)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("; ")
+            "the restored metadata did not verify ({first}{more}); nothing was written"
         )));
     }
     let back = dump(ov.as_ref(), label)?;
@@ -1007,7 +1015,12 @@ pub fn restore(
                 .into(),
         ));
     }
-    report.volumes = d.volumes.len() as u64;
+    report.snapshots = d
+        .volumes
+        .iter()
+        .filter(|v| v.flags & flags::SNAPSHOT != 0)
+        .count() as u64;
+    report.volumes = d.volumes.len() as u64 - report.snapshots;
     report.generation = generation;
     if !opts.dry_run {
         report.blocks_written = ov.apply().map_err(io)?;
@@ -1098,7 +1111,7 @@ mod tests {
         let wiped = Arc::new(MemDevice::from_image(wipe_metadata(&mem, &d.layout())));
         assert!(Pool::open(wiped.clone(), "t", &Default::default()).is_err());
         let r = restore(wiped.clone(), "t", &d, &RestoreOptions::default()).unwrap();
-        assert_eq!(r.volumes, 4);
+        assert_eq!((r.volumes, r.snapshots), (3, 1));
         assert!(r.blocks_written > 0);
         let c = check(wiped.as_ref(), "t").unwrap();
         assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");

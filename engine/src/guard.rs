@@ -47,10 +47,22 @@ impl std::fmt::Display for ThresholdEvent {
 pub fn validate_policy(p: &Policy) -> Result<()> {
     for (kind, t) in [("data", p.data_warn_pct), ("metadata", p.meta_warn_pct)] {
         let set: Vec<u8> = t.iter().copied().filter(|&x| x != 0).collect();
-        if set.iter().any(|&x| x > 100) || set.windows(2).any(|w| w[0] >= w[1]) {
+        let given = || {
+            set.iter()
+                .map(|x| format!("{x}%"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if set.iter().any(|&x| x > 100) {
             return Err(Error::InvalidArgument(format!(
-                "{kind} thresholds must be ascending percentages from 1 to 100, got {:?}",
-                t
+                "{kind} thresholds are percentages from 1 to 100 (given: {})",
+                given()
+            )));
+        }
+        if set.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(Error::InvalidArgument(format!(
+                "{kind} thresholds must increase, e.g. 80,90,95 (given: {})",
+                given()
             )));
         }
     }

@@ -9,6 +9,8 @@
 //!   replay already ignores): a checkpoint makes that permanent and the
 //!   block is cleared;
 //! - journal changes not yet folded into the trees: folded in;
+//! - a damaged host slot or lock register, which a single-host pool never
+//!   uses: cleared to the never-used (zero) state;
 //! - free space and reference counts: nothing to do on disk. They are not
 //!   stored; every open derives them from the mapping trees, so blocks
 //!   leaked by interrupted operations are free again by construction.
@@ -135,7 +137,7 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     // Host checkpoint pairs. Host 1's are rewritten by the checkpoint the
     // repair runs; other hosts' (unused by v1) get their good copy back.
     let ring_len = layout.journal_blocks - HOST_CHECKPOINT_BLOCKS;
-    let mut other_hosts: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut rewrites: Vec<(u64, Vec<u8>)> = Vec::new();
     for host in 1..=layout.max_hosts {
         let region = layout.host_region(host);
         let mut copies: Vec<(u64, Result<HostCheckpoint>)> = Vec::new();
@@ -150,10 +152,20 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
                     "host {host}: journal checkpoint copy at block {at} is damaged ({e}): rewritten from the other copy"
                 ));
                 if host != SINGLE_HOST_ID {
-                    other_hosts.push((*at, encode_host_checkpoint(&g, *at)));
+                    rewrites.push((*at, encode_host_checkpoint(&g, *at)));
                 }
             }
         }
+    }
+    // Host slots and lock registers: a single-host pool never uses them
+    // (a never-used one is all zeros), so a damaged one is cleared, not
+    // guessed at.
+    for d in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+        report.fixes.push(format!(
+            "host {}: {}: cleared (a single-host pool does not use host slots or lock registers)",
+            d.host, d.problem
+        ));
+        rewrites.push((d.block, vec![0u8; BLOCK_SIZE]));
     }
     if let Some(at) = before.torn_journal_block {
         report.fixes.push(format!(
@@ -174,8 +186,8 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
 
     let ov = Arc::new(OverlayDevice::new(dev.clone()));
     let io = |e| Error::io(format!("{label}: repairing"), e);
-    if !other_hosts.is_empty() {
-        write_blocks(ov.as_ref(), &other_hosts).map_err(io)?;
+    if !rewrites.is_empty() {
+        write_blocks(ov.as_ref(), &rewrites).map_err(io)?;
         ov.flush().map_err(io)?;
     }
     // Opening read-write rewrites both copies of every two-copy record when

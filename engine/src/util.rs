@@ -76,3 +76,37 @@ pub(crate) fn run_dir() -> std::path::PathBuf {
     let uid = unsafe { libc::getuid() };
     std::env::temp_dir().join(format!("thinlun-{uid}"))
 }
+
+/// A byte count for messages people read: "1.0 GiB", "640 KiB", "512 bytes"
+/// (binary units, one decimal below 10 units).
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} bytes");
+    }
+    let mut idx = 0;
+    while idx + 1 < UNITS.len() && bytes >> (10 * (idx + 2)) > 0 {
+        idx += 1;
+    }
+    let unit = 1u128 << (10 * (idx + 1));
+    let tenths = (bytes as u128 * 10 + unit / 2) / unit;
+    if tenths < 100 {
+        format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[idx])
+    } else {
+        format!("{} {}", (bytes as u128 + unit / 2) / unit, UNITS[idx])
+    }
+}
+
+#[cfg(test)]
+mod human_tests {
+    use super::human_bytes;
+
+    #[test]
+    fn units() {
+        assert_eq!(human_bytes(512), "512 bytes");
+        assert_eq!(human_bytes(1 << 30), "1.0 GiB");
+        assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes(640 << 10), "640 KiB");
+        assert_eq!(human_bytes(1 << 60), "1.0 EiB");
+    }
+}

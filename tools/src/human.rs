@@ -27,6 +27,26 @@ pub fn size(bytes: u64) -> String {
     format!("{whole}{}", UNITS[idx])
 }
 
+/// `n` things: "1 snapshot", "2 snapshots".
+pub fn counted(n: u64, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+/// The one way every command counts a pool's contents. A volume is every
+/// catalog entry that is not a snapshot: writable volumes, linked clones
+/// and base images; snapshots (VOL@SNAP) are counted apart.
+pub fn volumes_and_snapshots(volumes: u64, snapshots: u64) -> String {
+    format!(
+        "{} and {}",
+        counted(volumes, "volume"),
+        counted(snapshots, "snapshot")
+    )
+}
+
 /// `part` as a percentage of `whole` (0 when `whole` is 0).
 pub fn pct(part: u64, whole: u64) -> f64 {
     if whole == 0 {

@@ -31,8 +31,9 @@ struct Cli {
 
     /// This host's id on a shared pool (1..=its host count); also
     /// THINLUN_HOST_ID or host_id in /etc/thinlun/thinlun.conf
+    // Only >= 1 here: the pool knows its host count and says it (1..=16).
     #[arg(long, env = "THINLUN_HOST_ID", global = true, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..=100))]
+          value_parser = clap::value_parser!(u32).range(1..))]
     host_id: Option<u32>,
 
     /// How long to wait, in seconds, for a pool that another thinctl
@@ -49,6 +50,11 @@ struct Cli {
     /// Fail at once when another thinctl command has the pool open
     #[arg(long, global = true)]
     no_wait: bool,
+
+    /// Print JSON (check, repair, list, info, du, diff, pool status, lock
+    /// status); accepted before or after the command
+    #[arg(long, global = true)]
+    json: bool,
 
     #[command(subcommand)]
     command: Command,
@@ -78,9 +84,6 @@ check could not run."
         /// Repair what can be repaired without guessing (runs 'thinctl repair')
         #[arg(long)]
         repair: bool,
-        /// Print the report as JSON
-        #[arg(long)]
-        json: bool,
     },
     /// Fix what can be fixed without guessing; refuse the rest (exit 0 nothing to do, 1 repaired, 4 refused)
     #[command(
@@ -89,7 +92,8 @@ the rest.\n\n\
 Fixed: a damaged, missing or out-of-date superblock copy (rewritten from its twin); a damaged copy \
 of a volume header or host journal checkpoint (rewritten from its twin); a torn block at the end of \
 the journal (an interrupted commit, cleared after a checkpoint); journal changes not yet in the \
-trees (folded in). Free space and reference counts are not stored on disk: every open rebuilds \
+trees (folded in); a damaged host slot or lock register of a single-host pool, which never \
+uses them (cleared). Free space and reference counts are not stored on disk: every open rebuilds \
 them from the mapping trees, so leaked blocks are free again without a repair.\n\n\
 Refused, with nothing written (exit 4): anything check reports as an error, such as both copies \
 of a record damaged or a damaged mapping-tree node; restore the metadata from a dump \
@@ -102,9 +106,6 @@ Needs the pool to itself (stop serve/daemon first)."
         /// Say what would be fixed and verify it in memory; write nothing
         #[arg(short = 'n', long)]
         dry_run: bool,
-        /// Print the report as JSON
-        #[arg(long)]
-        json: bool,
     },
     /// Write the pool's metadata as readable JSON (volumes, relations, mappings; see docs/FORMAT.md)
     #[command(
@@ -157,27 +158,38 @@ back as the dump) before anything is written. Needs the pool to itself."
         #[arg(long)]
         discard: bool,
     },
-    /// List the volumes
+    /// List volumes and snapshots, each snapshot under its volume, oldest first
+    #[command(
+        long_about = "List volumes and snapshots, each snapshot under its volume, oldest first.\n\n\
+A volume is every entry that is not a snapshot: writable volumes, linked clones (writable volumes \
+made from a snapshot or base image, sharing its data) and base images (read-only volumes that \
+clones share). A snapshot (VOL@SNAP) is a read-only point-in-time image of a volume. pool status \
+and check count them the same way."
+    )]
     List {
-        /// Print JSON instead of a table
-        #[arg(long)]
-        json: bool,
+        /// What to list, separated by commas: volume, snapshot, base, clone, all
+        #[arg(short = 't', long = "type", value_name = "TYPE,...", value_delimiter = ',',
+              value_parser = ["volume", "snapshot", "base", "clone", "all"])]
+        types: Vec<String>,
+        #[command(flatten)]
+        output: table::OutputArgs,
     },
     /// Show one volume
     Info {
         /// Volume, snapshot (VOL@SNAP) or base image
         name: String,
-        /// Print JSON instead of text
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: table::OutputArgs,
     },
     /// Grow or shrink a volume
     Resize {
         /// Volume to resize
         name: String,
-        /// New virtual size, a multiple of 4 KiB
-        #[arg(value_parser = size_arg, allow_hyphen_values = true)]
-        size: u64,
+        /// New virtual size, a multiple of 4 KiB; +SIZE grows by SIZE,
+        /// -SIZE shrinks by it
+        #[arg(value_parser = size::parse_size_change, allow_hyphen_values = true,
+              value_name = "[+|-]SIZE")]
+        size: size::SizeChange,
         /// Allow shrinking, which discards the data past the new end
         #[arg(long)]
         force: bool,
@@ -249,9 +261,8 @@ enum LockCommand {
     /// Hosts (live, silent, dead, free), the global lock, active volumes
     /// and allocation-group claims
     Status {
-        /// Print JSON instead of text
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: table::OutputArgs,
     },
 }
 
@@ -288,11 +299,7 @@ enum PoolCommand {
         group_size: Option<u64>,
     },
     /// Show space use, volumes, journal and policy
-    Status {
-        /// Print JSON instead of text
-        #[arg(long)]
-        json: bool,
-    },
+    Status,
     /// Change warning thresholds, the when-full policy or the overcommit limit
     Set {
         /// Data use warnings, e.g. 80,90,95 (percent, ascending) or none
@@ -302,14 +309,14 @@ enum PoolCommand {
         #[arg(long, value_parser = cmd::space::thresholds_arg)]
         metadata_thresholds: Option<cmd::space::Thresholds>,
         /// When data space is full: error (fail with ENOSPC) or queue (wait)
-        #[arg(long, value_name = "error|queue")]
+        #[arg(long, value_name = "error|queue", value_parser = ["error", "queue"])]
         when_full: Option<String>,
         /// How long queued writes wait for space, in seconds
         #[arg(long, value_name = "SECS")]
         queue_timeout: Option<u32>,
         /// Refuse volumes past this provisioned/data ratio (e.g. 2.5), or none
-        #[arg(long, value_name = "RATIO|none")]
-        max_overcommit: Option<String>,
+        #[arg(long, value_name = "RATIO|none", value_parser = cmd::space::overcommit_arg)]
+        max_overcommit: Option<u32>,
     },
     /// Extend the pool onto its grown file or LUN
     Grow,
@@ -319,7 +326,29 @@ fn size_arg(s: &str) -> Result<u64, String> {
     size::parse_size(s)
 }
 
+/// Whether a command has a JSON form (the others refuse `--json`).
+fn has_json(c: &Command) -> bool {
+    matches!(
+        c,
+        Command::Check { .. }
+            | Command::Repair { .. }
+            | Command::List { .. }
+            | Command::Info { .. }
+            | Command::Pool(PoolCommand::Status)
+            | Command::Lock(LockCommand::Status { .. })
+            | Command::Snap(cmd::snapshot::SnapCommand::Du { .. })
+            | Command::Snap(cmd::snapshot::SnapCommand::Diff { .. })
+    )
+}
+
 fn run(cli: Cli) -> CliResult<()> {
+    let json = cli.json;
+    if json && !has_json(&cli.command) {
+        return Err(CliError::new(
+            "--json is not supported by this command (see 'thinctl --help')",
+        )
+        .with_code(error::EXIT_USAGE));
+    }
     cmd::set_host_id(cli.host_id)?;
     cmd::set_wait(if cli.no_wait { 0 } else { cli.wait });
     let pool = cli.pool.as_deref();
@@ -347,7 +376,7 @@ fn run(cli: Cli) -> CliResult<()> {
                 }),
             },
         ),
-        Command::Pool(PoolCommand::Status { json }) => cmd::pool::status(pool, json),
+        Command::Pool(PoolCommand::Status) => cmd::pool::status(pool, json),
         Command::Pool(PoolCommand::Set {
             data_thresholds,
             metadata_thresholds,
@@ -366,18 +395,14 @@ fn run(cli: Cli) -> CliResult<()> {
         ),
         Command::Pool(PoolCommand::Grow) => cmd::space::grow(pool),
         Command::Trim { discard } => cmd::space::trim(pool, discard),
-        Command::Check {
-            read_only,
-            repair,
-            json,
-        } => {
+        Command::Check { read_only, repair } => {
             if repair {
                 cmd::repair::run(pool, false, json)
             } else {
                 cmd::check::run(pool, read_only, json)
             }
         }
-        Command::Repair { dry_run, json } => cmd::repair::run(pool, dry_run, json),
+        Command::Repair { dry_run } => cmd::repair::run(pool, dry_run, json),
         Command::Dump { output } => cmd::dump::dump(pool, output.as_deref()),
         Command::Restore {
             input,
@@ -385,8 +410,8 @@ fn run(cli: Cli) -> CliResult<()> {
             dry_run,
         } => cmd::dump::restore(pool, &input, force, dry_run),
         Command::Create { name, size, force } => cmd::volume::create(pool, &name, size, force),
-        Command::List { json } => cmd::volume::list(pool, json),
-        Command::Info { name, json } => cmd::volume::info(pool, &name, json),
+        Command::List { types, output } => cmd::volume::list(pool, &types, &output, json),
+        Command::Info { name, output } => cmd::volume::info(pool, &name, &output, json),
         Command::Resize { name, size, force } => cmd::volume::resize(pool, &name, size, force),
         Command::Rename { old, new } => cmd::volume::rename(pool, &old, &new),
         Command::Remove { name, recursive } => cmd::volume::remove(pool, &name, recursive),
@@ -398,8 +423,8 @@ fn run(cli: Cli) -> CliResult<()> {
         Command::ServeRemove(args) => cmd::daemon::remove(pool, &args),
         Command::Map(args) => cmd::map::map(pool, &args),
         Command::Unmap(args) => cmd::map::unmap(&args),
-        Command::Snap(c) => cmd::snapshot::run(pool, c),
-        Command::Lock(LockCommand::Status { json }) => cmd::lock::status(pool, json),
+        Command::Snap(c) => cmd::snapshot::run(pool, c, json),
+        Command::Lock(LockCommand::Status { output }) => cmd::lock::status(pool, &output, json),
         Command::Release { name } => cmd::lock::release(pool, &name),
     }
 }

@@ -64,6 +64,44 @@ pub fn parse_size(input: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
+/// A `resize` size: absolute, or relative as lvextend and qemu-img resize
+/// take it (`+1G` grows by 1 GiB, `-1G` shrinks by it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SizeChange {
+    To(u64),
+    Grow(u64),
+    Shrink(u64),
+}
+
+impl SizeChange {
+    /// The new size for a volume of `current` bytes.
+    pub fn apply(self, current: u64) -> Result<u64, String> {
+        match self {
+            SizeChange::To(b) => Ok(b),
+            SizeChange::Grow(b) => current
+                .checked_add(b)
+                .ok_or_else(|| "too large (the limit is 16 EiB - 1)".to_string()),
+            SizeChange::Shrink(b) if b >= current => Err(format!(
+                "cannot shrink by {} a volume of {}",
+                crate::human::size(b),
+                crate::human::size(current)
+            )),
+            SizeChange::Shrink(b) => Ok(current - b),
+        }
+    }
+}
+
+pub fn parse_size_change(input: &str) -> Result<SizeChange, String> {
+    let s = input.trim();
+    if let Some(rest) = s.strip_prefix('+') {
+        parse_size(rest).map(SizeChange::Grow)
+    } else if let Some(rest) = s.strip_prefix('-') {
+        parse_size(rest).map(SizeChange::Shrink)
+    } else {
+        parse_size(s).map(SizeChange::To)
+    }
+}
+
 fn not_a_size(input: &str) -> String {
     format!("'{input}' is not a size (examples: 4096, 64K, 1.5G, 8GiB)")
 }
@@ -113,6 +151,20 @@ mod tests {
         }
         assert!(parse_size("12Q").unwrap_err().contains("unknown unit 'Q'"));
         assert!(parse_size("abc").unwrap_err().contains("not a size"));
+    }
+
+    #[test]
+    fn relative_sizes() {
+        use super::{parse_size_change, SizeChange};
+        assert_eq!(parse_size_change("+1G"), Ok(SizeChange::Grow(1 << 30)));
+        assert_eq!(parse_size_change("-1G"), Ok(SizeChange::Shrink(1 << 30)));
+        assert_eq!(parse_size_change("2G"), Ok(SizeChange::To(2 << 30)));
+        assert!(parse_size_change("+-1G").is_err());
+        assert!(parse_size_change("+0").is_err());
+        assert_eq!(SizeChange::Grow(1 << 30).apply(1 << 30), Ok(2 << 30));
+        assert_eq!(SizeChange::Shrink(1 << 30).apply(3 << 30), Ok(2 << 30));
+        assert!(SizeChange::Shrink(1 << 30).apply(1 << 30).is_err());
+        assert!(SizeChange::Grow(u64::MAX).apply(1).is_err());
     }
 
     #[test]

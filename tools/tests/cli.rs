@@ -296,10 +296,9 @@ fn import_export_keeps_volumes_thin() {
 
     let out = ok(&pool, &["import", "disk", src.to_str().unwrap()]);
     assert!(out.contains(&format!("({} bytes)", img.len())), "{out}");
-    assert!(
-        out.contains(&format!("({} bytes) allocated", data_blocks * BLOCK)),
-        "{out}"
-    );
+    // Six 4 KiB blocks of data (sample_image), the rest zeros.
+    assert_eq!(data_blocks * BLOCK, 24 << 10);
+    assert!(out.contains("24K of data written"), "{out}");
     let info = J::parse(&ok(&pool, &["info", "disk", "--json"]));
     let rounded = img.len().div_ceil(BLOCK) * BLOCK;
     assert_eq!(info.num("size_bytes"), rounded as f64);
@@ -503,7 +502,7 @@ fn check_reports_health() {
 
     let out = ok(&pool, &["check"]);
     assert!(
-        out.contains("1 volume,") && out.trim_end().ends_with("clean"),
+        out.contains("1 volume and 0 snapshots,") && out.trim_end().ends_with("clean"),
         "{out}"
     );
     let j = J::parse(&ok(&pool, &["check", "--read-only", "--json"]));
@@ -918,4 +917,248 @@ fn usage_errors_exit_2_and_runtime_errors_1() {
     );
     let e = fails_with(1, &["-p", p, "remove", "missing"], None);
     assert!(e.contains("not found"), "{e}");
+}
+
+/// stderr of a successful run.
+fn ok_stderr(pool: &Path, args: &[&str]) -> String {
+    let out = run_with(&pool_args(pool, args), None, None);
+    assert!(
+        out.status.success(),
+        "thinctl {args:?}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stderr)
+}
+
+/// Issue 17 item 4 and 12: import says what it wrote and newly
+/// allocated, and a failed import says what it left behind.
+#[test]
+fn import_reports_what_it_wrote_and_what_a_failure_left() {
+    let dir = TempDir::new("import-report");
+    let pool = dir.path("pool.img");
+    ok(
+        &pool,
+        &["pool", "create", "--size", "16M", "--chunk-size", "64K"],
+    );
+    // 1 MiB of data, then 2 MiB of zeros.
+    let mut img = vec![0u8; 3 * MIB];
+    for (i, b) in img[..MIB].iter_mut().enumerate() {
+        *b = (i % 251) as u8 | 1;
+    }
+    let src = dir.path("one.raw");
+    fs::write(&src, &img).unwrap();
+    let out = ok(&pool, &["import", "a", src.to_str().unwrap()]);
+    assert!(
+        out.contains("into the new volume 'a'")
+            && out.contains("1.0M of data written")
+            && out.contains("2.0M of zero blocks")
+            && out.contains("1.0M newly allocated"),
+        "{out}"
+    );
+    // Overwriting one block of it: the volume's total mapped space (1.0M)
+    // is not what this import allocated.
+    let block = dir.path("block.raw");
+    fs::write(&block, vec![0x5au8; BLOCK]).unwrap();
+    let out = ok(&pool, &["import", "a", block.to_str().unwrap()]);
+    assert!(
+        out.contains("into volume 'a'") && out.contains("4.0K of data written"),
+        "{out}"
+    );
+    assert!(!out.contains("1.0M"), "{out}");
+
+    // 40 MiB of data on an 11 MiB data area runs out of space.
+    let big = dir.path("big.raw");
+    fs::write(&big, vec![0x77u8; 40 * MIB]).unwrap();
+    let e = fails(&pool, &["import", "new", big.to_str().unwrap()]);
+    assert!(
+        e.contains("out of data space") && e.contains("'new' this import created was removed"),
+        "{e}"
+    );
+    assert!(!ok(&pool, &["list", "-H", "-o", "name"]).contains("new"));
+    ok(&pool, &["create", "old", "40M"]);
+    let e = fails(&pool, &["import", "old", big.to_str().unwrap()]);
+    assert!(
+        e.contains("the existing volume 'old' now holds the first")
+            && e.contains("big.raw and perhaps part of the next MiB"),
+        "{e}"
+    );
+}
+
+/// Issue 17 item 6: usage errors exit 2 and name the problem in words.
+#[test]
+fn policy_usage_errors_exit_2_in_words() {
+    let dir = TempDir::new("policy-usage");
+    let pool = new_pool(&dir);
+    let p = pool.to_str().unwrap();
+    let e = fails_with(
+        2,
+        &["-p", p, "pool", "set", "--data-thresholds", "95,80"],
+        None,
+    );
+    assert!(e.contains("must increase") && !e.contains('['), "{e}");
+    let e = fails_with(2, &["-p", p, "pool", "set", "--when-full", "wait"], None);
+    assert!(e.contains("error") && e.contains("queue"), "{e}");
+    let e = fails_with(
+        2,
+        &["-p", p, "pool", "set", "--max-overcommit", "lots"],
+        None,
+    );
+    assert!(e.contains("ratio"), "{e}");
+    let e = fails_with(2, &["-p", p, "resize", "x", "+1Q"], None);
+    assert!(e.contains("unknown unit"), "{e}");
+    let out = ok(&pool, &["pool", "set", "--data-thresholds", "70,85"]);
+    assert!(out.contains("data warnings at [70, 85]"), "{out}");
+}
+
+/// A pool with a volume and its snapshot, a base image and its clone.
+fn family_pool(dir: &TempDir) -> PathBuf {
+    let pool = new_pool(dir);
+    ok(&pool, &["create", "vm", "8M"]);
+    ok(&pool, &["snapshot", "vm@s-b"]);
+    // A second later, so creation times differ; named to sort before s-b.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    ok(&pool, &["snapshot", "vm@s-a"]);
+    ok(&pool, &["create", "tmpl", "4M"]);
+    ok(&pool, &["base", "tmpl"]);
+    ok(&pool, &["clone", "tmpl", "cl"]);
+    pool
+}
+
+/// Issue 17 item 7: pool status, list and check count the same volumes
+/// (vm, tmpl, cl) and snapshots (vm@s-a, vm@s-b).
+#[test]
+fn one_count_of_volumes_everywhere() {
+    let dir = TempDir::new("counts");
+    let pool = family_pool(&dir);
+    let status = ok(&pool, &["pool", "status"]);
+    let line = |key: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("no {key} in {status}"))
+            .to_string()
+    };
+    assert!(
+        line("volumes:").contains("3 (of them 1 base image, 1 linked clone)"),
+        "{status}"
+    );
+    assert!(line("snapshots:").ends_with(" 2"), "{status}");
+    let j = J::parse(&ok(&pool, &["pool", "status", "--json"]));
+    assert_eq!((j.num("volumes"), j.num("snapshots")), (3.0, 2.0));
+    let listed = |t: &str| ok(&pool, &["list", "-H", "-t", t, "-o", "name"]);
+    assert_eq!(listed("volume").lines().count(), 3);
+    assert_eq!(listed("snapshot").lines().count(), 2);
+    assert_eq!(listed("all").lines().count(), 5);
+    let check = ok(&pool, &["check"]);
+    assert!(check.contains("3 volumes and 2 snapshots"), "{check}");
+    let j = J::parse(&ok(&pool, &["check", "--json"]));
+    assert_eq!((j.num("volumes"), j.num("snapshots")), (3.0, 2.0));
+}
+
+/// Issue 17 item 8: -H, -o, --bytes, -t, creation times, and --json
+/// before the command.
+#[test]
+fn output_for_scripts() {
+    let dir = TempDir::new("scripts");
+    let pool = family_pool(&dir);
+    // Snapshots by creation time, not by name.
+    assert_eq!(
+        ok(&pool, &["list", "-H", "-t", "snapshot", "-o", "name"]),
+        "vm@s-b\nvm@s-a\n"
+    );
+    let out = ok(
+        &pool,
+        &[
+            "list",
+            "-H",
+            "-o",
+            "name,size,created",
+            "--bytes",
+            "-t",
+            "base",
+        ],
+    );
+    let cells: Vec<&str> = out.trim_end().split('\t').collect();
+    assert_eq!(cells[..2], ["tmpl", "4194304"], "{out}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let created: u64 = cells[2].parse().unwrap();
+    assert!(created <= now && created + 600 > now, "{out}");
+    // People get a header, aligned columns and dates.
+    let out = ok(&pool, &["list", "-o", "name,created"]);
+    assert!(out.starts_with("NAME") && out.contains("UTC"), "{out}");
+    let e = fails_with(
+        2,
+        &["-p", pool.to_str().unwrap(), "list", "-o", "name,bogus"],
+        None,
+    );
+    assert!(
+        e.contains("unknown field 'bogus'") && e.contains("mapped"),
+        "{e}"
+    );
+    assert_eq!(
+        ok(&pool, &["info", "vm", "-H", "-o", "size,mapped", "--bytes"]),
+        "8388608\t0\n"
+    );
+    let out = ok(&pool, &["du", "-H", "--bytes", "-o", "name,provisioned"]);
+    assert!(out.lines().any(|l| l == "vm\t8388608"), "{out}");
+    assert!(!out.contains("pool data used"), "{out}");
+    // --json before the command is the same as after it.
+    let before = run_with(
+        &["--json", "-p", pool.to_str().unwrap(), "list"],
+        None,
+        None,
+    );
+    assert!(before.status.success());
+    assert_eq!(text(&before.stdout), ok(&pool, &["list", "--json"]));
+    J::parse(&text(&before.stdout));
+    // A command without a JSON form refuses it.
+    fails_with(
+        2,
+        &["-p", pool.to_str().unwrap(), "--json", "rename", "vm", "x"],
+        None,
+    );
+}
+
+/// Issue 17 item 9: relative resizes, errors in units, and a warning when
+/// the volumes provision more than the pool holds.
+#[test]
+fn resize_relative_and_overcommit_in_units() {
+    let dir = TempDir::new("resize-relative");
+    let pool = new_pool(&dir);
+    ok(&pool, &["create", "v", "8M"]);
+    let out = ok(&pool, &["resize", "v", "+4M"]);
+    assert!(out.contains("from 8.0M to 12M"), "{out}");
+    let e = fails(&pool, &["resize", "v", "-4M"]);
+    assert!(
+        e.contains("from 12 MiB to 8.0 MiB") && e.contains("--force"),
+        "{e}"
+    );
+    let out = ok(&pool, &["resize", "v", "-4M", "--force"]);
+    assert!(out.contains("from 12M to 8.0M"), "{out}");
+    let e = fails(&pool, &["resize", "v", "-8M", "--force"]);
+    assert!(e.contains("cannot shrink by 8.0M"), "{e}");
+    // lvcreate warns when thin volumes add up to more than the pool.
+    let warn = ok_stderr(&pool, &["create", "huge", "1E"]);
+    assert!(
+        warn.contains("warning") && warn.contains("overcommitted"),
+        "{warn}"
+    );
+    let warn = ok_stderr(&pool, &["create", "small", "4M"]);
+    assert!(
+        warn.contains("overcommitted"),
+        "still overcommitted: {warn}"
+    );
+    ok(&pool, &["remove", "huge"]);
+    assert_eq!(ok_stderr(&pool, &["resize", "small", "+4M"]), "");
+    // The limit's refusal in units, not byte counts.
+    ok(&pool, &["pool", "set", "--max-overcommit", "1"]);
+    let e = fails(&pool, &["create", "big", "1G"]);
+    assert!(
+        e.contains("1.0 GiB") && e.contains("overcommit limit"),
+        "{e}"
+    );
+    assert!(!e.contains("bytes"), "{e}");
 }

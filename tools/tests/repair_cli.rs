@@ -470,10 +470,13 @@ fn dump_restore_onto_wiped_metadata_gives_back_the_data() {
             "--dry-run",
         ],
     );
-    assert!(out.contains("would restore 3 volumes"), "{out}");
+    assert!(
+        out.contains("would restore 2 volumes and 1 snapshot"),
+        "{out}"
+    );
     assert!(fs::read(&pool).unwrap() == img);
     let out = ok(&pool, &["restore", "--input", dump_file.to_str().unwrap()]);
-    assert!(out.contains("restored 3 volumes"), "{out}");
+    assert!(out.contains("restored 2 volumes and 1 snapshot"), "{out}");
     assert_clean(&pool);
     assert_eq!(contents(&dir, &pool), want);
 
@@ -589,4 +592,74 @@ impl JExt for J {
             other => panic!("not an object: {other:?}"),
         }
     }
+}
+
+/// Bytes no record could decode from: what `dd if=/dev/urandom` leaves.
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+/// Issue 17 item 2: what check warns about and says repair rewrites, repair
+/// rewrites: a host slot block overwritten with random bytes on a
+/// single-host pool.
+#[test]
+fn repair_rewrites_a_damaged_host_slot_that_check_warns_about() {
+    let dir = TempDir::new("repair-slot");
+    let pool = sample_pool(&dir);
+    let want = contents(&dir, &pool);
+    let mut img = fs::read(&pool).unwrap();
+    // dd if=/dev/urandom of=pool.img bs=4096 count=1 seek=16 conv=notrunc
+    img[16 * BLOCK..17 * BLOCK].copy_from_slice(&noise(BLOCK, 7));
+    fs::write(&pool, &img).unwrap();
+    let out = expect(0, &pool, &["check"]);
+    assert!(
+        out.contains("host slot at block 16") && out.contains("'thinctl repair' rewrites it"),
+        "{out}"
+    );
+    let out = thinctl(&pool, &["repair", "--json"]);
+    assert_eq!(out.status.code(), Some(1), "repaired: {out:?}");
+    let r = J::parse(&text(&out.stdout));
+    assert_eq!(r.get("repaired"), &J::Bool(true), "{r:?}");
+    assert_eq!(r.get("clean_after"), &J::Bool(true), "{r:?}");
+    match r.get("fixes").arr() {
+        [J::Str(fix)] => assert!(fix.contains("host slot at block 16"), "{fix}"),
+        other => panic!("one fix expected: {other:?}"),
+    }
+    assert_clean(&pool);
+    assert_eq!(contents(&dir, &pool), want);
+    // And a second repair finds nothing.
+    let out = expect(0, &pool, &["repair"]);
+    assert!(out.contains("nothing to repair"), "{out}");
+}
+
+/// Issue 17 item 3: restore onto metadata overwritten with random bytes
+/// (the first 2 MiB, a wrong dd), not only onto zeroed metadata.
+#[test]
+fn restore_onto_random_metadata_gives_back_the_data() {
+    let dir = TempDir::new("restore-random");
+    let pool = sample_pool(&dir);
+    let want = contents(&dir, &pool);
+    let dump_file = dir.path("meta.json");
+    ok(&pool, &["dump", "--output", dump_file.to_str().unwrap()]);
+    let d = J::parse(&fs::read_to_string(&dump_file).unwrap());
+    let two_mib = 2 << 20;
+    assert!(d.get("pool").num("data_start") as usize * BLOCK > two_mib);
+    let mut img = fs::read(&pool).unwrap();
+    img[..two_mib].copy_from_slice(&noise(two_mib, 99));
+    fs::write(&pool, &img).unwrap();
+    expect(4, &pool, &["check"]);
+    let out = ok(
+        &pool,
+        &["restore", "--input", dump_file.to_str().unwrap(), "--force"],
+    );
+    assert!(out.contains("restored 2 volumes and 1 snapshot"), "{out}");
+    assert_clean(&pool);
+    assert_eq!(contents(&dir, &pool), want);
 }

@@ -225,3 +225,27 @@ fn serve_waits_for_a_dead_holder_and_takes_its_volume() {
     );
     ok(&thinctl(&dir, 0, &["check"]));
 }
+
+/// Issue 17 items 6 and 8: --host-id's range comes from the pool, and
+/// lock status has a scripted form.
+#[test]
+fn host_id_range_from_the_pool_and_scripted_lock_status() {
+    let dir = TempDir::new("host-range");
+    new_shared_pool(&dir);
+    for id in [5, 200] {
+        let e = err(&thinctl(&dir, id, &["create", "x", "4M"]));
+        assert!(e.contains("1..=4") && !e.contains("100"), "{e}");
+    }
+    ok(&thinctl(&dir, 1, &["create", "x", "4M"]));
+    let out = ok(&thinctl(
+        &dir,
+        0,
+        &["lock", "status", "-H", "-o", "host,state"],
+    ));
+    assert!(out.lines().any(|l| l == "1\tfree"), "{out}");
+    assert!(out.lines().all(|l| l.split('\t').count() == 2), "{out}");
+    assert!(
+        !out.contains("HOST") && !out.contains("global lock"),
+        "{out}"
+    );
+}

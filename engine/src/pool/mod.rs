@@ -528,10 +528,14 @@ impl Pool {
             metadata_used_bytes: st.metadata_blocks() * b,
             metadata_reserved_bytes: st.metadata_reserve() * b,
             pending_free_bytes: st.pending_free_blocks() * b,
-            volumes: count(SNAPSHOT | BASE, 0),
+            volumes: count(SNAPSHOT, 0),
             snapshots: count(SNAPSHOT, SNAPSHOT),
             bases: count(BASE, BASE),
-            clones: st.volumes.values().filter(|v| v.rec.origin_id != 0).count() as u64,
+            clones: st
+                .volumes
+                .values()
+                .filter(|v| v.rec.origin_id != 0 && v.rec.flags & SNAPSHOT == 0)
+                .count() as u64,
             provisioned_bytes: provisioned(&st),
             data_used_pct: crate::guard::data_used_pct(&st),
             metadata_used_pct: crate::guard::meta_used_pct(&st),
@@ -778,7 +782,9 @@ impl Pool {
         if size_bytes < old_size {
             if !allow_shrink {
                 return Err(Error::InvalidArgument(format!(
-                    "shrinking '{name}' from {old_size} to {size_bytes} bytes discards the data past the new end; use --force"
+                    "shrinking '{name}' from {} to {} discards the data past the new end; use --force",
+                    crate::util::human_bytes(old_size),
+                    crate::util::human_bytes(size_bytes)
                 )));
             }
             {
@@ -974,7 +980,10 @@ pub(crate) fn check_overcommit(st: &State, extra: u64, force: bool) -> Result<()
     let after = provisioned(st) as u128 + extra as u128;
     if after * 100 > data * limit {
         return Err(Error::InvalidArgument(format!(
-            "this would provision {after} bytes on {data} bytes of data space, past the pool's overcommit limit of {:.2}x; use --force",
+            "this would provision {} on {} of data space ({:.2}x), past the pool's overcommit limit of {:.2}x; use --force",
+            crate::util::human_bytes(u64::try_from(after).unwrap_or(u64::MAX)),
+            crate::util::human_bytes(u64::try_from(data).unwrap_or(u64::MAX)),
+            after as f64 / data.max(1) as f64,
             limit as f64 / 100.0
         )));
     }
@@ -989,12 +998,13 @@ fn check_size(size: u64) -> Result<()> {
     }
     if !size.is_multiple_of(BLOCK_SIZE as u64) {
         return Err(Error::InvalidArgument(format!(
-            "volume size {size} is not a multiple of 4 KiB"
+            "volume size {size} bytes is not a multiple of 4 KiB"
         )));
     }
     if size > MAX_VOLUME_BYTES {
         return Err(Error::InvalidArgument(format!(
-            "volume size {size} exceeds the format's 1 EiB limit"
+            "volume size {} exceeds the format's 1 EiB limit",
+            crate::util::human_bytes(size)
         )));
     }
     Ok(())

@@ -141,10 +141,14 @@ pub struct PoolStatus {
     pub metadata_used_bytes: u64,
     pub metadata_reserved_bytes: u64,
     pub pending_free_bytes: u64,
-    /// Writable volumes (clones included), snapshots, base images, clones.
+    /// Volumes: every catalog entry that is not a snapshot (writable
+    /// volumes, linked clones and base images alike).
     pub volumes: u64,
+    /// Snapshots (VOL@SNAP), counted apart from the volumes.
     pub snapshots: u64,
+    /// Of the volumes: read-only base images that clones may share.
     pub bases: u64,
+    /// Of the volumes: linked clones (made from a snapshot or base).
     pub clones: u64,
     /// Sum of the sizes of all volumes but snapshots (overcommit =
     /// provisioned / data size).

@@ -4,7 +4,7 @@
 
 use super::{pool_path, require_exists, BLOCK};
 use crate::error::{emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED};
-use crate::human::{pct_str, size};
+use crate::human::{pct_str, size, volumes_and_snapshots};
 use crate::json::Json;
 use crate::progress::Progress;
 use std::path::Path;
@@ -71,9 +71,8 @@ fn report_text(label: &str, r: &CheckReport) -> String {
     // When loading failed the figures are all zero and mean nothing.
     if r.data_blocks > 0 {
         out.push_str(&format!(
-            "{label}: {} volume{}, {} mapped in {} extent{}; data {} used of {} ({}), {} metadata; {} journal block{} replayed\n",
-            r.volumes,
-            plural(r.volumes),
+            "{label}: {}, {} mapped in {} extent{}; data {} used of {} ({}), {} metadata; {} journal block{} replayed\n",
+            volumes_and_snapshots(r.volumes, r.snapshots),
             size(r.mapped_blocks * bs),
             r.extents,
             plural(r.extents),
@@ -122,6 +121,7 @@ fn report_json(label: &str, r: &CheckReport) -> Json {
         ("errors", r.errors.clone().into()),
         ("warnings", r.warnings.clone().into()),
         ("volumes", r.volumes.into()),
+        ("snapshots", r.snapshots.into()),
         ("mapped_bytes", (r.mapped_blocks * bs).into()),
         ("extents", r.extents.into()),
         ("data_bytes", (r.data_blocks * bs).into()),

@@ -6,7 +6,7 @@ use super::{open_read_only, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
 use crate::json::Json;
-use crate::table::{fields, Table};
+use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
 use thinlun::{PoolStatus, Usage, VolumeInfo};
 
@@ -39,7 +39,7 @@ fn totals(status: &PoolStatus, usage: &[Usage]) -> Totals {
     }
 }
 
-pub fn run(pool: Option<&Path>, name: Option<&str>, json: bool) -> CliResult<()> {
+pub fn run(pool: Option<&Path>, name: Option<&str>, out: &OutputArgs, json: bool) -> CliResult<()> {
     let pool = open_read_only(pool_path(pool)?)?;
     let (vols, usage, status) = with_pool(pool, |p| {
         if let Some(n) = name {
@@ -74,24 +74,39 @@ pub fn run(pool: Option<&Path>, name: Option<&str>, json: bool) -> CliResult<()>
     ]);
     for (v, u) in &rows {
         t.row(vec![
-            indented_name(v),
-            size(u.provisioned_bytes),
-            size(u.mapped_bytes),
-            size(u.exclusive_bytes),
-            size(u.shared_bytes),
+            if out.scripted {
+                v.name.clone()
+            } else {
+                indented_name(v)
+            },
+            out.size(u.provisioned_bytes),
+            out.size(u.mapped_bytes),
+            out.size(u.exclusive_bytes),
+            out.size(u.shared_bytes),
         ]);
     }
-    let with_bytes = |b: u64| format!("{} ({b} bytes)", size(b));
-    let mut out = t.render();
-    out.push('\n');
-    out.push_str(&fields(&[
+    let table = t.render_as(out)?;
+    // Scripts get the rows alone; the pool totals are in --json.
+    if out.scripted || out.fields.is_some() {
+        return emit(&table);
+    }
+    let with_bytes = |b: u64| {
+        if out.bytes {
+            b.to_string()
+        } else {
+            format!("{} ({b} bytes)", size(b))
+        }
+    };
+    let mut text = table;
+    text.push('\n');
+    text.push_str(&fields(&[
         ("pool data used", with_bytes(totals.data_used)),
         ("  metadata", with_bytes(totals.metadata)),
         ("  awaiting reuse", with_bytes(totals.pending_free)),
         ("  exclusive (sum)", with_bytes(totals.exclusive)),
         ("  shared", with_bytes(totals.shared)),
     ]));
-    emit(&out)
+    emit(&text)
 }
 
 fn to_json(rows: &[(VolumeInfo, &Usage)], t: &Totals) -> Json {

@@ -3,6 +3,7 @@
 
 use super::{pool_path, require_exists};
 use crate::error::{emit, CliError, CliResult};
+use crate::human::{counted, volumes_and_snapshots};
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
@@ -27,11 +28,15 @@ pub fn dump(pool: Option<&Path>, output: Option<&Path>) -> CliResult<()> {
             let name = out.display().to_string();
             std::fs::write(out, text).map_err(|e| CliError::io(&name, e))?;
             let extents: usize = d.volumes.iter().map(|v| v.extents.len()).sum();
+            let snapshots = d
+                .volumes
+                .iter()
+                .filter(|v| v.flags & thinlun::format::catalog::flags::SNAPSHOT != 0)
+                .count() as u64;
             eprintln!(
-                "thinctl: {label}: {} volume{}, {extents} extent{} dumped to {name}",
-                d.volumes.len(),
-                if d.volumes.len() == 1 { "" } else { "s" },
-                if extents == 1 { "" } else { "s" }
+                "thinctl: {label}: {}, {} dumped to {name}",
+                volumes_and_snapshots(d.volumes.len() as u64 - snapshots, snapshots),
+                counted(extents as u64, "extent"),
             );
             Ok(())
         }
@@ -71,12 +76,10 @@ pub fn restore(pool: Option<&Path>, input: &Path, force: bool, dry_run: bool) ->
         out.push_str(&format!("note: {n}\n"));
     }
     out.push_str(&format!(
-        "{label}: {} {} volume{} ({} extent{}) from {in_name}: {} metadata blocks, superblock generation {}{}\n",
+        "{label}: {} {} ({}) from {in_name}: {} metadata blocks, superblock generation {}{}\n",
         if dry_run { "would restore" } else { "restored" },
-        r.volumes,
-        if r.volumes == 1 { "" } else { "s" },
-        r.extents,
-        if r.extents == 1 { "" } else { "s" },
+        volumes_and_snapshots(r.volumes, r.snapshots),
+        counted(r.extents, "extent"),
         r.metadata_blocks,
         r.generation,
         if dry_run {

@@ -25,31 +25,85 @@ pub fn run(pool: Option<&Path>, name: &str, file: &Path, size_arg: Option<u64>) 
         (Box::new(f), len)
     };
     let pool = open_read_write(path)?;
-    let (imported, mapped) = with_pool(pool, |p| {
+    let (copied, created, allocated) = with_pool(pool, |p| {
+        let used_before = p.status().data_used_bytes;
         let created = prepare_volume(p, name, input_len, size_arg, &what)?;
         let result = p
             .open_volume(name)
-            .map_err(CliError::from)
+            .map_err(|e| Failed {
+                error: e.into(),
+                done: 0,
+            })
             .and_then(|vol| copy_in(&vol, &mut input, &what, !created));
         match result {
-            Ok(n) => Ok((n, p.volume_info(name)?.mapped_bytes)),
-            Err(e) if created => {
-                // A half-imported volume this command made is useless.
-                match p.remove_volume(name, false) {
-                    Ok(()) => Err(CliError::new(format!(
-                        "{e} (the new volume '{name}' was removed)"
-                    ))),
-                    Err(_) => Err(e),
-                }
-            }
-            Err(e) => Err(e),
+            Ok(c) => Ok((
+                c,
+                created,
+                p.status().data_used_bytes.saturating_sub(used_before),
+            )),
+            Err(f) => Err(failed_text(p, name, &what, created, f)),
         }
     })?;
+    // The last block is padded to 4 KiB, so data may pass the input's end.
+    let data = copied.data.min(copied.read);
+    let zero = copied.read - data;
     emit(&format!(
-        "imported {} ({imported} bytes) from {what} into '{name}'; {} ({mapped} bytes) allocated\n",
-        size(imported),
-        size(mapped),
+        "imported {} ({} bytes) from {what} into {} '{name}': {} of data written, {} of zero blocks {}; {} newly allocated in the pool\n",
+        size(copied.read),
+        copied.read,
+        if created { "the new volume" } else { "volume" },
+        size(data),
+        size(zero),
+        if created { "left unallocated" } else { "unmapped" },
+        size(allocated),
     ))
+}
+
+/// The error of a failed import, saying what it left behind. A volume
+/// this import created is removed, as `rbd import` removes the image it
+/// was creating and an interrupted `zfs recv` leaves no new dataset: a
+/// half-imported disk is of no use, and keeping it would hold the space
+/// that just ran out. An existing volume keeps what was written, so the
+/// message says how far that got.
+fn failed_text(p: &Pool, name: &str, what: &str, created: bool, f: Failed) -> CliError {
+    let e = f.error;
+    let held = format!(
+        "the first {} ({} bytes) of {what}{}",
+        size(f.done),
+        f.done,
+        if f.done > 0 {
+            " and perhaps part of the next MiB"
+        } else {
+            ""
+        }
+    );
+    if created {
+        return match p.remove_volume(name, false) {
+            Ok(()) => CliError::new(format!(
+                "{e}; the volume '{name}' this import created was removed, nothing is left behind"
+            )),
+            Err(r) => CliError::new(format!(
+                "{e}; the volume '{name}' this import created holds {held} and could not be removed ({r}): remove it with 'thinctl remove {name}'"
+            )),
+        };
+    }
+    CliError::new(format!(
+        "{e}; the existing volume '{name}' now holds {held} (the rest of it is unchanged): import again once the problem is fixed"
+    ))
+}
+
+/// What `copy_in` did: bytes read from the input, and of them the bytes
+/// of data blocks written (the rest were zero blocks).
+struct Copied {
+    read: u64,
+    data: u64,
+}
+
+/// A failed `copy_in`: the error, and how many bytes from the start of the
+/// input were written completely before it.
+struct Failed {
+    error: CliError,
+    done: u64,
 }
 
 /// The input's size when it can be known before reading it: regular files
@@ -127,10 +181,33 @@ fn prepare_volume(
 /// are not written, so they take no space; on a volume that already held
 /// data (`overwrite`) they are zeroed instead, which unmaps them. Returns
 /// the bytes read.
-fn copy_in(vol: &Volume, input: &mut dyn Read, what: &str, overwrite: bool) -> CliResult<u64> {
+fn copy_in(
+    vol: &Volume,
+    input: &mut dyn Read,
+    what: &str,
+    overwrite: bool,
+) -> Result<Copied, Failed> {
+    let mut offset = 0u64;
+    let mut data = 0u64;
+    copy_chunks(vol, input, what, overwrite, &mut offset, &mut data).map_err(|error| Failed {
+        error,
+        done: offset,
+    })?;
+    Ok(Copied { read: offset, data })
+}
+
+/// The loop of [`copy_in`]; `offset` is the input read and written so far
+/// (complete chunks only), `data` the data bytes of it.
+fn copy_chunks(
+    vol: &Volume,
+    input: &mut dyn Read,
+    what: &str,
+    overwrite: bool,
+    offset: &mut u64,
+    data: &mut u64,
+) -> CliResult<()> {
     let vol_size = vol.size_bytes();
     let mut buf = AlignedBuf::zeroed(IO_CHUNK);
-    let mut offset = 0u64;
     // A run of zero blocks not yet zeroed, carried across chunks so a large
     // hole costs one request: (start, length) in bytes.
     let mut zero_run: Option<(u64, u64)> = None;
@@ -139,7 +216,7 @@ fn copy_in(vol: &Volume, input: &mut dyn Read, what: &str, overwrite: bool) -> C
         if n == 0 {
             break;
         }
-        if offset + n as u64 > vol_size {
+        if *offset + n as u64 > vol_size {
             return Err(CliError::new(format!(
                 "{what} is larger than volume '{}' ({vol_size} bytes)",
                 vol.name()
@@ -151,7 +228,7 @@ fn copy_in(vol: &Volume, input: &mut dyn Read, what: &str, overwrite: bool) -> C
         buf[n..len].fill(0);
         let mut writes = Vec::new();
         for (at, run, zero) in block_runs(&buf[..len]) {
-            let start = offset + at as u64;
+            let start = *offset + at as u64;
             if zero {
                 if overwrite {
                     zero_run = match zero_run {
@@ -179,7 +256,8 @@ fn copy_in(vol: &Volume, input: &mut dyn Read, what: &str, overwrite: bool) -> C
         for (r, &(start, _, _)) in results.into_iter().zip(&writes) {
             r.map_err(|e| at_offset(e, start))?;
         }
-        offset += n as u64;
+        *data += writes.iter().map(|w| w.2 as u64).sum::<u64>();
+        *offset += n as u64;
         if n < buf.len() {
             break;
         }
@@ -189,7 +267,7 @@ fn copy_in(vol: &Volume, input: &mut dyn Read, what: &str, overwrite: bool) -> C
             .map_err(|e| at_offset(e, s))?;
     }
     vol.flush()?;
-    Ok(offset)
+    Ok(())
 }
 
 fn at_offset(e: thinlun::Error, offset: u64) -> CliError {

@@ -1,13 +1,14 @@
 //! `lock status` and `release`: the leases of a shared pool.
 
-use super::{open_read_only, open_read_write, pool_path, with_pool};
+use super::{open_read_only, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
 use crate::json::Json;
+use crate::table::{OutputArgs, Table};
 use std::path::Path;
 use std::time::Duration;
 use thinlun::LockStatus;
 
-pub fn status(pool: Option<&Path>, json: bool) -> CliResult<()> {
+pub fn status(pool: Option<&Path>, out: &OutputArgs, json: bool) -> CliResult<()> {
     let path = pool_path(pool)?;
     let pool = open_read_only(path)?;
     // Watch the slots for two renewal periods to tell renewing hosts from
@@ -19,17 +20,25 @@ pub fn status(pool: Option<&Path>, json: bool) -> CliResult<()> {
     if json {
         emit(&status_json(&st).render())
     } else {
-        emit(&status_text(&st))
+        emit(&status_text(&st, out)?)
     }
 }
 
-fn status_text(s: &LockStatus) -> String {
-    let mut out = format!("I/O timeout {} ms\n", s.io_timeout_ms);
-    out.push_str("HOST  NAME                  GENERATION  RENEWALS  LAST CHANGE  STATE\n");
+fn status_text(s: &LockStatus, fmt: &OutputArgs) -> CliResult<String> {
+    let mut t = Table::new(&[
+        ("HOST", false),
+        ("NAME", false),
+        ("GENERATION", true),
+        ("RENEWALS", true),
+        ("LAST CHANGE", true),
+        ("STATE", false),
+    ]);
     for h in &s.hosts {
-        let change = h
-            .unchanged_ms
-            .map_or("-".to_string(), |ms| format!("{ms} ms ago"));
+        let change = match h.unchanged_ms {
+            None => "-".to_string(),
+            Some(ms) if fmt.bytes => ms.to_string(),
+            Some(ms) => format!("{ms} ms ago"),
+        };
         let state = match (h.state, h.watched_ms, h.dead_in_ms) {
             ("unknown", Some(w), Some(d)) => format!(
                 "silent (watched {:.1} s, dead in {:.1} s if unchanged)",
@@ -38,11 +47,22 @@ fn status_text(s: &LockStatus) -> String {
             ),
             (s, _, _) => s.to_string(),
         };
-        out.push_str(&format!(
-            "{:<5} {:<21} {:<11} {:<9} {:<12} {}\n",
-            h.host_id, h.name, h.generation, h.renewal, change, state
-        ));
+        t.row(vec![
+            h.host_id.to_string(),
+            h.name.clone(),
+            h.generation.to_string(),
+            h.renewal.to_string(),
+            change,
+            state,
+        ]);
     }
+    let hosts = t.render_as(fmt)?;
+    // Scripts get the host rows alone; the rest is in --json.
+    if fmt.scripted || fmt.fields.is_some() {
+        return Ok(hosts);
+    }
+    let mut out = format!("I/O timeout {} ms\n", s.io_timeout_ms);
+    out.push_str(&hosts);
     let name_of = |id: u32| {
         s.hosts
             .iter()
@@ -77,7 +97,7 @@ fn status_text(s: &LockStatus) -> String {
             name_of(h)
         ));
     }
-    out
+    Ok(out)
 }
 
 fn status_json(s: &LockStatus) -> Json {
@@ -140,22 +160,28 @@ fn status_json(s: &LockStatus) -> Json {
 pub fn release(pool: Option<&Path>, name: &str) -> CliResult<()> {
     let path = pool_path(pool)?;
     super::require_exists(path)?;
-    let pool = match open_read_write(path) {
-        Ok(p) => p,
-        Err(e)
-            if e.message
+    // Not open_read_write: a serving process holding this host's id keeps
+    // the pool, so waiting for it (up to --wait) would only delay asking
+    // it on its control socket.
+    let pool = match super::open_unless_served(path, None) {
+        Ok(p) => {
+            super::report_warnings(&p);
+            p
+        }
+        Err(e @ thinlun::Error::Busy(_))
+            if e.to_string()
                 .contains("in use by another thinlun process on this machine") =>
         {
             let control = thinlun_vhost::control::default_control_path(path);
             if !control.exists() {
-                return Err(e);
+                return Err(e.into());
             }
             let t = super::daemon::ask(&control, &format!("remove {name}"))?;
             return emit(&format!(
                 "{t}\nreleased '{name}': the serving process stopped serving it\n"
             ));
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     with_pool(pool, |p| {
         if p.status().shared_io_timeout_ms.is_none() {

@@ -2,7 +2,7 @@
 
 use super::{open_read_only, pool_path, with_pool, BLOCK};
 use crate::error::{emit, CliError, CliResult};
-use crate::human::{pct, pct_str, ratio, size};
+use crate::human::{counted, pct, pct_str, ratio, size};
 use crate::json::Json;
 use crate::table::fields;
 use std::path::Path;
@@ -143,10 +143,13 @@ fn status_text(label: &str, s: &PoolStatus) -> String {
         (
             "volumes",
             format!(
-                "{} ({} snapshots, {} base images, {} linked clones)",
-                s.volumes, s.snapshots, s.bases, s.clones
+                "{} (of them {}, {})",
+                s.volumes,
+                counted(s.bases, "base image"),
+                counted(s.clones, "linked clone")
             ),
         ),
+        ("snapshots", s.snapshots.to_string()),
         ("provisioned", size(s.provisioned_bytes)),
         (
             "overcommit",

@@ -58,9 +58,8 @@ pub enum SnapCommand {
     Du {
         /// One volume (with its snapshots) or one snapshot; default: all
         name: Option<String>,
-        /// Print JSON instead of a table
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        output: crate::table::OutputArgs,
     },
     /// List the extents that differ between a snapshot and a later snapshot or its volume
     Diff {
@@ -70,9 +69,6 @@ pub enum SnapCommand {
         /// A later snapshot of the same volume, or the volume itself
         #[arg(value_name = "VOL[@SNAP]")]
         to: String,
-        /// Print JSON instead of a list
-        #[arg(long)]
-        json: bool,
     },
     /// Write the changes from FROM to TO as an incremental backup stream
     #[command(
@@ -103,15 +99,15 @@ pub enum SnapCommand {
     },
 }
 
-pub fn run(pool: Option<&Path>, c: SnapCommand) -> CliResult<()> {
+pub fn run(pool: Option<&Path>, c: SnapCommand, json: bool) -> CliResult<()> {
     match c {
         SnapCommand::Snapshot { name, control } => snapshot(pool, &name, control.as_deref()),
         SnapCommand::Rollback { name, force } => rollback(pool, &name, force),
         SnapCommand::Base { name, name_as } => base(pool, &name, name_as.as_deref()),
         SnapCommand::Clone { source, new } => clone(pool, &source, &new),
         SnapCommand::Flatten { name } => flatten(pool, &name),
-        SnapCommand::Du { name, json } => super::du::run(pool, name.as_deref(), json),
-        SnapCommand::Diff { from, to, json } => super::diff::diff(pool, &from, &to, json),
+        SnapCommand::Du { name, output } => super::du::run(pool, name.as_deref(), &output, json),
+        SnapCommand::Diff { from, to } => super::diff::diff(pool, &from, &to, json),
         SnapCommand::ExportDiff { args, from, force } => {
             super::diff::export(pool, &args, from.as_deref(), force)
         }

@@ -2,7 +2,7 @@
 
 use super::daemon::ask;
 use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
-use crate::error::{emit, CliError, CliResult};
+use crate::error::{emit, CliResult};
 use crate::human::size;
 use std::path::Path;
 use thinlun_vhost::control::PolicyChange;
@@ -17,7 +17,25 @@ pub struct PolicyArgs {
     pub metadata_thresholds: Option<Thresholds>,
     pub when_full: Option<String>,
     pub queue_timeout_secs: Option<u32>,
-    pub max_overcommit: Option<String>,
+    /// The limit in percent (0 = none), from [`overcommit_arg`].
+    pub max_overcommit: Option<u32>,
+}
+
+/// Parses `--max-overcommit`: a ratio of at least 1 (2.5, 2.5x) or
+/// "none"; the policy keeps it in percent, 0 for none.
+pub fn overcommit_arg(r: &str) -> Result<u32, String> {
+    if r == "none" {
+        return Ok(0);
+    }
+    let ratio: f64 = r
+        .trim_end_matches('x')
+        .parse()
+        .map_err(|_| format!("takes a ratio such as 2.5 or 'none', not '{r}'"))?;
+    if !(1.0..=1_000_000.0).contains(&ratio) {
+        return Err(format!("must be from 1.0 to 1000000, not {r}"));
+    }
+    // In range, so the product fits u32 and rounds to a whole percent.
+    Ok((ratio * 100.0).round() as u32)
 }
 
 /// Parses "80,90,95" (up to three ascending percentages; "none" for none).
@@ -37,12 +55,22 @@ pub fn thresholds_arg(s: &str) -> Result<Thresholds, String> {
     if v.len() > 3 {
         return Err("at most three thresholds".into());
     }
+    if let Some(x) = v.iter().find(|&&x| x == 0 || x > 100) {
+        return Err(format!(
+            "thresholds are percentages from 1 to 100, not {x} ('none' sets none)"
+        ));
+    }
+    if v.windows(2).any(|w| w[0] >= w[1]) {
+        return Err(format!(
+            "thresholds must increase, e.g. 80,90,95 (given: {s})"
+        ));
+    }
     Ok(Thresholds(v))
 }
 
 /// The change `a` asks for, in the policy's raw values (checked here as
 /// far as the arguments go; the engine checks the policy that results).
-fn change_of(a: PolicyArgs) -> CliResult<PolicyChange> {
+fn change_of(a: PolicyArgs) -> PolicyChange {
     let pad = |Thresholds(v): Thresholds| {
         let mut t = [0u8; 3];
         // Unused slots first, so the set ones stay ascending at the end.
@@ -56,38 +84,14 @@ fn change_of(a: PolicyArgs) -> CliResult<PolicyChange> {
         queue_timeout_ms: a.queue_timeout_secs.map(|s| s.saturating_mul(1000)),
         ..PolicyChange::default()
     };
-    match a.when_full.as_deref() {
-        None => {}
-        Some("error") => c.when_full = Some(0),
-        Some("queue") => c.when_full = Some(1),
-        Some(other) => {
-            return Err(CliError::new(format!(
-                "--when-full takes 'error' or 'queue', not '{other}'"
-            )))
-        }
-    }
-    match a.max_overcommit.as_deref() {
-        None => {}
-        Some("none") => c.max_overcommit_pct = Some(0),
-        Some(r) => {
-            let ratio: f64 = r.trim_end_matches('x').parse().map_err(|_| {
-                CliError::new(format!(
-                    "--max-overcommit takes a ratio such as 2.5 or 'none', not '{r}'"
-                ))
-            })?;
-            if !(1.0..=1_000_000.0).contains(&ratio) {
-                return Err(CliError::new(
-                    "--max-overcommit must be at least 1.0".to_string(),
-                ));
-            }
-            c.max_overcommit_pct = Some((ratio * 100.0).round() as u32);
-        }
-    }
-    Ok(c)
+    // clap accepts only these two (a usage error otherwise).
+    c.when_full = a.when_full.map(|w| u8::from(w == "queue"));
+    c.max_overcommit_pct = a.max_overcommit;
+    c
 }
 
 pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
-    let change = change_of(args)?;
+    let change = change_of(args);
     let policy = match open_or_served(pool_path(pool)?, None)? {
         Writer::Open(pool) => with_pool(pool, |p| {
             let new = change.apply(p.status().policy);
@@ -104,6 +108,7 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
                 .ok_or_else(|| super::daemon::unexpected(&t))?
         }
     };
+    // "at [80, 90, 95]": tests/vhost_daemon.rs matches this wording.
     emit(&format!(
         "policy: data warnings at {:?}, metadata warnings at {:?}, when full: {}, overcommit limit: {}\n",
         policy.data_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
@@ -162,5 +167,8 @@ mod tests {
         assert!(thresholds_arg("80,x").is_err());
         assert!(thresholds_arg("1,2,3,4").is_err());
         assert!(thresholds_arg("300").is_err());
+        assert!(thresholds_arg("0,50").unwrap_err().contains("1 to 100"));
+        let e = thresholds_arg("95,80").unwrap_err();
+        assert!(e.contains("must increase") && !e.contains('['), "{e}");
     }
 }

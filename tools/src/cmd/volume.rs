@@ -3,10 +3,11 @@
 
 use super::daemon::{ask, name_word, reply_number, unexpected};
 use super::{open_or_served, open_read_only, pool_path, with_pool, Writer};
-use crate::error::{emit, CliResult};
+use crate::error::{emit, CliError, CliResult};
 use crate::human::{pct, pct_str, size, utc};
 use crate::json::Json;
-use crate::table::{fields, Table};
+use crate::size::SizeChange;
+use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
 use thinlun::VolumeInfo;
 
@@ -28,16 +29,36 @@ pub fn create(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             (created.to_string(), reply_number(&t, "size_bytes")?)
         }
     };
+    warn_overcommit(pool_path(pool)?);
     emit(&created_text(&name, bytes))
 }
 
-pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
+/// Whether `v` is of one of the `list -t` types (none given: all).
+fn of_type(v: &VolumeInfo, types: &[String]) -> bool {
+    types.is_empty()
+        || types.iter().any(|t| match t.as_str() {
+            "all" => true,
+            "snapshot" => v.snapshot,
+            "volume" => !v.snapshot,
+            "base" => v.base,
+            "clone" => v.clone_of.is_some() && !v.snapshot,
+            _ => false,
+        })
+}
+
+pub fn list(pool: Option<&Path>, types: &[String], out: &OutputArgs, json: bool) -> CliResult<()> {
     let pool = open_read_only(pool_path(pool)?)?;
-    let vols = tree_order(with_pool(pool, |p| Ok(p.volumes()))?);
+    let vols: Vec<VolumeInfo> = tree_order(with_pool(pool, |p| Ok(p.volumes()))?)
+        .into_iter()
+        .filter(|v| of_type(v, types))
+        .collect();
     if json {
         let items: Vec<Json> = vols.iter().map(info_json).collect();
         return emit(&Json::Array(items).render());
     }
+    // Snapshots are indented under their volume only for people, and only
+    // when their volumes are listed too.
+    let indent = !out.scripted && of_type_all(types);
     let mut t = Table::new(&[
         ("NAME", false),
         ("SIZE", true),
@@ -46,19 +67,29 @@ pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
         ("EXTENTS", true),
         ("FLAGS", false),
         ("ORIGIN", false),
+        ("CREATED", false),
     ]);
     for v in &vols {
         t.row(vec![
-            indented_name(v),
-            size(v.size_bytes),
-            size(v.mapped_bytes),
+            if indent {
+                indented_name(v)
+            } else {
+                v.name.clone()
+            },
+            out.size(v.size_bytes),
+            out.size(v.mapped_bytes),
             pct_str(v.mapped_bytes, v.size_bytes),
             v.extents.to_string(),
             flags(v),
             origin(v),
+            out.time(v.created_unix),
         ]);
     }
-    emit(&t.render())
+    emit(&t.render_as(out)?)
+}
+
+fn of_type_all(types: &[String]) -> bool {
+    types.is_empty() || types.iter().any(|t| t == "all")
 }
 
 /// Volumes by name, each followed by its snapshots, oldest first (what
@@ -66,7 +97,8 @@ pub fn list(pool: Option<&Path>, json: bool) -> CliResult<()> {
 pub fn tree_order(vols: Vec<VolumeInfo>) -> Vec<VolumeInfo> {
     let (mut snaps, vols): (Vec<VolumeInfo>, Vec<VolumeInfo>) =
         vols.into_iter().partition(|v| v.snapshot);
-    snaps.sort_by_key(|s| s.id);
+    // By creation time; ids grow, so they order snapshots of one second.
+    snaps.sort_by_key(|s| (s.created_unix, s.id));
     let mut out = Vec::with_capacity(vols.len() + snaps.len());
     for v in vols {
         let name = v.name.clone();
@@ -100,28 +132,39 @@ fn origin(v: &VolumeInfo) -> String {
     }
 }
 
-pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
+pub fn info(pool: Option<&Path>, name: &str, out: &OutputArgs, json: bool) -> CliResult<()> {
     let pool = open_read_only(pool_path(pool)?)?;
     let v = with_pool(pool, |p| Ok(p.volume_info(name)?))?;
     if json {
         return emit(&info_json(&v).render());
     }
     let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
-    emit(&fields(&[
+    // Exact figures stand beside the rounded ones for people; --bytes and
+    // -H give the exact figure alone.
+    let exact = out.bytes || out.scripted;
+    let sized = |b: u64| {
+        if exact {
+            b.to_string()
+        } else {
+            format!("{} ({b} bytes)", size(b))
+        }
+    };
+    let rows: Vec<(&str, String)> = vec![
         ("name", v.name.clone()),
         ("id", v.id.to_string()),
-        (
-            "size",
-            format!("{} ({} bytes)", size(v.size_bytes), v.size_bytes),
-        ),
+        ("size", sized(v.size_bytes)),
         (
             "mapped",
-            format!(
-                "{} ({} bytes, {} of the size)",
-                size(v.mapped_bytes),
-                v.mapped_bytes,
-                pct_str(v.mapped_bytes, v.size_bytes)
-            ),
+            if exact {
+                v.mapped_bytes.to_string()
+            } else {
+                format!(
+                    "{} ({} bytes, {} of the size)",
+                    size(v.mapped_bytes),
+                    v.mapped_bytes,
+                    pct_str(v.mapped_bytes, v.size_bytes)
+                )
+            },
         ),
         ("extents", v.extents.to_string()),
         ("read-only", yes_no(v.read_only)),
@@ -130,13 +173,32 @@ pub fn info(pool: Option<&Path>, name: &str, json: bool) -> CliResult<()> {
         ("origin", origin(&v)),
         (
             "created",
-            format!("{} ({})", utc(v.created_unix), v.created_unix),
+            if exact {
+                v.created_unix.to_string()
+            } else {
+                format!("{} ({})", utc(v.created_unix), v.created_unix)
+            },
         ),
-    ]))
+    ];
+    let ids: Vec<String> = rows.iter().map(|r| r.0.to_string()).collect();
+    let picked: Vec<(&str, String)> = out
+        .select(&ids)?
+        .into_iter()
+        .map(|i| rows[i].clone())
+        .collect();
+    if out.scripted {
+        // One line, the values alone, tab-separated (as a list row).
+        let values: Vec<String> = picked.into_iter().map(|r| r.1).collect();
+        return emit(&format!("{}\n", values.join("\t")));
+    }
+    emit(&fields(&picked))
 }
 
-pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliResult<()> {
-    let (old, new) = match open_or_served(pool_path(pool)?, None)? {
+pub fn resize(pool: Option<&Path>, name: &str, change: SizeChange, force: bool) -> CliResult<()> {
+    let path = pool_path(pool)?;
+    // Past the ends it depends on the volume's size: a runtime error.
+    let target = |current: u64| change.apply(current).map_err(CliError::new);
+    let (old, new) = match open_or_served(path, None)? {
         Writer::Open(pool) => with_pool(pool, |p| {
             let info = p.volume_info(name)?;
             // The engine resizes read-only volumes too, which would change a
@@ -144,12 +206,21 @@ pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             if info.read_only {
                 return Err(thinlun::Error::ReadOnly(info.name).into());
             }
+            let bytes = target(info.size_bytes)?;
             Ok((
                 info.size_bytes,
                 p.resize_volume(name, bytes, force)?.size_bytes,
             ))
         })?,
         Writer::Served(ctl) => {
+            let bytes = match change {
+                SizeChange::To(b) => b,
+                // The serving process holds the pool; a read-only open
+                // still sees the volume's size.
+                _ => target(with_pool(open_read_only(path)?, |p| {
+                    Ok(p.volume_info(name)?.size_bytes)
+                })?)?,
+            };
             let force = if force { " force" } else { "" };
             let t = ask(&ctl, &format!("resize {} {bytes}{force}", name_word(name)?))?;
             (
@@ -158,11 +229,40 @@ pub fn resize(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             )
         }
     };
+    if new > old {
+        warn_overcommit(path);
+    }
     emit(&format!(
         "resized volume '{name}' from {} to {} ({new} bytes)\n",
         size(old),
         size(new),
     ))
+}
+
+/// Warns, as lvcreate does for thin pools, when the volumes' sizes add up
+/// to more than the pool's data space: writes then fail (or queue) once
+/// the space runs out, whatever the volumes' sizes promise. Read after the
+/// change, so it sees what a serving process did too; a pool that cannot
+/// be read here just gets no warning.
+pub fn warn_overcommit(path: &Path) {
+    let opts = thinlun::OpenOptions {
+        read_only: true,
+        ..Default::default()
+    };
+    let Ok(p) = thinlun::Pool::open_path(path, &opts) else {
+        return;
+    };
+    let s = p.status();
+    let _ = p.close();
+    if s.provisioned_bytes > s.data_bytes {
+        eprintln!(
+            "thinctl: warning: the volumes now provision {} on {} of data space ({:.2}x overcommitted); writes {} once the data space is full ('thinctl pool status' shows its use)",
+            crate::human::size(s.provisioned_bytes),
+            crate::human::size(s.data_bytes),
+            crate::human::ratio(s.provisioned_bytes, s.data_bytes),
+            if s.policy.when_full == 1 { "wait" } else { "fail" },
+        );
+    }
 }
 
 pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
