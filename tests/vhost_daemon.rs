@@ -414,7 +414,7 @@ fn daemon_makes_pool_changes_for_thinctl() {
         "70,80",
     ]);
     assert!(
-        out.contains("data warnings at [70, 80]") && out.contains("50.00x"),
+        out.contains("data warnings at 70%, 80%,") && out.contains("50.00x"),
         "{out}"
     );
 

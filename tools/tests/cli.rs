@@ -1007,7 +1007,7 @@ fn policy_usage_errors_exit_2_in_words() {
     let e = fails_with(2, &["-p", p, "resize", "x", "+1Q"], None);
     assert!(e.contains("unknown unit"), "{e}");
     let out = ok(&pool, &["pool", "set", "--data-thresholds", "70,85"]);
-    assert!(out.contains("data warnings at [70, 85]"), "{out}");
+    assert!(out.contains("data warnings at 70%, 85%,"), "{out}");
 }
 
 /// A pool with a volume and its snapshot, a base image and its clone.

@@ -108,11 +108,10 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
                 .ok_or_else(|| super::daemon::unexpected(&t))?
         }
     };
-    // "at [80, 90, 95]": tests/vhost_daemon.rs matches this wording.
     emit(&format!(
-        "policy: data warnings at {:?}, metadata warnings at {:?}, when full: {}, overcommit limit: {}\n",
-        policy.data_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
-        policy.meta_warn_pct.iter().filter(|&&x| x > 0).collect::<Vec<_>>(),
+        "policy: data warnings at {}, metadata warnings at {}, when full: {}, overcommit limit: {}\n",
+        percentages(&policy.data_warn_pct),
+        percentages(&policy.meta_warn_pct),
         if policy.when_full == 1 {
             format!("queue writes up to {} s", policy.queue_timeout_ms / 1000)
         } else {
@@ -123,6 +122,21 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
             x => format!("{:.2}x", x as f64 / 100.0),
         }
     ))
+}
+
+/// "80%, 90%, 95%", or "none": the thresholds as `pool set` takes them
+/// (unused slots are 0).
+fn percentages(pct: &[u8]) -> String {
+    let set: Vec<String> = pct
+        .iter()
+        .filter(|&&x| x > 0)
+        .map(|x| format!("{x}%"))
+        .collect();
+    if set.is_empty() {
+        "none".to_string()
+    } else {
+        set.join(", ")
+    }
 }
 
 pub fn grow(pool: Option<&Path>) -> CliResult<()> {
