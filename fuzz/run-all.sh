@@ -18,7 +18,7 @@ esac
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here" || exit 2
 export RUSTC_BOOTSTRAP=1
-targets="${TARGETS:-superblock node catalog journal claims lease diffstream virtio_request nbd_handshake}"
+targets="${TARGETS:-superblock node catalog journal claims lease diffstream virtio_request nbd_handshake vhost_messages}"
 logs="${FUZZ_LOG_DIR:-$here/target/fuzz-logs}"
 mkdir -p "$logs"
 

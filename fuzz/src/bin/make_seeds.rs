@@ -370,6 +370,70 @@ fn main() {
     write(&dir, "lease", &lease_sectors());
     write(&dir, "diffstream", &diff_streams());
     write(&dir, "nbd_handshake", &nbd_handshakes());
+    write(&dir, "vhost_messages", &vhost_sessions());
+}
+
+/// What QEMU sends to start a device (in the target's input encoding:
+/// op = request, flags, fd kind, length, payload): the handshake with
+/// REPLY_ACK, a memory table on the guest memfd, queue 0 set up and
+/// started, one read request in guest memory, a kick; then the same with
+/// the memory truncated before the kick.
+fn vhost_sessions() -> Vec<Vec<u8>> {
+    fn msg(out: &mut Vec<u8>, req: u8, kind: u8, payload: &[u8]) {
+        out.extend_from_slice(&[req, 0x8, kind, payload.len() as u8]);
+        out.extend_from_slice(payload);
+    }
+    fn words(ws: &[u64], first32: &[u32]) -> Vec<u8> {
+        let mut p = Vec::new();
+        for w in first32 {
+            p.extend_from_slice(&w.to_le_bytes());
+        }
+        for w in ws {
+            p.extend_from_slice(&w.to_le_bytes());
+        }
+        p
+    }
+    fn put(out: &mut Vec<u8>, offset: u64, bytes: &[u8; 16]) {
+        out.push(200);
+        out.extend_from_slice(&((offset / 16) as u16).to_le_bytes());
+        out.extend_from_slice(bytes);
+    }
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> [u8; 16] {
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    }
+    let uva = 0x7f00_0000_0000u64;
+    let mut s = Vec::new();
+    msg(&mut s, 1, 0, &[]);
+    msg(&mut s, 3, 0, &[]);
+    msg(&mut s, 2, 0, &((1u64 << 30) | (1 << 32)).to_le_bytes());
+    msg(&mut s, 15, 0, &[]);
+    msg(&mut s, 16, 0, &0xbu64.to_le_bytes()); // MQ, LOG_SHMFD, REPLY_ACK
+    msg(&mut s, 5, 1, &words(&[0, 1 << 20, uva, 0], &[1, 0]));
+    msg(&mut s, 8, 0, &words(&[], &[0, 16]));
+    msg(&mut s, 9, 0, &words(&[uva, uva + 0x2000, uva + 0x1000, 0], &[0, 0]));
+    msg(&mut s, 10, 0, &words(&[], &[0, 0]));
+    msg(&mut s, 13, 3, &0u64.to_le_bytes());
+    msg(&mut s, 12, 3, &0u64.to_le_bytes());
+    msg(&mut s, 18, 0, &words(&[], &[0, 1]));
+    // A 4 KiB read of sector 0: header at 0x4000 (type 0 = zeros there),
+    // data at 0x5000, status at 0x6000; the avail ring at 0x1000 offers
+    // head 0 (idx 1).
+    put(&mut s, 0, &desc(0x4000, 16, 1, 1));
+    put(&mut s, 16, &desc(0x5000, 4096, 3, 2));
+    put(&mut s, 32, &desc(0x6000, 1, 2, 0));
+    let mut avail = [0u8; 16];
+    avail[2..4].copy_from_slice(&1u16.to_le_bytes());
+    put(&mut s, 0x1000, &avail);
+    s.push(255); // kick
+    msg(&mut s, 1, 0, &[]);
+    let mut truncated = s.clone();
+    truncated.extend_from_slice(&[220, 0, 255]);
+    vec![s, truncated]
 }
 
 /// What QEMU and nbdinfo send: client flags, then STRUCTURED_REPLY,
