@@ -12,7 +12,8 @@ pub struct OutputArgs {
     #[arg(short = 'H', long = "no-headings")]
     pub scripted: bool,
     /// Fields to print, in this order, separated by commas (e.g.
-    /// name,size,mapped); an unknown field's error lists them all
+    /// name,size,mapped; 'used' is taken for mapped, as zfs names it); an
+    /// unknown field's error lists them all
     #[arg(
         short = 'o',
         long = "fields",
@@ -54,7 +55,11 @@ impl OutputArgs {
         wanted
             .iter()
             .map(|w| {
-                let w = w.trim().to_ascii_lowercase();
+                let mut w = w.trim().to_ascii_lowercase();
+                // zfs calls the mapped space "used".
+                if w == "used" && !ids.iter().any(|id| id == "used") {
+                    w = "mapped".to_string();
+                }
                 ids.iter().position(|id| *id == w).ok_or_else(|| {
                     CliError::new(format!("unknown field '{w}' (fields: {})", ids.join(", ")))
                         .with_code(EXIT_USAGE)
@@ -200,6 +205,14 @@ mod tests {
         let e = t.render_as(&bad).unwrap_err();
         assert!(e.message.contains("name, size, use_pct"), "{}", e.message);
         assert_eq!(e.code, EXIT_USAGE);
+        let mut t = Table::new(&[("NAME", false), ("MAPPED", true)]);
+        t.row(vec!["a".into(), "4096".into()]);
+        let used = OutputArgs {
+            scripted: true,
+            fields: Some(vec!["used".into()]),
+            bytes: true,
+        };
+        assert_eq!(t.render_as(&used).unwrap(), "4096\n");
     }
 
     #[test]

@@ -101,18 +101,45 @@ pub fn put_status(mem: &Mem, addr: u64, status: u8) -> bool {
     mem.write_slice(&[status], GuestAddress(addr)).is_ok()
 }
 
+/// A data segment of a batch in host memory, for the overlap check.
+#[derive(Clone, Copy, Debug)]
+pub struct SegUse {
+    /// Host address of its first byte.
+    pub start: usize,
+    pub len: usize,
+    /// The device writes it (a read's buffer).
+    pub device_writes: bool,
+    /// Index of the request it belongs to.
+    pub owner: usize,
+}
+
+impl SegUse {
+    pub fn new(seg: &HostSeg, device_writes: bool, owner: usize) -> SegUse {
+        SegUse {
+            start: seg.ptr as usize,
+            len: seg.len,
+            device_writes,
+            owner,
+        }
+    }
+}
+
 /// Marks which owners have a segment overlapping another segment of the
 /// batch where at least one of the two is written by the device. Such
 /// requests are served through bounce buffers, so the batch never holds a
 /// `&mut [u8]` aliasing another slice.
-///
-/// `segs` holds (host start, length, device writes it, owner).
-pub fn overlapping_owners(segs: &mut [(usize, usize, bool, usize)], flagged: &mut [bool]) {
-    segs.sort_unstable_by_key(|s| s.0);
+pub fn overlapping_owners(segs: &mut [SegUse], flagged: &mut [bool]) {
+    segs.sort_unstable_by_key(|s| s.start);
     // Sweep keeping the furthest-reaching earlier segment of each kind.
     let mut reach_any: Option<(usize, usize)> = None; // (end, owner)
     let mut reach_w: Option<(usize, usize)> = None;
-    for &(start, len, write, owner) in segs.iter() {
+    for &SegUse {
+        start,
+        len,
+        device_writes: write,
+        owner,
+    } in segs.iter()
+    {
         let end = start.saturating_add(len);
         if let Some((e, o)) = reach_w {
             if e > start {
@@ -141,27 +168,44 @@ pub fn overlapping_owners(segs: &mut [(usize, usize, bool, usize)], flagged: &mu
 mod tests {
     use super::*;
 
+    fn seg(start: usize, len: usize, device_writes: bool, owner: usize) -> SegUse {
+        SegUse {
+            start,
+            len,
+            device_writes,
+            owner,
+        }
+    }
+
     #[test]
     fn overlaps_flag_writers_only() {
         let mut flagged = vec![false; 5];
         let mut segs = vec![
-            (0, 100, false, 0),
-            (50, 100, false, 1), // read/read overlap: fine
-            (1000, 10, true, 2),
-            (1005, 10, false, 3), // device-written overlaps device-read
-            (2000, 10, true, 4),
+            seg(0, 100, false, 0),
+            seg(50, 100, false, 1), // read/read overlap: fine
+            seg(1000, 10, true, 2),
+            seg(1005, 10, false, 3), // device-written overlaps device-read
+            seg(2000, 10, true, 4),
         ];
         overlapping_owners(&mut segs, &mut flagged);
         assert_eq!(flagged, vec![false, false, true, true, false]);
 
         let mut flagged = vec![false; 3];
-        let mut segs = vec![(0, 1000, true, 0), (10, 10, false, 1), (990, 20, false, 2)];
+        let mut segs = vec![
+            seg(0, 1000, true, 0),
+            seg(10, 10, false, 1),
+            seg(990, 20, false, 2),
+        ];
         overlapping_owners(&mut segs, &mut flagged);
         assert_eq!(flagged, vec![true, true, true]);
 
         // A long read segment covering a later written one.
         let mut flagged = vec![false; 3];
-        let mut segs = vec![(0, 1000, false, 0), (10, 10, false, 1), (500, 20, true, 2)];
+        let mut segs = vec![
+            seg(0, 1000, false, 0),
+            seg(10, 10, false, 1),
+            seg(500, 20, true, 2),
+        ];
         overlapping_owners(&mut segs, &mut flagged);
         assert_eq!(flagged, vec![true, false, true]);
     }

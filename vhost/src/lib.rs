@@ -9,6 +9,7 @@
 //! - `guest_fault`: refusing memory tables a front end does not back, and
 //!   containing SIGBUS when it truncates them later;
 //! - [`backend`]: the vhost-user backend and the per-queue data path;
+//! - `batch`: the requests that do not stream, run as one engine batch;
 //! - [`server`]: the accept / serve / re-listen loop;
 //! - [`control`]: serving many volumes of one pool, changed at run time
 //!   through a control socket (snapshots too): the socket's protocol
@@ -30,6 +31,7 @@
 
 pub mod activation;
 pub mod backend;
+mod batch;
 pub mod config;
 pub mod control;
 mod flow;
