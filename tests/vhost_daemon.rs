@@ -43,6 +43,31 @@ fn raw_request(control: &Path, bytes: &[u8], close: bool) -> String {
     reply
 }
 
+/// The volumes a daemon serves, as (name, socket), from its `list`.
+fn served_list(control: &Path) -> Vec<(String, String)> {
+    let reply = raw_request(control, b"{\"op\":\"list\"}\n", false);
+    let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(v["ok"]["kind"], "served", "{reply}");
+    v["ok"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["socket"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// An error reply: one line, `{"error": "..."}`.
+fn is_error_line(reply: &str) -> bool {
+    reply.ends_with('\n')
+        && reply.lines().count() == 1
+        && serde_json::from_str::<serde_json::Value>(reply).is_ok_and(|v| v["error"].is_string())
+}
+
 /// Reads `len` bytes at byte offset `off` of a volume or snapshot of a
 /// closed pool.
 fn read_back(pool: &Path, name: &str, off: u64, len: usize) -> Vec<u8> {
@@ -79,7 +104,7 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     let ctl = lab.control();
 
     // Nothing served yet; two volumes added at run time.
-    assert_eq!(raw_request(&ctl, b"list\n", false), "ok 0\n");
+    assert_eq!(served_list(&ctl), vec![]);
     let (sa, sb) = (lab.path("a.sock"), lab.path("b.sock"));
     let out = lab.ctl(&["serve-add", "vol-a", "--socket", sa.to_str().unwrap()]);
     assert!(out.contains("serving vol-a"), "{out}");
@@ -92,10 +117,13 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
         "2",
     ]);
     assert!(sa.exists() && sb.exists());
-    let list = raw_request(&ctl, b"list\n", false);
+    let sock = |p: &Path| p.display().to_string();
     assert_eq!(
-        list,
-        format!("ok 2 vol-a={} vol-b={}\n", sa.display(), sb.display())
+        served_list(&ctl),
+        vec![
+            ("vol-a".to_string(), sock(&sa)),
+            ("vol-b".to_string(), sock(&sb))
+        ]
     );
     // The same volume twice, an unknown volume, another's socket: refused.
     let e = lab.ctl_fails(&[
@@ -182,31 +210,45 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
 
     // Bad control input: an error line each, and the daemon lives on.
     let long = vec![b'x'; 10_000];
+    let status = &br#"{"op":"status"}"#[..];
     for (bytes, close) in [
         (&b"\n"[..], false),
         (b"bogus\n", false),
-        (b"add\n", false),
-        (b"add vol-a relative.sock\n", false),
-        (b"add vol-c /tmp/x.sock 0\n", false),
-        (b"snapshot vol-a\n", false),
-        (b"snapshot nope@s\n", false),
-        (b"snapshot vol-a@bad/name\n", false),
-        (b"remove nope\n", false),
-        (b"list please\n", false),
+        (b"list\n", false),
+        (br#"{"op":"add"}"# as &[u8], false),
+        (
+            br#"{"op":"add","name":"vol-a","socket":"relative.sock"}"#,
+            false,
+        ),
+        (
+            br#"{"op":"add","name":"vol-c","socket":"/tmp/x.sock","queues":0}"#,
+            false,
+        ),
+        (br#"{"op":"snapshot","name":"vol-a"}"#, false),
+        (br#"{"op":"snapshot","name":"nope@s"}"#, false),
+        (br#"{"op":"snapshot","name":"vol-a@bad/name"}"#, false),
+        (br#"{"op":"remove","name":"nope"}"#, false),
+        (br#"{"op":"list","please":1}"#, false),
+        (br#"{"op":"list""#, false),
         (b"\xff\xfe\x00\n", false),
-        (b"status", true), // no newline: still one request
+        (status, true), // no newline: still one request
         (&long[..], false),
     ] {
-        let reply = raw_request(&ctl, bytes, close);
-        if bytes == b"status" {
-            assert!(reply.starts_with("ok size_bytes="), "{reply}");
+        let mut line = bytes.to_vec();
+        if !close && !line.ends_with(b"\n") {
+            line.push(b'\n');
+        }
+        let reply = raw_request(&ctl, &line, close);
+        if bytes == status {
+            let v: serde_json::Value = serde_json::from_str(&reply).unwrap();
+            assert_eq!(v["ok"]["kind"], "status", "{reply}");
             assert!(
-                reply.contains("snapshots=1") && reply.contains("served=2"),
+                v["ok"]["snapshots"] == 1 && v["ok"]["served"] == 2,
                 "{reply}"
             );
         } else {
             assert!(
-                reply.starts_with("error ") && reply.ends_with('\n') && reply.lines().count() == 1,
+                is_error_line(&reply),
                 "{:?} -> {reply:?}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(40)])
             );
@@ -215,7 +257,7 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     // A client that connects and says nothing, then one that talks.
     let silent = UnixStream::connect(&ctl).unwrap();
     drop(silent);
-    assert!(raw_request(&ctl, b"list\n", false).starts_with("ok 2 "));
+    assert_eq!(served_list(&ctl).len(), 2);
 
     // Removing a volume at run time (its front end still connected): the
     // socket goes, the other volume keeps working.
@@ -226,8 +268,8 @@ fn daemon_serves_volumes_added_at_run_time_and_snapshots_them() {
     let e = lab.ctl_fails(&["serve-remove", "vol-b"]);
     assert!(e.contains("not served"), "{e}");
     assert_eq!(
-        raw_request(&ctl, b"list\n", false),
-        format!("ok 1 vol-a={}\n", sa.display())
+        served_list(&ctl),
+        vec![("vol-a".to_string(), sa.display().to_string())]
     );
     assert_eq!(ca.read(8192, 2 * LEN, LEN), S_OK);
     same(ca.data(2 * LEN, LEN), &after, "vol-a after removing vol-b");
@@ -447,8 +489,9 @@ fn daemon_makes_pool_changes_for_thinctl() {
     assert_eq!(field(&c3, "clone_of"), Some("\"b1\""));
     assert!(listed_one(&lab, "c1").is_none() && listed_one(&lab, "c2").is_none());
     assert!(listed_one(&lab, "vm-2@s2").is_none());
-    let status = raw_request(&ctl, b"status\n", false);
-    assert!(status.contains("served=1"), "{status}");
+    let status = raw_request(&ctl, b"{\"op\":\"status\"}\n", false);
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["ok"]["served"], 1, "{status}");
 
     // The served volume: no removal, rollback or base while served; a
     // rename keeps it served under its new name.
@@ -462,8 +505,8 @@ fn daemon_makes_pool_changes_for_thinctl() {
     let out = lab.ctl(&["rename", "vol-a", "vol-r"]);
     assert_eq!(out, "renamed volume 'vol-a' to 'vol-r'\n");
     assert_eq!(
-        raw_request(&ctl, b"list\n", false),
-        format!("ok 1 vol-r={}\n", sa.display())
+        served_list(&ctl),
+        vec![("vol-r".to_string(), sa.display().to_string())]
     );
     assert!(listed_one(&lab, "vol-r@s").is_some());
     assert_eq!(ca.read(0, LEN, LEN), S_OK);
@@ -495,20 +538,23 @@ fn daemon_makes_pool_changes_for_thinctl() {
 
     // Malformed pool changes: an error line each, nothing done.
     for bytes in [
-        &b"create vm/x 4096\n"[..],
-        b"create vm-x 4096 please\n",
-        b"create vm-x 12\n",
-        b"delete ../x\n",
-        b"rename a\n",
-        b"rollback vol-r\n",
-        b"clone a@b c@d\n",
-        b"base a b c\n",
-        b"policy when_full=7\n",
-        b"policy data_warn_pct=1,2\n",
+        &br#"{"op":"create","name":"vm/x","bytes":4096}"#[..],
+        br#"{"op":"create","name":"vm-x","bytes":4096,"please":true}"#,
+        br#"{"op":"create","name":"vm-x","bytes":12}"#,
+        br#"{"op":"create","name":"vm-x","bytes":"4096"}"#,
+        br#"{"op":"delete","name":"../x"}"#,
+        br#"{"op":"rename","old":"a"}"#,
+        br#"{"op":"rollback","snapshot":"vol-r"}"#,
+        br#"{"op":"clone","source":"a@b","new":"c@d"}"#,
+        br#"{"op":"base","name":"a","new_name":"b c"}"#,
+        br#"{"op":"policy","change":{"when_full":7}}"#,
+        br#"{"op":"policy","change":{"data_warn_pct":[1,2]}}"#,
     ] {
-        let reply = raw_request(&ctl, bytes, false);
+        let mut line = bytes.to_vec();
+        line.push(b'\n');
+        let reply = raw_request(&ctl, &line, false);
         assert!(
-            reply.starts_with("error ") && reply.lines().count() == 1,
+            is_error_line(&reply),
             "{:?} -> {reply:?}",
             String::from_utf8_lossy(bytes)
         );

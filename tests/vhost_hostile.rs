@@ -722,7 +722,10 @@ fn the_control_socket_admits_only_its_owner() {
     assert_eq!(mode, 0o600, "control socket mode {mode:o}");
     std::fs::set_permissions(&ctl, std::fs::Permissions::from_mode(0o666)).unwrap();
     let reply = request_as(65534, &ctl, b"status\n");
-    assert!(reply.starts_with("error permission denied"), "{reply:?}");
+    assert!(
+        reply.starts_with(r#"{"error":"permission denied"#),
+        "{reply:?}"
+    );
     let log = t.lab.log();
     assert!(log.contains("refused a client"), "{log}");
     // Requests for volumes it does not serve, and a socket path that is

@@ -190,8 +190,14 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
     // The old process's server goes; the new one keeps serving.
     let t = hosts.ctl(1, &["serve-remove", "vm", "--socket", s1, "--control", ctl]);
     assert!(t.contains("stopped vm"), "{t}");
-    let list = thinlun_vhost::control::request(Path::new(ctl), "list").unwrap();
-    assert_eq!(list, Ok(format!("1 vm={s2}")));
+    use thinlun_vhost::control::{request, Answer, Request, ServedVolume};
+    let list = request(Path::new(ctl), &Request::List {}).unwrap();
+    let one = ServedVolume {
+        name: "vm".into(),
+        socket: s2.into(),
+        transport: "vhost-user".into(),
+    };
+    assert_eq!(list, Ok(Answer::Served { volumes: vec![one] }));
 
     let lines = console(&dst_rx, |_| {}, None);
     let _ = dst.wait();

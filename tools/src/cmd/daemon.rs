@@ -10,7 +10,7 @@ use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
 use clap::Args;
 use std::path::{Path, PathBuf};
-use thinlun_vhost::control::request;
+use thinlun_vhost::control::{request, Answer, Request};
 use thinlun_vhost::signals::block_stop_signals;
 use thinlun_vhost::{default_control_path, Daemon, Durability, ServeOptions};
 
@@ -107,18 +107,9 @@ pub fn control_of(pool: Option<&Path>, given: Option<&Path>) -> CliResult<PathBu
 }
 
 /// One word of a request line: no blanks, no line breaks.
-pub fn word<'a>(what: &str, s: &'a str) -> CliResult<&'a str> {
-    if s.is_empty() || s.chars().any(char::is_whitespace) {
-        return Err(CliError::new(format!(
-            "{what} '{s}' cannot be sent to the daemon (empty or holds blanks)"
-        )));
-    }
-    Ok(s)
-}
-
-/// Sends `line`; the `ok` text, or the daemon's error as ours.
-pub fn ask(control: &Path, line: &str) -> CliResult<String> {
-    match request(control, line) {
+/// Sends `req`; the daemon's answer, or its error as ours.
+pub fn ask(control: &Path, req: &Request) -> CliResult<Answer> {
+    match request(control, req) {
         Ok(Ok(t)) => Ok(t),
         Ok(Err(t)) => Err(CliError::new(t)),
         Err(e) => Err(CliError::new(format!(
@@ -129,42 +120,41 @@ pub fn ask(control: &Path, line: &str) -> CliResult<String> {
 }
 
 /// A path as the daemon must see it: its working directory is not ours.
-fn absolute(p: &Path) -> CliResult<String> {
-    std::path::absolute(p)
-        .map(|a| a.to_string_lossy().into_owned())
-        .map_err(|e| CliError::io(&p.display().to_string(), e))
+fn absolute(p: &Path) -> CliResult<PathBuf> {
+    std::path::absolute(p).map_err(|e| CliError::io(&p.display().to_string(), e))
 }
 
 pub fn add(pool: Option<&Path>, args: &ServeAddArgs) -> CliResult<()> {
     let control = control_of(pool, args.control.as_deref())?;
-    let line = match (&args.socket, &args.nbd) {
-        (_, Some(nbd)) => format!(
-            "add-nbd {} {}",
-            word("volume", &args.name)?,
-            word("socket", &absolute(nbd)?)?
-        ),
-        (Some(sock), None) => format!(
-            "add {} {} {}{}",
-            word("volume", &args.name)?,
-            word("socket", &absolute(sock)?)?,
-            args.queues,
-            if args.incoming { " incoming" } else { "" }
-        ),
+    let req = match (&args.socket, &args.nbd) {
+        (_, Some(nbd)) => Request::AddNbd {
+            name: args.name.clone(),
+            socket: absolute(nbd)?,
+        },
+        (Some(sock), None) => Request::Add {
+            name: args.name.clone(),
+            socket: absolute(sock)?,
+            queues: args.queues,
+            incoming: args.incoming,
+        },
         (None, None) => return Err(CliError::new("give --socket or --nbd")),
     };
-    let t = ask(&control, &line)?;
-    emit(&format!("{t}\n"))
+    match ask(&control, &req)? {
+        Answer::Serving { message } => emit(&format!("{message}\n")),
+        other => Err(unexpected(&other)),
+    }
 }
 
 pub fn remove(pool: Option<&Path>, args: &ServeRemoveArgs) -> CliResult<()> {
     let control = control_of(pool, args.control.as_deref())?;
-    let mut line = format!("remove {}", word("volume", &args.name)?);
-    if let Some(s) = &args.socket {
-        line.push(' ');
-        line.push_str(word("socket", &absolute(s)?)?);
+    let req = Request::Remove {
+        name: args.name.clone(),
+        socket: args.socket.as_deref().map(absolute).transpose()?,
+    };
+    match ask(&control, &req)? {
+        Answer::Stopped { summaries } => emit(&format!("{}\n", summaries.join("; "))),
+        other => Err(unexpected(&other)),
     }
-    let t = ask(&control, &line)?;
-    emit(&format!("{t}\n"))
 }
 
 /// The control socket of the process holding `pool` (`busy` is why it
@@ -185,33 +175,21 @@ pub fn serving_control(pool: &Path, given: Option<&Path>, busy: &str) -> CliResu
     Ok(control)
 }
 
-/// A name for a request line (one word; the daemon checks the rest).
-pub fn name_word(s: &str) -> CliResult<&str> {
-    word("name", s)
-}
-
-/// The number after `key=` in an `ok` reply.
-pub fn reply_number(reply: &str, key: &str) -> CliResult<u64> {
-    reply
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| unexpected(reply))
-}
-
-/// An `ok` reply this thinctl cannot read (another version's daemon):
-/// the change was made, only its report is lost.
-pub fn unexpected(reply: &str) -> CliError {
+/// An answer of another kind than the request's (another version's
+/// daemon): the change was made, only its report is lost.
+pub fn unexpected(answer: &Answer) -> CliError {
     CliError::new(format!(
-        "the serving process did it but answered 'ok {reply}', which this thinctl cannot read"
+        "the serving process did it but answered {answer:?}, which this thinctl does not expect"
     ))
 }
 
 /// `pool grow` for a pool another process serves: that process grows it.
 pub fn grow_via_control(pool: &Path, busy: &str) -> CliResult<()> {
     let control = serving_control(pool, None, busy)?;
-    let t = ask(&control, "grow")?;
-    let bytes = reply_number(&t, "size_bytes")?;
+    let bytes = match ask(&control, &Request::Grow {})? {
+        Answer::Grown { size_bytes } => size_bytes,
+        other => return Err(unexpected(&other)),
+    };
     emit(&format!(
         "pool grown to {} ({bytes} bytes) by the process serving it (control socket {})\n",
         size(bytes),
@@ -228,16 +206,17 @@ pub fn snapshot_via_control(
     busy: &str,
 ) -> CliResult<()> {
     let control = serving_control(pool, control, busy)?;
-    let t = ask(&control, &format!("snapshot {}", word("snapshot", spec)?))?;
-    // "VOL@SNAP mapped_bytes=N"
-    let mut words = t.split_whitespace();
-    let name = words.next().unwrap_or(spec).to_string();
-    let mapped = words
-        .find_map(|w| w.strip_prefix("mapped_bytes="))
-        .and_then(|n| n.parse::<u64>().ok());
+    let req = Request::Snapshot {
+        name: spec.to_string(),
+    };
+    let Answer::SnapshotCreated { name, mapped_bytes } = ask(&control, &req)? else {
+        return Err(CliError::new(
+            "the serving process answered a snapshot with something else",
+        ));
+    };
     emit(&format!(
-        "created snapshot '{name}'{} in the process serving the pool (control socket {})\n",
-        mapped.map_or(String::new(), |m| format!(" ({} mapped)", size(m))),
+        "created snapshot '{name}' ({} mapped) in the process serving the pool (control socket {})\n",
+        size(mapped_bytes),
         control.display()
     ))
 }

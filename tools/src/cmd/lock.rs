@@ -176,9 +176,16 @@ pub fn release(pool: Option<&Path>, name: &str) -> CliResult<()> {
             if !control.exists() {
                 return Err(e.into());
             }
-            let t = super::daemon::ask(&control, &format!("remove {name}"))?;
+            let req = thinlun_vhost::control::Request::Remove {
+                name: name.to_string(),
+                socket: None,
+            };
+            let stopped = match super::daemon::ask(&control, &req)? {
+                thinlun_vhost::control::Answer::Stopped { summaries } => summaries.join("; "),
+                other => return Err(super::daemon::unexpected(&other)),
+            };
             return emit(&format!(
-                "{t}\nreleased '{name}': the serving process stopped serving it\n"
+                "{stopped}\nreleased '{name}': the serving process stopped serving it\n"
             ));
         }
         Err(e) => return Err(e.into()),

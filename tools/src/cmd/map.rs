@@ -3,12 +3,13 @@
 //! containers). The volume is exported on the serving process's NBD
 //! socket, and `nbd-client` attaches the kernel to it.
 
-use super::daemon::{ask, control_of, word};
+use super::daemon::{ask, control_of};
 use super::pool_path;
 use crate::error::{CliError, CliResult};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use thinlun_vhost::control::Request;
 
 #[derive(Args)]
 pub struct MapArgs {
@@ -102,12 +103,11 @@ pub fn map(pool: Option<&Path>, args: &MapArgs) -> CliResult<()> {
         None => free_device()?,
     };
     // Already exported (by an earlier map) is fine.
-    let line = format!(
-        "add-nbd {} {}",
-        word("volume", &args.name)?,
-        word("socket", &socket.to_string_lossy())?
-    );
-    if let Err(e) = ask(&control, &line) {
+    let req = Request::AddNbd {
+        name: args.name.clone(),
+        socket: socket.clone(),
+    };
+    if let Err(e) = ask(&control, &req) {
         if !e.to_string().contains("already exported") {
             return Err(e);
         }

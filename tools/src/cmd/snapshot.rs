@@ -3,7 +3,7 @@
 //! into thinctl's top level) and the small ones themselves. `du` and the
 //! diff commands are in their own modules.
 
-use super::daemon::{ask, name_word, reply_number, unexpected};
+use super::daemon::{ask, unexpected};
 use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
 use crate::error::{emit, CliResult};
 use crate::human::size;
@@ -11,6 +11,7 @@ use crate::progress::Progress;
 use clap::Subcommand;
 use std::path::{Path, PathBuf};
 use thinlun::Pool;
+use thinlun_vhost::control::{Answer, Request};
 
 #[derive(Subcommand)]
 pub enum SnapCommand {
@@ -155,10 +156,14 @@ fn rollback(pool: Option<&Path>, name: &str, force: bool) -> CliResult<()> {
             Ok(newer)
         })?,
         Writer::Served(ctl) => {
-            let force = if force { " force" } else { "" };
-            let t = ask(&ctl, &format!("rollback {}{force}", name_word(name)?))?;
-            // "VOL@SNAP [NEWER]..."
-            t.split_whitespace().skip(1).map(str::to_string).collect()
+            let req = Request::Rollback {
+                snapshot: name.to_string(),
+                force,
+            };
+            match ask(&ctl, &req)? {
+                Answer::RolledBack { removed, .. } => removed,
+                other => return Err(unexpected(&other)),
+            }
         }
     };
     let vol = name.split_once('@').map_or(name, |x| x.0);
@@ -176,15 +181,14 @@ fn base(pool: Option<&Path>, name: &str, new_name: Option<&str>) -> CliResult<()
     let now = match open_or_served(pool_path(pool)?, None)? {
         Writer::Open(pool) => with_pool(pool, |p| Ok(p.make_base(name, new_name)?))?.name,
         Writer::Served(ctl) => {
-            let mut line = format!("base {}", name_word(name)?);
-            if let Some(n) = new_name {
-                line = format!("{line} {}", name_word(n)?);
+            let req = Request::Base {
+                name: name.to_string(),
+                new_name: new_name.map(str::to_string),
+            };
+            match ask(&ctl, &req)? {
+                Answer::Based { name } => name,
+                other => return Err(unexpected(&other)),
             }
-            let t = ask(&ctl, &line)?;
-            t.split_whitespace()
-                .next()
-                .ok_or_else(|| unexpected(&t))?
-                .to_string()
         }
     };
     let renamed = if now != name {
@@ -202,16 +206,18 @@ fn clone(pool: Option<&Path>, source: &str, new: &str) -> CliResult<()> {
             (info.name, info.size_bytes, info.mapped_bytes)
         }
         Writer::Served(ctl) => {
-            let t = ask(
-                &ctl,
-                &format!("clone {} {}", name_word(source)?, name_word(new)?),
-            )?;
-            let name = t.split_whitespace().next().ok_or_else(|| unexpected(&t))?;
-            (
-                name.to_string(),
-                reply_number(&t, "size_bytes")?,
-                reply_number(&t, "mapped_bytes")?,
-            )
+            let req = Request::Clone {
+                source: source.to_string(),
+                new: new.to_string(),
+            };
+            match ask(&ctl, &req)? {
+                Answer::Cloned {
+                    name,
+                    size_bytes,
+                    mapped_bytes,
+                } => (name, size_bytes, mapped_bytes),
+                other => return Err(unexpected(&other)),
+            }
         }
     };
     emit(&format!(

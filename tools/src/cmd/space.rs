@@ -5,7 +5,7 @@ use super::{open_or_served, open_read_write, pool_path, with_pool, Writer};
 use crate::error::{emit, CliResult};
 use crate::human::size;
 use std::path::Path;
-use thinlun_vhost::control::PolicyChange;
+use thinlun_vhost::control::{Answer, PolicyChange, Request};
 
 /// Up to three warning thresholds in percent (one clap value).
 #[derive(Clone, Debug)]
@@ -99,13 +99,17 @@ pub fn set(pool: Option<&Path>, args: PolicyArgs) -> CliResult<()> {
             Ok(new)
         })?,
         Writer::Served(ctl) => {
-            let t = ask(&ctl, &change.request_line())?;
+            let req = Request::Policy { change };
             // The whole policy now, every field.
-            let words: Vec<&str> = t.split_whitespace().collect();
-            PolicyChange::parse(&words)
-                .ok()
-                .and_then(|now| now.complete())
-                .ok_or_else(|| super::daemon::unexpected(&t))?
+            match ask(&ctl, &req)? {
+                Answer::Policy { policy } => match policy.complete() {
+                    Some(p) => p,
+                    None => {
+                        return Err(super::daemon::unexpected(&Answer::Policy { policy }));
+                    }
+                },
+                other => return Err(super::daemon::unexpected(&other)),
+            }
         }
     };
     emit(&format!(

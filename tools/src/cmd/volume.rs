@@ -1,7 +1,7 @@
 //! Volume life cycle: create, list, info, resize, rename, remove. `list`
 //! shows snapshots under their volume.
 
-use super::daemon::{ask, name_word, reply_number, unexpected};
+use super::daemon::{ask, unexpected};
 use super::{open_or_served, open_read_only, pool_path, with_pool, Writer};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::{pct, pct_str, size, utc};
@@ -10,6 +10,7 @@ use crate::size::SizeChange;
 use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
 use thinlun::VolumeInfo;
+use thinlun_vhost::control::{Answer, Request};
 
 /// What `create` prints, made here or by a serving process.
 fn created_text(name: &str, bytes: u64) -> String {
@@ -23,10 +24,15 @@ pub fn create(pool: Option<&Path>, name: &str, bytes: u64, force: bool) -> CliRe
             (info.name, info.size_bytes)
         }
         Writer::Served(ctl) => {
-            let force = if force { " force" } else { "" };
-            let t = ask(&ctl, &format!("create {} {bytes}{force}", name_word(name)?))?;
-            let created = t.split_whitespace().next().ok_or_else(|| unexpected(&t))?;
-            (created.to_string(), reply_number(&t, "size_bytes")?)
+            let req = Request::Create {
+                name: name.to_string(),
+                bytes,
+                force,
+            };
+            match ask(&ctl, &req)? {
+                Answer::Created { name, size_bytes } => (name, size_bytes),
+                other => return Err(unexpected(&other)),
+            }
         }
     };
     warn_overcommit(pool_path(pool)?);
@@ -221,12 +227,19 @@ pub fn resize(pool: Option<&Path>, name: &str, change: SizeChange, force: bool) 
                     Ok(p.volume_info(name)?.size_bytes)
                 })?)?,
             };
-            let force = if force { " force" } else { "" };
-            let t = ask(&ctl, &format!("resize {} {bytes}{force}", name_word(name)?))?;
-            (
-                reply_number(&t, "old_size_bytes")?,
-                reply_number(&t, "size_bytes")?,
-            )
+            let req = Request::Resize {
+                name: name.to_string(),
+                bytes,
+                force,
+            };
+            match ask(&ctl, &req)? {
+                Answer::Resized {
+                    old_size_bytes,
+                    size_bytes,
+                    ..
+                } => (old_size_bytes, size_bytes),
+                other => return Err(unexpected(&other)),
+            }
         }
     };
     if new > old {
@@ -269,10 +282,11 @@ pub fn rename(pool: Option<&Path>, old: &str, new: &str) -> CliResult<()> {
     match open_or_served(pool_path(pool)?, None)? {
         Writer::Open(pool) => with_pool(pool, |p| Ok(p.rename_volume(old, new)?))?,
         Writer::Served(ctl) => {
-            ask(
-                &ctl,
-                &format!("rename {} {}", name_word(old)?, name_word(new)?),
-            )?;
+            let req = Request::Rename {
+                old: old.to_string(),
+                new: new.to_string(),
+            };
+            ask(&ctl, &req)?;
         }
     }
     emit(&format!("renamed volume '{old}' to '{new}'\n"))
@@ -293,14 +307,17 @@ pub fn remove(pool: Option<&Path>, name: &str, recursive: bool) -> CliResult<()>
         })?,
         Writer::Served(ctl) => {
             // `delete`: the daemon's `remove` stops serving a volume.
-            let recursive = if recursive { " recursive" } else { "" };
-            let t = ask(&ctl, &format!("delete {}{recursive}", name_word(name)?))?;
-            // "NAME snapshot" or "NAME volume [SNAP]..."
-            let mut words = t.split_whitespace().skip(1);
-            match words.next() {
-                Some("snapshot") => (true, Vec::new()),
-                Some("volume") => (false, words.map(str::to_string).collect()),
-                _ => return Err(unexpected(&t)),
+            let req = Request::Delete {
+                name: name.to_string(),
+                recursive,
+            };
+            match ask(&ctl, &req)? {
+                Answer::Deleted {
+                    snapshot,
+                    snapshots,
+                    ..
+                } => (snapshot, snapshots),
+                other => return Err(unexpected(&other)),
             }
         }
     };

@@ -5,7 +5,9 @@
 //! grammar) run here: starting and stopping the serving of a volume, and
 //! the engine calls `thinctl` would make itself if it could open the pool.
 
-use super::protocol::{parse_request, read_request, PolicyChange, Request};
+use super::protocol::{
+    parse_request, read_request, Answer, PolicyChange, PoolFigures, Reply, Request, ServedVolume,
+};
 use crate::activation::{Activation, WriterSlot};
 use crate::backend::StatsSnapshot;
 use crate::server::{check_stale_socket, default_serial, ServeOptions, Server, StopHandle};
@@ -369,48 +371,41 @@ impl Daemon {
             .collect()
     }
 
-    fn status_text(&self) -> String {
+    fn figures(&self) -> PoolFigures {
         let st = self.pool().status();
-        let crossed = if st.thresholds_crossed.is_empty() {
-            "none".to_string()
-        } else {
-            st.thresholds_crossed.join(",").replace(' ', "")
-        };
-        format!(
-            "size_bytes={} data_bytes={} data_used_bytes={} data_free_bytes={} \
-             data_used_pct={} metadata_used_pct={} volumes={} snapshots={} bases={} \
-             clones={} provisioned_bytes={} thresholds_crossed={crossed} served={}",
-            st.size_bytes,
-            st.data_bytes,
-            st.data_used_bytes,
-            st.data_free_bytes,
-            st.data_used_pct,
-            st.metadata_used_pct,
-            st.volumes,
-            st.snapshots,
-            st.bases,
-            st.clones,
-            st.provisioned_bytes,
-            self.served.len()
-        )
-    }
-
-    /// Answers one request line: the reply line, without newline.
-    pub fn handle_line(&mut self, line: &str) -> String {
-        let r = match parse_request(line) {
-            Err(e) => Err(e),
-            Ok(req) => self.handle(req),
-        };
-        // One line whatever the engine or OS put in a message.
-        match r {
-            Ok(t) => format!("ok {}", t.replace(['\n', '\r'], "; ")),
-            Err(t) => format!("error {}", t.replace(['\n', '\r'], "; ")),
+        PoolFigures {
+            size_bytes: st.size_bytes,
+            data_bytes: st.data_bytes,
+            data_used_bytes: st.data_used_bytes,
+            data_free_bytes: st.data_free_bytes,
+            data_used_pct: st.data_used_pct,
+            metadata_used_pct: st.metadata_used_pct,
+            volumes: st.volumes,
+            snapshots: st.snapshots,
+            bases: st.bases,
+            clones: st.clones,
+            provisioned_bytes: st.provisioned_bytes,
+            thresholds_crossed: st.thresholds_crossed,
+            served: self.served.len(),
         }
     }
 
-    fn handle(&mut self, req: Request) -> Result<String, String> {
+    /// Answers one request line: the reply line, without newline (JSON
+    /// escapes any newline the engine or OS put in a message).
+    pub fn handle_line(&mut self, line: &str) -> String {
+        let r = match parse_request(line) {
+            Err(e) => Reply::Error(e),
+            Ok(req) => match self.handle(req) {
+                Ok(a) => Reply::Ok(a),
+                Err(e) => Reply::Error(e),
+            },
+        };
+        r.to_line()
+    }
+
+    fn handle(&mut self, req: Request) -> Result<Answer, String> {
         match req {
-            Request::Snapshot(spec) => {
+            Request::Snapshot { name: spec } => {
                 // The engine locks every write stripe: in-flight guest
                 // writes finish first, new ones wait, so the snapshot is
                 // crash-consistent with what the guest was told.
@@ -419,14 +414,17 @@ impl Daemon {
                     .create_snapshot(&spec)
                     .map_err(|e| e.to_string())?;
                 log::info!("created snapshot '{}'", info.name);
-                Ok(format!("{} mapped_bytes={}", info.name, info.mapped_bytes))
+                Ok(Answer::SnapshotCreated {
+                    name: info.name,
+                    mapped_bytes: info.mapped_bytes,
+                })
             }
-            Request::Grow => {
+            Request::Grow {} => {
                 // Served volumes see the new space at once: allocation
                 // happens in this process.
                 let bytes = self.pool().grow().map_err(|e| e.to_string())?;
                 log::info!("pool grown to {bytes} bytes");
-                Ok(format!("size_bytes={bytes}"))
+                Ok(Answer::Grown { size_bytes: bytes })
             }
             Request::Add {
                 name,
@@ -436,53 +434,58 @@ impl Daemon {
             } => {
                 let t = self.add(&name, &socket, queues, incoming)?;
                 log::info!("{t}");
-                Ok(t)
+                Ok(Answer::Serving { message: t })
             }
             Request::AddNbd { name, socket } => {
                 let t = self.add_nbd(&name, &socket)?;
                 log::info!("{t}");
-                Ok(t)
+                Ok(Answer::Serving { message: t })
             }
             Request::Remove { name, socket } => {
                 if socket.is_none() {
                     if let Some(r) = self.remove_nbd(&name) {
                         log::info!("{}", r.as_ref().unwrap_or_else(|e| e));
-                        return r;
+                        return r.map(|t| Answer::Stopped { summaries: vec![t] });
                     }
                 }
                 let stopped = self.remove(&name, socket.as_deref())?;
-                let t = stopped
+                let summaries: Vec<String> = stopped
                     .iter()
                     .map(|s| format!("stopped {}", s.summary()))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                log::info!("{t}");
-                Ok(t)
+                    .collect();
+                log::info!("{}", summaries.join("; "));
+                Ok(Answer::Stopped { summaries })
             }
-            Request::List => {
-                let nbd: Vec<(String, &Path)> = self.nbd.as_ref().map_or(Vec::new(), |srv| {
-                    srv.export_names()
-                        .into_iter()
-                        .map(|n| (n, srv.path()))
-                        .collect()
-                });
-                let mut t = (self.served.len() + nbd.len()).to_string();
-                for s in self.served.values() {
-                    t.push_str(&format!(" {}={}", s.name, s.socket.display()));
+            Request::List {} => {
+                let mut volumes: Vec<ServedVolume> = self
+                    .served
+                    .values()
+                    .map(|s| ServedVolume {
+                        name: s.name.clone(),
+                        socket: s.socket.clone(),
+                        transport: "vhost-user".into(),
+                    })
+                    .collect();
+                if let Some(srv) = &self.nbd {
+                    volumes.extend(srv.export_names().into_iter().map(|name| ServedVolume {
+                        name,
+                        socket: srv.path().to_path_buf(),
+                        transport: "nbd".into(),
+                    }));
                 }
-                for (n, path) in nbd {
-                    t.push_str(&format!(" {n}=nbd:{}", path.display()));
-                }
-                Ok(t)
+                Ok(Answer::Served { volumes })
             }
-            Request::Status => Ok(self.status_text()),
+            Request::Status {} => Ok(Answer::Status(self.figures())),
             Request::Create { name, bytes, force } => {
                 let info = self
                     .pool()
                     .create_volume_with(&name, bytes, force)
                     .map_err(|e| e.to_string())?;
                 log::info!("created volume '{}'", info.name);
-                Ok(format!("{} size_bytes={}", info.name, info.size_bytes))
+                Ok(Answer::Created {
+                    name: info.name,
+                    size_bytes: info.size_bytes,
+                })
             }
             Request::Resize { name, bytes, force } => {
                 let pool = self.pool();
@@ -497,10 +500,11 @@ impl Daemon {
                     .resize_volume(&name, bytes, force)
                     .map_err(|e| e.to_string())?;
                 log::info!("resized volume '{name}' to {} bytes", new.size_bytes);
-                Ok(format!(
-                    "{name} old_size_bytes={} size_bytes={}",
-                    info.size_bytes, new.size_bytes
-                ))
+                Ok(Answer::Resized {
+                    name,
+                    old_size_bytes: info.size_bytes,
+                    size_bytes: new.size_bytes,
+                })
             }
             Request::Delete { name, recursive } => {
                 let pool = self.pool();
@@ -515,10 +519,10 @@ impl Daemon {
                 pool.remove_volume(&name, recursive)
                     .map_err(|e| e.to_string())?;
                 log::info!("removed '{name}' from the pool");
-                Ok(if info.snapshot {
-                    format!("{name} snapshot")
-                } else {
-                    format!("{name} volume{}", words_after(&snaps))
+                Ok(Answer::Deleted {
+                    name,
+                    snapshot: info.snapshot,
+                    snapshots: if info.snapshot { Vec::new() } else { snaps },
                 })
             }
             Request::Rename { old, new } => {
@@ -527,7 +531,7 @@ impl Daemon {
                     .map_err(|e| e.to_string())?;
                 self.rekey_served();
                 log::info!("renamed '{old}' to '{new}'");
-                Ok(format!("{old} {new}"))
+                Ok(Answer::Renamed { old, new })
             }
             Request::Rollback { snapshot, force } => {
                 let pool = self.pool();
@@ -541,7 +545,10 @@ impl Daemon {
                 // The engine refuses a volume with open handles (served).
                 pool.rollback(&snapshot, force).map_err(|e| e.to_string())?;
                 log::info!("rolled back to '{snapshot}'");
-                Ok(format!("{snapshot}{}", words_after(&newer)))
+                Ok(Answer::RolledBack {
+                    snapshot,
+                    removed: newer,
+                })
             }
             Request::Clone { source, new } => {
                 let info = self
@@ -549,10 +556,11 @@ impl Daemon {
                     .clone_volume(&source, &new)
                     .map_err(|e| e.to_string())?;
                 log::info!("created linked clone '{}' of '{source}'", info.name);
-                Ok(format!(
-                    "{} size_bytes={} mapped_bytes={}",
-                    info.name, info.size_bytes, info.mapped_bytes
-                ))
+                Ok(Answer::Cloned {
+                    name: info.name,
+                    size_bytes: info.size_bytes,
+                    mapped_bytes: info.mapped_bytes,
+                })
             }
             Request::Base { name, new_name } => {
                 let info = self
@@ -560,15 +568,16 @@ impl Daemon {
                     .make_base(&name, new_name.as_deref())
                     .map_err(|e| e.to_string())?;
                 log::info!("'{}' is now a base image", info.name);
-                Ok(info.name)
+                Ok(Answer::Based { name: info.name })
             }
-            Request::Policy(change) => {
+            Request::Policy { change } => {
                 let pool = self.pool();
                 let new = change.apply(pool.status().policy);
                 pool.set_policy(new).map_err(|e| e.to_string())?;
                 log::info!("pool policy changed");
-                let line = PolicyChange::whole(&new).request_line();
-                Ok(line.trim_start_matches("policy ").to_string())
+                Ok(Answer::Policy {
+                    policy: PolicyChange::whole(&new),
+                })
             }
         }
     }
@@ -655,12 +664,14 @@ impl Daemon {
         if let Err(why) = peer_may_administer(&stream) {
             log::warn!("control socket: refused a client: {why}");
             let mut w = &stream;
-            let _ = w.write_all(format!("error {why}\n").as_bytes());
+            let _ = w.write_all(format!("{}\n", Reply::Error(why).to_line()).as_bytes());
             return;
         }
         let reply = match read_request(&stream) {
             Ok(line) => self.handle_line(&line),
-            Err(e) if e.kind() == io::ErrorKind::InvalidData => format!("error {e}"),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                Reply::Error(e.to_string()).to_line()
+            }
             Err(_) => return, // gone or timed out: nobody to answer
         };
         let mut w = &stream;
@@ -737,11 +748,6 @@ fn peer_may_administer(stream: &UnixStream) -> Result<(), String> {
             cred.uid, cred.pid
         ))
     }
-}
-
-/// `" a b c"`: names as further words of a reply.
-fn words_after(names: &[String]) -> String {
-    names.iter().map(|n| format!(" {n}")).collect()
 }
 
 /// Joins a stopped volume's thread (dropping its server removes the

@@ -1,10 +1,12 @@
-//! The control-socket protocol: the request grammar (tabled in the
-//! [module doc](super)), its parser, and both ends of the wire: the
-//! client's [`request`] and the daemon's reading of a request line. Kept
-//! apart from the [`Daemon`](super::Daemon) so that clients such as
-//! `thinctl` use the grammar without the serving side, and so that the
-//! parsing, which is pure, is tested on its own.
+//! The control-socket protocol: typed requests and replies, one JSON
+//! object per line (tabled in the [module doc](super)), their checks, and
+//! both ends of the wire: the client's [`request`] and the daemon's
+//! reading of a request line. Kept apart from the
+//! [`Daemon`](super::Daemon) so that clients such as `thinctl` use the
+//! protocol without the serving side, and so that the parsing, which is
+//! pure, is tested on its own.
 
+use serde::{Deserialize, Serialize};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -40,18 +42,24 @@ pub fn default_control_path(pool: &Path) -> PathBuf {
     }
 }
 
-/// A parsed control request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// A control request: `{"op": "snapshot", "name": "vm-1@s1"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    Snapshot(String),
-    /// Grow the pool onto its grown file or LUN.
-    Grow,
+    Snapshot {
+        name: String,
+    },
+    /// Grow the pool onto its grown file or LUN. (Empty struct variants,
+    /// not unit ones: serde refuses unknown fields only in structs.)
+    Grow {},
     Add {
         name: String,
         socket: PathBuf,
+        #[serde(default = "one_queue")]
         queues: u16,
         /// For the target of a live migration: open the volume only when
         /// the front end starts the rings.
+        #[serde(default)]
         incoming: bool,
     },
     /// Export a volume (or `VOL@SNAP`, read-only) on the daemon's NBD
@@ -64,25 +72,29 @@ pub enum Request {
     /// on the one given.
     Remove {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         socket: Option<PathBuf>,
     },
-    List,
-    Status,
+    List {},
+    Status {},
     /// A thin volume; `force` passes the overcommit limit.
     Create {
         name: String,
         bytes: u64,
+        #[serde(default)]
         force: bool,
     },
     /// `force` allows shrinking.
     Resize {
         name: String,
         bytes: u64,
+        #[serde(default)]
         force: bool,
     },
     /// Remove a volume or snapshot from the pool.
     Delete {
         name: String,
+        #[serde(default)]
         recursive: bool,
     },
     Rename {
@@ -92,6 +104,7 @@ pub enum Request {
     /// `force` removes the snapshots newer than the one rolled back to.
     Rollback {
         snapshot: String,
+        #[serde(default)]
         force: bool,
     },
     Clone {
@@ -100,18 +113,26 @@ pub enum Request {
     },
     Base {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         new_name: Option<String>,
     },
-    Policy(PolicyChange),
+    Policy {
+        #[serde(default)]
+        change: PolicyChange,
+    },
 }
 
-const COMMANDS: &str = "snapshot, grow, add, remove, list, status, create, resize, delete, \
-                        rename, rollback, clone, base, policy";
+fn one_queue() -> u16 {
+    1
+}
 
-/// Checks a volume or snapshot name word: one or two (`VOL@SNAP`) parts
-/// of `A-Za-z0-9._-`. Whether a snapshot may stand there, and the finer
+const COMMANDS: &str = "snapshot, grow, add, add-nbd, remove, list, status, create, resize, \
+                        delete, rename, rollback, clone, base, policy";
+
+/// Checks a volume or snapshot name: one or two (`VOL@SNAP`) parts of
+/// `A-Za-z0-9._-`. Whether a snapshot may stand there, and the finer
 /// rules, are the engine's (so its errors read as on the direct path).
-fn name_arg(s: &str) -> Result<String, String> {
+fn check_name(s: &str) -> Result<(), String> {
     let part_ok = |p: &str| {
         !p.is_empty()
             && p.bytes()
@@ -122,7 +143,7 @@ fn name_arg(s: &str) -> Result<String, String> {
         Some((v, snap)) => part_ok(v) && part_ok(snap),
     };
     if ok {
-        Ok(s.to_string())
+        Ok(())
     } else {
         Err(format!(
             "'{}' is not a valid name (letters, digits, '.', '_', '-'; VOL@SNAP for a snapshot)",
@@ -131,133 +152,111 @@ fn name_arg(s: &str) -> Result<String, String> {
     }
 }
 
-fn bytes_arg(s: &str) -> Result<u64, String> {
-    s.parse::<u64>().map_err(|_| {
-        format!(
-            "'{}' is not a size in bytes",
-            s.chars().take(64).collect::<String>()
-        )
-    })
+fn check_socket(p: &Path) -> Result<(), String> {
+    if p.is_absolute() {
+        Ok(())
+    } else {
+        Err(format!("socket '{}' is not an absolute path", p.display()))
+    }
+}
+
+impl Request {
+    /// What serde cannot say: names, absolute socket paths, queue counts.
+    pub fn check(&self) -> Result<(), String> {
+        match self {
+            Request::Snapshot { name } => {
+                check_name(name)?;
+                if !name.contains('@') {
+                    return Err(format!("'{name}' is not a snapshot name; use VOL@SNAP"));
+                }
+                Ok(())
+            }
+            Request::Add {
+                name,
+                socket,
+                queues,
+                ..
+            } => {
+                check_name(name)?;
+                check_socket(socket)?;
+                if !(1..=64).contains(queues) {
+                    return Err(format!("{queues} queues: use 1 to 64"));
+                }
+                Ok(())
+            }
+            Request::AddNbd { name, socket } => {
+                check_name(name)?;
+                check_socket(socket)
+            }
+            Request::Remove { name, socket } => {
+                check_name(name)?;
+                socket.as_deref().map_or(Ok(()), check_socket)
+            }
+            Request::Create { name, .. }
+            | Request::Resize { name, .. }
+            | Request::Delete { name, .. }
+            | Request::Base {
+                name,
+                new_name: None,
+            } => check_name(name),
+            Request::Base {
+                name,
+                new_name: Some(new),
+            } => check_name(name).and_then(|_| check_name(new)),
+            Request::Rename { old, new } => check_name(old).and_then(|_| check_name(new)),
+            Request::Rollback { snapshot, .. } => check_name(snapshot),
+            Request::Clone { source, new } => check_name(source).and_then(|_| check_name(new)),
+            Request::Grow {} | Request::List {} | Request::Status {} | Request::Policy { .. } => {
+                Ok(())
+            }
+        }
+    }
+
+    /// The request as its line on the wire (without the newline).
+    pub fn to_line(&self) -> String {
+        // Serialising these types (strings, numbers, paths made of UTF-8
+        // by serde's check) cannot fail but for a non-UTF-8 path, which a
+        // client would have no way to send: say so as the line itself.
+        serde_json::to_string(self).unwrap_or_else(|e| format!("unencodable request: {e}"))
+    }
 }
 
 /// Parses one request line (without its newline). Pure; every malformed
 /// line is an `Err` with the text of the error reply.
 pub fn parse_request(line: &str) -> Result<Request, String> {
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let usage = |u: &str| Err(format!("usage: {u}"));
-    match words.as_slice() {
-        [] => Err(format!("empty request (commands: {COMMANDS})")),
-        ["snapshot", spec] => {
-            if !spec.contains('@') {
-                return Err(format!("'{spec}' is not a snapshot name; use VOL@SNAP"));
-            }
-            Ok(Request::Snapshot(spec.to_string()))
-        }
-        ["snapshot", ..] => usage("snapshot VOL@SNAP"),
-        ["add", name, socket] | ["add", name, socket, _] | ["add", name, socket, _, "incoming"] => {
-            let queues = match words.get(3) {
-                None => 1,
-                Some(q) => match q.parse::<u16>() {
-                    Ok(n @ 1..=64) => n,
-                    _ => return Err(format!("'{q}' queues: use 1 to 64")),
-                },
-            };
-            if !socket.starts_with('/') {
-                return Err(format!("socket '{socket}' is not an absolute path"));
-            }
-            Ok(Request::Add {
-                name: name.to_string(),
-                socket: PathBuf::from(socket),
-                queues,
-                incoming: words.len() == 5,
-            })
-        }
-        ["add", ..] => usage("add VOL SOCKET [QUEUES [incoming]]"),
-        ["add-nbd", name, socket] => {
-            if !socket.starts_with('/') {
-                return Err(format!("socket '{socket}' is not an absolute path"));
-            }
-            Ok(Request::AddNbd {
-                name: name.to_string(),
-                socket: PathBuf::from(socket),
-            })
-        }
-        ["add-nbd", ..] => usage("add-nbd VOL SOCKET"),
-        ["remove", name] => Ok(Request::Remove {
-            name: name.to_string(),
-            socket: None,
-        }),
-        ["remove", name, socket] => {
-            if !socket.starts_with('/') {
-                return Err(format!("socket '{socket}' is not an absolute path"));
-            }
-            Ok(Request::Remove {
-                name: name.to_string(),
-                socket: Some(PathBuf::from(socket)),
-            })
-        }
-        ["remove", ..] => usage("remove VOL [SOCKET]"),
-        ["list"] => Ok(Request::List),
-        ["grow"] => Ok(Request::Grow),
-        ["status"] => Ok(Request::Status),
-        ["list" | "status" | "grow", ..] => Err(format!("'{}' takes no arguments", words[0])),
-        [cmd @ ("create" | "resize"), name, bytes]
-        | [cmd @ ("create" | "resize"), name, bytes, "force"] => {
-            let (name, bytes) = (name_arg(name)?, bytes_arg(bytes)?);
-            let force = words.len() == 4;
-            Ok(if *cmd == "create" {
-                Request::Create { name, bytes, force }
-            } else {
-                Request::Resize { name, bytes, force }
-            })
-        }
-        ["create", ..] => usage("create VOL BYTES [force]"),
-        ["resize", ..] => usage("resize VOL BYTES [force]"),
-        ["delete", name] | ["delete", name, "recursive"] => Ok(Request::Delete {
-            name: name_arg(name)?,
-            recursive: words.len() == 3,
-        }),
-        ["delete", ..] => usage("delete VOL[@SNAP] [recursive]"),
-        ["rename", old, new] => Ok(Request::Rename {
-            old: name_arg(old)?,
-            new: name_arg(new)?,
-        }),
-        ["rename", ..] => usage("rename OLD NEW"),
-        ["rollback", snap] | ["rollback", snap, "force"] => Ok(Request::Rollback {
-            snapshot: name_arg(snap)?,
-            force: words.len() == 3,
-        }),
-        ["rollback", ..] => usage("rollback VOL@SNAP [force]"),
-        ["clone", source, new] => Ok(Request::Clone {
-            source: name_arg(source)?,
-            new: name_arg(new)?,
-        }),
-        ["clone", ..] => usage("clone SRC NEW"),
-        ["base", name] | ["base", name, _] => Ok(Request::Base {
-            name: name_arg(name)?,
-            new_name: words.get(2).map(|n| name_arg(n)).transpose()?,
-        }),
-        ["base", ..] => usage("base VOL [NEW]"),
-        ["policy", pairs @ ..] => PolicyChange::parse(pairs).map(Request::Policy),
-        [cmd, ..] => Err(format!(
-            "unknown command '{}' (commands: {COMMANDS})",
-            cmd.chars().take(64).collect::<String>()
-        )),
+    if line.trim().is_empty() {
+        return Err(format!(
+            "empty request: send one JSON object per line, with \"op\" one of {COMMANDS}"
+        ));
     }
+    let req: Request = serde_json::from_str(line).map_err(|e| {
+        let e = e.to_string();
+        format!(
+            "not a request ({}); \"op\" is one of {COMMANDS}",
+            e.chars().take(300).collect::<String>()
+        )
+    })?;
+    req.check()?;
+    Ok(req)
 }
 
-/// Changes to the pool policy (`policy` request); `None` keeps the
-/// current value. On the wire each set field is a `KEY=VALUE` word with the
-/// raw [`Policy`] value: `data_warn_pct=A,B,C` and `meta_warn_pct=A,B,C`
-/// (three percentages, 0 for an unused slot), `when_full=0|1`,
-/// `queue_timeout_ms=N`, `max_overcommit_pct=N`. The engine validates the
-/// policy that results.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Changes to the pool policy (`policy` request); a missing field keeps
+/// the current value. The fields are the raw [`Policy`] values:
+/// `data_warn_pct` and `meta_warn_pct` three percentages (0 for an unused
+/// slot), `when_full` 0 or 1, `queue_timeout_ms`, `max_overcommit_pct`.
+/// The engine validates the policy that results.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PolicyChange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_warn_pct: Option<[u8; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta_warn_pct: Option<[u8; 3]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when_full: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_timeout_ms: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_overcommit_pct: Option<u32>,
 }
 
@@ -280,77 +279,6 @@ impl PolicyChange {
             p.max_overcommit_pct = pct;
         }
         p
-    }
-
-    /// The request line that asks for this change.
-    pub fn request_line(&self) -> String {
-        let mut line = "policy".to_string();
-        let three = |t: [u8; 3]| format!("{},{},{}", t[0], t[1], t[2]);
-        if let Some(t) = self.data_warn_pct {
-            line.push_str(&format!(" data_warn_pct={}", three(t)));
-        }
-        if let Some(t) = self.meta_warn_pct {
-            line.push_str(&format!(" meta_warn_pct={}", three(t)));
-        }
-        if let Some(w) = self.when_full {
-            line.push_str(&format!(" when_full={w}"));
-        }
-        if let Some(ms) = self.queue_timeout_ms {
-            line.push_str(&format!(" queue_timeout_ms={ms}"));
-        }
-        if let Some(pct) = self.max_overcommit_pct {
-            line.push_str(&format!(" max_overcommit_pct={pct}"));
-        }
-        line
-    }
-
-    /// Parses `KEY=VALUE` words, each key at most once (none: no change).
-    pub fn parse(words: &[&str]) -> Result<PolicyChange, String> {
-        fn set<T>(slot: &mut Option<T>, key: &str, v: T) -> Result<(), String> {
-            match slot.replace(v) {
-                None => Ok(()),
-                Some(_) => Err(format!("'{key}' given twice")),
-            }
-        }
-        let mut c = PolicyChange::default();
-        for w in words {
-            let shown = || w.chars().take(64).collect::<String>();
-            let (key, value) = w
-                .split_once('=')
-                .ok_or_else(|| format!("'{}' is not KEY=VALUE", shown()))?;
-            let bad = || format!("'{}': bad value", shown());
-            let three = || -> Result<[u8; 3], String> {
-                let v: Vec<u8> = value
-                    .split(',')
-                    .map(|x| x.parse::<u8>())
-                    .collect::<Result<_, _>>()
-                    .map_err(|_| bad())?;
-                <[u8; 3]>::try_from(v).map_err(|_| bad())
-            };
-            match key {
-                "data_warn_pct" => set(&mut c.data_warn_pct, key, three()?)?,
-                "meta_warn_pct" => set(&mut c.meta_warn_pct, key, three()?)?,
-                "when_full" => set(&mut c.when_full, key, value.parse().map_err(|_| bad())?)?,
-                "queue_timeout_ms" => set(
-                    &mut c.queue_timeout_ms,
-                    key,
-                    value.parse().map_err(|_| bad())?,
-                )?,
-                "max_overcommit_pct" => set(
-                    &mut c.max_overcommit_pct,
-                    key,
-                    value.parse().map_err(|_| bad())?,
-                )?,
-                _ => {
-                    return Err(format!(
-                        "unknown policy key '{}' (keys: data_warn_pct, meta_warn_pct, \
-                         when_full, queue_timeout_ms, max_overcommit_pct)",
-                        shown()
-                    ))
-                }
-            }
-        }
-        Ok(c)
     }
 
     /// The policy, if every field is set (as in a `policy` reply).
@@ -376,27 +304,133 @@ impl PolicyChange {
     }
 }
 
-/// Sends one request to the control socket at `control`; the reply's
-/// text, `Ok` for `ok`, `Err` for `error`. The outer error is a failure
-/// to talk to the socket at all.
-pub fn request(control: &Path, line: &str) -> io::Result<Result<String, String>> {
+/// A reply line: `{"ok": {"kind": ..., ...}}` or `{"error": "text"}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reply {
+    Ok(Answer),
+    Error(String),
+}
+
+/// What a request that succeeded did, one kind per request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Answer {
+    SnapshotCreated {
+        name: String,
+        mapped_bytes: u64,
+    },
+    Grown {
+        size_bytes: u64,
+    },
+    /// `add` and `add-nbd`: what is served now, in words.
+    Serving {
+        message: String,
+    },
+    /// `remove`: one summary per connection stopped.
+    Stopped {
+        summaries: Vec<String>,
+    },
+    Served {
+        volumes: Vec<ServedVolume>,
+    },
+    Status(PoolFigures),
+    Created {
+        name: String,
+        size_bytes: u64,
+    },
+    Resized {
+        name: String,
+        old_size_bytes: u64,
+        size_bytes: u64,
+    },
+    Deleted {
+        name: String,
+        snapshot: bool,
+        /// The snapshots removed with a volume.
+        snapshots: Vec<String>,
+    },
+    Renamed {
+        old: String,
+        new: String,
+    },
+    RolledBack {
+        snapshot: String,
+        /// The newer snapshots removed.
+        removed: Vec<String>,
+    },
+    Cloned {
+        name: String,
+        size_bytes: u64,
+        mapped_bytes: u64,
+    },
+    Based {
+        name: String,
+    },
+    /// The whole policy now.
+    Policy {
+        policy: PolicyChange,
+    },
+}
+
+/// A volume the daemon serves, and where.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedVolume {
+    pub name: String,
+    pub socket: PathBuf,
+    /// `vhost-user` or `nbd`.
+    pub transport: String,
+}
+
+/// The pool's figures, as `thinctl pool status` prints them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolFigures {
+    pub size_bytes: u64,
+    pub data_bytes: u64,
+    pub data_used_bytes: u64,
+    pub data_free_bytes: u64,
+    pub data_used_pct: u8,
+    pub metadata_used_pct: u8,
+    pub volumes: u64,
+    pub snapshots: u64,
+    pub bases: u64,
+    pub clones: u64,
+    pub provisioned_bytes: u64,
+    pub thresholds_crossed: Vec<String>,
+    /// Volumes served (vhost-user sockets).
+    pub served: usize,
+}
+
+impl Reply {
+    /// The reply as its line on the wire (without the newline).
+    pub fn to_line(&self) -> String {
+        serde_json::to_string(self)
+            .unwrap_or_else(|e| format!("{{\"error\":\"unencodable reply: {e}\"}}"))
+    }
+}
+
+/// Sends one request to the control socket at `control`; the daemon's
+/// answer, or its error text. The outer error is a failure to talk to the
+/// socket at all, or a reply this client cannot read.
+pub fn request(control: &Path, req: &Request) -> io::Result<Result<Answer, String>> {
     let mut s = UnixStream::connect(control)?;
     s.set_read_timeout(Some(CLIENT_TIMEOUT))?;
     s.set_write_timeout(Some(IO_TIMEOUT))?;
-    s.write_all(line.as_bytes())?;
+    s.write_all(req.to_line().as_bytes())?;
     s.write_all(b"\n")?;
     let mut reply = String::new();
-    BufReader::new(s.take(64 * 1024)).read_line(&mut reply)?;
-    let reply = reply.trim_end_matches(['\r', '\n']);
-    if let Some(t) = reply.strip_prefix("ok") {
-        Ok(Ok(t.trim_start().to_string()))
-    } else if let Some(t) = reply.strip_prefix("error") {
-        Ok(Err(t.trim_start().to_string()))
-    } else {
-        Err(io::Error::new(
+    BufReader::new(s.take(1 << 20)).read_line(&mut reply)?;
+    match serde_json::from_str::<Reply>(reply.trim_end()) {
+        Ok(Reply::Ok(a)) => Ok(Ok(a)),
+        Ok(Reply::Error(e)) => Ok(Err(e)),
+        Err(e) => Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("unexpected reply from {}: '{reply}'", control.display()),
-        ))
+            format!(
+                "unexpected reply from {} ({e}): '{}'",
+                control.display(),
+                reply.trim_end().chars().take(200).collect::<String>()
+            ),
+        )),
     }
 }
 
@@ -427,14 +461,20 @@ pub(super) fn read_request(stream: &UnixStream) -> io::Result<String> {
 mod tests {
     use super::*;
 
+    fn line(json: &str) -> Result<Request, String> {
+        parse_request(json)
+    }
+
     #[test]
     fn parses_requests() {
         assert_eq!(
-            parse_request("snapshot vm-1@s1"),
-            Ok(Request::Snapshot("vm-1@s1".into()))
+            line(r#"{"op":"snapshot","name":"vm-1@s1"}"#),
+            Ok(Request::Snapshot {
+                name: "vm-1@s1".into()
+            })
         );
         assert_eq!(
-            parse_request("  add vm-1 /run/a.sock 4 "),
+            line(r#" {"op":"add","name":"vm-1","socket":"/run/a.sock","queues":4} "#),
             Ok(Request::Add {
                 name: "vm-1".into(),
                 socket: "/run/a.sock".into(),
@@ -443,7 +483,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_request("add vm-1 /run/a.sock"),
+            line(r#"{"op":"add","name":"vm-1","socket":"/run/a.sock"}"#),
             Ok(Request::Add {
                 name: "vm-1".into(),
                 socket: "/run/a.sock".into(),
@@ -452,231 +492,69 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_request("add vm-1 /run/a.sock 2 incoming"),
-            Ok(Request::Add {
-                name: "vm-1".into(),
-                socket: "/run/a.sock".into(),
-                queues: 2,
-                incoming: true,
-            })
-        );
-        assert_eq!(
-            parse_request("add-nbd vm-1@s /run/nbd.sock"),
+            line(r#"{"op":"add-nbd","name":"vm-1@s","socket":"/run/nbd.sock"}"#),
             Ok(Request::AddNbd {
                 name: "vm-1@s".into(),
                 socket: "/run/nbd.sock".into(),
             })
         );
         assert_eq!(
-            parse_request("remove vm-1"),
+            line(r#"{"op":"remove","name":"vm-1"}"#),
             Ok(Request::Remove {
                 name: "vm-1".into(),
                 socket: None
             })
         );
+        assert_eq!(line(r#"{"op":"list"}"#), Ok(Request::List {}));
+        assert_eq!(line(r#"{"op":"status"}"#), Ok(Request::Status {}));
         assert_eq!(
-            parse_request("remove vm-1 /run/a.sock"),
-            Ok(Request::Remove {
-                name: "vm-1".into(),
-                socket: Some("/run/a.sock".into())
+            line(r#"{"op":"policy","change":{"when_full":1,"data_warn_pct":[0,70,80]}}"#),
+            Ok(Request::Policy {
+                change: PolicyChange {
+                    data_warn_pct: Some([0, 70, 80]),
+                    when_full: Some(1),
+                    ..PolicyChange::default()
+                }
             })
         );
-        assert_eq!(parse_request("list"), Ok(Request::List));
-        assert_eq!(parse_request("status"), Ok(Request::Status));
         for bad in [
             "",
             "   ",
-            "snapshot",
-            "snapshot vm-1",
-            "snapshot a@b c",
-            "add",
-            "add vm-1",
-            "add vm-1 rel.sock",
-            "add vm-1 /a.sock 0",
-            "add vm-1 /a.sock 65",
-            "add vm-1 /a.sock x",
-            "add vm-1 /a.sock 1 2",
-            "add vm-1 /a.sock 1 incoming x",
-            "add-nbd vm-1",
-            "add-nbd vm-1 rel.sock",
-            "remove",
-            "remove a b",
-            "remove a /b c",
-            "list x",
-            "status x",
-            "bogus",
+            "list",
+            "snapshot vm-1@s1",
+            "{}",
+            "[]",
+            "null",
+            r#"{"op":"bogus"}"#,
+            r#"{"op":"list","please":1}"#,
+            r#"{"op":"grow","now":true}"#,
+            r#"{"op":"snapshot"}"#,
+            r#"{"op":"snapshot","name":"vm-1"}"#,
+            r#"{"op":"snapshot","name":"a@b c"}"#,
+            r#"{"op":"snapshot","name":"vm-1@s","extra":1}"#,
+            r#"{"op":"add","name":"vm-1","socket":"rel.sock"}"#,
+            r#"{"op":"add","name":"vm-1","socket":"/a.sock","queues":0}"#,
+            r#"{"op":"add","name":"vm-1","socket":"/a.sock","queues":65}"#,
+            r#"{"op":"add","name":"vm-1","socket":"/a.sock","queues":"x"}"#,
+            r#"{"op":"add","name":"vm-1","socket":"/a.sock","queues":70000}"#,
+            r#"{"op":"remove","name":"a","socket":"b"}"#,
+            r#"{"op":"create","name":"vm-1","bytes":-1}"#,
+            r#"{"op":"create","name":"vm-1","bytes":18446744073709551616}"#,
+            r#"{"op":"create","name":"vm/1","bytes":4096}"#,
+            r#"{"op":"create","name":"vmé","bytes":4096}"#,
+            r#"{"op":"delete","name":"vm-1@"}"#,
+            r#"{"op":"delete","name":"../x"}"#,
+            r#"{"op":"rename","old":"a","new":"b/c"}"#,
+            r#"{"op":"clone","source":"a$","new":"b"}"#,
+            r#"{"op":"base","name":"vm-1","new_name":"b c"}"#,
+            r#"{"op":"policy","change":{"when_full":256}}"#,
+            r#"{"op":"policy","change":{"data_warn_pct":[80,90]}}"#,
+            r#"{"op":"policy","change":{"data_warn_pct":[80,90,95,99]}}"#,
+            r#"{"op":"policy","change":{"queue_timeout_ms":-1}}"#,
+            r#"{"op":"policy","change":{"bogus":1}}"#,
             "\u{0}\u{1}",
         ] {
-            assert!(parse_request(bad).is_err(), "{bad:?} accepted");
-        }
-    }
-
-    #[test]
-    fn parses_pool_changes() {
-        let ok = |line: &str, want: Request| assert_eq!(parse_request(line), Ok(want), "{line}");
-        ok(
-            "create vm-1 4096",
-            Request::Create {
-                name: "vm-1".into(),
-                bytes: 4096,
-                force: false,
-            },
-        );
-        ok(
-            "create a.b_c 0 force",
-            Request::Create {
-                name: "a.b_c".into(),
-                bytes: 0,
-                force: true,
-            },
-        );
-        ok(
-            "resize vm-1 8192 force",
-            Request::Resize {
-                name: "vm-1".into(),
-                bytes: 8192,
-                force: true,
-            },
-        );
-        ok(
-            "resize vm-1 18446744073709551615",
-            Request::Resize {
-                name: "vm-1".into(),
-                bytes: u64::MAX,
-                force: false,
-            },
-        );
-        ok(
-            "delete vm-1",
-            Request::Delete {
-                name: "vm-1".into(),
-                recursive: false,
-            },
-        );
-        ok(
-            "delete vm-1@s1 recursive",
-            Request::Delete {
-                name: "vm-1@s1".into(),
-                recursive: true,
-            },
-        );
-        ok(
-            "rename vm-1 vm-2",
-            Request::Rename {
-                old: "vm-1".into(),
-                new: "vm-2".into(),
-            },
-        );
-        ok(
-            "rename vm-1@a b",
-            Request::Rename {
-                old: "vm-1@a".into(),
-                new: "b".into(),
-            },
-        );
-        ok(
-            "rollback vm-1@s1",
-            Request::Rollback {
-                snapshot: "vm-1@s1".into(),
-                force: false,
-            },
-        );
-        ok(
-            "rollback vm-1@s1 force",
-            Request::Rollback {
-                snapshot: "vm-1@s1".into(),
-                force: true,
-            },
-        );
-        ok(
-            "clone vm-1@s1 c1",
-            Request::Clone {
-                source: "vm-1@s1".into(),
-                new: "c1".into(),
-            },
-        );
-        ok(
-            "clone base-1 c1",
-            Request::Clone {
-                source: "base-1".into(),
-                new: "c1".into(),
-            },
-        );
-        ok(
-            "base vm-1",
-            Request::Base {
-                name: "vm-1".into(),
-                new_name: None,
-            },
-        );
-        ok(
-            "base vm-1 base-1",
-            Request::Base {
-                name: "vm-1".into(),
-                new_name: Some("base-1".into()),
-            },
-        );
-        ok("policy", Request::Policy(PolicyChange::default()));
-        ok(
-            "policy when_full=1 data_warn_pct=0,70,80",
-            Request::Policy(PolicyChange {
-                data_warn_pct: Some([0, 70, 80]),
-                when_full: Some(1),
-                ..PolicyChange::default()
-            }),
-        );
-        for bad in [
-            "create",
-            "create vm-1",
-            "create vm-1 -1",
-            "create vm-1 1M",
-            "create vm-1 18446744073709551616",
-            "create vm-1 4096 forc",
-            "create vm-1 4096 force x",
-            "create vm/1 4096",
-            "create 'vm' 4096",
-            "create vm\u{e9} 4096",
-            "resize",
-            "resize vm-1",
-            "resize vm-1 x",
-            "resize vm-1 4096 recursive",
-            "resize @ 4096",
-            "delete",
-            "delete vm-1 force",
-            "delete vm-1 recursive x",
-            "delete vm-1@",
-            "delete @s",
-            "delete a@b@c",
-            "delete ../x",
-            "rename",
-            "rename a",
-            "rename a b c",
-            "rename a b/c",
-            "rollback",
-            "rollback vm-1@s1 recursive",
-            "rollback vm-1@s1 force x",
-            "rollback vm-1@",
-            "clone",
-            "clone a",
-            "clone a b c",
-            "clone a$ b",
-            "base",
-            "base vm-1 b c",
-            "policy when_full",
-            "policy when_full=",
-            "policy when_full=x",
-            "policy when_full=256",
-            "policy when_full=1 when_full=0",
-            "policy data_warn_pct=80,90",
-            "policy data_warn_pct=80,90,95,99",
-            "policy data_warn_pct=80,x,95",
-            "policy meta_warn_pct=300,0,0",
-            "policy queue_timeout_ms=-1",
-            "policy max_overcommit_pct=4294967296",
-            "policy bogus=1",
-            "policy =1",
-        ] {
-            match parse_request(bad) {
+            match line(bad) {
                 Err(e) => assert!(!e.is_empty() && !e.contains('\n'), "{bad:?}: {e:?}"),
                 Ok(r) => panic!("{bad:?} accepted as {r:?}"),
             }
@@ -684,7 +562,65 @@ mod tests {
     }
 
     #[test]
-    fn policy_change_round_trips() {
+    fn requests_and_replies_round_trip() {
+        let reqs = [
+            Request::Snapshot { name: "v@s".into() },
+            Request::Grow {},
+            Request::Add {
+                name: "v".into(),
+                socket: "/s".into(),
+                queues: 2,
+                incoming: true,
+            },
+            Request::Remove {
+                name: "v".into(),
+                socket: Some("/s".into()),
+            },
+            Request::Create {
+                name: "v".into(),
+                bytes: u64::MAX,
+                force: true,
+            },
+            Request::Base {
+                name: "v".into(),
+                new_name: Some("b".into()),
+            },
+            Request::Policy {
+                change: PolicyChange {
+                    max_overcommit_pct: Some(0),
+                    ..PolicyChange::default()
+                },
+            },
+        ];
+        for r in reqs {
+            assert_eq!(parse_request(&r.to_line()), Ok(r));
+        }
+        let replies = [
+            Reply::Error("no such volume 'x'".into()),
+            Reply::Ok(Answer::Deleted {
+                name: "v".into(),
+                snapshot: false,
+                snapshots: vec!["v@a".into()],
+            }),
+            Reply::Ok(Answer::Policy {
+                policy: PolicyChange::whole(&Policy {
+                    data_warn_pct: [0, 70, 80],
+                    meta_warn_pct: [80, 90, 95],
+                    when_full: 1,
+                    queue_timeout_ms: 30_000,
+                    max_overcommit_pct: 250,
+                }),
+            }),
+        ];
+        for r in replies {
+            let l = r.to_line();
+            assert!(!l.contains('\n'));
+            assert_eq!(serde_json::from_str::<Reply>(&l).unwrap(), r);
+        }
+    }
+
+    #[test]
+    fn policy_changes_apply() {
         let p = Policy {
             data_warn_pct: [0, 70, 80],
             meta_warn_pct: [80, 90, 95],
@@ -692,11 +628,7 @@ mod tests {
             queue_timeout_ms: 30_000,
             max_overcommit_pct: 250,
         };
-        let line = PolicyChange::whole(&p).request_line();
-        let Ok(Request::Policy(c)) = parse_request(&line) else {
-            panic!("{line} not parsed");
-        };
-        assert_eq!(c.complete(), Some(p));
+        assert_eq!(PolicyChange::whole(&p).complete(), Some(p));
         // A partial change keeps the other fields, and is not a policy.
         let c = PolicyChange {
             max_overcommit_pct: Some(0),
@@ -707,47 +639,42 @@ mod tests {
         assert_eq!(q.max_overcommit_pct, 0);
         assert_eq!(q.data_warn_pct, p.data_warn_pct);
         assert_eq!(q.queue_timeout_ms, p.queue_timeout_ms);
-        assert_eq!(
-            parse_request(&c.request_line()),
-            Ok(Request::Policy(c.clone()))
-        );
     }
 
     #[test]
     fn random_lines_never_panic() {
-        let words = [
-            "snapshot",
-            "add",
-            "remove",
-            "list",
-            "status",
-            "create",
-            "resize",
-            "delete",
-            "rename",
-            "rollback",
-            "clone",
-            "base",
-            "policy",
-            "force",
-            "recursive",
-            "when_full=1",
-            "@",
-            "/",
+        let pieces = [
+            "{",
+            "}",
+            "\"op\"",
+            ":",
+            ",",
+            "\"snapshot\"",
+            "\"add\"",
+            "\"policy\"",
+            "\"name\"",
+            "\"v@s\"",
+            "\"change\"",
+            "[",
+            "]",
             "1",
-            "99",
-            "x@y",
+            "-1",
+            "null",
+            "\"/x\"",
+            "\"socket\"",
+            "\"queues\"",
+            "true",
         ];
         let mut x: u64 = 0x1234_5678_9abc_def1;
         for _ in 0..20_000 {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            let n = (x % 6) as usize;
-            let line: Vec<&str> = (0..n)
-                .map(|i| words[((x >> (i * 5)) % words.len() as u64) as usize])
+            let n = (x % 12) as usize;
+            let l: String = (0..n)
+                .map(|i| pieces[((x >> (i * 5)) % pieces.len() as u64) as usize])
                 .collect();
-            let _ = parse_request(&line.join(" "));
+            let _ = parse_request(&l);
         }
     }
 
