@@ -428,7 +428,44 @@ impl Volume {
                 return Err(Error::ReadOnly(self.name.clone()));
             }
         }
+        if self
+            .inner
+            .damaged
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && bytes > 0
+        {
+            self.check_damage(sector, bytes / SECTOR_SIZE, modifies)?;
+        }
         Ok(())
+    }
+
+    /// Refuses a read of a range a damaged subtree covers, and any change
+    /// of a damaged volume (its tree on disk must stay as it is).
+    fn check_damage(&self, sector: u64, sectors: u64, modifies: bool) -> Result<()> {
+        let st = self.inner.state.lock();
+        let Some(v) = st.volumes.get(&self.id) else {
+            return Ok(());
+        };
+        if v.damage.is_empty() {
+            return Ok(());
+        }
+        if modifies {
+            return Err(crate::state::damaged_error(&st, v, "write"));
+        }
+        let (b0, b1) = Self::block_range(sector, sectors);
+        match v.damage_in(b0, b1) {
+            Some(d) => Err(Error::Damaged {
+                volume: st.display_name(v),
+                what: format!(
+                    "read of sectors {sector}..{} refused: the mapping of blocks {}..{} is unreadable ({})",
+                    sector + sectors,
+                    d.lo,
+                    d.hi.min(v.rec.size_bytes / BS),
+                    d.why
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn block_range(sector: u64, sectors: u64) -> (u64, u64) {
