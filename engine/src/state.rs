@@ -155,7 +155,11 @@ impl State {
                 let of = family.contains(&v.rec.id);
                 if linked || of {
                     family.insert(v.rec.id);
-                    family.extend([v.rec.parent_id, v.rec.origin_id].iter().filter(|&&p| p != 0));
+                    family.extend(
+                        [v.rec.parent_id, v.rec.origin_id]
+                            .iter()
+                            .filter(|&&p| p != 0),
+                    );
                 }
             }
             if family.len() == before {

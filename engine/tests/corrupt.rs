@@ -105,7 +105,10 @@ fn try_open(img: Vec<u8>, want: &BTreeMap<String, Vec<u8>>, what: &str) -> bool 
             // every other block must still read back exactly.
             Err(thinlun::Error::Damaged { .. }) => {
                 let info = pool.volume_info(name).unwrap();
-                assert!(!info.damage.is_empty(), "{what}: {name}: damage error, none listed");
+                assert!(
+                    !info.damage.is_empty(),
+                    "{what}: {name}: damage error, none listed"
+                );
                 for (b, want_block) in data.chunks(BS).enumerate() {
                     let r = v.read(b as u64 * 8, &mut buf[..BS]);
                     let inside = info
@@ -194,7 +197,9 @@ fn damaged_metadata_is_reported_or_survived_never_misread() {
 const VOL: u64 = 4 << 20;
 
 fn pattern(name: &str, block: u64, gen: u8) -> Vec<u8> {
-    let seed = name.bytes().fold(gen as u64, |h, b| h.wrapping_mul(31) ^ b as u64);
+    let seed = name
+        .bytes()
+        .fold(gen as u64, |h, b| h.wrapping_mul(31) ^ b as u64);
     let mut v = vec![0u8; BS];
     for (i, x) in v.iter_mut().enumerate() {
         *x = (seed ^ block.wrapping_mul(0x9e37) ^ (i as u64 >> 6)) as u8;
@@ -283,12 +288,21 @@ fn tree_nodes(img: &[u8], root: u64) -> Vec<NodeAt> {
         let b = &img[block as usize * BS..(block as usize + 1) * BS];
         let level = u16::from_le_bytes([b[10], b[11]]);
         let count = u32::from_le_bytes(b[40..44].try_into().unwrap()) as usize;
-        out.push(NodeAt { block, level, lo, hi });
+        out.push(NodeAt {
+            block,
+            level,
+            lo,
+            hi,
+        });
         if level > 0 {
             for i in 0..count {
                 let key = u64_at(b, 64 + 16 * i);
                 let child = u64_at(b, 72 + 16 * i);
-                let child_hi = if i + 1 < count { u64_at(b, 64 + 16 * (i + 1)) } else { hi };
+                let child_hi = if i + 1 < count {
+                    u64_at(b, 64 + 16 * (i + 1))
+                } else {
+                    hi
+                };
                 todo.push((child, key, child_hi));
             }
         }
@@ -348,32 +362,63 @@ fn verify_isolated(
     what: &str,
 ) {
     let infos = pool.volumes();
-    assert_eq!(infos.len(), want.len(), "{what}: list must show every volume");
+    assert_eq!(
+        infos.len(),
+        want.len(),
+        "{what}: list must show every volume"
+    );
     for info in &infos {
         let data = &want[&info.name];
         let v = pool.open_volume(&info.name).unwrap();
         let mut buf = vec![0u8; data.len()];
         if !hit.contains(&info.name) {
-            assert!(info.damage.is_empty(), "{what}: {} marked damaged", info.name);
+            assert!(
+                info.damage.is_empty(),
+                "{what}: {} marked damaged",
+                info.name
+            );
             v.read(0, &mut buf).unwrap();
-            assert!(&buf == data, "{what}: {} reads back different data", info.name);
+            assert!(
+                &buf == data,
+                "{what}: {} reads back different data",
+                info.name
+            );
             continue;
         }
         let end = info.size_bytes / BS as u64;
         let (lo, hi) = (n.lo.min(end), n.hi.min(end));
-        assert_eq!(info.damage.len(), 1, "{what}: {}: {:?}", info.name, info.damage);
+        assert_eq!(
+            info.damage.len(),
+            1,
+            "{what}: {}: {:?}",
+            info.name,
+            info.damage
+        );
         let d = &info.damage[0];
-        assert_eq!((d.start_block, d.end_block, d.node_block), (lo, hi, n.block), "{what}: {}", info.name);
+        assert_eq!(
+            (d.start_block, d.end_block, d.node_block),
+            (lo, hi, n.block),
+            "{what}: {}",
+            info.name
+        );
         assert_eq!(d.sectors(), (lo * 8, hi * 8));
         // Outside the range, in one read each side; inside, every block fails.
         if lo > 0 {
             v.read(0, &mut buf[..lo as usize * BS]).unwrap();
-            assert!(buf[..lo as usize * BS] == data[..lo as usize * BS], "{what}: {} before the damage", info.name);
+            assert!(
+                buf[..lo as usize * BS] == data[..lo as usize * BS],
+                "{what}: {} before the damage",
+                info.name
+            );
         }
         if hi < end {
             let r = hi as usize * BS..data.len();
             v.read(hi * 8, &mut buf[r.clone()]).unwrap();
-            assert!(buf[r.clone()] == data[r], "{what}: {} after the damage", info.name);
+            assert!(
+                buf[r.clone()] == data[r],
+                "{what}: {} after the damage",
+                info.name
+            );
         }
         for b in (lo..hi).step_by(97).chain([hi - 1]) {
             let e = v.read(b * 8, &mut buf[..512]).unwrap_err();
@@ -381,14 +426,31 @@ fn verify_isolated(
             assert_eq!(e.errno(), libc_eio(), "{what}");
         }
         let e = v.write(0, &[0u8; 512]).unwrap_err();
-        assert!(matches!(e, thinlun::Error::Damaged { .. }) || matches!(e, thinlun::Error::ReadOnly(_)), "{what}: write to {}: {e}", info.name);
+        assert!(
+            matches!(e, thinlun::Error::Damaged { .. }) || matches!(e, thinlun::Error::ReadOnly(_)),
+            "{what}: write to {}: {e}",
+            info.name
+        );
     }
     let report = check(dev, "mem").unwrap();
     for name in want.keys() {
-        let named = report.errors.iter().any(|e| e.contains(&format!("volume '{name}' is damaged")));
-        assert_eq!(named, hit.contains(name), "{what}: check about {name}: {:?}", report.errors);
+        let named = report
+            .errors
+            .iter()
+            .any(|e| e.contains(&format!("volume '{name}' is damaged")));
+        assert_eq!(
+            named,
+            hit.contains(name),
+            "{what}: check about {name}: {:?}",
+            report.errors
+        );
     }
-    assert_eq!(report.errors.len(), hit.len(), "{what}: {:?}", report.errors);
+    assert_eq!(
+        report.errors.len(),
+        hit.len(),
+        "{what}: {:?}",
+        report.errors
+    );
 }
 
 fn libc_eio() -> i32 {
@@ -452,7 +514,12 @@ fn healthy_volumes_of_a_damaged_pool_work_normally() {
     let (mut img, mut want) = family_pool();
     let trees = trees(&img);
     // vm-a's last leaf (own, diverged from its snapshot).
-    let leaf = trees["vm-a"].iter().filter(|n| n.level == 0).max_by_key(|n| n.lo).unwrap().clone();
+    let leaf = trees["vm-a"]
+        .iter()
+        .filter(|n| n.level == 0)
+        .max_by_key(|n| n.lo)
+        .unwrap()
+        .clone();
     damage(&mut img, leaf.block, "zeroed", 0);
     let hit = vec!["vm-a".to_string()];
     let (dev, pool) = open_rw(img);
@@ -466,7 +533,10 @@ fn healthy_volumes_of_a_damaged_pool_work_normally() {
     let e = pool.create_snapshot("vm-a@s2").unwrap_err();
     assert!(matches!(e, thinlun::Error::Damaged { .. }), "{e}");
     assert!(pool.remove_volume("vm-a", true).is_err());
-    assert!(pool.remove_volume("vm-a@s1", false).is_err(), "shares blocks with vm-a");
+    assert!(
+        pool.remove_volume("vm-a@s1", false).is_err(),
+        "shares blocks with vm-a"
+    );
     assert!(pool.verify_space().is_empty(), "{:?}", pool.verify_space());
     assert!(pool.status().data_used_bytes > before.data_used_bytes);
     for name in ["vm-b", "clone-2", "vm-new", "vm-b@after"] {
@@ -483,7 +553,14 @@ fn healthy_volumes_of_a_damaged_pool_work_normally() {
     want.remove("vm-new");
     pool.close().unwrap();
     let (dev, pool) = open_rw(dev.image());
-    verify_isolated(&pool, &dev, &want, &hit, &leaf, "after a removal and a reopen");
+    verify_isolated(
+        &pool,
+        &dev,
+        &want,
+        &hit,
+        &leaf,
+        "after a removal and a reopen",
+    );
 }
 
 /// Journal entries of a damaged volume that no checkpoint folded in must
@@ -498,7 +575,12 @@ fn journaled_writes_of_a_damaged_volume_survive_checkpoints() {
     let img = dev.image();
     std::mem::forget(pool);
     let trees = trees(&img);
-    let leaf = trees["vm-a"].iter().filter(|n| n.level == 0).max_by_key(|n| n.lo).unwrap().clone();
+    let leaf = trees["vm-a"]
+        .iter()
+        .filter(|n| n.level == 0)
+        .max_by_key(|n| n.lo)
+        .unwrap()
+        .clone();
     assert!(leaf.lo > 5);
     let mut bad = img;
     damage(&mut bad, leaf.block, "bit flip", 0);

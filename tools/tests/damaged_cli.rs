@@ -117,7 +117,10 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
         assert_eq!(v.get("damaged"), &J::Bool(v.str("name") == "vm-1"), "{out}");
     }
     let (out, _) = expect(0, &pool, &["info", "vm-1"]);
-    assert!(out.contains("sectors 0..8192 (bytes 0..4194304) unreadable"), "{out}");
+    assert!(
+        out.contains("sectors 0..8192 (bytes 0..4194304) unreadable"),
+        "{out}"
+    );
 
     let (out, err) = expect(4, &pool, &["check"]);
     assert!(
@@ -137,7 +140,10 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
 
     // Everything else works as before.
     for (name, data) in &before {
-        assert!(&export(&dir, &pool, name) == data, "{name} exports differently");
+        assert!(
+            &export(&dir, &pool, name) == data,
+            "{name} exports differently"
+        );
     }
     let f = dir.path("vm-1.out");
     let (_, err) = expect(1, &pool, &["export", "vm-1", f.to_str().unwrap()]);

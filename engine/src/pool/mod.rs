@@ -16,7 +16,8 @@ mod options;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
 pub use options::{
-    DamagedRange, HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace, VolumeInfo,
+    DamagedRange, HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace,
+    VolumeInfo,
 };
 
 use crate::dev::{write_blocks, BlockDevice, FileDevice};

@@ -360,7 +360,10 @@ fn damage_text(v: &VolumeInfo) -> String {
         .map(|d| {
             let (s0, s1) = d.sectors();
             let (b0, b1) = d.bytes();
-            format!("sectors {s0}..{s1} (bytes {b0}..{b1}) unreadable: {}", d.reason)
+            format!(
+                "sectors {s0}..{s1} (bytes {b0}..{b1}) unreadable: {}",
+                d.reason
+            )
         })
         .collect::<Vec<_>>()
         .join("; ")
