@@ -340,6 +340,9 @@ impl Pool {
                 "'{to}' is older than '{from}'"
             )));
         }
+        // What a damaged range held is unknown: no diff can say it is equal.
+        st.refuse_damaged(a.rec.id, "diff")?;
+        st.refuse_damaged(b.rec.id, "diff")?;
         let mut ranges = Vec::new();
         a.map.diff(&b.map, &mut ranges);
         let bs = BLOCK_SIZE as u64;

@@ -193,8 +193,11 @@ impl Volume {
         let (b0, b1) = (offset / bs, end.div_ceil(bs));
         let mut segs = Vec::new();
         v.map.lookup(b0, b1 - b0, &mut segs);
+        // A damaged range is reported as data, never as a hole a client
+        // could skip and take for zeros: reading it gives the error.
+        let damage: Vec<(u64, u64)> = v.damage.iter().map(|d| (d.lo, d.hi)).collect();
         drop(st);
-        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         for seg in &segs {
             let (vb, n, stored) = match *seg {
                 Segment::Mapped { vblock, len, .. } => (vblock, len, true),
@@ -202,6 +205,29 @@ impl Volume {
                     (vblock, len, false)
                 }
             };
+            if stored || damage.is_empty() {
+                pieces.push((vb, n, stored));
+                continue;
+            }
+            // Split the hole at the damaged ranges' edges.
+            let mut at = vb;
+            while at < vb + n {
+                let inside = damage.iter().find(|d| d.0 <= at && at < d.1);
+                let stop = match inside {
+                    Some(d) => d.1.min(vb + n),
+                    None => damage
+                        .iter()
+                        .filter(|d| d.0 > at)
+                        .map(|d| d.0)
+                        .min()
+                        .map_or(vb + n, |x| x.min(vb + n)),
+                };
+                pieces.push((at, stop - at, inside.is_some()));
+                at = stop;
+            }
+        }
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for &(vb, n, stored) in &pieces {
             let lo = (vb * bs).max(offset);
             let hi = ((vb + n) * bs).min(end);
             if hi <= lo {

@@ -402,6 +402,22 @@ fn verify_isolated(
             info.name
         );
         assert_eq!(d.sectors(), (lo * 8, hi * 8));
+        // Block status never calls the damaged range a hole (NBD clients
+        // would skip it and take it for zeros).
+        let alloc = v.allocation(lo * BS as u64, (hi - lo) * BS as u64).unwrap();
+        assert!(
+            alloc.iter().all(|a| a.1),
+            "{what}: {}: {alloc:?}",
+            info.name
+        );
+        let mapped = pool.mapped_ranges(&info.name).unwrap();
+        assert!(
+            mapped
+                .iter()
+                .any(|&(o, l)| o <= lo * BS as u64 && (hi * BS as u64) <= o + l),
+            "{what}: {}: {mapped:?}",
+            info.name
+        );
         // Outside the range, in one read each side; inside, every block fails.
         if lo > 0 {
             v.read(0, &mut buf[..lo as usize * BS]).unwrap();

@@ -755,6 +755,25 @@ impl Pool {
                 _ => out.push((off, len)),
             }
         });
+        // A damaged range counts as mapped, so a reader of "what holds
+        // data" reads it and gets the error instead of taking it as zeros.
+        if !v.damage.is_empty() {
+            for d in damaged_ranges(v) {
+                let (b0, b1) = d.bytes();
+                if b1 > b0 {
+                    out.push((b0, b1 - b0));
+                }
+            }
+            out.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (o, l) in out {
+                match merged.last_mut() {
+                    Some((mo, ml)) if o <= *mo + *ml => *ml = (*ml).max(o + l - *mo),
+                    _ => merged.push((o, l)),
+                }
+            }
+            out = merged;
+        }
         Ok(out)
     }
 
