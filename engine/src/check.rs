@@ -33,6 +33,9 @@ pub struct CheckReport {
     /// interrupted commit. Replay stops before it, as after a power loss
     /// during that commit; `repair` clears it.
     pub torn_journal_block: Option<u64>,
+    /// Volumes whose tree could not be fully read, with what they can no
+    /// longer map (each also an error).
+    pub damaged: Vec<(String, crate::DamagedRange)>,
 }
 
 impl CheckReport {
@@ -120,6 +123,17 @@ pub fn check_with_progress(
         Err(e) => report.errors.push(e.to_string()),
     }
     for v in st.volumes.values() {
+        let name = st.display_name(v);
+        for d in crate::pool::damaged_ranges(v) {
+            let (s0, s1) = d.sectors();
+            let (b0, b1) = d.bytes();
+            report.errors.push(format!(
+                "volume '{name}' is damaged: it cannot map sectors {s0}..{s1} (bytes {b0}..{b1}, {}): {}",
+                crate::util::human_bytes(b1 - b0),
+                d.reason
+            ));
+            report.damaged.push((name.clone(), d));
+        }
         let end_block = v.rec.size_bytes / BLOCK_SIZE as u64;
         let mut beyond = 0u64;
         v.map.for_each(|e| {
@@ -155,7 +169,9 @@ pub fn check_with_progress(
         .map(|r| r.1)
         .sum();
     let data = leaf_refs - st.refs.extra_total();
-    if used != data + report.metadata_blocks {
+    // A damaged pool holds blocks no readable tree names (5.1): the sum
+    // cannot match, and the damage is reported above.
+    if !st.is_damaged() && used != data + report.metadata_blocks {
         report.errors.push(format!(
             "space accounting: {used} blocks in use but {data} hold data and {} metadata",
             report.metadata_blocks

@@ -130,6 +130,11 @@ impl MetadataDump {
 /// nothing). Fails if the pool does not load: `check` says why.
 pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
     let l = load(dev, label, SINGLE_HOST_ID, crate::util::boot_id())?;
+    // A dump lists extents; one of a damaged tree would omit what the
+    // unreadable node mapped, and a restore of it would read zeros there.
+    if let Some(v) = l.state.volumes.values().find(|v| !v.damage.is_empty()) {
+        return Err(crate::state::damaged_error(&l.state, v, "dump"));
+    }
     let sb = &l.state.sb;
     let layout = sb.layout;
     let volumes = l

@@ -36,6 +36,11 @@ pub enum Error {
     PoolReadOnly,
     #[error("{0}")]
     Busy(String),
+    /// Part of a volume's mapping tree could not be read: reads of that
+    /// range and every write of the volume fail (EIO to a guest) until it
+    /// is repaired. Other volumes are not affected.
+    #[error("volume '{volume}' is damaged: {what}")]
+    Damaged { volume: String, what: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -105,8 +105,8 @@ pub use error::{Error, Result};
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
 pub use names::is_valid_volume_name;
 pub use pool::{
-    HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace,
-    VolumeInfo,
+    DamagedRange, HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig,
+    UnflushedPlace, VolumeInfo,
 };
 pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
 pub use shared::LockStatus;

@@ -14,7 +14,7 @@ use crate::format::node::{self, Node};
 use crate::format::superblock::{has_magic, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::space::{Cursor, SpaceMap};
-use crate::state::{State, Vol};
+use crate::state::{Damage, State, Vol};
 use crate::unflushed::Owner;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -194,45 +194,53 @@ pub(crate) type LeafCache = HashMap<u64, Arc<Leaf>>;
 /// Loads a volume's tree, level by level with batched reads, checking that
 /// every node's keys lie inside the range its parent gives it. Interior
 /// node blocks are appended to `interior_out`.
+///
+/// A node that fails its checks (damaged, misdirected, wrong level, keys
+/// outside its range) does not fail the load: its subtree is left out and
+/// its key range returned as damage, so one bad node costs the volumes
+/// that share it, not the pool. Read errors of the device still fail.
 fn load_tree(
     dev: &dyn BlockDevice,
     cache: &mut LeafCache,
     rec: &VolumeRecord,
     h: &VolumeHeader,
     interior_out: &mut Vec<u64>,
-) -> Result<ExtentMap> {
+) -> Result<(ExtentMap, Vec<Damage>)> {
     if h.root == 0 {
-        return Ok(ExtentMap::new());
+        return Ok((ExtentMap::new(), Vec::new()));
     }
-    let name = &rec.name;
     // (block, key lower bound, key upper bound, expected level)
     let mut level: Vec<(u64, u64, u64, u16)> = vec![(h.root, 0, u64::MAX, h.depth)];
     let mut interior = Vec::new();
     let mut leaves: Vec<(u64, Arc<Leaf>)> = Vec::new();
     let mut own_leaves = HashSet::new();
+    let mut lost: Vec<Damage> = Vec::new();
+    let damage = |node: u64, lo: u64, hi: u64, why: &str| Damage {
+        lo,
+        hi,
+        node,
+        why: format!("mapping node at block {node}: {why}"),
+    };
     while !level.is_empty() {
         let mut next = Vec::new();
         for batch in level.chunks(LOAD_BATCH) {
-            let bad = |block: u64, what: &str| {
-                Error::Corrupt(format!(
-                    "volume '{name}': mapping node at block {block}: {what}"
-                ))
-            };
             // Shared leaves already loaded need no read.
             let mut to_read = Vec::new();
             for &(block, lo, hi, want_level) in batch {
                 match cache.get(&block) {
                     Some(leaf) if want_level == 0 => {
                         if !own_leaves.insert(block) {
-                            return Err(bad(block, "referenced twice in one tree"));
-                        }
-                        if !leaf.within(lo, hi) {
-                            return Err(bad(
+                            lost.push(damage(block, lo, hi, "referenced twice in one tree"));
+                        } else if !leaf.within(lo, hi) {
+                            lost.push(damage(
                                 block,
+                                lo,
+                                hi,
                                 "extents outside the range the parent node gives",
                             ));
+                        } else {
+                            leaves.push((lo, leaf.clone()));
                         }
-                        leaves.push((lo, leaf.clone()));
                     }
                     _ => to_read.push((block, lo, hi, want_level)),
                 }
@@ -240,39 +248,66 @@ fn load_tree(
             let blocks: Vec<u64> = to_read.iter().map(|l| l.0).collect();
             let bufs = read_blocks(dev, &blocks, "reading mapping nodes")?;
             for (i, &(block, lo, hi, want_level)) in to_read.iter().enumerate() {
-                match node::decode(&bufs[i], block)? {
+                let decoded = match node::decode(&bufs[i], block) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let why = match e {
+                            Error::Corrupt(m) => m,
+                            e => e.to_string(),
+                        };
+                        lost.push(Damage {
+                            lo,
+                            hi,
+                            node: block,
+                            why,
+                        });
+                        continue;
+                    }
+                };
+                match decoded {
                     Node::Leaf(extents) => {
                         if want_level != 0 {
-                            return Err(bad(block, "leaf found where an interior node belongs"));
-                        }
-                        if extents.first().is_some_and(|e| e.vblock < lo)
+                            lost.push(damage(
+                                block,
+                                lo,
+                                hi,
+                                "leaf found where an interior node belongs",
+                            ));
+                        } else if extents.first().is_some_and(|e| e.vblock < lo)
                             || extents.last().is_some_and(|e| e.vend() > hi)
                         {
-                            return Err(bad(
+                            lost.push(damage(
                                 block,
+                                lo,
+                                hi,
                                 "extents outside the range the parent node gives",
                             ));
+                        } else if !own_leaves.insert(block) {
+                            lost.push(damage(block, lo, hi, "referenced twice in one tree"));
+                        } else {
+                            let leaf = Leaf::new_loaded(&extents, block);
+                            cache.insert(block, leaf.clone());
+                            leaves.push((lo, leaf));
                         }
-                        own_leaves.insert(block);
-                        let leaf = Leaf::new_loaded(&extents, block);
-                        cache.insert(block, leaf.clone());
-                        leaves.push((lo, leaf));
                     }
                     Node::Interior { level: l, children } => {
                         if l != want_level || l == 0 {
-                            return Err(bad(block, "wrong tree level"));
-                        }
-                        if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi) {
-                            return Err(bad(
+                            lost.push(damage(block, lo, hi, "wrong tree level"));
+                        } else if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi)
+                        {
+                            lost.push(damage(
                                 block,
+                                lo,
+                                hi,
                                 "child keys outside the range the parent node gives",
                             ));
+                        } else {
+                            for (i, &(key, child)) in children.iter().enumerate() {
+                                let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
+                                next.push((child, key, child_hi, l - 1));
+                            }
+                            interior.push(block);
                         }
-                        for (i, &(key, child)) in children.iter().enumerate() {
-                            let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
-                            next.push((child, key, child_hi, l - 1));
-                        }
-                        interior.push(block);
                     }
                 }
             }
@@ -280,18 +315,22 @@ fn load_tree(
         level = next;
     }
     leaves.sort_by_key(|l| l.0);
+    lost.sort_by_key(|d| d.lo);
     interior_out.extend(&interior);
     let map = ExtentMap::from_leaves(leaves, interior);
-    if map.mapped_blocks() != h.mapped_blocks || map.extent_count() != h.extent_count {
+    if lost.is_empty()
+        && (map.mapped_blocks() != h.mapped_blocks || map.extent_count() != h.extent_count)
+    {
         return Err(Error::Corrupt(format!(
-            "volume '{name}': header says {} mapped blocks in {} extents, tree holds {} in {}",
+            "volume '{}': header says {} mapped blocks in {} extents, tree holds {} in {}",
+            rec.name,
             h.mapped_blocks,
             h.extent_count,
             map.mapped_blocks(),
             map.extent_count()
         )));
     }
-    Ok(map)
+    Ok((map, lost))
 }
 
 /// Looks past a journal position that ends the replay for a valid block of
@@ -479,6 +518,8 @@ fn load_once(
         p.start(records.len() as u64);
     }
     let mut cache = LeafCache::new();
+    let mut withheld = 0u64;
+    let mut damaged_nodes: Vec<u64> = Vec::new();
     for rec in records {
         if state.volumes.contains_key(&rec.id) {
             return Err(Error::Corrupt(format!(
@@ -522,12 +563,28 @@ fn load_once(
         if foreign && header_generation(dev, &rec) != Some(header.generation) {
             return Ok(None);
         }
-        let map = map?;
+        let (map, damage) = map?;
         meta.extend(
             interior
                 .into_iter()
                 .map(|b| (b, format!("volume '{}' tree", rec.name))),
         );
+        if !damage.is_empty() {
+            // Where the unreadable subtree's blocks are is unknown; how many
+            // it maps is what the header counts beyond the readable part.
+            // They are withheld from the free space (5.1).
+            let lost_extents = header.extent_count.saturating_sub(map.extent_count());
+            withheld = withheld
+                .saturating_add(header.mapped_blocks.saturating_sub(map.mapped_blocks()))
+                .saturating_add(lost_extents.div_ceil(node::NODE_CAPACITY as u64));
+            for d in &damage {
+                log::error!(
+                    "{label}: volume '{}' is damaged: blocks {}..{} cannot be mapped ({}); its reads there and all its writes fail until repaired",
+                    rec.name, d.lo, d.hi.min(rec.size_bytes / BLOCK_SIZE as u64), d.why
+                );
+                damaged_nodes.push(d.node);
+            }
+        }
         state.volumes.insert(
             rec.id,
             Vol {
@@ -536,6 +593,7 @@ fn load_once(
                 header,
                 cursor: Cursor::default(),
                 handles: 0,
+                damage,
             },
         );
         if let Some(p) = progress {
@@ -569,6 +627,19 @@ fn load_once(
     for (b, what) in &meta {
         mark(&mut state.space, &layout, *b, 1, &|| what.clone())?;
     }
+    // A damaged node's block stays allocated (it may be repaired or
+    // examined); it may also be a block something else validly holds (a
+    // stale pointer), which is then that owner's.
+    for b in damaged_nodes {
+        if layout.is_data_block(b) {
+            already.clear();
+            state.space.mark_or_share(b, 1, &mut already);
+            if already.is_empty() {
+                state.quarantine.push((b, 1));
+            }
+        }
+    }
+    state.space.withhold(withheld);
     let meta_blocks: HashSet<u64> = meta.iter().map(|m| m.0).collect();
     drop(meta);
 
@@ -717,6 +788,9 @@ impl Replay<'_> {
         if vol.header.journal_host == self.host_id && vol.header.journal_seq >= seq {
             return Ok(()); // already in the checkpointed tree
         }
+        if !vol.damage.is_empty() {
+            return self.damaged_entry(e);
+        }
         let ch = &mut self.ch;
         ch.clear();
         match *e {
@@ -760,6 +834,77 @@ impl Replay<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Applies `e` to a damaged volume. Its tree on disk is never
+    /// replaced, so nothing it names may be freed: replaced blocks stay
+    /// held, not released. Parts of the range that fall in a damaged
+    /// subtree cannot be applied to the map at all; the blocks they map
+    /// are held too. The entry is kept to be journaled again by every
+    /// checkpoint (`State::carried`).
+    fn damaged_entry(&mut self, e: &Entry) -> std::result::Result<(), String> {
+        let state = &mut *self.state;
+        let layout = self.layout;
+        let Some(vol) = state.volumes.get_mut(&e.volume()) else {
+            return Ok(());
+        };
+        let (vblock, len) = match *e {
+            Entry::Map {
+                vblock,
+                pblock,
+                len,
+                ..
+            } => {
+                let len = len as u64;
+                if !layout.is_data_block(pblock)
+                    || !layout.is_data_block(pblock + len - 1)
+                    || (pblock..pblock + len).any(|b| self.meta_blocks.contains(&b))
+                {
+                    return Err(format!(
+                        "(volume '{}') maps blocks {pblock}..{} outside the data area or onto metadata",
+                        vol.rec.name,
+                        pblock + len
+                    ));
+                }
+                (vblock, len)
+            }
+            Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
+                (vblock, len as u64)
+            }
+        };
+        let mut held: Vec<(u64, u64)> = Vec::new();
+        for (at, n, inside) in split_by_damage(&vol.damage, vblock, len) {
+            let ch = &mut self.ch;
+            ch.clear();
+            let pblock = match *e {
+                Entry::Map { pblock, .. } => Some(pblock + (at - vblock)),
+                _ => None,
+            };
+            if !inside {
+                match (*e, pblock) {
+                    (Entry::Map { .. }, Some(p)) => vol.map.map(at, p, n, ch),
+                    (Entry::Zero { .. }, _) => vol.map.zero(at, n, ch),
+                    _ => vol.map.unmap(at, n, ch),
+                }
+                for &(p, k) in &ch.added {
+                    state.refs.add(p, k);
+                }
+                held.extend(ch.dropped.iter().copied());
+            }
+            if let Some(p) = pblock {
+                self.already.clear();
+                state.space.mark_or_share(p, n, &mut self.already);
+                for &(sp, sn) in &self.already {
+                    state.refs.add(sp, sn);
+                }
+                if inside {
+                    held.push((p, n));
+                }
+            }
+        }
+        state.quarantine.extend(held);
+        state.carried.push(*e);
         Ok(())
     }
 
@@ -814,4 +959,28 @@ impl Replay<'_> {
         self.state.pending.extend_from_slice(rest);
         rest.len()
     }
+}
+
+/// Splits virtual blocks `vblock..vblock+len` at the edges of `damage`
+/// (sorted, from `load_tree`): (start, length, inside a damaged range).
+fn split_by_damage(damage: &[Damage], vblock: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = vblock + len;
+    let mut out = Vec::new();
+    let mut pos = vblock;
+    while pos < end {
+        let inside = damage.iter().find(|d| d.lo <= pos && pos < d.hi);
+        let stop = match inside {
+            Some(d) => d.hi.min(end),
+            None => damage
+                .iter()
+                .filter(|d| d.lo > pos)
+                .map(|d| d.lo)
+                .min()
+                .unwrap_or(end)
+                .min(end),
+        };
+        out.push((pos, stop - pos, inside.is_some()));
+        pos = stop;
+    }
+    out
 }

@@ -58,6 +58,8 @@ impl Pool {
             if st.id_by_name(spec).is_some() {
                 return Err(Error::VolumeExists(spec.to_string()));
             }
+            // A snapshot of a damaged tree would lack the unreadable part.
+            st.refuse_damaged(src.rec.id, "snapshot")?;
             Ok((
                 snap.to_string(),
                 flags::SNAPSHOT | flags::READ_ONLY,
@@ -81,6 +83,7 @@ impl Pool {
             if st.id_by_name(new).is_some() {
                 return Err(Error::VolumeExists(new.to_string()));
             }
+            st.refuse_damaged(src.rec.id, "clone")?;
             crate::pool::check_overcommit(st, src.rec.size_bytes, false)?;
             Ok((new.to_string(), 0, 0, src.rec.id))
         })
@@ -154,6 +157,10 @@ impl Pool {
                     "'{spec}' is not a snapshot (use VOL@SNAP)"
                 )));
             }
+            st.refuse_damaged(snap.rec.id, "rollback")?;
+            // The volume's old tree is released: nothing it shares with a
+            // damaged relative may be freed.
+            st.refuse_family_damaged(snap.rec.parent_id, "rollback of")?;
             let vol = &st.volumes[&snap.rec.parent_id];
             if vol.handles > 0 {
                 return Err(Error::Busy(format!(
@@ -240,6 +247,7 @@ impl Pool {
                     "'{name}' is not a linked clone"
                 )));
             }
+            st.refuse_damaged(v.rec.id, "flatten")?;
             v.rec.id
         };
         let vol = self.open_volume(name)?;
@@ -332,6 +340,9 @@ impl Pool {
                 "'{to}' is older than '{from}'"
             )));
         }
+        // What a damaged range held is unknown: no diff can say it is equal.
+        st.refuse_damaged(a.rec.id, "diff")?;
+        st.refuse_damaged(b.rec.id, "diff")?;
         let mut ranges = Vec::new();
         a.map.diff(&b.map, &mut ranges);
         let bs = BLOCK_SIZE as u64;
@@ -455,6 +466,7 @@ impl Inner {
             },
             cursor: Cursor::default(),
             handles: 0,
+            damage: Vec::new(),
         };
         st.sb.next_volume_id += 1;
         st.volumes.insert(id, vol);

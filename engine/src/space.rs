@@ -24,6 +24,10 @@ pub struct SpaceMap {
     /// claimed: they look full here, and frees landing in them are left
     /// to the group's owner to find (at its next reload).
     foreign: Option<Vec<bool>>,
+    /// Blocks counted as in use although no bit says where: what the
+    /// unreadable parts of damaged trees map (docs/FORMAT.md 5.1). The
+    /// last `withheld` free blocks are never handed out.
+    withheld: u64,
 }
 
 /// A block already in use was claimed again (corruption or a bug).
@@ -44,6 +48,7 @@ impl SpaceMap {
             free_blocks: blocks,
             empty_hint: 0,
             foreign: None,
+            withheld: 0,
         }
     }
 
@@ -95,8 +100,18 @@ impl SpaceMap {
         self.chunks * self.chunk_blocks
     }
 
+    /// Free blocks the allocator may hand out.
     pub fn free_blocks(&self) -> u64 {
-        self.free_blocks
+        self.free_blocks.saturating_sub(self.withheld)
+    }
+
+    /// Counts `n` more blocks as in use without knowing where they are.
+    pub fn withhold(&mut self, n: u64) {
+        self.withheld = self.withheld.saturating_add(n);
+    }
+
+    pub fn withheld(&self) -> u64 {
+        self.withheld
     }
 
     fn bit(&self, i: u64) -> bool {
@@ -231,7 +246,8 @@ impl SpaceMap {
     /// cursor's chunk, then an empty chunk, then any chunk with free space.
     /// Returns (first block, count) or None when the data area is full.
     pub fn allocate_run(&mut self, cursor: &mut Cursor, want: u64) -> Option<(u64, u64)> {
-        if self.free_blocks == 0 || want == 0 {
+        let want = want.min(self.free_blocks());
+        if want == 0 {
             return None;
         }
         loop {

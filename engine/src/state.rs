@@ -26,6 +26,27 @@ pub(crate) struct Vol {
     pub cursor: Cursor,
     /// Open handles; a volume with handles cannot be removed.
     pub handles: usize,
+    /// Parts of the tree that could not be read at load (empty: healthy).
+    /// A damaged volume is frozen: no writes, its tree is never rewritten.
+    pub damage: Vec<Damage>,
+}
+
+/// A subtree of a volume's mapping that could not be loaded: the virtual
+/// blocks `lo..hi` the parent node gives it are unknown.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Damage {
+    pub lo: u64,
+    pub hi: u64,
+    /// The unreadable node.
+    pub node: u64,
+    pub why: String,
+}
+
+impl Vol {
+    /// The first damaged range overlapping virtual blocks `b0..b1`.
+    pub fn damage_in(&self, b0: u64, b1: u64) -> Option<&Damage> {
+        self.damage.iter().find(|d| d.lo < b1 && b0 < d.hi)
+    }
 }
 
 struct PendingFree {
@@ -67,6 +88,15 @@ pub(crate) struct State {
     pending_frees: Vec<PendingFree>,
     io_epoch: u64,
     active_io: BTreeMap<u64, usize>,
+    /// Journal entries of damaged volumes found at load: their trees are
+    /// never checkpointed, so every checkpoint writes these again after
+    /// its new replay start, or they would be lost when the ring moves on.
+    pub carried: Vec<Entry>,
+    /// Data-area runs held in use for damaged volumes without being in any
+    /// map: damaged node blocks, and blocks replayed journal entries name
+    /// inside or replaced outside a damaged range (the tree on disk may
+    /// still point at them).
+    pub quarantine: Vec<(u64, u64)>,
 }
 
 impl State {
@@ -87,6 +117,66 @@ impl State {
             pending_frees: Vec::new(),
             io_epoch: 1,
             active_io: BTreeMap::new(),
+            carried: Vec::new(),
+            quarantine: Vec::new(),
+        }
+    }
+
+    /// Whether any volume's tree could not be fully loaded.
+    pub fn is_damaged(&self) -> bool {
+        self.volumes.values().any(|v| !v.damage.is_empty())
+    }
+
+    /// Refuses `what` on volume `id` while it is damaged.
+    pub fn refuse_damaged(&self, id: u64, what: &str) -> crate::Result<()> {
+        match self.volumes.get(&id) {
+            Some(v) if !v.damage.is_empty() => Err(damaged_error(self, v, what)),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses `what` on volume `id` when it is damaged or may share blocks
+    /// with a damaged volume (a snapshot, parent, clone or origin, however
+    /// far): removing it could free blocks the unreadable part of that
+    /// volume's tree still points at, which must stay allocated until the
+    /// damage is repaired (docs/FORMAT.md 5.1).
+    pub fn refuse_family_damaged(&self, id: u64, what: &str) -> crate::Result<()> {
+        self.refuse_damaged(id, what)?;
+        if !self.is_damaged() {
+            return Ok(());
+        }
+        let mut family = HashSet::from([id]);
+        loop {
+            let before = family.len();
+            for v in self.volumes.values() {
+                let linked = [v.rec.parent_id, v.rec.origin_id]
+                    .iter()
+                    .any(|p| *p != 0 && family.contains(p));
+                let of = family.contains(&v.rec.id);
+                if linked || of {
+                    family.insert(v.rec.id);
+                    family.extend(
+                        [v.rec.parent_id, v.rec.origin_id]
+                            .iter()
+                            .filter(|&&p| p != 0),
+                    );
+                }
+            }
+            if family.len() == before {
+                break;
+            }
+        }
+        match family
+            .iter()
+            .filter_map(|f| self.volumes.get(f))
+            .find(|v| !v.damage.is_empty())
+        {
+            Some(d) => Err(crate::Error::Busy(format!(
+                "{what} '{}' refused: it may share blocks with damaged volume '{}', which must stay allocated until that damage is repaired",
+                self.volumes.get(&id).map_or_else(String::new, |v| self.display_name(v)),
+                self.display_name(d)
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -272,6 +362,7 @@ impl State {
                 v.cursor = o.cursor;
             }
         }
+        self.carried.extend(std::mem::take(&mut old.carried));
     }
 
     /// Blocks freed but not yet reusable.
@@ -338,5 +429,20 @@ impl State {
         self.space
             .allocate_run(&mut self.meta_cursor, 1)
             .map(|(b, _)| b)
+    }
+}
+
+/// The error for I/O or changes refused on a damaged volume.
+pub(crate) fn damaged_error(st: &State, v: &Vol, what: &str) -> crate::Error {
+    let d = &v.damage[0];
+    let size_blocks = v.rec.size_bytes / crate::format::BLOCK_SIZE as u64;
+    crate::Error::Damaged {
+        volume: st.display_name(v),
+        what: format!(
+            "{what} refused: its mapping of blocks {}..{} is unreadable ({})",
+            d.lo.min(size_blocks),
+            d.hi.min(size_blocks),
+            d.why
+        ),
     }
 }

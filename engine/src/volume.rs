@@ -193,8 +193,11 @@ impl Volume {
         let (b0, b1) = (offset / bs, end.div_ceil(bs));
         let mut segs = Vec::new();
         v.map.lookup(b0, b1 - b0, &mut segs);
+        // A damaged range is reported as data, never as a hole a client
+        // could skip and take for zeros: reading it gives the error.
+        let damage: Vec<(u64, u64)> = v.damage.iter().map(|d| (d.lo, d.hi)).collect();
         drop(st);
-        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
         for seg in &segs {
             let (vb, n, stored) = match *seg {
                 Segment::Mapped { vblock, len, .. } => (vblock, len, true),
@@ -202,6 +205,29 @@ impl Volume {
                     (vblock, len, false)
                 }
             };
+            if stored || damage.is_empty() {
+                pieces.push((vb, n, stored));
+                continue;
+            }
+            // Split the hole at the damaged ranges' edges.
+            let mut at = vb;
+            while at < vb + n {
+                let inside = damage.iter().find(|d| d.0 <= at && at < d.1);
+                let stop = match inside {
+                    Some(d) => d.1.min(vb + n),
+                    None => damage
+                        .iter()
+                        .filter(|d| d.0 > at)
+                        .map(|d| d.0)
+                        .min()
+                        .map_or(vb + n, |x| x.min(vb + n)),
+                };
+                pieces.push((at, stop - at, inside.is_some()));
+                at = stop;
+            }
+        }
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        for &(vb, n, stored) in &pieces {
             let lo = (vb * bs).max(offset);
             let hi = ((vb + n) * bs).min(end);
             if hi <= lo {
@@ -428,7 +454,44 @@ impl Volume {
                 return Err(Error::ReadOnly(self.name.clone()));
             }
         }
+        if self
+            .inner
+            .damaged
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && bytes > 0
+        {
+            self.check_damage(sector, bytes / SECTOR_SIZE, modifies)?;
+        }
         Ok(())
+    }
+
+    /// Refuses a read of a range a damaged subtree covers, and any change
+    /// of a damaged volume (its tree on disk must stay as it is).
+    fn check_damage(&self, sector: u64, sectors: u64, modifies: bool) -> Result<()> {
+        let st = self.inner.state.lock();
+        let Some(v) = st.volumes.get(&self.id) else {
+            return Ok(());
+        };
+        if v.damage.is_empty() {
+            return Ok(());
+        }
+        if modifies {
+            return Err(crate::state::damaged_error(&st, v, "write"));
+        }
+        let (b0, b1) = Self::block_range(sector, sectors);
+        match v.damage_in(b0, b1) {
+            Some(d) => Err(Error::Damaged {
+                volume: st.display_name(v),
+                what: format!(
+                    "read of sectors {sector}..{} refused: the mapping of blocks {}..{} is unreadable ({})",
+                    sector + sectors,
+                    d.lo,
+                    d.hi.min(v.rec.size_bytes / BS),
+                    d.why
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     fn block_range(sector: u64, sectors: u64) -> (u64, u64) {

@@ -387,9 +387,14 @@ impl Inner {
         let mut node_writes: Vec<NodeWrite> = Vec::new();
         {
             let st = self.state.lock();
+            // A damaged volume's tree is never rewritten: the new tree would
+            // lack the subtree that could not be read, and free its node.
             if !force
                 && ctl.journal.used_blocks() == 0
-                && st.volumes.values().all(|v| !v.map.is_dirty())
+                && st
+                    .volumes
+                    .values()
+                    .all(|v| !v.map.is_dirty() || !v.damage.is_empty())
             {
                 return Ok(());
             }
@@ -399,7 +404,7 @@ impl Inner {
             let ids: Vec<u64> = st
                 .volumes
                 .iter()
-                .filter(|(_, v)| v.map.is_dirty())
+                .filter(|(_, v)| v.map.is_dirty() && v.damage.is_empty())
                 .map(|(&id, _)| id)
                 .collect();
             for id in ids {
@@ -422,6 +427,20 @@ impl Inner {
                 .collect()
         };
         let new_ckpt = ctl.journal.checkpoint_at_tail(ctl.host_ckpt.generation + 1);
+        // Entries of damaged volumes, whose trees are not written, go to the
+        // journal again right after the new replay start (made durable by
+        // the flush below, before any host checkpoint names that start).
+        let carried = self.state.lock().carried.clone();
+        if !carried.is_empty() {
+            if !ctl.journal.has_room(carried.len()) {
+                return Err(Error::Busy(format!(
+                    "the journal has no room for the {} mapping changes of damaged volumes it must keep; repair the pool",
+                    carried.len()
+                )));
+            }
+            ctl.journal.append(dev, &carried, 0)?;
+        }
+        let record_start = ctl.journal.next_seq();
         let region = self.state.lock().sb.layout.host_region(self.host_id);
         let host_copy = |k: u64| (region + k, encode_host_checkpoint(&new_ckpt, region + k));
         write_blocks(dev, &headers_for(0)).map_err(io("writing volume headers"))?;
@@ -429,7 +448,7 @@ impl Inner {
         // From the first host checkpoint write on, a crash leaves either
         // generation durable: the unflushed record must hold under both.
         self.state.lock().restart_unflushed(RecordKey {
-            start_seq: new_ckpt.seq,
+            start_seq: record_start,
             gen_lo: ctl.host_ckpt.generation,
             gen_hi: new_ckpt.generation,
         });
@@ -441,7 +460,7 @@ impl Inner {
         dev.flush().map_err(io("flushing host checkpoint"))?;
         self.state
             .lock()
-            .restart_unflushed(RecordKey::at(new_ckpt.seq, new_ckpt.generation));
+            .restart_unflushed(RecordKey::at(record_start, new_ckpt.generation));
         ctl.journal.advance_head_to(&new_ckpt);
         ctl.host_ckpt = new_ckpt;
         let mut st = self.state.lock();

@@ -16,7 +16,8 @@ mod options;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
 pub use options::{
-    HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace, VolumeInfo,
+    DamagedRange, HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace,
+    VolumeInfo,
 };
 
 use crate::dev::{write_blocks, BlockDevice, FileDevice};
@@ -77,6 +78,9 @@ pub(crate) struct Inner {
     /// Highest data and metadata threshold last reported.
     pub threshold_seen: Mutex<[u8; 2]>,
     pub is_block_device: bool,
+    /// Some volume's tree could not be fully loaded: I/O checks its
+    /// volume's damage (a healthy pool skips that lock).
+    pub damaged: std::sync::atomic::AtomicBool,
 }
 
 /// An open pool. Cheap to clone; the pool closes cleanly (commit and
@@ -408,6 +412,7 @@ impl Pool {
             unsealed,
         );
         let background = shared.is_none() && restrict.is_none();
+        let damaged = state.is_damaged();
         let inner = Arc::new(Inner {
             dev,
             label: label.to_string(),
@@ -427,6 +432,7 @@ impl Pool {
             shared,
             threshold_seen: Mutex::new([0, 0]),
             is_block_device,
+            damaged: std::sync::atomic::AtomicBool::new(damaged),
         });
         let pool = Pool { inner };
         if !read_only {
@@ -636,6 +642,7 @@ impl Pool {
                 header,
                 cursor: Cursor::default(),
                 handles: 0,
+                damage: Vec::new(),
             },
         );
         if let Err(e) = inner.write_catalog(&mut st) {
@@ -660,6 +667,7 @@ impl Pool {
         let ids = crate::snapshot::check_removable(&st, id, recursive)?;
         for &i in &ids {
             inner.check_not_active_elsewhere(&st, i)?;
+            st.refuse_family_damaged(i, "removal of")?;
         }
         let removed: Vec<Vol> = ids.iter().filter_map(|id| st.volumes.remove(id)).collect();
         if let Err(e) = inner.write_catalog(&mut st) {
@@ -747,6 +755,25 @@ impl Pool {
                 _ => out.push((off, len)),
             }
         });
+        // A damaged range counts as mapped, so a reader of "what holds
+        // data" reads it and gets the error instead of taking it as zeros.
+        if !v.damage.is_empty() {
+            for d in damaged_ranges(v) {
+                let (b0, b1) = d.bytes();
+                if b1 > b0 {
+                    out.push((b0, b1 - b0));
+                }
+            }
+            out.sort_unstable();
+            let mut merged: Vec<(u64, u64)> = Vec::new();
+            for (o, l) in out {
+                match merged.last_mut() {
+                    Some((mo, ml)) if o <= *mo + *ml => *ml = (*ml).max(o + l - *mo),
+                    _ => merged.push((o, l)),
+                }
+            }
+            out = merged;
+        }
         Ok(out)
     }
 
@@ -773,6 +800,7 @@ impl Pool {
             if v.rec.flags & catalog::flags::READ_ONLY != 0 {
                 return Err(Error::ReadOnly(name.to_string()));
             }
+            st.refuse_damaged(v.rec.id, "resize")?;
             (v.rec.id, v.rec.size_bytes)
         };
         if size_bytes > old_size {
@@ -915,6 +943,12 @@ impl Pool {
                 problems.push(format!("metadata block {b} is also mapped as data"));
             }
         }
+        // Damaged volumes hold blocks no map names (FORMAT.md 5.1).
+        let mut held = Vec::new();
+        for &(p, n) in &st.quarantine {
+            fresh.mark_or_share(p, n, &mut held);
+        }
+        fresh.withhold(st.space.withheld());
         let live_used = st.space.total_blocks() - st.space.free_blocks();
         let referenced = fresh.total_blocks() - fresh.free_blocks();
         let pending = st.pending_free_blocks();
@@ -923,7 +957,7 @@ impl Pool {
                 "space accounting: {live_used} blocks in use, {referenced} referenced + {pending} awaiting reuse"
             ));
         }
-        if refs.shared_blocks() != st.refs.shared_blocks() {
+        if !st.is_damaged() && refs.shared_blocks() != st.refs.shared_blocks() {
             problems.push(format!(
                 "reference counts: {} blocks counted as shared, {} found shared",
                 st.refs.shared_blocks(),
@@ -1032,7 +1066,22 @@ pub(crate) fn info_of(st: &State, v: &Vol) -> VolumeInfo {
         } else {
             None
         },
+        damage: damaged_ranges(v),
     }
+}
+
+/// A volume's damage as the public API reports it, clipped to its size.
+pub(crate) fn damaged_ranges(v: &Vol) -> Vec<crate::pool::DamagedRange> {
+    let end = v.rec.size_bytes / BLOCK_SIZE as u64;
+    v.damage
+        .iter()
+        .map(|d| crate::pool::DamagedRange {
+            start_block: d.lo.min(end),
+            end_block: d.hi.min(end),
+            node_block: d.node,
+            reason: d.why.clone(),
+        })
+        .collect()
 }
 
 pub(crate) fn format_uuid(u: &[u8; 16]) -> String {

@@ -126,6 +126,36 @@ pub struct VolumeInfo {
     pub snapshot_of: Option<String>,
     /// For a linked clone: the base or snapshot it shares data with.
     pub clone_of: Option<String>,
+    /// Ranges of the volume whose mapping could not be read (empty:
+    /// healthy). Reads there and all writes of the volume fail.
+    pub damage: Vec<DamagedRange>,
+}
+
+/// Part of a volume's mapping lost with an unreadable tree node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// First 4 KiB block of the volume that cannot be mapped.
+    pub start_block: u64,
+    /// One past the last (clipped to the volume's size).
+    pub end_block: u64,
+    /// The unreadable node.
+    pub node_block: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl DamagedRange {
+    /// The range in 512-byte sectors: (first, one past the last).
+    pub fn sectors(&self) -> (u64, u64) {
+        let k = (crate::BLOCK_SIZE / crate::SECTOR_SIZE as usize) as u64;
+        (self.start_block * k, self.end_block * k)
+    }
+
+    /// The range in bytes: (first, one past the last).
+    pub fn bytes(&self) -> (u64, u64) {
+        let b = crate::BLOCK_SIZE as u64;
+        (self.start_block * b, self.end_block * b)
+    }
 }
 
 /// Pool-wide figures, as `pool status` shows them.

@@ -128,5 +128,24 @@ fn report_json(label: &str, r: &CheckReport) -> Json {
         ("free_bytes", (r.free_blocks * bs).into()),
         ("metadata_bytes", (r.metadata_blocks * bs).into()),
         ("journal_blocks_replayed", r.journal_blocks_replayed.into()),
+        (
+            "damaged",
+            Json::Array(
+                r.damaged
+                    .iter()
+                    .map(|(name, d)| {
+                        Json::Object(vec![
+                            ("volume", name.as_str().into()),
+                            ("start_sector", d.sectors().0.into()),
+                            ("end_sector", d.sectors().1.into()),
+                            ("start_byte", d.bytes().0.into()),
+                            ("end_byte", d.bytes().1.into()),
+                            ("node_block", d.node_block.into()),
+                            ("reason", d.reason.as_str().into()),
+                        ])
+                    })
+                    .collect(),
+            ),
+        ),
     ])
 }

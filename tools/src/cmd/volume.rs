@@ -91,7 +91,15 @@ pub fn list(pool: Option<&Path>, types: &[String], out: &OutputArgs, json: bool)
             out.time(v.created_unix),
         ]);
     }
-    emit(&t.render_as(out)?)
+    emit(&t.render_as(out)?)?;
+    let damaged = vols.iter().filter(|v| !v.damage.is_empty()).count();
+    if damaged > 0 && !out.scripted {
+        eprintln!(
+            "warning: {damaged} volume{} damaged (flag 'damaged'): reads of the unreadable range and all writes fail; 'thinctl check' says what is lost",
+            if damaged == 1 { " is" } else { "s are" }
+        );
+    }
+    Ok(())
 }
 
 fn of_type_all(types: &[String]) -> bool {
@@ -177,6 +185,7 @@ pub fn info(pool: Option<&Path>, name: &str, out: &OutputArgs, json: bool) -> Cl
         ("snapshot", yes_no(v.snapshot)),
         ("base", yes_no(v.base)),
         ("origin", origin(&v)),
+        ("damage", damage_text(&v)),
         (
             "created",
             if exact {
@@ -344,6 +353,8 @@ fn flags(v: &VolumeInfo) -> String {
         (v.snapshot, "snap"),
         (v.base, "base"),
         (v.clone_of.is_some(), "clone"),
+        // Part of its mapping tree is unreadable: `thinctl check` says what.
+        (!v.damage.is_empty(), "damaged"),
     ]
     .iter()
     .filter(|f| f.0)
@@ -354,6 +365,25 @@ fn flags(v: &VolumeInfo) -> String {
     } else {
         set.join(",")
     }
+}
+
+/// A volume's unreadable ranges for `info`: "-" when healthy.
+fn damage_text(v: &VolumeInfo) -> String {
+    if v.damage.is_empty() {
+        return "-".to_string();
+    }
+    v.damage
+        .iter()
+        .map(|d| {
+            let (s0, s1) = d.sectors();
+            let (b0, b1) = d.bytes();
+            format!(
+                "sectors {s0}..{s1} (bytes {b0}..{b1}) unreadable: {}",
+                d.reason
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn info_json(v: &VolumeInfo) -> Json {
@@ -369,7 +399,25 @@ fn info_json(v: &VolumeInfo) -> Json {
         ("base", v.base.into()),
         ("clone", v.clone_of.is_some().into()),
         ("created_unix", v.created_unix.into()),
+        ("damaged", (!v.damage.is_empty()).into()),
     ];
+    if !v.damage.is_empty() {
+        let ranges: Vec<Json> = v
+            .damage
+            .iter()
+            .map(|d| {
+                Json::Object(vec![
+                    ("start_sector", d.sectors().0.into()),
+                    ("end_sector", d.sectors().1.into()),
+                    ("start_byte", d.bytes().0.into()),
+                    ("end_byte", d.bytes().1.into()),
+                    ("node_block", d.node_block.into()),
+                    ("reason", d.reason.as_str().into()),
+                ])
+            })
+            .collect();
+        fields.push(("damage", Json::Array(ranges)));
+    }
     // Present only when they apply (the JSON writer has no null).
     if let Some(s) = &v.snapshot_of {
         fields.push(("snapshot_of", s.as_str().into()));

@@ -1,0 +1,163 @@
+//! `thinctl` on a pool with one damaged mapping-tree node (issue 19): the
+//! pool still opens, `list` shows every volume and flags the damaged one,
+//! `check` names it and the range it lost (exit 4), and every other volume
+//! exports and takes snapshots as before.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+mod common;
+use common::{TempDir, J};
+
+const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
+const BLOCK: usize = 4096;
+
+fn thinctl(pool: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .env_remove("THINLUN_POOL")
+        .arg("-p")
+        .arg(pool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("spawn thinctl")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Runs and expects exit `code`; returns (stdout, stderr).
+fn expect(code: i32, pool: &Path, args: &[&str]) -> (String, String) {
+    let out = thinctl(pool, args);
+    let (o, e) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(code), "thinctl {args:?}: {o}{e}");
+    assert!(!e.contains("panicked"), "{e}");
+    (o, e)
+}
+
+fn ok(pool: &Path, args: &[&str]) -> String {
+    expect(0, pool, args).0
+}
+
+fn export(dir: &TempDir, pool: &Path, name: &str) -> Vec<u8> {
+    let f = dir.path(&format!("{name}.out"));
+    let _ = fs::remove_file(&f);
+    ok(pool, &["export", name, f.to_str().unwrap()]);
+    fs::read(&f).unwrap()
+}
+
+/// vm-1 with its snapshot and a clone of that, and an unrelated vm-2;
+/// vm-1 then changes a block, so its tree (one leaf) is its own.
+fn sample_pool(dir: &TempDir) -> PathBuf {
+    let pool = dir.path("pool.img");
+    ok(
+        &pool,
+        &["pool", "create", "--size", "64M", "--chunk-size", "64K"],
+    );
+    for (name, seed) in [("vm-1", 1u8), ("vm-2", 2)] {
+        ok(&pool, &["create", name, "4M"]);
+        let data: Vec<u8> = (0..2 << 20)
+            .map(|i: usize| (i / BLOCK) as u8 ^ seed | 1)
+            .collect();
+        let src = dir.path("src.raw");
+        fs::write(&src, &data).unwrap();
+        ok(&pool, &["import", name, src.to_str().unwrap()]);
+    }
+    ok(&pool, &["snapshot", "vm-1@s1"]);
+    ok(&pool, &["clone", "vm-1@s1", "clone-1"]);
+    let one = dir.path("one.raw");
+    fs::write(&one, vec![0xabu8; BLOCK]).unwrap();
+    ok(&pool, &["import", "vm-1", one.to_str().unwrap()]);
+    pool
+}
+
+#[test]
+fn list_check_and_export_on_a_pool_with_a_damaged_node() {
+    let dir = TempDir::new("damaged-node");
+    let pool = sample_pool(&dir);
+    let before: Vec<(&str, Vec<u8>)> = ["vm-2", "vm-1@s1", "clone-1"]
+        .into_iter()
+        .map(|n| (n, export(&dir, &pool, n)))
+        .collect();
+    let d = J::parse(&ok(&pool, &["dump"]));
+    let root = d
+        .get("volumes")
+        .arr()
+        .iter()
+        .find(|v| v.str("full_name") == "vm-1")
+        .unwrap()
+        .get("on_disk")
+        .num("root") as usize;
+    let shared_root = d
+        .get("volumes")
+        .arr()
+        .iter()
+        .filter(|v| v.str("full_name") != "vm-1")
+        .any(|v| v.get("on_disk").num("root") as usize == root);
+    assert!(!shared_root);
+    // One flipped bit in vm-1's root node.
+    let mut img = fs::read(&pool).unwrap();
+    img[root * BLOCK + 70] ^= 0x20;
+    fs::write(&pool, &img).unwrap();
+
+    let (out, err) = expect(0, &pool, &["list"]);
+    for name in ["vm-1", "vm-2", "s1", "clone-1"] {
+        assert!(out.contains(name), "{out}");
+    }
+    for line in out.lines().skip(1) {
+        let damaged = line.contains("damaged");
+        assert_eq!(damaged, line.starts_with("vm-1 "), "{out}");
+    }
+    assert!(err.contains("1 volume is damaged"), "{err}");
+    let (out, _) = expect(0, &pool, &["list", "--json"]);
+    let j = J::parse(&out);
+    for v in j.arr() {
+        assert_eq!(v.get("damaged"), &J::Bool(v.str("name") == "vm-1"), "{out}");
+    }
+    let (out, _) = expect(0, &pool, &["info", "vm-1"]);
+    assert!(
+        out.contains("sectors 0..8192 (bytes 0..4194304) unreadable"),
+        "{out}"
+    );
+
+    let (out, err) = expect(4, &pool, &["check"]);
+    assert!(
+        out.contains("volume 'vm-1' is damaged: it cannot map sectors 0..8192 (bytes 0..4194304")
+            && out.contains(&format!("mapping node at block {root}")),
+        "{out}"
+    );
+    assert_eq!(out.matches("is damaged").count(), 1, "{out}");
+    assert!(err.contains("check found 1 error"), "{err}");
+    let (out, _) = expect(4, &pool, &["check", "--json"]);
+    let j = J::parse(&out);
+    let dmg = j.get("damaged").arr();
+    assert_eq!(dmg.len(), 1, "{out}");
+    assert_eq!(dmg[0].str("volume"), "vm-1");
+    assert_eq!(dmg[0].num("end_sector") as u64, 8192);
+    assert_eq!(dmg[0].num("end_byte") as u64, 4 << 20);
+
+    // Everything else works as before.
+    for (name, data) in &before {
+        assert!(
+            &export(&dir, &pool, name) == data,
+            "{name} exports differently"
+        );
+    }
+    let f = dir.path("vm-1.out");
+    let (_, err) = expect(1, &pool, &["export", "vm-1", f.to_str().unwrap()]);
+    assert!(err.contains("damaged"), "{err}");
+    ok(&pool, &["snapshot", "vm-2@after"]);
+    let (_, err) = expect(1, &pool, &["snapshot", "vm-1@after"]);
+    assert!(err.contains("damaged"), "{err}");
+    let (_, err) = expect(1, &pool, &["remove", "vm-1", "--recursive"]);
+    assert!(err.contains("damaged"), "{err}");
+    // Repair cannot guess what the node held, and writes nothing.
+    let img = fs::read(&pool).unwrap();
+    let (out, _) = expect(4, &pool, &["repair"]);
+    assert!(out.contains("volume 'vm-1' is damaged"), "{out}");
+    assert!(fs::read(&pool).unwrap() == img);
+    let (out, _) = expect(4, &pool, &["check"]);
+    assert_eq!(out.matches("is damaged").count(), 1, "{out}");
+}
