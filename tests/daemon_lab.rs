@@ -4,7 +4,7 @@
 
 /// A pool file in a scratch directory and the `thinctl` to run on it.
 struct Lab {
-    dir: TempDir,
+    dir: tempfile::TempDir,
     thinctl: PathBuf,
     pool: PathBuf,
     /// Processes started, killed on drop so a failing test leaves none.
@@ -26,10 +26,10 @@ impl Drop for Lab {
 
 impl Lab {
     fn new(tag: &str) -> Lab {
-        let dir = TempDir::new(tag);
+        let dir = scratch(tag);
         let lab = Lab {
             thinctl: thinctl(),
-            pool: dir.0.join("pool.img"),
+            pool: dir.path().join("pool.img"),
             dir,
             servers: Default::default(),
         };
@@ -38,7 +38,7 @@ impl Lab {
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.dir.0.join(name)
+        self.dir.path().join(name)
     }
 
     fn control(&self) -> PathBuf {

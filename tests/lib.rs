@@ -54,21 +54,6 @@ pub fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
-/// A small seeded generator (xorshift64) for test workloads: the same seed
-/// gives the same run, so a failure printed with its seed can be replayed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    /// The next value (a zero seed stays zero: seed with a non-zero value).
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    /// A value below `n` (0 when `n` is 0).
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n.max(1)
-    }
-}
+/// The seeded generator of the test workloads: the same seed gives the
+/// same run, so a failure printed with its seed can be replayed.
+pub type Rng = fastrand::Rng;

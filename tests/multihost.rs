@@ -80,7 +80,7 @@ impl Harness {
             .arg(self.dir.join(format!("host{}.log", h.id)))
             .arg(&self.stop)
             .arg(self.dir.join(format!("run{}", h.id)))
-            .arg((self.rng.next_u64() >> 1).to_string())
+            .arg((self.rng.u64(..) >> 1).to_string())
             .arg(VOLUMES.to_string())
             .spawn()
             .expect("starting a host process");
@@ -138,7 +138,7 @@ impl Harness {
         let d = if long {
             LONG_PAUSE
         } else {
-            Duration::from_millis(50 + self.rng.below(200))
+            Duration::from_millis(50 + self.rng.u64(..200))
         };
         std::thread::sleep(d);
         self.signal(i, libc::SIGCONT);
@@ -258,7 +258,7 @@ fn hosts_share_a_pool_safely_under_kills_and_pauses() {
             })
             .collect(),
         lives: HashMap::new(),
-        rng: Rng(seed),
+        rng: Rng::with_seed(seed),
         figures: Figures::default(),
         violations: Vec::new(),
         paused_past_dead: Vec::new(),
@@ -268,13 +268,13 @@ fn hosts_share_a_pool_safely_under_kills_and_pauses() {
     }
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(300 + h.rng.below(700)));
+        std::thread::sleep(Duration::from_millis(300 + h.rng.u64(..700)));
         h.reap();
-        let i = h.rng.below(HOSTS as u64) as usize;
-        match h.rng.below(10) {
+        let i = h.rng.u64(..HOSTS as u64) as usize;
+        match h.rng.u64(..10) {
             0..=2 => {
                 h.kill(i);
-                std::thread::sleep(Duration::from_millis(h.rng.below(400)));
+                std::thread::sleep(Duration::from_millis(h.rng.u64(..400)));
                 h.spawn(i);
             }
             3..=5 => h.pause(i, false),

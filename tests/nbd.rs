@@ -169,8 +169,8 @@ const MIB: u64 = 1 << 20;
 
 /// A raw image with 8 MiB of data, a hole, 3 MiB more at 40 MiB.
 fn raw_image(path: &Path) {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let mut chunk = |n: u64| -> Vec<u8> { (0..n).map(|_| rng.next_u64() as u8).collect() };
+    let mut rng = Rng::with_seed(0x9e37_79b9_7f4a_7c15);
+    let mut chunk = |n: u64| -> Vec<u8> { (0..n).map(|_| rng.u64(..) as u8).collect() };
     let f = std::fs::File::create(path).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&chunk(8 * MIB), 0).unwrap();

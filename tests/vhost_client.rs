@@ -9,7 +9,6 @@
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -30,7 +29,7 @@ struct Served {
     stop: StopHandle,
     thread: Option<JoinHandle<Server>>,
     sock: PathBuf,
-    _dir: TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Served {
@@ -40,15 +39,15 @@ impl Served {
         let _ = env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
             .is_test(true)
             .try_init();
-        let dir = TempDir::new("client");
+        let dir = scratch("client");
         let cfg = PoolConfig {
             size_bytes: Some(pool_mb << 20),
             ..PoolConfig::default()
         };
-        let pool = Pool::create_path(&dir.0.join("pool.img"), &cfg).unwrap();
+        let pool = Pool::create_path(&dir.path().join("pool.img"), &cfg).unwrap();
         pool.create_volume("vm-1", vol_mb << 20).unwrap();
         let vol = Arc::new(pool.open_volume("vm-1").unwrap());
-        let sock = dir.0.join("vhost.sock");
+        let sock = dir.path().join("vhost.sock");
         let mut opts = ServeOptions::new(&sock, "vm-1");
         opts.opt_io_bytes = pool.status().chunk_bytes;
         configure(&mut opts);
@@ -260,7 +259,7 @@ fn a_full_queue_keeps_flowing_in_order() {
     const REQUESTS: u64 = 4000;
     let mut s = Served::start(64, 16, |_| {});
     let mut c = Client::connect(&s.sock, 1);
-    let mut rng = thinlun_tests::Rng(0x5eed_f10e);
+    let mut rng = thinlun_tests::Rng::with_seed(0x5eed_f10e);
     // What each block holds (the seed of its pattern; 0: zeros), and the
     // requests in flight: (id, block, data slot, write seed or None).
     let mut model = vec![0u64; BLOCKS as usize];
@@ -271,14 +270,14 @@ fn a_full_queue_keeps_flowing_in_order() {
     while completed < REQUESTS {
         while queued < REQUESTS && in_flight.len() < DEPTH {
             let block = loop {
-                let b = rng.below(BLOCKS);
+                let b = rng.u64(..BLOCKS);
                 if !in_flight.iter().any(|r| r.1 == b) {
                     break b;
                 }
             };
             let slot = free_slots.pop().unwrap();
             let off = slot * 4096;
-            let seed = (rng.below(2) == 0).then_some(queued + 1);
+            let seed = (rng.u64(..2) == 0).then_some(queued + 1);
             let id = if let Some(seed) = seed {
                 c.data(off, 4096).copy_from_slice(&pattern(seed, 4096));
                 let parts = [Part::Header(16), Part::Data(off, 4096, false), Part::Status];
@@ -334,7 +333,7 @@ fn a_full_queue_of_mixed_requests_stays_in_order() {
     const REQUESTS: u64 = 3000;
     let mut s = Served::start(64, 16, |_| {});
     let mut c = Client::connect(&s.sock, 1);
-    let mut rng = thinlun_tests::Rng(0x0dd5_eed5);
+    let mut rng = thinlun_tests::Rng::with_seed(0x0dd5_eed5);
     let mut model = vec![0u8; (BLOCKS * 4096) as usize];
     // In flight: (id, block or None for a flush, data slot, expected read bytes).
     type InFlight = (u16, Option<u64>, usize, Option<Vec<u8>>);
@@ -345,14 +344,14 @@ fn a_full_queue_of_mixed_requests_stays_in_order() {
     while completed < REQUESTS {
         while queued < REQUESTS && in_flight.len() < DEPTH {
             let block = loop {
-                let b = rng.below(BLOCKS);
+                let b = rng.u64(..BLOCKS);
                 if !in_flight.iter().any(|r| r.1 == Some(b)) {
                     break b;
                 }
             };
             let slot = free_slots.pop().unwrap();
             let off = slot * 4096;
-            let kind = rng.below(20);
+            let kind = rng.u64(..20);
             let (id, block, expect) = match kind {
                 0..=6 => {
                     let data = pattern(queued + 1, 4096);
@@ -393,7 +392,7 @@ fn a_full_queue_of_mixed_requests_stays_in_order() {
                 }
                 14 | 15 => {
                     // One sector somewhere in the block.
-                    let k = rng.below(8);
+                    let k = rng.u64(..8);
                     let data = pattern(queued + 1, 512);
                     c.data(off, 512).copy_from_slice(&data);
                     let o = at(block) + (k * 512) as usize;
@@ -459,9 +458,9 @@ fn completed_writes_survive_a_server_crash() {
     let s = Served::start(64, 16, |_| {});
     let mut c = Client::connect(&s.sock, 1);
     let mut order: Vec<u64> = (0..BLOCKS).collect();
-    let mut rng = thinlun_tests::Rng(0xc4a5_4ed0);
+    let mut rng = thinlun_tests::Rng::with_seed(0xc4a5_4ed0);
     for i in (1..order.len()).rev() {
-        order.swap(i, rng.below(i as u64 + 1) as usize);
+        order.swap(i, rng.u64(..i as u64 + 1) as usize);
     }
     let mut in_flight: std::collections::VecDeque<(u16, usize)> = Default::default();
     let mut free_slots: Vec<usize> = (0..DEPTH).collect();
@@ -488,8 +487,8 @@ fn completed_writes_survive_a_server_crash() {
             completed += 1;
         }
     }
-    let crashed = s._dir.0.join("crashed.img");
-    std::fs::copy(s._dir.0.join("pool.img"), &crashed).unwrap();
+    let crashed = s._dir.path().join("crashed.img");
+    std::fs::copy(s._dir.path().join("pool.img"), &crashed).unwrap();
     let pool = Pool::open_path(&crashed, &thinlun::OpenOptions::default()).unwrap();
     let vol = pool.open_volume("vm-1").unwrap();
     let mut buf = vec![0u8; 4096];
@@ -783,8 +782,8 @@ fn reconnect_and_multiple_queues() {
 fn incoming_target_waits_for_the_release() {
     use thinlun::{HostOptions, OpenOptions, SharedConfig};
     use thinlun_vhost::Activation;
-    let dir = TempDir::new("incoming");
-    let path = dir.0.join("lun.img");
+    let dir = scratch("incoming");
+    let path = dir.path().join("lun.img");
     let cfg = PoolConfig {
         size_bytes: Some(256 << 20),
         shared: Some(SharedConfig {
@@ -800,7 +799,7 @@ fn incoming_target_waits_for_the_release() {
             host_id: id,
             host_name: Some(format!("host{id}")),
             watchdog: false,
-            run_dir: Some(dir.0.join(format!("run{id}"))),
+            run_dir: Some(dir.path().join(format!("run{id}"))),
         }),
         boot_id: None,
         ..OpenOptions::default()
@@ -819,7 +818,7 @@ fn incoming_target_waits_for_the_release() {
         Duration::from_millis(300),
     )
     .unwrap();
-    let sock = dir.0.join("target.sock");
+    let sock = dir.path().join("target.sock");
     let mut server =
         Server::with_activation(activation, &ServeOptions::new(&sock, "vm-1")).unwrap();
     let stop = server.stop_handle();
@@ -877,7 +876,7 @@ fn two_servers_of_one_volume_take_turns() {
 fn take_turns(shared: bool) {
     use thinlun::{HostOptions, OpenOptions, SharedConfig};
     use thinlun_vhost::{Activation, WriterSlot};
-    let dir = TempDir::new(if shared {
+    let dir = scratch(if shared {
         "writer-slot-shared"
     } else {
         "writer-slot"
@@ -890,7 +889,7 @@ fn take_turns(shared: bool) {
         }),
         ..PoolConfig::default()
     };
-    let path = dir.0.join("lun.img");
+    let path = dir.path().join("lun.img");
     Pool::create_path(&path, &cfg).unwrap().close().unwrap();
     let opts = OpenOptions {
         read_only: false,
@@ -898,7 +897,7 @@ fn take_turns(shared: bool) {
             host_id: 1,
             host_name: Some("host1".to_string()),
             watchdog: false,
-            run_dir: Some(dir.0.join("run")),
+            run_dir: Some(dir.path().join("run")),
         }),
         boot_id: None,
         ..OpenOptions::default()
@@ -914,7 +913,7 @@ fn take_turns(shared: bool) {
         } else {
             Activation::pinned_sharing(vol, slot.clone(), wait)
         };
-        let sock = dir.0.join(format!("{tag}.sock"));
+        let sock = dir.path().join(format!("{tag}.sock"));
         let mut server = Server::with_activation(act, &ServeOptions::new(&sock, "vm-1")).unwrap();
         let stop = server.stop_handle();
         let thread = std::thread::spawn(move || {
@@ -962,12 +961,12 @@ fn take_turns(shared: bool) {
 #[test]
 fn a_released_volume_renamed_meanwhile_is_opened_again() {
     use thinlun_vhost::Activation;
-    let dir = TempDir::new("renamed");
+    let dir = scratch("renamed");
     let cfg = PoolConfig {
         size_bytes: Some(256 << 20),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&dir.0.join("lun.img"), &cfg).unwrap();
+    let pool = Pool::create_path(&dir.path().join("lun.img"), &cfg).unwrap();
     pool.create_volume("vm-1", 64 << 20).unwrap();
     let open = Arc::new(pool.open_volume("vm-1").unwrap());
     let act = Activation::handover(
@@ -978,7 +977,7 @@ fn a_released_volume_renamed_meanwhile_is_opened_again() {
         Duration::from_secs(1),
     )
     .unwrap();
-    let sock = dir.0.join("vm.sock");
+    let sock = dir.path().join("vm.sock");
     let mut server = Server::with_activation(act, &ServeOptions::new(&sock, "vm-1")).unwrap();
     let stop = server.stop_handle();
     let thread = std::thread::spawn(move || {

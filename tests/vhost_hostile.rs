@@ -18,7 +18,7 @@ use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thinlun_tests::{parent_of, thinctl, Rng};
@@ -545,18 +545,18 @@ fn set_inflight_fd_is_refused() {
 /// Messages the protocol does not have, truncated payloads, payloads
 /// that claim more than they send, and too many descriptors.
 fn garbage(t: &Target) {
-    let mut rng = Rng(7);
+    let mut rng = Rng::with_seed(7);
     for case in 0..40u32 {
         let mut fe = t.front_end();
         let req = match case % 4 {
             0 => 1000 + case,
             1 => SET_MEM_TABLE,
             2 => SET_VRING_ADDR,
-            _ => (rng.below(45) + 1) as u32,
+            _ => (rng.u64(..45) + 1) as u32,
         };
-        let len = rng.below(300) as usize;
-        let payload: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-        let files: Vec<File> = (0..rng.below(10)).map(|_| memfd(4096, false)).collect();
+        let len = rng.u64(..300) as usize;
+        let payload: Vec<u8> = (0..len).map(|_| rng.u64(..) as u8).collect();
+        let files: Vec<File> = (0..rng.u64(..10)).map(|_| memfd(4096, false)).collect();
         let fds: Vec<i32> = files.iter().map(|f| f.as_raw_fd()).collect();
         let a = fe.call(req, &payload, &fds);
         assert!(
@@ -657,13 +657,13 @@ fn a_hostile_front_end_does_not_stop_another_volumes_io() {
                 c.data(0, 65536).copy_from_slice(&pattern(seed, 65536));
                 assert_eq!(c.write(slot as u64 * 128, 0, 65536), S_OK, "fill {slot}");
             }
-            let mut rng = Rng(11);
+            let mut rng = Rng::with_seed(11);
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) || n < 50 {
-                let slot = rng.below(64) as usize;
+                let slot = rng.u64(..64) as usize;
                 let sector = slot as u64 * 128;
-                if rng.below(2) == 0 {
-                    let seed = rng.next_u64();
+                if rng.u64(..2) == 0 {
+                    let seed = rng.u64(..);
                     c.data(0, 65536).copy_from_slice(&pattern(seed, 65536));
                     assert_eq!(c.write(sector, 0, 65536), S_OK, "write {n}");
                     model[slot] = seed;

@@ -87,7 +87,7 @@ fn main() {
         .append(true)
         .open(&a.log)
         .expect("log"));
-    let mut rng = Rng(a.seed | 1);
+    let mut rng = Rng::with_seed(a.seed | 1);
     let opts = OpenOptions {
         read_only: false,
         host: Some(HostOptions {
@@ -111,7 +111,7 @@ fn main() {
     let mut round = 0u64;
     while !a.stop.exists() {
         round += 1;
-        let r = match rng.below(10) {
+        let r = match rng.u64(..10) {
             0..=5 => contested(&pool, &a, &mut rng, &mut log, &mut value),
             6..=7 => own_snapshots(&pool, &a, &mut rng, round),
             _ => own_clone(&pool, &a, &mut rng, round),
@@ -140,7 +140,7 @@ fn contested(
     log: &mut Log,
     value: &mut u64,
 ) -> thinlun::Result<()> {
-    let n = rng.below(a.volumes as u64) as u32;
+    let n = rng.u64(..a.volumes as u64) as u32;
     let name = format!("vol-{n}");
     let vol = pool.open_volume(&name)?;
     log.line(&format!("ACQ {name}"));
@@ -160,13 +160,13 @@ fn write_some(
     value: &mut u64,
     host: u32,
 ) -> thinlun::Result<()> {
-    let seq = rng.next_u64();
+    let seq = rng.u64(..);
     vol.write(0, &canary(host, seq))?;
     vol.flush()?;
-    for _ in 0..1 + rng.below(4) {
+    for _ in 0..1 + rng.u64(..4) {
         let mut pending = Vec::new();
-        for _ in 0..1 + rng.below(8) {
-            let block = 1 + rng.below(BLOCKS - 1);
+        for _ in 0..1 + rng.u64(..8) {
+            let block = 1 + rng.u64(..BLOCKS - 1);
             *value += 1;
             log.line(&format!("I {name} {block} {value}"));
             vol.write(block * 8, &content(n, block, *value))?;
@@ -183,7 +183,7 @@ fn write_some(
         for (block, v) in pending {
             log.line(&format!("A {name} {block} {v}"));
         }
-        std::thread::sleep(Duration::from_millis(rng.below(20)));
+        std::thread::sleep(Duration::from_millis(rng.u64(..20)));
     }
     Ok(())
 }
@@ -197,7 +197,7 @@ fn own_snapshots(pool: &Pool, a: &Args, rng: &mut Rng, round: u64) -> thinlun::R
     {
         let v = pool.open_volume(&name)?;
         for _ in 0..4 {
-            let b = rng.below(BLOCKS);
+            let b = rng.u64(..BLOCKS);
             v.write(b * 8, &content(1000 + a.host_id, b, round))?;
         }
         v.flush()?;
@@ -229,7 +229,7 @@ fn own_clone(pool: &Pool, a: &Args, rng: &mut Rng, round: u64) -> thinlun::Resul
     pool.clone_volume(&snap.name, &clone)?;
     {
         let v = pool.open_volume(&clone)?;
-        let b = rng.below(BLOCKS);
+        let b = rng.u64(..BLOCKS);
         v.write(b * 8, &content(2000 + a.host_id, b, round))?;
         v.flush()?;
     }
