@@ -3,21 +3,20 @@
 
 use crate::request::{Limits, SECTOR};
 
-/// virtio and virtio-blk feature bits (VIRTIO 1.2, 5.2.3 and 6).
+/// virtio and virtio-blk feature bits (VIRTIO 1.2, 5.2.3 and 6), from
+/// the kernel's headers (virtio-bindings).
 pub mod feature {
-    pub const SIZE_MAX: u32 = 1;
-    pub const SEG_MAX: u32 = 2;
-    pub const RO: u32 = 5;
-    pub const BLK_SIZE: u32 = 6;
-    pub const FLUSH: u32 = 9;
-    pub const TOPOLOGY: u32 = 10;
-    pub const CONFIG_WCE: u32 = 11;
-    pub const MQ: u32 = 12;
-    pub const DISCARD: u32 = 13;
-    pub const WRITE_ZEROES: u32 = 14;
-    pub const RING_INDIRECT_DESC: u32 = 28;
-    pub const RING_EVENT_IDX: u32 = 29;
-    pub const VERSION_1: u32 = 32;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_F_BLK_SIZE as BLK_SIZE, VIRTIO_BLK_F_CONFIG_WCE as CONFIG_WCE,
+        VIRTIO_BLK_F_DISCARD as DISCARD, VIRTIO_BLK_F_FLUSH as FLUSH, VIRTIO_BLK_F_MQ as MQ,
+        VIRTIO_BLK_F_RO as RO, VIRTIO_BLK_F_SEG_MAX as SEG_MAX, VIRTIO_BLK_F_SIZE_MAX as SIZE_MAX,
+        VIRTIO_BLK_F_TOPOLOGY as TOPOLOGY, VIRTIO_BLK_F_WRITE_ZEROES as WRITE_ZEROES,
+    };
+    pub use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1 as VERSION_1;
+    pub use virtio_bindings::virtio_ring::{
+        VIRTIO_RING_F_EVENT_IDX as RING_EVENT_IDX,
+        VIRTIO_RING_F_INDIRECT_DESC as RING_INDIRECT_DESC,
+    };
 }
 
 /// Bytes of the configuration space up to and including the write-zeroes

@@ -14,14 +14,14 @@
 //! last writable byte; data is what lies between, split into segments at
 //! descriptor boundaries.
 
-/// virtio-blk request types (VIRTIO 1.2, 5.2.6).
+/// virtio-blk request types (VIRTIO 1.2, 5.2.6), from the kernel's
+/// headers (virtio-bindings).
 pub mod req_type {
-    pub const IN: u32 = 0;
-    pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
-    pub const GET_ID: u32 = 8;
-    pub const DISCARD: u32 = 11;
-    pub const WRITE_ZEROES: u32 = 13;
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_T_DISCARD as DISCARD, VIRTIO_BLK_T_FLUSH as FLUSH,
+        VIRTIO_BLK_T_GET_ID as GET_ID, VIRTIO_BLK_T_IN as IN, VIRTIO_BLK_T_OUT as OUT,
+        VIRTIO_BLK_T_WRITE_ZEROES as WRITE_ZEROES,
+    };
 }
 
 /// The status byte a request completes with.
@@ -40,9 +40,9 @@ pub const HEADER_LEN: usize = 16;
 /// Size of one `struct virtio_blk_discard_write_zeroes`.
 pub const RANGE_LEN: usize = 16;
 /// Length of the GET_ID answer.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
 /// The only flag defined for discard and write-zeroes ranges.
-pub const FLAG_UNMAP: u32 = 1;
+pub const FLAG_UNMAP: u32 = virtio_bindings::virtio_blk::VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
 
 /// One descriptor of a chain, as the queue gave it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
