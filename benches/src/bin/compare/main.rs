@@ -68,26 +68,6 @@ use std::time::{Duration, Instant};
 use thinlun::{OpenOptions, Pool, PoolConfig};
 use thinlun_benches::{bench_dir, remove_if_exists, write_full_file};
 
-const USAGE: &str = "\
-compare: raw file (fio), qcow2 (qemu-img bench, qemu-storage-daemon) and
-thinlun (engine, thinctl serve over vhost-user-blk) on the same file system.
-
-Usage: compare [OPTIONS]     (or: bash benches/compare.sh [OPTIONS])
-  --size SIZE      data size of every image and volume (default 1G)
-  --secs S         seconds per measurement (default 0.8)
-  --rounds N       repetitions of every case (default 3; medians shown)
-  --cases LIST     rr1,rr32,ow1,ow32,fw1,fw32,cow1,cow32,sr32,sw32
-  --only LIST      raw,raw-batch,qcow2,thinlun,thinlun-vhost,
-                   thinlun-vhost-lazy,thinlun-vhost-2q,qsd-raw,
-                   qsd-raw-2q,qsd-qcow2,qsd-qcow2-2q
-  --skip LIST      back ends to leave out
-  --json PATH      results (default <target>/compare.json)
-  --thinctl PATH   thinctl binary (default: next to this program)
-  --keep           keep the image files
-
-Files go to $THINLUN_BENCH_DIR/compare (default /var/tmp/thinlun-bench).
-See benches/README.md.";
-
 const K4: usize = 4096;
 const M1: usize = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -291,7 +271,9 @@ struct Opts {
     keep: bool,
 }
 
-fn parse_size(s: &str) -> u64 {
+/// `--size`: a number with an optional K, M, G or T suffix, a multiple
+/// of 1 MiB and at least 64 MiB.
+fn size_arg(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => (
@@ -301,13 +283,85 @@ fn parse_size(s: &str) -> u64 {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => panic!("bad size suffix in {s}"),
+                _ => return Err(format!("unknown size suffix in '{s}' (K, M, G, T)")),
             },
         ),
         _ => (s, 1),
     };
-    let v: f64 = num.parse().unwrap_or_else(|_| panic!("bad size {s}"));
-    (v * mult as f64) as u64
+    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size"))?;
+    let bytes = (v * mult as f64) as u64;
+    if bytes < 64 << 20 || !bytes.is_multiple_of(M1 as u64) {
+        return Err("the size must be a multiple of 1 MiB, at least 64M".into());
+    }
+    Ok(bytes)
+}
+
+fn case_arg(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    if CASES.iter().any(|c| c.id == s) {
+        Ok(s.to_string())
+    } else {
+        let ids: Vec<&str> = CASES.iter().map(|c| c.id).collect();
+        Err(format!("unknown case '{s}' (cases: {})", ids.join(", ")))
+    }
+}
+
+fn backend_arg(s: &str) -> Result<Backend, String> {
+    let s = s.trim();
+    BACKENDS
+        .iter()
+        .copied()
+        .find(|b| b.id() == s)
+        .ok_or_else(|| {
+            let ids: Vec<&str> = BACKENDS.iter().map(|b| b.id()).collect();
+            format!("unknown back end '{s}' (back ends: {})", ids.join(", "))
+        })
+}
+
+/// compare: raw file (fio), qcow2 (qemu-img bench, qemu-storage-daemon) and
+/// thinlun (engine, thinctl serve over vhost-user-blk) on the same file
+/// system.
+#[derive(clap::Parser)]
+#[command(
+    name = "compare",
+    after_help = "Files go to $THINLUN_BENCH_DIR/compare (default /var/tmp/thinlun-bench). \
+                  See benches/README.md; bash benches/compare.sh passes its options here."
+)]
+struct Cli {
+    /// Data size of every image and volume (a multiple of 1M, at least 64M)
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = size_arg)]
+    size: u64,
+    /// Seconds per measurement
+    #[arg(long, value_name = "S", default_value_t = 0.8)]
+    secs: f64,
+    /// Repetitions of every case (medians shown)
+    #[arg(long, value_name = "N", default_value_t = 3,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+    /// Case ids, comma-separated [default: all]: rr1, rr32, ow1, ow32, fw1,
+    /// fw32, cow1, cow32, sr32, sw32
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = case_arg)]
+    cases: Option<Vec<String>>,
+    /// Back ends, comma-separated [default: all available]: raw, raw-batch,
+    /// qcow2, thinlun, thinlun-vhost, thinlun-vhost-lazy, thinlun-vhost-2q,
+    /// qsd-raw, qsd-raw-2q, qsd-qcow2, qsd-qcow2-2q
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = backend_arg)]
+    only: Option<Vec<Backend>>,
+    /// Back ends to leave out, comma-separated
+    #[arg(long, value_name = "LIST", value_delimiter = ',', value_parser = backend_arg)]
+    skip: Vec<Backend>,
+    /// Where to write the results [default: <target>/compare.json]
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+    /// thinctl binary [default: next to this program]
+    #[arg(long, value_name = "PATH")]
+    thinctl: Option<PathBuf>,
+    /// Keep the image files afterwards
+    #[arg(long)]
+    keep: bool,
+    /// Passed by `cargo bench`; ignored
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
 fn target_dir() -> PathBuf {
@@ -321,74 +375,32 @@ fn target_dir() -> PathBuf {
 }
 
 fn parse_args() -> Opts {
+    use clap::Parser;
+    let cli = Cli::parse();
     let exe_dir = std::env::current_exe()
         .ok()
         .and_then(|e| e.parent().map(Path::to_path_buf))
         .unwrap_or_default();
-    let mut o = Opts {
-        size: 1 << 30,
-        secs: 0.8,
-        rounds: 3,
-        cases: CASES.iter().map(|c| c.id.to_string()).collect(),
-        backends: BACKENDS.to_vec(),
-        json: target_dir().join("compare.json"),
-        thinctl: exe_dir.join("thinctl"),
-        keep: false,
-    };
-    let list = |v: &str| -> Vec<String> { v.split(',').map(|s| s.trim().to_string()).collect() };
-    let backends = |v: &str| -> Vec<Backend> {
-        list(v)
-            .iter()
-            .map(|id| {
-                *BACKENDS
-                    .iter()
-                    .find(|b| b.id() == id)
-                    .unwrap_or_else(|| panic!("unknown back end {id}"))
-            })
-            .collect()
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        let mut val = || it.next().unwrap_or_else(|| panic!("{a} needs a value"));
-        match a.as_str() {
-            "--size" => o.size = parse_size(&val()),
-            "--secs" => o.secs = val().parse().expect("--secs needs a number"),
-            "--rounds" => {
-                o.rounds = val()
-                    .parse::<usize>()
-                    .expect("--rounds needs a number")
-                    .max(1)
-            }
-            "--cases" => {
-                o.cases = list(&val());
-                for c in &o.cases {
-                    assert!(CASES.iter().any(|k| k.id == c), "unknown case {c}");
-                }
-            }
-            "--only" => o.backends = backends(&val()),
-            "--skip" => {
-                let s = backends(&val());
-                o.backends.retain(|b| !s.contains(b));
-            }
-            "--json" => o.json = PathBuf::from(val()),
-            "--thinctl" => o.thinctl = PathBuf::from(val()),
-            "--keep" => o.keep = true,
-            "--bench" => {}
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => panic!("unknown argument {other}; see --help"),
-        }
+    let mut backends = cli.only.unwrap_or_else(|| BACKENDS.to_vec());
+    backends.retain(|b| !cli.skip.contains(b));
+    // The ratios are to the raw file: it always runs.
+    if !backends.contains(&Backend::Raw) {
+        backends.insert(0, Backend::Raw);
     }
-    assert!(
-        o.size >= 64 << 20 && o.size.is_multiple_of(M1 as u64),
-        "--size must be a multiple of 1 MiB, at least 64M"
-    );
-    if !o.backends.contains(&Backend::Raw) {
-        o.backends.insert(0, Backend::Raw);
+    Opts {
+        size: cli.size,
+        secs: cli.secs,
+        rounds: cli.rounds as usize,
+        cases: cli
+            .cases
+            .unwrap_or_else(|| CASES.iter().map(|c| c.id.to_string()).collect()),
+        backends,
+        json: cli
+            .json
+            .unwrap_or_else(|| target_dir().join("compare.json")),
+        thinctl: cli.thinctl.unwrap_or_else(|| exe_dir.join("thinctl")),
+        keep: cli.keep,
     }
-    o
 }
 
 /// An odd stride near `n` × 0.618, coprime with `n`: visiting
