@@ -84,6 +84,18 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     let before = check(dev.as_ref(), label)?;
     if !before.errors.is_empty() {
         report.refused = before.errors.clone();
+        // Salvage gives up data, so it is only ever run when asked for.
+        let mut named: Vec<&str> = Vec::new();
+        for (name, d) in &before.damaged {
+            if named.contains(&name.as_str()) {
+                continue;
+            }
+            named.push(name);
+            let (s0, s1) = d.sectors();
+            report.notes.push(format!(
+                "volume '{name}' has an unreadable mapping node: 'thinctl repair --salvage {name}' rebuilds its tree from what is still readable; what the node mapped (from sector {s0}, up to {s1}) then reads as zeros"
+            ));
+        }
         report.notes.push(
             "nothing was written: this damage cannot be repaired without guessing which data is right (restore the metadata from a dump or the volumes from backups)".into(),
         );
