@@ -18,7 +18,10 @@
 //! Anything `check` reports as an error (both copies of a record bad, a bad
 //! mapping-tree node or catalog block, blocks owned twice, ...) would need a
 //! guess about which data is right, so repair refuses and writes nothing;
-//! `thinctl dump`/`restore` or backups are the way on from there.
+//! `thinctl dump`/`restore` or backups are the way on from there. For a
+//! damaged mapping node the refusal names the other way, which gives up
+//! what the node mapped and so is only run when asked for:
+//! [`crate::salvage`].
 //!
 //! The work happens on an in-memory overlay of the LUN: the pool is opened
 //! there (which rewrites both copies of every two-copy record), checkpointed

@@ -950,3 +950,42 @@ fn a_crash_during_salvage_leaves_the_old_or_the_new_state() {
     }
     assert!(old > 0 && new > 0, "{old} {new}");
 }
+
+/// Journaled writes of a damaged volume that no checkpoint folded in:
+/// salvage keeps those outside the lost range (they are in its map) and
+/// drops those inside it with the range, which reads as zeros.
+#[test]
+fn salvage_keeps_the_journaled_writes_outside_the_lost_range() {
+    let (img, _) = family_pool();
+    let leaf = {
+        let t = trees(&img);
+        let max_lo = trees_max_lo(&t["vm-a"]);
+        node_of(&t, |name, n| {
+            name == "vm-a" && n.level == 0 && n.lo == max_lo
+        })
+        .0
+    };
+    let (dev, pool) = open_rw(img);
+    write_blocks(&pool, "vm-a", [1u64, 3, leaf.lo + 1].into_iter(), 7);
+    let want = contents(&pool);
+    let img = dev.image();
+    std::mem::forget(pool);
+    let mut bad = img;
+    damage(&mut bad, leaf.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(bad));
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    assert_eq!(c.journal_blocks_replayed, 0, "salvage closes cleanly");
+    let now = state_of(&dev);
+    let got = now["vm-a"].as_ref().unwrap();
+    let end = VOL / BS as u64;
+    assert!(*got == zeroed(&want["vm-a"], leaf.lo, leaf.hi.min(end)));
+    assert_eq!(got[BS..2 * BS], pattern("vm-a", 1, 7)[..]);
+    for (vol, data) in &want {
+        if vol != "vm-a" {
+            assert!(now[vol].as_ref().unwrap() == data, "{vol}");
+        }
+    }
+}

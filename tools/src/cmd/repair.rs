@@ -111,12 +111,19 @@ fn salvage_text(label: &str, r: &SalvageReport) -> String {
     } else if r.dry_run {
         "salvage verified in memory (dry run: nothing was written)".to_string()
     } else {
-        let clean = r.after.as_ref().is_some_and(|a| a.errors.is_empty());
+        let left = r.after.as_ref().map_or(0, |a| a.errors.len());
         format!(
-            "salvaged ({} block{} written); check is {}",
+            "salvaged ({} block{} written); {}",
             r.blocks_written,
             if r.blocks_written == 1 { "" } else { "s" },
-            if clean { "clean" } else { "NOT clean" }
+            if left == 0 {
+                "check is clean".to_string()
+            } else {
+                format!(
+                    "check still reports {left} error{} (damage of volumes not salvaged)",
+                    if left == 1 { "" } else { "s" }
+                )
+            }
         )
     };
     out.push_str(&format!("{label}: {verdict}\n"));
