@@ -19,9 +19,10 @@
 //! ranges, which they never mapped in memory anyway).
 
 use crate::check::{check, CheckReport};
-use crate::dev::{BlockDevice, OverlayDevice};
+use crate::dev::{write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::node::Extent;
+use crate::format::BLOCK_SIZE;
 use crate::load::{load, Loaded};
 use crate::pool::{DamagedRange, OpenOptions, Pool, SINGLE_HOST_ID};
 use std::collections::BTreeMap;
@@ -143,6 +144,19 @@ pub fn salvage(
     let closed = pool.close();
     done?;
     closed?;
+    // A torn block at the journal's end (an interrupted commit) is cleared
+    // as repair clears it: plain repair refuses a damaged pool, so salvage
+    // must not leave it either. The journal starts past it now.
+    let reopened = load(ov.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
+    let layout = reopened.state.sb.layout;
+    if let Some(at) = crate::check::torn_tail(ov.as_ref(), &layout, reopened.tail)? {
+        write_blocks(ov.as_ref(), &[(at, vec![0u8; BLOCK_SIZE])]).map_err(io)?;
+        ov.flush().map_err(io)?;
+        report.notes.push(format!(
+            "journal: block {at} at its end was torn (an interrupted commit): its changes stay unapplied, as after a power loss during that commit, and the block is cleared"
+        ));
+    }
+    drop(reopened);
     let after = check(ov.as_ref(), label)?;
     let new = load(ov.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
     let problems = verify(&old, &new, &ids, &before, &after);

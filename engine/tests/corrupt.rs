@@ -989,3 +989,53 @@ fn salvage_keeps_the_journaled_writes_outside_the_lost_range() {
         }
     }
 }
+
+/// A damaged node and a torn last journal block: plain repair refuses the
+/// pool (the damage), so salvage clears the torn block as repair would.
+#[test]
+fn salvage_also_clears_a_torn_journal_tail() {
+    use thinlun::format::journal::decode_block;
+    let (img, want) = family_pool();
+    let (n, _) = node_of(&trees(&img), |name, n| name == "vm-a" && n.level > 0);
+    let (dev, pool) = open_rw(img);
+    write_blocks(&pool, "vm-b", [0u64].into_iter(), 5);
+    write_blocks(&pool, "vm-b", [1u64].into_iter(), 6);
+    let mut img = dev.image();
+    std::mem::forget(pool);
+    // The newest journal block (highest sequence), torn.
+    let last = (0..img.len() / BS)
+        .filter_map(|at| {
+            decode_block(&img[at * BS..(at + 1) * BS], at as u64)
+                .ok()
+                .flatten()
+                .map(|(jb, _)| (jb.seq, at))
+        })
+        .max()
+        .unwrap()
+        .1;
+    img[last * BS + 100] ^= 0xff;
+    damage(&mut img, n.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(img));
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(
+        c.torn_journal_block.is_some() && c.damaged.len() == 1,
+        "{c:?}"
+    );
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    assert!(r.notes.iter().any(|n| n.contains("torn")), "{r:?}");
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    let now = state_of(&dev);
+    let vm_b = now["vm-b"].as_ref().unwrap();
+    assert_eq!(
+        vm_b[..BS],
+        pattern("vm-b", 0, 5)[..],
+        "the first commit survives"
+    );
+    assert_eq!(
+        vm_b[BS..2 * BS],
+        want["vm-b"][BS..2 * BS],
+        "the torn one is dropped"
+    );
+}
