@@ -120,7 +120,9 @@ pub fn salvage(
     }
     for &id in &ids {
         let st = &old.state;
-        let v = &st.volumes[&id];
+        let Some(v) = st.volumes.get(&id) else {
+            continue; // ids come from this state
+        };
         let nodes: Vec<u64> = v.damage.iter().map(|d| d.node).collect();
         let shared_with = st
             .volumes

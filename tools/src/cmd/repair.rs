@@ -87,6 +87,15 @@ fn salvage_text(label: &str, r: &SalvageReport) -> String {
                     d.reason
                 ));
             }
+            if s.lost_blocks > 0 {
+                out.push_str(&format!(
+                    "note: the lost part of '{}' mapped {} data block{} ({}); those no other tree uses are free once no damaged tree holds them\n",
+                    s.volume,
+                    s.lost_blocks,
+                    if s.lost_blocks == 1 { "" } else { "s" },
+                    human(s.lost_blocks * thinlun::BLOCK_SIZE as u64)
+                ));
+            }
             if !s.shared_with.is_empty() {
                 out.push_str(&format!(
                     "note: the unreadable node of '{}' is also in {}: they stay damaged; salvage them with --salvage too, or restore them\n",
