@@ -511,6 +511,17 @@ impl ExtentMap {
         self.interior_nodes = interior;
     }
 
+    /// Restores "the first key is 0" after leaves were left out at load
+    /// (a lost first leaf): the first remaining leaf takes key 0. Its
+    /// extents and block stay as they are; only the parent's key changes.
+    pub(crate) fn rekey_first_leaf(&mut self) {
+        if let Some((&k, _)) = self.leaves.iter().next().filter(|(&k, _)| k != 0) {
+            if let Some(l) = self.leaves.remove(&k) {
+                self.leaves.insert(0, l);
+            }
+        }
+    }
+
     /// Marks the map changed (after a failed checkpoint).
     pub(crate) fn set_dirty(&mut self) {
         self.dirty = true;

@@ -93,6 +93,7 @@ mod pool;
 mod queue;
 mod refs;
 pub mod repair;
+pub mod salvage;
 mod shared;
 mod snapshot;
 mod space;

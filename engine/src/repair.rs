@@ -18,7 +18,10 @@
 //! Anything `check` reports as an error (both copies of a record bad, a bad
 //! mapping-tree node or catalog block, blocks owned twice, ...) would need a
 //! guess about which data is right, so repair refuses and writes nothing;
-//! `thinctl dump`/`restore` or backups are the way on from there.
+//! `thinctl dump`/`restore` or backups are the way on from there. For a
+//! damaged mapping node the refusal names the other way, which gives up
+//! what the node mapped and so is only run when asked for:
+//! [`crate::salvage`].
 //!
 //! The work happens on an in-memory overlay of the LUN: the pool is opened
 //! there (which rewrites both copies of every two-copy record), checkpointed
@@ -84,6 +87,18 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     let before = check(dev.as_ref(), label)?;
     if !before.errors.is_empty() {
         report.refused = before.errors.clone();
+        // Salvage gives up data, so it is only ever run when asked for.
+        let mut named: Vec<&str> = Vec::new();
+        for (name, d) in &before.damaged {
+            if named.contains(&name.as_str()) {
+                continue;
+            }
+            named.push(name);
+            let (s0, s1) = d.sectors();
+            report.notes.push(format!(
+                "volume '{name}' has an unreadable mapping node: 'thinctl repair --salvage {name}' rebuilds its tree from what is still readable; what the node mapped (from sector {s0}, up to {s1}) then reads as zeros"
+            ));
+        }
         report.notes.push(
             "nothing was written: this damage cannot be repaired without guessing which data is right (restore the metadata from a dump or the volumes from backups)".into(),
         );

@@ -616,3 +616,426 @@ fn journaled_writes_of_a_damaged_volume_survive_checkpoints() {
     let (dev, pool) = open_rw(dev.image());
     verify_isolated(&pool, &dev, &want, &hit, &leaf, "after a second reopen");
 }
+
+// Salvage (issue 19, item 3): `thinlun::salvage::salvage` rebuilds a
+// damaged volume's tree from its readable part.
+
+/// `want[name]` with blocks `lo..hi` zeroed: what a salvaged volume reads.
+fn zeroed(data: &[u8], lo: u64, hi: u64) -> Vec<u8> {
+    let mut d = data.to_vec();
+    let end = (hi as usize * BS).min(d.len());
+    d[(lo as usize * BS).min(end)..end].fill(0);
+    d
+}
+
+/// The single node of `trees` matching `pick`, and the volumes holding it.
+fn node_of(
+    trees: &BTreeMap<String, Vec<NodeAt>>,
+    pick: impl Fn(&str, &NodeAt) -> bool,
+) -> (NodeAt, Vec<String>) {
+    let n = trees
+        .iter()
+        .flat_map(|(name, t)| t.iter().map(move |n| (name, n)))
+        .find(|(name, n)| pick(name, n))
+        .map(|(_, n)| n.clone())
+        .expect("a node to damage");
+    let hit = trees
+        .iter()
+        .filter(|(_, t)| t.iter().any(|m| m.block == n.block))
+        .map(|(name, _)| name.clone())
+        .collect();
+    (n, hit)
+}
+
+/// Every volume of the pool on `dev`, read as it is now: `Err` names a
+/// damaged volume's range.
+fn state_of(dev: &Arc<MemDevice>) -> BTreeMap<String, Result<Vec<u8>, (u64, u64)>> {
+    let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+    let out = pool
+        .volumes()
+        .iter()
+        .map(|i| {
+            if let Some(d) = i.damage.first() {
+                return (i.name.clone(), Err((d.start_block, d.end_block)));
+            }
+            let v = pool.open_volume(&i.name).unwrap();
+            let mut buf = vec![0u8; i.size_bytes as usize];
+            v.read(0, &mut buf).unwrap();
+            (i.name.clone(), Ok(buf))
+        })
+        .collect();
+    pool.close().unwrap();
+    out
+}
+
+fn salvage(dev: &Arc<MemDevice>, names: &[&str], dry_run: bool) -> thinlun::salvage::SalvageReport {
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    thinlun::salvage::salvage(dev.clone(), "mem", &names, dry_run).unwrap()
+}
+
+/// Salvage of a volume's own leaf, a snapshot's own leaf, a snapshot's
+/// root, and a clone's own leaf: the volume reads zeros exactly in the
+/// reported range and its data elsewhere, takes writes and snapshots,
+/// every other volume is byte-identical, check is clean, and the space
+/// adds up (check verifies every block is owned by exactly what uses it).
+#[test]
+fn salvage_rebuilds_a_damaged_tree_and_changes_nothing_else() {
+    let (img, want) = family_pool();
+    let trees = trees(&img);
+    let last_leaf = |vol: &'static str| {
+        let max_lo = trees_max_lo(&trees[vol]);
+        move |name: &str, n: &NodeAt| name == vol && n.level == 0 && n.lo == max_lo
+    };
+    let cases: Vec<(&str, (NodeAt, Vec<String>))> = vec![
+        ("volume's own leaf", node_of(&trees, last_leaf("vm-a"))),
+        ("snapshot's own leaf", node_of(&trees, last_leaf("vm-a@s1"))),
+        (
+            "snapshot's root",
+            node_of(&trees, |name, n| name == "vm-a@s1" && n.level > 0),
+        ),
+        (
+            "clone's own leaf",
+            node_of(&trees, |name, n| {
+                name == "clone-1" && n.level == 0 && n.lo == 0
+            }),
+        ),
+    ];
+    for (kind, (n, hit)) in cases {
+        assert_eq!(hit.len(), 1, "{kind}: {hit:?}");
+        let name = hit[0].as_str();
+        let mut bad = img.clone();
+        damage(&mut bad, n.block, "bit flip", 0);
+        let dev = Arc::new(MemDevice::from_image(bad));
+        let damaged_used = {
+            let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+            let u = pool.status().data_used_bytes;
+            pool.close().unwrap();
+            u
+        };
+        // A dry run verifies in memory and writes nothing.
+        let before = dev.image();
+        let r = salvage(&dev, &[name], true);
+        assert!(r.refused.is_empty(), "{kind}: {r:?}");
+        assert!(dev.image() == before, "{kind}: dry run wrote");
+        let r = salvage(&dev, &[name], false);
+        assert!(
+            r.refused.is_empty() && r.blocks_written > 0,
+            "{kind}: {r:?}"
+        );
+        assert_eq!(r.salvaged.len(), 1);
+        let s = &r.salvaged[0];
+        assert_eq!(s.volume, name);
+        assert!(s.shared_with.is_empty(), "{kind}: {s:?}");
+        let end = VOL / BS as u64;
+        let (lo, hi) = (n.lo.min(end), n.hi.min(end));
+        assert_eq!(s.lost.len(), 1, "{kind}");
+        let d = &s.lost[0];
+        assert_eq!(
+            (d.start_block, d.end_block, d.node_block),
+            (lo, hi, n.block)
+        );
+        assert_eq!(d.sectors(), (lo * 8, hi * 8));
+        assert!(
+            r.after.as_ref().is_some_and(|a| a.is_clean()),
+            "{kind}: {r:?}"
+        );
+
+        let c = check(dev.as_ref(), "mem").unwrap();
+        assert!(
+            c.errors.is_empty() && c.warnings.is_empty(),
+            "{kind}: {c:?}"
+        );
+        let now = state_of(&dev);
+        for (vol, data) in &want {
+            let got = now[vol].as_ref().expect("no damage left");
+            if vol == name {
+                assert!(*got == zeroed(data, lo, hi), "{kind}: {vol} after salvage");
+                // The lost range really held data.
+                assert!(zeroed(data, lo, hi) != *data, "{kind}");
+            } else {
+                assert!(got == data, "{kind}: {vol} changed");
+            }
+        }
+        // Healthy again: writes (also into the lost range), snapshots.
+        let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+        assert!(pool.status().data_used_bytes <= damaged_used, "{kind}");
+        let writable = !name.contains('@');
+        if writable {
+            write_blocks(&pool, name, [lo, hi - 1, 0].into_iter(), 9);
+            pool.create_snapshot(&format!("{name}@after")).unwrap();
+        }
+        assert!(
+            pool.verify_space().is_empty(),
+            "{kind}: {:?}",
+            pool.verify_space()
+        );
+        pool.close().unwrap();
+        let c = check(dev.as_ref(), "mem").unwrap();
+        assert!(
+            c.errors.is_empty() && c.warnings.is_empty(),
+            "{kind}: {c:?}"
+        );
+        if writable {
+            let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+            let v = pool.open_volume(name).unwrap();
+            let mut buf = vec![0u8; BS];
+            v.read(lo * 8, &mut buf).unwrap();
+            assert_eq!(buf, pattern(name, lo, 9), "{kind}");
+            pool.close().unwrap();
+        }
+    }
+}
+
+fn trees_max_lo(t: &[NodeAt]) -> u64 {
+    t.iter()
+        .filter(|n| n.level == 0)
+        .map(|n| n.lo)
+        .max()
+        .unwrap()
+}
+
+/// A leaf shared by a volume and its snapshot: salvaging the volume fixes
+/// only the volume (the snapshot stays damaged, and the report says it
+/// holds the same node); salvaging the snapshot too leaves a clean pool.
+/// A base leaf shared by two clones: both named at once.
+#[test]
+fn salvage_of_a_shared_node_fixes_only_the_volumes_named() {
+    let (img, want) = family_pool();
+    let trees = trees(&img);
+    let (n, hit) = node_of(&trees, |name, n| {
+        name == "vm-a" && n.level == 0 && n.lo == 0
+    });
+    assert_eq!(hit, ["vm-a", "vm-a@s1"]);
+    let mut bad = img.clone();
+    damage(&mut bad, n.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(bad));
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    assert_eq!(r.salvaged[0].shared_with, ["vm-a@s1"]);
+    let (lo, hi) = (n.lo, n.hi);
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert_eq!(c.damaged.len(), 1, "{c:?}");
+    assert_eq!(c.damaged[0].0, "vm-a@s1");
+    assert_eq!(c.errors.len(), 1, "{c:?}");
+    let now = state_of(&dev);
+    assert_eq!(now["vm-a@s1"], Err((lo, hi)));
+    assert!(now["vm-a"].as_ref().unwrap() == &zeroed(&want["vm-a"], lo, hi));
+    for vol in ["vm-b", "tmpl", "clone-1", "clone-2"] {
+        assert!(now[vol].as_ref().unwrap() == &want[vol], "{vol}");
+    }
+    // vm-a may write again; its snapshot still pins the shared blocks.
+    {
+        let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
+        write_blocks(&pool, "vm-a", [0u64, 1].into_iter(), 9);
+        assert!(pool.remove_volume("vm-a@s1", false).is_err());
+        pool.close().unwrap();
+    }
+    let r = salvage(&dev, &["vm-a@s1"], false);
+    assert!(
+        r.refused.is_empty() && r.salvaged[0].shared_with.is_empty(),
+        "{r:?}"
+    );
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    let now = state_of(&dev);
+    assert!(now["vm-a@s1"].as_ref().unwrap() == &zeroed(&want["vm-a@s1"], lo, hi));
+
+    // The base's first leaf, shared by tmpl and clone-2 (clone-1 has its
+    // own): both salvaged in one run.
+    let (n, hit) = node_of(&trees, |name, n| {
+        name == "tmpl" && n.level == 0 && n.lo == 0
+    });
+    assert_eq!(hit, ["clone-2", "tmpl"]);
+    let mut bad = img.clone();
+    damage(&mut bad, n.block, "bit flip", 0);
+    let dev = Arc::new(MemDevice::from_image(bad));
+    let r = salvage(&dev, &["tmpl", "clone-2"], false);
+    assert!(r.refused.is_empty() && r.salvaged.len() == 2, "{r:?}");
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    let now = state_of(&dev);
+    for (vol, data) in &want {
+        let got = now[vol].as_ref().unwrap();
+        if hit.contains(vol) {
+            assert!(*got == zeroed(data, n.lo, n.hi), "{vol}");
+        } else {
+            assert!(got == data, "{vol}");
+        }
+    }
+}
+
+/// Salvage refuses what it cannot do and writes nothing: a healthy
+/// volume, a missing one. Plain repair keeps refusing a damaged pool and
+/// says how to salvage it.
+#[test]
+fn salvage_is_only_run_when_asked_for() {
+    let (mut img, _) = family_pool();
+    let (n, _) = node_of(&trees(&img), |name, n| name == "vm-a" && n.level > 0);
+    damage(&mut img, n.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(img));
+    let before = dev.image();
+    for names in [&["vm-b"][..], &["nope"], &["vm-a", "vm-b"], &[]] {
+        let r = salvage(&dev, names, false);
+        assert!(
+            !r.refused.is_empty() && r.blocks_written == 0,
+            "{names:?}: {r:?}"
+        );
+        assert!(dev.image() == before, "{names:?}");
+    }
+    let r = thinlun::repair::repair(dev.clone(), "mem", false).unwrap();
+    assert!(!r.refused.is_empty() && !r.repaired());
+    assert!(
+        r.notes
+            .iter()
+            .any(|n| n.contains("'thinctl repair --salvage vm-a'")),
+        "{r:?}"
+    );
+    assert!(dev.image() == before);
+}
+
+/// A power loss at any point of a salvage leaves the pool either as it
+/// was (the volume damaged, same range) or salvaged; every other volume
+/// reads the same in both.
+#[test]
+fn a_crash_during_salvage_leaves_the_old_or_the_new_state() {
+    let (img, want) = family_pool();
+    let trees = trees(&img);
+    let (n, hit) = node_of(&trees, |name, n| name == "vm-a" && n.level > 0);
+    assert_eq!(hit, ["vm-a"]);
+    let mut bad = img.clone();
+    damage(&mut bad, n.block, "bit flip", 0);
+    let dev = Arc::new(MemDevice::from_image(bad));
+    dev.start_trace();
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    let trace = dev.take_trace();
+    let end = VOL / BS as u64;
+    let (lo, hi) = (n.lo.min(end), n.hi.min(end));
+    let salvaged = zeroed(&want["vm-a"], lo, hi);
+    let (mut old, mut new) = (0, 0);
+    let total = trace.events.len();
+    assert!(total > 4, "{total}");
+    for upto in 0..=total {
+        // Unflushed writes: all kept, none kept, every other block kept.
+        for mode in 0..3 {
+            let image = trace.crash_image(upto, &mut |i, k| match mode {
+                0 => true,
+                1 => false,
+                _ => (i + k) % 2 == 0,
+            });
+            let crashed = Arc::new(MemDevice::from_image(image));
+            let now = state_of(&crashed);
+            match &now["vm-a"] {
+                Err(range) => {
+                    assert_eq!(*range, (lo, hi), "at {upto}/{total}");
+                    old += 1;
+                }
+                Ok(data) => {
+                    assert!(
+                        *data == salvaged,
+                        "at {upto}/{total}: vm-a reads other data"
+                    );
+                    new += 1;
+                }
+            }
+            for (vol, data) in &want {
+                if vol != "vm-a" {
+                    assert!(
+                        now[vol].as_ref().ok() == Some(data),
+                        "at {upto}/{total}: {vol}"
+                    );
+                }
+            }
+        }
+    }
+    assert!(old > 0 && new > 0, "{old} {new}");
+}
+
+/// Journaled writes of a damaged volume that no checkpoint folded in:
+/// salvage keeps those outside the lost range (they are in its map) and
+/// drops those inside it with the range, which reads as zeros.
+#[test]
+fn salvage_keeps_the_journaled_writes_outside_the_lost_range() {
+    let (img, _) = family_pool();
+    let leaf = {
+        let t = trees(&img);
+        let max_lo = trees_max_lo(&t["vm-a"]);
+        node_of(&t, |name, n| {
+            name == "vm-a" && n.level == 0 && n.lo == max_lo
+        })
+        .0
+    };
+    let (dev, pool) = open_rw(img);
+    write_blocks(&pool, "vm-a", [1u64, 3, leaf.lo + 1].into_iter(), 7);
+    let want = contents(&pool);
+    let img = dev.image();
+    std::mem::forget(pool);
+    let mut bad = img;
+    damage(&mut bad, leaf.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(bad));
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    assert_eq!(c.journal_blocks_replayed, 0, "salvage closes cleanly");
+    let now = state_of(&dev);
+    let got = now["vm-a"].as_ref().unwrap();
+    let end = VOL / BS as u64;
+    assert!(*got == zeroed(&want["vm-a"], leaf.lo, leaf.hi.min(end)));
+    assert_eq!(got[BS..2 * BS], pattern("vm-a", 1, 7)[..]);
+    for (vol, data) in &want {
+        if vol != "vm-a" {
+            assert!(now[vol].as_ref().unwrap() == data, "{vol}");
+        }
+    }
+}
+
+/// A damaged node and a torn last journal block: plain repair refuses the
+/// pool (the damage), so salvage clears the torn block as repair would.
+#[test]
+fn salvage_also_clears_a_torn_journal_tail() {
+    use thinlun::format::journal::decode_block;
+    let (img, want) = family_pool();
+    let (n, _) = node_of(&trees(&img), |name, n| name == "vm-a" && n.level > 0);
+    let (dev, pool) = open_rw(img);
+    write_blocks(&pool, "vm-b", [0u64].into_iter(), 5);
+    write_blocks(&pool, "vm-b", [1u64].into_iter(), 6);
+    let mut img = dev.image();
+    std::mem::forget(pool);
+    // The newest journal block (highest sequence), torn.
+    let last = (0..img.len() / BS)
+        .filter_map(|at| {
+            decode_block(&img[at * BS..(at + 1) * BS], at as u64)
+                .ok()
+                .flatten()
+                .map(|(jb, _)| (jb.seq, at))
+        })
+        .max()
+        .unwrap()
+        .1;
+    img[last * BS + 100] ^= 0xff;
+    damage(&mut img, n.block, "zeroed", 0);
+    let dev = Arc::new(MemDevice::from_image(img));
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(
+        c.torn_journal_block.is_some() && c.damaged.len() == 1,
+        "{c:?}"
+    );
+    let r = salvage(&dev, &["vm-a"], false);
+    assert!(r.refused.is_empty(), "{r:?}");
+    assert!(r.notes.iter().any(|n| n.contains("torn")), "{r:?}");
+    let c = check(dev.as_ref(), "mem").unwrap();
+    assert!(c.errors.is_empty() && c.warnings.is_empty(), "{c:?}");
+    let now = state_of(&dev);
+    let vm_b = now["vm-b"].as_ref().unwrap();
+    assert_eq!(
+        vm_b[..BS],
+        pattern("vm-b", 0, 5)[..],
+        "the first commit survives"
+    );
+    assert_eq!(
+        vm_b[BS..2 * BS],
+        want["vm-b"][BS..2 * BS],
+        "the torn one is dropped"
+    );
+}

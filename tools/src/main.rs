@@ -98,6 +98,11 @@ them from the mapping trees, so leaked blocks are free again without a repair.\n
 Refused, with nothing written (exit 4): anything check reports as an error, such as both copies \
 of a record damaged or a damaged mapping-tree node; restore the metadata from a dump \
 ('thinctl restore') or the volumes from backups.\n\n\
+--salvage VOL (repeatable) rebuilds a volume's tree that holds an unreadable mapping node from \
+what is still readable: the range the node mapped reads as zeros from then on, and is reported \
+in sectors and bytes. It is never run without being asked for. A node shared with snapshots or \
+clones is salvaged only in the volumes named; the others stay damaged (the report lists them). \
+The blocks only the lost part mapped are free again once no damaged tree is left.\n\n\
 The repair is built on an in-memory copy of the metadata and verified with check before \
 anything is written; then the writes go to the pool in the engine's normal update order. \
 Needs the pool to itself (stop serve/daemon first)."
@@ -106,6 +111,9 @@ Needs the pool to itself (stop serve/daemon first)."
         /// Say what would be fixed and verify it in memory; write nothing
         #[arg(short = 'n', long)]
         dry_run: bool,
+        /// Rebuild damaged volume VOL's tree from what is readable; its lost range reads as zeros
+        #[arg(long, value_name = "VOL")]
+        salvage: Vec<String>,
     },
     /// Write the pool's metadata as readable JSON (volumes, relations, mappings; see docs/FORMAT.md)
     #[command(
@@ -402,7 +410,10 @@ fn run(cli: Cli) -> CliResult<()> {
                 cmd::check::run(pool, read_only, json)
             }
         }
-        Command::Repair { dry_run } => cmd::repair::run(pool, dry_run, json),
+        Command::Repair { dry_run, salvage } if !salvage.is_empty() => {
+            cmd::repair::salvage(pool, &salvage, dry_run, json)
+        }
+        Command::Repair { dry_run, .. } => cmd::repair::run(pool, dry_run, json),
         Command::Dump { output } => cmd::dump::dump(pool, output.as_deref()),
         Command::Restore {
             input,

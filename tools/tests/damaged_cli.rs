@@ -161,3 +161,79 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
     let (out, _) = expect(4, &pool, &["check"]);
     assert_eq!(out.matches("is damaged").count(), 1, "{out}");
 }
+
+#[test]
+fn repair_salvage_rebuilds_the_damaged_volume() {
+    let dir = TempDir::new("salvage-node");
+    let pool = sample_pool(&dir);
+    let before: Vec<(&str, Vec<u8>)> = ["vm-2", "vm-1@s1", "clone-1"]
+        .into_iter()
+        .map(|n| (n, export(&dir, &pool, n)))
+        .collect();
+    let d = J::parse(&ok(&pool, &["dump"]));
+    let root = d
+        .get("volumes")
+        .arr()
+        .iter()
+        .find(|v| v.str("full_name") == "vm-1")
+        .unwrap()
+        .get("on_disk")
+        .num("root") as usize;
+    let mut img = fs::read(&pool).unwrap();
+    img[root * BLOCK + 70] ^= 0x20;
+    fs::write(&pool, &img).unwrap();
+
+    // Never implicit: plain repair refuses and says how to salvage.
+    let (out, _) = expect(4, &pool, &["repair"]);
+    assert!(out.contains("'thinctl repair --salvage vm-1'"), "{out}");
+    // A volume that is not damaged, or does not exist: refused.
+    for name in ["vm-2", "nope"] {
+        let (out, err) = expect(4, &pool, &["repair", "--salvage", name]);
+        assert!(out.contains("error: "), "{out}");
+        assert!(err.contains("nothing was written"), "{err}");
+    }
+    let (out, _) = expect(0, &pool, &["repair", "--salvage", "vm-1", "--dry-run"]);
+    assert!(
+        out.contains("would salvage 'vm-1': sectors 0..8192"),
+        "{out}"
+    );
+    let (out, _) = expect(0, &pool, &["repair", "--salvage", "vm-1", "-n", "--json"]);
+    let j = J::parse(&out);
+    let s = &j.get("salvaged").arr()[0];
+    assert_eq!(s.str("volume"), "vm-1");
+    let z = &s.get("zeroed").arr()[0];
+    assert_eq!(z.num("end_sector") as u64, 8192, "{out}");
+    assert_eq!(z.num("end_byte") as u64, 4 << 20, "{out}");
+    assert_eq!(z.num("node_block") as usize, root, "{out}");
+    assert!(fs::read(&pool).unwrap() == img, "a dry run writes nothing");
+
+    let (out, err) = expect(1, &pool, &["repair", "--salvage", "vm-1"]);
+    assert!(
+        out.contains(
+            "salvaged 'vm-1': sectors 0..8192 (bytes 0..4194304, 4.0 MiB) now read as zeros; lost with mapping node at block"
+        ) && out.contains(&format!("block {root}")),
+        "{out}"
+    );
+    assert!(out.contains("check is clean"), "{out}{err}");
+
+    ok(&pool, &["check"]);
+    let (out, err) = expect(0, &pool, &["list"]);
+    assert!(
+        !out.contains("damaged") && !err.contains("damaged"),
+        "{out}{err}"
+    );
+    assert!(export(&dir, &pool, "vm-1") == vec![0u8; 4 << 20]);
+    for (name, data) in &before {
+        assert!(&export(&dir, &pool, name) == data, "{name} changed");
+    }
+    // Healthy: writes and snapshots.
+    let one = dir.path("one.raw");
+    fs::write(&one, vec![0xcdu8; BLOCK]).unwrap();
+    ok(&pool, &["import", "vm-1", one.to_str().unwrap()]);
+    ok(&pool, &["snapshot", "vm-1@after"]);
+    assert_eq!(
+        &export(&dir, &pool, "vm-1@after")[..BLOCK],
+        &[0xcdu8; BLOCK][..]
+    );
+    ok(&pool, &["check"]);
+}
