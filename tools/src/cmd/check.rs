@@ -5,7 +5,7 @@
 use super::{pool_path, require_exists, BLOCK};
 use crate::error::{emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED};
 use crate::human::{pct_str, size, volumes_and_snapshots};
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::progress::Progress;
 use std::path::Path;
 use std::time::Duration;
@@ -115,7 +115,7 @@ fn plural(n: u64) -> &'static str {
 
 fn report_json(label: &str, r: &CheckReport) -> Json {
     let bs = BLOCK as u64;
-    Json::Object(vec![
+    obj(vec![
         ("pool", label.into()),
         ("clean", r.is_clean().into()),
         ("errors", r.errors.clone().into()),
@@ -134,7 +134,7 @@ fn report_json(label: &str, r: &CheckReport) -> Json {
                 r.damaged
                     .iter()
                     .map(|(name, d)| {
-                        Json::Object(vec![
+                        obj(vec![
                             ("volume", name.as_str().into()),
                             ("start_sector", d.sectors().0.into()),
                             ("end_sector", d.sectors().1.into()),

@@ -5,7 +5,7 @@
 use super::{open_read_only, open_read_write, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::table::Table;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
@@ -25,11 +25,11 @@ pub fn diff(pool: Option<&Path>, from: &str, to: &str, json: bool) -> CliResult<
         let list = extents
             .iter()
             .map(|&(offset, length)| {
-                Json::Object(vec![("offset", offset.into()), ("length", length.into())])
+                obj(vec![("offset", offset.into()), ("length", length.into())])
             })
             .collect();
         return emit(
-            &Json::Object(vec![
+            &obj(vec![
                 ("from", from.into()),
                 ("to", to.into()),
                 ("extents", Json::Array(list)),

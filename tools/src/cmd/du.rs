@@ -5,7 +5,7 @@ use super::volume::{indented_name, tree_order};
 use super::{open_read_only, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
 use thinlun::{PoolStatus, Usage, VolumeInfo};
@@ -124,14 +124,14 @@ fn to_json(rows: &[(VolumeInfo, &Usage)], t: &Totals) -> Json {
             if let Some(s) = &v.snapshot_of {
                 f.push(("snapshot_of", s.as_str().into()));
             }
-            Json::Object(f)
+            obj(f)
         })
         .collect();
-    Json::Object(vec![
+    obj(vec![
         ("volumes", Json::Array(vols)),
         (
             "pool",
-            Json::Object(vec![
+            obj(vec![
                 ("data_used_bytes", t.data_used.into()),
                 ("metadata_bytes", t.metadata.into()),
                 ("pending_free_bytes", t.pending_free.into()),

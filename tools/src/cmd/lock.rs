@@ -2,7 +2,7 @@
 
 use super::{open_read_only, pool_path, with_pool};
 use crate::error::{emit, CliError, CliResult};
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::table::{OutputArgs, Table};
 use std::path::Path;
 use std::time::Duration;
@@ -101,7 +101,7 @@ fn status_text(s: &LockStatus, fmt: &OutputArgs) -> CliResult<String> {
 }
 
 fn status_json(s: &LockStatus) -> Json {
-    Json::Object(vec![
+    obj(vec![
         ("io_timeout_ms", s.io_timeout_ms.into()),
         (
             "hosts",
@@ -122,7 +122,7 @@ fn status_json(s: &LockStatus) -> Json {
                             fields.push(("watched_ms", w.into()));
                             fields.push(("dead_in_ms", d.into()));
                         }
-                        Json::Object(fields)
+                        obj(fields)
                     })
                     .collect(),
             ),
@@ -134,7 +134,7 @@ fn status_json(s: &LockStatus) -> Json {
                 s.active_volumes
                     .iter()
                     .map(|(v, h, g)| {
-                        Json::Object(vec![
+                        obj(vec![
                             ("volume", v.as_str().into()),
                             ("host_id", (*h).into()),
                             ("host_generation", (*g).into()),
@@ -148,7 +148,7 @@ fn status_json(s: &LockStatus) -> Json {
             Json::Array(
                 s.groups
                     .iter()
-                    .map(|&(g, h)| Json::Object(vec![("group", g.into()), ("owner", h.into())]))
+                    .map(|&(g, h)| obj(vec![("group", g.into()), ("owner", h.into())]))
                     .collect(),
             ),
         ),

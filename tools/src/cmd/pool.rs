@@ -3,7 +3,7 @@
 use super::{open_read_only, pool_path, with_pool, BLOCK};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::{counted, pct, pct_str, ratio, size};
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::table::fields;
 use std::path::Path;
 use thinlun::format::superblock::Policy;
@@ -208,7 +208,7 @@ fn status_json(label: &str, s: &PoolStatus) -> Json {
     let p = &s.policy;
     let thresholds =
         |t: &[u8; 3]| Json::from(t.iter().copied().filter(|&v| v > 0).collect::<Vec<u8>>());
-    Json::Object(vec![
+    obj(vec![
         ("pool", label.into()),
         ("uuid", s.uuid.as_str().into()),
         ("format_version", s.format_version.into()),
@@ -248,7 +248,7 @@ fn status_json(label: &str, s: &PoolStatus) -> Json {
         ("io_timeout_ms", s.shared_io_timeout_ms.unwrap_or(0).into()),
         (
             "policy",
-            Json::Object(vec![
+            obj(vec![
                 ("data_warn_pct", thresholds(&p.data_warn_pct)),
                 ("meta_warn_pct", thresholds(&p.meta_warn_pct)),
                 (

@@ -6,7 +6,7 @@ use super::{pool_path, require_exists};
 use crate::error::{
     emit, CliError, CliResult, EXIT_CHECK_ERRORS, EXIT_CHECK_FAILED, EXIT_CHECK_REPAIRED,
 };
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use std::path::Path;
 use std::sync::Arc;
 use thinlun::dev::FileDevice;
@@ -166,7 +166,7 @@ fn salvage_json(label: &str, r: &SalvageReport) -> Json {
                 .map(|d| {
                     let (s0, s1) = d.sectors();
                     let (b0, b1) = d.bytes();
-                    Json::Object(vec![
+                    obj(vec![
                         ("start_sector", s0.into()),
                         ("end_sector", s1.into()),
                         ("start_byte", b0.into()),
@@ -176,7 +176,7 @@ fn salvage_json(label: &str, r: &SalvageReport) -> Json {
                     ])
                 })
                 .collect();
-            Json::Object(vec![
+            obj(vec![
                 ("volume", s.volume.clone().into()),
                 ("zeroed", Json::Array(lost)),
                 ("lost_blocks", s.lost_blocks.into()),
@@ -184,7 +184,7 @@ fn salvage_json(label: &str, r: &SalvageReport) -> Json {
             ])
         })
         .collect();
-    Json::Object(vec![
+    obj(vec![
         ("pool", label.into()),
         ("dry_run", r.dry_run.into()),
         ("salvaged", Json::Array(salvaged)),
@@ -272,7 +272,7 @@ fn report_json(label: &str, r: &RepairReport) -> Json {
         .after
         .as_ref()
         .is_some_and(|a| a.errors.is_empty() && a.warnings.is_empty());
-    Json::Object(vec![
+    obj(vec![
         ("pool", label.into()),
         ("dry_run", r.dry_run.into()),
         ("repaired", r.repaired().into()),

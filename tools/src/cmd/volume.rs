@@ -5,7 +5,7 @@ use super::daemon::{ask, unexpected};
 use super::{open_or_served, open_read_only, pool_path, with_pool, Writer};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::{pct, pct_str, size, utc};
-use crate::json::Json;
+use crate::json::{obj, Json, Render};
 use crate::size::SizeChange;
 use crate::table::{fields, OutputArgs, Table};
 use std::path::Path;
@@ -406,7 +406,7 @@ fn info_json(v: &VolumeInfo) -> Json {
             .damage
             .iter()
             .map(|d| {
-                Json::Object(vec![
+                obj(vec![
                     ("start_sector", d.sectors().0.into()),
                     ("end_sector", d.sectors().1.into()),
                     ("start_byte", d.bytes().0.into()),
@@ -425,5 +425,5 @@ fn info_json(v: &VolumeInfo) -> Json {
     if let Some(c) = &v.clone_of {
         fields.push(("clone_of", c.as_str().into()));
     }
-    Json::Object(fields)
+    obj(fields)
 }
