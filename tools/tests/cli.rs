@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::{TempDir, J};
+use common::{JExt, TempDir, J};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
@@ -182,7 +182,7 @@ fn pool_create_and_status() {
     assert_eq!(json.num("format_version"), 1.0);
     assert_eq!(json.str("uuid").len(), 36);
     assert_eq!(json.str("pool"), pool.to_str().unwrap());
-    assert_eq!(json.get("policy").get("data_warn_pct").arr().len(), 3);
+    assert_eq!(json.at("policy").at("data_warn_pct").arr().len(), 3);
 
     // An existing pool is not overwritten without --force.
     let err = fails(&pool, &["pool", "create"]);
@@ -261,7 +261,7 @@ fn volume_lifecycle() {
     assert!(info.contains("UTC"), "{info}");
     let j = J::parse(&ok(&pool, &["info", "vm-100-disk-0", "--json"]));
     assert_eq!(j.num("size_bytes"), (1u64 << 30) as f64);
-    assert_eq!(j.get("read_only"), &J::Bool(false));
+    assert_eq!(j.at("read_only"), &J::Bool(false));
 
     // Grow; shrink only with --force.
     ok(&pool, &["resize", "vm-100-disk-0", "2G"]);
@@ -426,7 +426,7 @@ fn rejects_bad_input() {
         let err = fails(&junk, args);
         assert!(err.contains("not a thinlun pool"), "{err}");
     }
-    let err = fails(&dir.0, &["list"]);
+    let err = fails(dir.root(), &["list"]);
     assert!(err.contains("not a regular file"), "{err}");
 
     // Names.
@@ -506,8 +506,8 @@ fn check_reports_health() {
         "{out}"
     );
     let j = J::parse(&ok(&pool, &["check", "--read-only", "--json"]));
-    assert_eq!(j.get("clean"), &J::Bool(true));
-    assert_eq!(j.get("errors").arr().len(), 0);
+    assert_eq!(j.at("clean"), &J::Bool(true));
+    assert_eq!(j.at("errors").arr().len(), 0);
     assert_eq!(j.num("volumes"), 1.0);
 
     let image = fs::read(&pool).unwrap();
@@ -547,7 +547,7 @@ fn check_reports_health() {
     let j = J::parse(&text(
         &run_with(&pool_args(&bad, &["check", "--json"]), None, None).stdout,
     ));
-    assert_eq!(j.get("clean"), &J::Bool(false));
+    assert_eq!(j.at("clean"), &J::Bool(false));
     // Other commands refuse the damaged pool with the same reason.
     let err = fails(&bad, &["list"]);
     assert!(err.contains("both superblock copies are damaged"), "{err}");

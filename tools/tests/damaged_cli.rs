@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::{TempDir, J};
+use common::{JExt, TempDir, J};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
@@ -83,19 +83,19 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
         .collect();
     let d = J::parse(&ok(&pool, &["dump"]));
     let root = d
-        .get("volumes")
+        .at("volumes")
         .arr()
         .iter()
         .find(|v| v.str("full_name") == "vm-1")
         .unwrap()
-        .get("on_disk")
+        .at("on_disk")
         .num("root") as usize;
     let shared_root = d
-        .get("volumes")
+        .at("volumes")
         .arr()
         .iter()
         .filter(|v| v.str("full_name") != "vm-1")
-        .any(|v| v.get("on_disk").num("root") as usize == root);
+        .any(|v| v.at("on_disk").num("root") as usize == root);
     assert!(!shared_root);
     // One flipped bit in vm-1's root node.
     let mut img = fs::read(&pool).unwrap();
@@ -114,7 +114,7 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
     let (out, _) = expect(0, &pool, &["list", "--json"]);
     let j = J::parse(&out);
     for v in j.arr() {
-        assert_eq!(v.get("damaged"), &J::Bool(v.str("name") == "vm-1"), "{out}");
+        assert_eq!(v.at("damaged"), &J::Bool(v.str("name") == "vm-1"), "{out}");
     }
     let (out, _) = expect(0, &pool, &["info", "vm-1"]);
     assert!(
@@ -132,7 +132,7 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
     assert!(err.contains("check found 1 error"), "{err}");
     let (out, _) = expect(4, &pool, &["check", "--json"]);
     let j = J::parse(&out);
-    let dmg = j.get("damaged").arr();
+    let dmg = j.at("damaged").arr();
     assert_eq!(dmg.len(), 1, "{out}");
     assert_eq!(dmg[0].str("volume"), "vm-1");
     assert_eq!(dmg[0].num("end_sector") as u64, 8192);
@@ -172,12 +172,12 @@ fn repair_salvage_rebuilds_the_damaged_volume() {
         .collect();
     let d = J::parse(&ok(&pool, &["dump"]));
     let root = d
-        .get("volumes")
+        .at("volumes")
         .arr()
         .iter()
         .find(|v| v.str("full_name") == "vm-1")
         .unwrap()
-        .get("on_disk")
+        .at("on_disk")
         .num("root") as usize;
     let mut img = fs::read(&pool).unwrap();
     img[root * BLOCK + 70] ^= 0x20;
@@ -199,9 +199,9 @@ fn repair_salvage_rebuilds_the_damaged_volume() {
     );
     let (out, _) = expect(0, &pool, &["repair", "--salvage", "vm-1", "-n", "--json"]);
     let j = J::parse(&out);
-    let s = &j.get("salvaged").arr()[0];
+    let s = &j.at("salvaged").arr()[0];
     assert_eq!(s.str("volume"), "vm-1");
-    let z = &s.get("zeroed").arr()[0];
+    let z = &s.at("zeroed").arr()[0];
     assert_eq!(z.num("end_sector") as u64, 8192, "{out}");
     assert_eq!(z.num("end_byte") as u64, 4 << 20, "{out}");
     assert_eq!(z.num("node_block") as usize, root, "{out}");

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 mod common;
-use common::{TempDir, J};
+use common::{JExt, TempDir, J};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
@@ -104,7 +104,7 @@ fn dump_json(pool: &Path) -> J {
 }
 
 fn volume<'a>(d: &'a J, full_name: &str) -> &'a J {
-    d.get("volumes")
+    d.at("volumes")
         .arr()
         .iter()
         .find(|v| v.str("full_name") == full_name)
@@ -128,8 +128,9 @@ fn repair_restores_twin_copies_and_torn_journal_tail() {
     let pool = sample_pool(&dir);
     let want = contents(&dir, &pool);
     let d = dump_json(&pool);
-    let header_a =
-        volume(&d, "vm-1").get("on_disk").get("header_blocks").arr()[0].clone_num() as usize;
+    let header_a = volume(&d, "vm-1").at("on_disk").at("header_blocks").arr()[0]
+        .as_f64()
+        .expect("a number") as usize;
     let image = fs::read(&pool).unwrap();
     // Host 1's journal: its region starts at journal_start (superblock
     // offset 112); the valid checkpoint copy with the higher generation says
@@ -223,10 +224,10 @@ fn repair_restores_twin_copies_and_torn_journal_tail() {
     let out = thinctl(&p, &["repair", "--json"]);
     assert_eq!(out.status.code(), Some(1));
     let j = J::parse(&text(&out.stdout));
-    assert_eq!(j.get("repaired"), &J::Bool(true));
-    assert_eq!(j.get("clean_after"), &J::Bool(true));
-    assert_eq!(j.get("fixes").arr().len(), 1);
-    assert_eq!(j.get("refused").arr().len(), 0);
+    assert_eq!(j.at("repaired"), &J::Bool(true));
+    assert_eq!(j.at("clean_after"), &J::Bool(true));
+    assert_eq!(j.at("fixes").arr().len(), 1);
+    assert_eq!(j.at("refused").arr().len(), 0);
     assert!(j.num("blocks_written") > 0.0);
 }
 
@@ -235,16 +236,16 @@ fn repair_refuses_what_needs_a_guess_and_writes_nothing() {
     let dir = TempDir::new("repair-refuse");
     let pool = sample_pool(&dir);
     let d = dump_json(&pool);
-    let od = volume(&d, "clone-1").get("on_disk");
+    let od = volume(&d, "clone-1").at("on_disk");
     let hb: Vec<usize> = od
-        .get("header_blocks")
+        .at("header_blocks")
         .arr()
         .iter()
-        .map(|h| h.clone_num() as usize)
+        .map(|h| h.as_f64().expect("a number") as usize)
         .collect();
     // vm-1's tree: find a leaf (level 0) by following its root.
     let image = fs::read(&pool).unwrap();
-    let root = volume(&d, "vm-1").get("on_disk").num("root") as usize;
+    let root = volume(&d, "vm-1").at("on_disk").num("root") as usize;
     let level = u16::from_le_bytes(
         image[root * BLOCK + 10..root * BLOCK + 12]
             .try_into()
@@ -306,8 +307,8 @@ fn repair_refuses_what_needs_a_guess_and_writes_nothing() {
         let out = thinctl(&p, &["repair", "--json"]);
         assert_eq!(out.status.code(), Some(4));
         let j = J::parse(&text(&out.stdout));
-        assert_eq!(j.get("repaired"), &J::Bool(false));
-        assert!(!j.get("refused").arr().is_empty());
+        assert_eq!(j.at("repaired"), &J::Bool(false));
+        assert!(!j.at("refused").arr().is_empty());
         assert!(fs::read(&p).unwrap() == before);
         fs::remove_file(&p).unwrap();
     }
@@ -438,15 +439,15 @@ fn dump_restore_onto_wiped_metadata_gives_back_the_data() {
     ok(&pool, &["dump", "--output", dump_file.to_str().unwrap()]);
     let d = J::parse(&fs::read_to_string(&dump_file).unwrap());
     assert_eq!(d.str("format"), "thinlun-metadata-dump");
-    assert_eq!(d.get("volumes").arr().len(), 3);
+    assert_eq!(d.at("volumes").arr().len(), 3);
     let clone = volume(&d, "clone-1");
     assert_eq!(clone.str("clone_of"), "vm-1@s1");
     assert_eq!(volume(&d, "vm-1@s1").str("snapshot_of"), "vm-1");
-    assert!(!volume(&d, "vm-1").get("extents").arr().is_empty());
+    assert!(!volume(&d, "vm-1").at("extents").arr().is_empty());
 
     // Wipe every metadata record: everything before the data area, and
     // every catalog, volume-header and tree-node block inside it.
-    let data_start = d.get("pool").num("data_start") as usize;
+    let data_start = d.at("pool").num("data_start") as usize;
     let mut img = fs::read(&pool).unwrap();
     img[..data_start * BLOCK].fill(0);
     let mut wiped = 0;
@@ -483,24 +484,21 @@ fn dump_restore_onto_wiped_metadata_gives_back_the_data() {
     // dump -> restore -> dump: identical except the on_disk parts.
     let again = dump_json(&pool);
     let strip = |j: &J| -> J {
-        let mut top = j.clone_obj();
-        if let Some(J::Obj(p)) = top.get_mut("pool") {
+        let mut top = j.as_object().expect("a dump is an object").clone();
+        if let Some(J::Object(p)) = top.get_mut("pool") {
             p.remove("on_disk");
         }
-        if let Some(J::Arr(vols)) = top.get_mut("volumes") {
+        if let Some(J::Array(vols)) = top.get_mut("volumes") {
             for v in vols {
-                if let J::Obj(v) = v {
+                if let J::Object(v) = v {
                     v.remove("on_disk");
                 }
             }
         }
-        J::Obj(top)
+        J::Object(top)
     };
     assert_eq!(strip(&again), strip(&d));
-    assert_ne!(
-        again.get("pool").get("on_disk"),
-        d.get("pool").get("on_disk")
-    );
+    assert_ne!(again.at("pool").at("on_disk"), d.at("pool").at("on_disk"));
 
     // Restoring over a pool that opens needs --force; with it, same data.
     let out = expect(
@@ -562,38 +560,6 @@ fn help_texts_document_the_commands() {
     }
 }
 
-/// Small accessors the shared JSON reader does not have.
-trait JExt {
-    fn clone_num(&self) -> f64;
-    fn clone_obj(&self) -> std::collections::BTreeMap<String, J>;
-}
-
-impl JExt for J {
-    fn clone_num(&self) -> f64 {
-        match self {
-            J::Num(n) => *n,
-            other => panic!("not a number: {other:?}"),
-        }
-    }
-
-    fn clone_obj(&self) -> std::collections::BTreeMap<String, J> {
-        fn deep(j: &J) -> J {
-            match j {
-                J::Null => J::Null,
-                J::Bool(b) => J::Bool(*b),
-                J::Num(n) => J::Num(*n),
-                J::Str(s) => J::Str(s.clone()),
-                J::Arr(a) => J::Arr(a.iter().map(deep).collect()),
-                J::Obj(m) => J::Obj(m.iter().map(|(k, v)| (k.clone(), deep(v))).collect()),
-            }
-        }
-        match self {
-            J::Obj(m) => m.iter().map(|(k, v)| (k.clone(), deep(v))).collect(),
-            other => panic!("not an object: {other:?}"),
-        }
-    }
-}
-
 /// Bytes no record could decode from: what `dd if=/dev/urandom` leaves.
 fn noise(len: usize, mut seed: u64) -> Vec<u8> {
     (0..len)
@@ -626,10 +592,10 @@ fn repair_rewrites_a_damaged_host_slot_that_check_warns_about() {
     let out = thinctl(&pool, &["repair", "--json"]);
     assert_eq!(out.status.code(), Some(1), "repaired: {out:?}");
     let r = J::parse(&text(&out.stdout));
-    assert_eq!(r.get("repaired"), &J::Bool(true), "{r:?}");
-    assert_eq!(r.get("clean_after"), &J::Bool(true), "{r:?}");
-    match r.get("fixes").arr() {
-        [J::Str(fix)] => assert!(fix.contains("host slot at block 16"), "{fix}"),
+    assert_eq!(r.at("repaired"), &J::Bool(true), "{r:?}");
+    assert_eq!(r.at("clean_after"), &J::Bool(true), "{r:?}");
+    match r.at("fixes").arr() {
+        [J::String(fix)] => assert!(fix.contains("host slot at block 16"), "{fix}"),
         other => panic!("one fix expected: {other:?}"),
     }
     assert_clean(&pool);
@@ -650,7 +616,7 @@ fn restore_onto_random_metadata_gives_back_the_data() {
     ok(&pool, &["dump", "--output", dump_file.to_str().unwrap()]);
     let d = J::parse(&fs::read_to_string(&dump_file).unwrap());
     let two_mib = 2 << 20;
-    assert!(d.get("pool").num("data_start") as usize * BLOCK > two_mib);
+    assert!(d.at("pool").num("data_start") as usize * BLOCK > two_mib);
     let mut img = fs::read(&pool).unwrap();
     img[..two_mib].copy_from_slice(&noise(two_mib, 99));
     fs::write(&pool, &img).unwrap();

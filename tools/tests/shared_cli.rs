@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
 mod common;
-use common::{TempDir, J};
+use common::{JExt, TempDir, J};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 

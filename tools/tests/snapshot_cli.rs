@@ -6,46 +6,13 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 
 mod common;
-use common::J;
+use common::{JExt, TempDir, J};
 
 const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
 const MIB: usize = 1 << 20;
-
-/// A directory under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let dir =
-            std::env::temp_dir().join(format!("thinctl-snap-{}-{n}-{test}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-
-    /// Writes `data` to a file in the directory; returns its path.
-    fn file(&self, name: &str, data: &[u8]) -> String {
-        let p = self.path(name);
-        fs::write(&p, data).unwrap();
-        p.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs thinctl on `pool` with a clean environment.
 fn run(pool: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -216,8 +183,8 @@ fn snapshot_list_rollback_remove() {
     assert_eq!(vols.len(), 4);
     assert_eq!(vols[2].str("name"), "vm-1-disk-0@s1");
     assert_eq!(vols[2].str("snapshot_of"), "vm-1-disk-0");
-    assert_eq!(vols[2].get("snapshot"), &J::Bool(true));
-    assert_eq!(vols[2].get("read_only"), &J::Bool(true));
+    assert_eq!(vols[2].at("snapshot"), &J::Bool(true));
+    assert_eq!(vols[2].at("read_only"), &J::Bool(true));
     assert_eq!(vols[2].num("mapped_bytes"), (18 * BLOCK) as f64);
 
     // Snapshots keep their content; they cannot be written.
@@ -332,7 +299,7 @@ fn base_clone_flatten() {
     );
     let j = J::parse(&ok(&pool, &["info", "vm-101-disk-0", "--json"]));
     assert_eq!(j.str("clone_of"), "base-100-disk-0");
-    assert_eq!(j.get("clone"), &J::Bool(true));
+    assert_eq!(j.at("clone"), &J::Bool(true));
     assert_eq!(content(&pool, "vm-101-disk-0"), img);
 
     // A base in use cannot be removed; the message names its clones.
@@ -370,7 +337,7 @@ fn base_clone_flatten() {
     assert!(err.contains("not a linked clone"), "{err}");
     assert_eq!(content(&pool, "vm-101-disk-0"), img101);
     let j = J::parse(&ok(&pool, &["info", "vm-101-disk-0", "--json"]));
-    assert_eq!(j.get("clone"), &J::Bool(false));
+    assert_eq!(j.at("clone"), &J::Bool(false));
     let err = fails(&pool, &["remove", "base-100-disk-0"]);
     assert!(
         err.contains("vm-102-disk-0") && !err.contains("vm-101-disk-0"),
@@ -380,7 +347,7 @@ fn base_clone_flatten() {
     ok(&pool, &["remove", "base-100-disk-0"]);
     assert_eq!(content(&pool, "vm-101-disk-0"), img101);
     let du = J::parse(&ok(&pool, &["du", "vm-101-disk-0", "--json"]));
-    let v = &du.get("volumes").arr()[0];
+    let v = &du.at("volumes").arr()[0];
     assert_eq!(v.num("exclusive_bytes"), (65 * BLOCK) as f64);
     assert_eq!(v.num("shared_bytes"), 0.0);
 
@@ -430,7 +397,7 @@ fn du_figures_are_exact() {
     ok(&pool, &["create", "empty", "1M"]);
 
     let du = J::parse(&ok(&pool, &["du", "--json"]));
-    let rows = du.get("volumes").arr();
+    let rows = du.at("volumes").arr();
     let names: Vec<&str> = rows.iter().map(|r| r.str("name")).collect();
     assert_eq!(names, ["empty", "vol", "vol@s"]);
     let k = 1024.0;
@@ -452,7 +419,7 @@ fn du_figures_are_exact() {
         [4096.0 * k, 64.0 * k, 16.0 * k, 48.0 * k]
     );
     assert_eq!(rows[2].str("snapshot_of"), "vol");
-    let p = du.get("pool");
+    let p = du.at("pool");
     assert_eq!(p.num("exclusive_bytes"), 32.0 * k);
     assert_eq!(p.num("shared_bytes"), 48.0 * k);
     assert_eq!(p.num("pending_free_bytes"), 0.0);
@@ -482,9 +449,9 @@ fn du_figures_are_exact() {
 
     // One volume with its snapshots; one snapshot.
     let one = J::parse(&ok(&pool, &["du", "vol", "--json"]));
-    assert_eq!(one.get("volumes").arr().len(), 2);
+    assert_eq!(one.at("volumes").arr().len(), 2);
     let one = J::parse(&ok(&pool, &["du", "vol@s", "--json"]));
-    assert_eq!(one.get("volumes").arr().len(), 1);
+    assert_eq!(one.at("volumes").arr().len(), 1);
     let err = fails(&pool, &["du", "ghost"]);
     assert!(err.contains("'ghost' not found"), "{err}");
 
@@ -538,7 +505,7 @@ fn diff_lists_changed_extents() {
     let j = J::parse(&ok(&pool, &["diff", "vol@s1", "vol", "--json"]));
     assert_eq!(j.num("changed_bytes"), total as f64);
     assert_eq!(j.num("extent_count"), 3.0);
-    let ext = j.get("extents").arr();
+    let ext = j.at("extents").arr();
     assert_eq!(ext[2].num("offset"), (300 * BLOCK) as f64);
     assert_eq!(ext[2].num("length"), BLOCK as f64);
 
