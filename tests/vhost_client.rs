@@ -6,21 +6,15 @@
 //! virtio-blk helpers) so malformed chains, unknown types and GET_ID can be
 //! sent too.
 
-use std::fs::File;
-use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use thinlun::{Pool, PoolConfig, Volume};
 use thinlun_vhost::{ServeOptions, Server, StopHandle};
-use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
-use virtio_driver::{
-    iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
-    VirtioTransport,
-};
 
-include!("vhost_common.rs");
+mod common;
+use common::vhost::*;
 
 /// A pool with one volume, served on a socket from a thread.
 struct Served {

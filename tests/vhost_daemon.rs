@@ -3,28 +3,18 @@
 //! served volumes taken by `thinctl snapshot` through that socket, and bad
 //! control input answered with error lines. The volumes are driven by a
 //! real vhost-user front end without a VM (`virtio-driver`, the client of
-//! `vhost_common.rs`, shared with `vhost_client.rs`).
+//! `common/vhost.rs`, shared with `vhost_client.rs`).
 
-// The shared client (vhost_common.rs) has more than this file uses.
-#![allow(dead_code)]
-
-use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
 use thinlun::{OpenOptions, Pool};
-use thinlun_tests::{parent_of, thinctl};
-use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
-use virtio_driver::{
-    iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
-    VirtioTransport,
-};
 
-include!("vhost_common.rs");
-include!("daemon_lab.rs");
+mod common;
+use common::daemon::*;
+use common::vhost::*;
 
 /// Sends raw bytes to the control socket (closing the write side when
 /// `close` is set) and returns the reply line.

@@ -1,13 +1,10 @@
 //! Hostile vhost-user front ends against `thinctl daemon`: one daemon
 //! serves two volumes, a front end that sends what QEMU never would works
 //! on one (raw messages, `hostile/wire.rs`), and a real virtio driver
-//! (`vhost_common.rs`) checks that the other, and the daemon, go on. Every
+//! (`common/vhost.rs`) checks that the other, and the daemon, go on. Every
 //! message that asks for a reply gets one or a closed connection, never a
 //! hang; the daemon never dies (a SIGBUS from guest memory would end it
 //! with status 135) and ends with the threads and descriptors it had.
-
-// The shared client (vhost_common.rs) has more than this file uses.
-#![allow(dead_code)]
 
 #[path = "hostile/wire.rs"]
 mod wire;
@@ -15,22 +12,17 @@ mod wire;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use thinlun_tests::{parent_of, thinctl, Rng};
-use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
-use virtio_driver::{
-    iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
-    VirtioTransport,
-};
-use wire::*;
+use thinlun_tests::Rng;
 
-include!("vhost_common.rs");
-include!("daemon_lab.rs");
+mod common;
+use common::daemon::*;
+use common::vhost::*;
+use wire::*;
 
 /// One hostile sequence against the target's `hostile` volume.
 type Case = fn(&Target);

@@ -25,7 +25,6 @@ pub const GET_PROTOCOL_FEATURES: u32 = 15;
 pub const SET_PROTOCOL_FEATURES: u32 = 16;
 pub const GET_QUEUE_NUM: u32 = 17;
 pub const SET_VRING_ENABLE: u32 = 18;
-pub const GET_CONFIG: u32 = 24;
 pub const SET_INFLIGHT_FD: u32 = 32;
 pub const ADD_MEM_REG: u32 = 37;
 

@@ -1,14 +1,22 @@
-// Included (`include!`) after vhost_common.rs by the tests that run
-// `thinctl daemon` or `thinctl serve` as a process: a pool in a scratch
-// directory, the thinctl that runs on it, and the processes it started.
+//! For the tests that run `thinctl daemon` or `thinctl serve` as a
+//! process: a pool in a scratch directory, the thinctl that runs on it,
+//! and the processes it started.
+
+use super::vhost::scratch;
+use std::fs::File;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use thinlun_tests::{parent_of, thinctl};
 
 /// A pool file in a scratch directory and the `thinctl` to run on it.
-struct Lab {
-    dir: tempfile::TempDir,
-    thinctl: PathBuf,
-    pool: PathBuf,
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub thinctl: PathBuf,
+    pub pool: PathBuf,
     /// Processes started, killed on drop so a failing test leaves none.
-    servers: std::cell::RefCell<Vec<u32>>,
+    pub servers: std::cell::RefCell<Vec<u32>>,
 }
 
 impl Drop for Lab {
@@ -25,7 +33,7 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    fn new(tag: &str) -> Lab {
+    pub fn new(tag: &str) -> Lab {
         let dir = scratch(tag);
         let lab = Lab {
             thinctl: thinctl(),
@@ -37,17 +45,17 @@ impl Lab {
         lab
     }
 
-    fn path(&self, name: &str) -> PathBuf {
+    pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
 
-    fn control(&self) -> PathBuf {
+    pub fn control(&self) -> PathBuf {
         let mut s = std::fs::canonicalize(&self.pool).unwrap().into_os_string();
         s.push(".ctl");
         PathBuf::from(s)
     }
 
-    fn run(&self, args: &[&str]) -> std::process::Output {
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new(&self.thinctl)
             .arg("-p")
             .arg(&self.pool)
@@ -58,7 +66,7 @@ impl Lab {
     }
 
     /// Runs thinctl, which must succeed; its stdout.
-    fn ctl(&self, args: &[&str]) -> String {
+    pub fn ctl(&self, args: &[&str]) -> String {
         let out = self.run(args);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
@@ -71,7 +79,7 @@ impl Lab {
     }
 
     /// Runs thinctl, which must fail; its stderr.
-    fn ctl_fails(&self, args: &[&str]) -> String {
+    pub fn ctl_fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         assert!(
             !out.status.success(),
@@ -83,7 +91,7 @@ impl Lab {
 
     /// Starts `thinctl <args>` (daemon or serve) and waits until its
     /// control socket answers.
-    fn start(&self, args: &[&str]) -> Child {
+    pub fn start(&self, args: &[&str]) -> Child {
         let log = File::create(self.path("daemon.log")).unwrap();
         let mut child = Command::new(&self.thinctl)
             .arg("-p")
@@ -110,12 +118,12 @@ impl Lab {
         child
     }
 
-    fn log(&self) -> String {
+    pub fn log(&self) -> String {
         std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
     }
 
     /// SIGTERM; the process must exit cleanly and leave no socket.
-    fn stop(&self, mut child: Child, sockets: &[&Path]) {
+    pub fn stop(&self, mut child: Child, sockets: &[&Path]) {
         // SAFETY: sending a signal to our own child.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
@@ -130,4 +138,3 @@ impl Lab {
         assert!(check.contains("clean"), "pool check: {check}");
     }
 }
-

@@ -1,37 +1,47 @@
-// Included (`include!`) by the vhost test files: a vhost-user-blk client
-// without a VM (virtio-driver), with raw control over descriptor chains.
+//! A vhost-user-blk client without a VM (virtio-driver), with raw control
+//! over descriptor chains, and the data checks the vhost tests share.
 
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+use std::fs::File;
+use std::os::unix::io::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+use virtio_driver::virtqueue::{Virtqueue, VirtqueueLayout};
+use virtio_driver::{
+    iovec, ByteValued, VhostUser, VirtioBlkConfig, VirtioBlkFeatureFlags, VirtioFeatureFlags,
+    VirtioTransport,
+};
+
+pub const T_IN: u32 = 0;
+pub const T_OUT: u32 = 1;
+pub const T_FLUSH: u32 = 4;
+pub const T_GET_ID: u32 = 8;
+pub const T_DISCARD: u32 = 11;
+pub const T_WRITE_ZEROES: u32 = 13;
+pub const S_OK: u8 = 0;
+pub const S_IOERR: u8 = 1;
+pub const S_UNSUPP: u8 = 2;
 /// Status value the server never writes: "not answered".
-const UNTOUCHED: u8 = 0xee;
-const QUEUE_SIZE: u16 = 128;
-const DATA_MEM: usize = 8 << 20;
+pub const UNTOUCHED: u8 = 0xee;
+pub const QUEUE_SIZE: u16 = 128;
+pub const DATA_MEM: usize = 8 << 20;
 
 /// Per-request memory shared with the device: header, discard/write-zeroes
 /// ranges or the GET_ID answer, and the status byte.
 #[derive(Clone, Copy)]
 #[repr(C)]
-struct RawReq {
-    header: [u8; 16],
-    extra: [u8; 64],
-    status: u8,
+pub struct RawReq {
+    pub header: [u8; 16],
+    pub extra: [u8; 64],
+    pub status: u8,
 }
 
 // SAFETY: plain bytes, any bit pattern is valid.
 unsafe impl ByteValued for RawReq {}
 
-type Transport = dyn VirtioTransport<VirtioBlkConfig, RawReq>;
+pub type Transport = dyn VirtioTransport<VirtioBlkConfig, RawReq>;
 
 /// A scratch directory, removed on drop.
-fn scratch(tag: &str) -> tempfile::TempDir {
+pub fn scratch(tag: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("thinlun-vhost-{tag}-"))
         .tempdir()
@@ -39,14 +49,14 @@ fn scratch(tag: &str) -> tempfile::TempDir {
 }
 
 /// Shared memory for data buffers, registered with the device.
-struct DataMem {
+pub struct DataMem {
     ptr: *mut u8,
     len: usize,
     _file: File,
 }
 
 impl DataMem {
-    fn new(len: usize) -> DataMem {
+    pub fn new(len: usize) -> DataMem {
         // SAFETY: a fresh memfd, sized and mapped shared; the mapping lives
         // as long as DataMem.
         unsafe {
@@ -72,7 +82,7 @@ impl DataMem {
     }
 
     #[allow(clippy::mut_from_ref)]
-    fn slice(&self, off: usize, len: usize) -> &mut [u8] {
+    pub fn slice(&self, off: usize, len: usize) -> &mut [u8] {
         assert!(off + len <= self.len);
         // SAFETY: within the mapping; tests use disjoint ranges per request.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(off), len) }
@@ -88,7 +98,7 @@ impl Drop for DataMem {
 
 /// One piece of a request's descriptor chain.
 #[derive(Clone, Copy)]
-enum Part {
+pub enum Part {
     /// The 16-byte header, or only its first n bytes.
     Header(usize),
     /// n bytes of `extra`, device-readable or device-writable.
@@ -98,15 +108,15 @@ enum Part {
     Status,
 }
 
-struct Client {
+pub struct Client {
     // Queues borrow the transport's queue memory: dropped first.
-    queues: Vec<Virtqueue<'static, RawReq>>,
-    transport: Box<Transport>,
-    mem: DataMem,
+    pub queues: Vec<Virtqueue<'static, RawReq>>,
+    pub transport: Box<Transport>,
+    pub mem: DataMem,
 }
 
 impl Client {
-    fn connect(sock: &Path, nq: usize) -> Client {
+    pub fn connect(sock: &Path, nq: usize) -> Client {
         let wanted = VirtioFeatureFlags::VERSION_1.bits()
             | VirtioFeatureFlags::RING_EVENT_IDX.bits()
             | VirtioFeatureFlags::RING_INDIRECT_DESC.bits()
@@ -154,17 +164,17 @@ impl Client {
         }
     }
 
-    fn features(&self) -> u64 {
+    pub fn features(&self) -> u64 {
         self.transport.get_features()
     }
 
-    fn config(&self) -> Vec<u8> {
+    pub fn config(&self) -> Vec<u8> {
         let c = self.transport.get_config().unwrap();
         c.as_slice().to_vec()
     }
 
     /// Queues one request; returns its chain id.
-    fn add(&mut self, q: usize, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u16 {
+    pub fn add(&mut self, q: usize, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u16 {
         let mem = &self.mem;
         self.queues[q]
             .add_request(|req, add_desc| {
@@ -196,7 +206,7 @@ impl Client {
 
     /// Kicks queue `q` and waits for the given chains; returns (id, request
     /// memory) in completion order.
-    fn run(&mut self, q: usize, ids: &[u16]) -> Vec<(u16, RawReq)> {
+    pub fn run(&mut self, q: usize, ids: &[u16]) -> Vec<(u16, RawReq)> {
         self.kick(q);
         let mut done = Vec::new();
         while done.len() < ids.len() {
@@ -206,18 +216,20 @@ impl Client {
     }
 
     /// Tells the server that queue `q` has new chains.
-    fn kick(&mut self, q: usize) {
+    pub fn kick(&mut self, q: usize) {
         self.transport.get_submission_notifier(q).notify().unwrap();
     }
 
     /// Waits until queue `q` has completions; returns them (id, request
     /// memory) in completion order.
-    fn wait_any(&mut self, q: usize) -> Vec<(u16, RawReq)> {
+    pub fn wait_any(&mut self, q: usize) -> Vec<(u16, RawReq)> {
         let fd = self.transport.get_completion_fd(q);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let done: Vec<(u16, RawReq)> =
-                self.queues[q].completions().map(|c| (c.id, c.req)).collect();
+            let done: Vec<(u16, RawReq)> = self.queues[q]
+                .completions()
+                .map(|c| (c.id, c.req))
+                .collect();
             if !done.is_empty() {
                 return done;
             }
@@ -235,14 +247,14 @@ impl Client {
     }
 
     /// One request, run alone; returns its status byte.
-    fn one(&mut self, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u8 {
+    pub fn one(&mut self, rtype: u32, sector: u64, extra: &[u8], parts: &[Part]) -> u8 {
         let id = self.add(0, rtype, sector, extra, parts);
         let done = self.run(0, &[id]);
         assert_eq!(done[0].0, id);
         done[0].1.status
     }
 
-    fn write(&mut self, sector: u64, off: usize, len: usize) -> u8 {
+    pub fn write(&mut self, sector: u64, off: usize, len: usize) -> u8 {
         self.one(
             T_OUT,
             sector,
@@ -251,7 +263,7 @@ impl Client {
         )
     }
 
-    fn read(&mut self, sector: u64, off: usize, len: usize) -> u8 {
+    pub fn read(&mut self, sector: u64, off: usize, len: usize) -> u8 {
         self.one(
             T_IN,
             sector,
@@ -260,7 +272,7 @@ impl Client {
         )
     }
 
-    fn ranges(&mut self, rtype: u32, ranges: &[(u64, u32, u32)]) -> u8 {
+    pub fn ranges(&mut self, rtype: u32, ranges: &[(u64, u32, u32)]) -> u8 {
         let mut extra = Vec::new();
         for &(sector, n, flags) in ranges {
             extra.extend_from_slice(&sector.to_le_bytes());
@@ -276,12 +288,12 @@ impl Client {
         )
     }
 
-    fn data(&self, off: usize, len: usize) -> &mut [u8] {
+    pub fn data(&self, off: usize, len: usize) -> &mut [u8] {
         self.mem.slice(off, len)
     }
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut v = vec![0u8; len];
     rng.fill(&mut v);
@@ -290,7 +302,7 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 
 /// Compares without printing megabytes on failure.
 #[track_caller]
-fn same(got: &[u8], want: &[u8], what: &str) {
+pub fn same(got: &[u8], want: &[u8], what: &str) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
         panic!(
@@ -303,7 +315,7 @@ fn same(got: &[u8], want: &[u8], what: &str) {
 }
 
 #[track_caller]
-fn zeros(got: &[u8], what: &str) {
+pub fn zeros(got: &[u8], what: &str) {
     if let Some(i) = got.iter().position(|&b| b != 0) {
         panic!(
             "{what}: byte {i} (sector {}) is {:#x}, not zero",
@@ -313,6 +325,6 @@ fn zeros(got: &[u8], what: &str) {
     }
 }
 
-fn le32(b: &[u8], off: usize) -> u32 {
+pub fn le32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
 }
