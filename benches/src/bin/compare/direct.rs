@@ -20,6 +20,17 @@ pub fn children_cpu() -> Duration {
     cpu_of(libc::RUSAGE_CHILDREN)
 }
 
+/// Context switches of this process so far (all threads).
+pub fn self_switches() -> u64 {
+    // SAFETY: a zeroed rusage is valid for getrusage to fill.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    (ru.ru_nvcsw + ru.ru_nivcsw) as u64
+}
+
 fn cpu_of(who: libc::c_int) -> Duration {
     // SAFETY: a zeroed rusage is valid for getrusage to fill.
     let ru = unsafe {

@@ -83,6 +83,10 @@ pub fn fio(
         p50_us: pct("50.000000"),
         p99_us: pct("99.000000"),
         cpu_us_per_io: (ios > 0).then(|| cpu_pct / 100.0 * job_secs * 1e6 / ios as f64),
+        switches_per_io: job["ctx"]
+            .as_f64()
+            .filter(|_| ios > 0)
+            .map(|c| c / ios as f64),
         ..Measured::default()
     })
 }
@@ -269,6 +273,23 @@ impl Server {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
         Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
+    }
+
+    /// Context switches (voluntary and not) of all the server's threads.
+    pub fn switches(&self) -> Option<u64> {
+        let mut total = 0;
+        for t in std::fs::read_dir(format!("/proc/{}/task", self.pid())).ok()? {
+            let s = std::fs::read_to_string(t.ok()?.path().join("status")).ok()?;
+            total += s
+                .lines()
+                .filter_map(|l| {
+                    l.strip_prefix("voluntary_ctxt_switches:")
+                        .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                })
+                .filter_map(|n| n.trim().parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        Some(total)
     }
 
     /// Resident set size of the server.

@@ -720,12 +720,18 @@ fn run_vhost(env: &Env, b: Backend, c: &Case, seed: u64) -> std::io::Result<Meas
             )));
         }
         let p = pattern_for(c, env.o.size, seed);
-        let cpu0 = server.cpu();
+        let (cpu0, sw0, own0) = (server.cpu(), server.switches(), direct::self_switches());
         let mut m = client.run(p, c.qd, c.bs, c.work.writes(), env.o.secs)?;
-        if let (Some(a), Some(z)) = (cpu0, server.cpu()) {
-            if m.ios > 0 {
-                m.cpu_us_per_io = Some((z - a).as_secs_f64() * 1e6 / m.ios as f64);
+        let own = direct::self_switches() - own0;
+        if m.ios > 0 {
+            let per = |x: f64| x / m.ios as f64;
+            if let (Some(a), Some(z)) = (cpu0, server.cpu()) {
+                m.cpu_us_per_io = Some(per((z - a).as_secs_f64() * 1e6));
             }
+            if let (Some(a), Some(z)) = (sw0, server.switches()) {
+                m.switches_per_io = Some(per(z.saturating_sub(a) as f64));
+            }
+            m.client_switches_per_io = Some(per(own as f64));
         }
         m.server_rss = server.rss();
         drop(client);
@@ -771,6 +777,7 @@ fn print_header() {
         "{:<38} {:<28} {:>9} {:>8} {:>8} {:>8} {:>6} {:>7} {:>6}",
         "case", "back end", "IOPS", "MiB/s", "p50 us", "p99 us", "ratio", "CPU us", "RSS MB"
     );
+    // Context switches per request follow each row where measured.
 }
 
 fn print_row(r: &Row) {
@@ -794,6 +801,15 @@ fn print_row(r: &Row) {
                     ""
                 }
             );
+            if m.switches_per_io.is_some() || m.client_switches_per_io.is_some() {
+                println!(
+                    "{:<38} {:<28} context switches per request: {} (client: {})",
+                    "",
+                    "",
+                    fmt_opt(m.switches_per_io, 2),
+                    fmt_opt(m.client_switches_per_io, 2)
+                );
+            }
         }
         (None, Some(e)) => println!(
             "{:<38} {:<28} FAILED: {}",
@@ -914,6 +930,7 @@ fn main() {
             rawm.p50_us = avg(raw1.p50_us, raw2.p50_us);
             rawm.p99_us = avg(raw1.p99_us, raw2.p99_us);
             rawm.cpu_us_per_io = avg(raw1.cpu_us_per_io, raw2.cpu_us_per_io);
+            rawm.switches_per_io = avg(raw1.switches_per_io, raw2.switches_per_io);
             rawm.note = format!(
                 "fio {}, two runs bracketing the case: {:.0} and {:.0} IOPS",
                 raw_rw(c.work),
@@ -1015,6 +1032,8 @@ fn main() {
                 "p99_us": m.p99_us,
                 "ratio_to_raw": r.ratio,
                 "cpu_us_per_io": m.cpu_us_per_io,
+                "switches_per_io": m.switches_per_io,
+                "client_switches_per_io": m.client_switches_per_io,
                 "server_rss_bytes": m.server_rss,
                 "every_block_once_exhausted": m.exhausted,
                 "note": m.note,

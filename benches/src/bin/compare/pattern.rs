@@ -104,6 +104,11 @@ pub struct Measured {
     /// CPU time of the storage stack per request (the server for
     /// vhost-user-blk, the process otherwise), where known.
     pub cpu_us_per_io: Option<f64>,
+    /// Context switches per request, where known: the storage stack's
+    /// (fio's own, or the server's threads) and, over vhost-user, the
+    /// client's (the guest's side). Each is a sleep and a wake-up.
+    pub switches_per_io: Option<f64>,
+    pub client_switches_per_io: Option<f64>,
     /// Resident set size of the server at the end of the run.
     pub server_rss: Option<u64>,
     /// The pattern ran out (every block written once) before the time was up.
