@@ -739,6 +739,7 @@ fn the_control_socket_admits_only_its_owner() {
 /// returns the reply line.
 fn request_as(uid: u32, path: &Path, req: &[u8]) -> String {
     use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is a valid (empty) address.
     let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
     let p = path.as_os_str().as_bytes();

@@ -73,27 +73,32 @@ fn grew(n: usize) {
 // wrapper only counts bytes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc(l);
+        // SAFETY: our caller's contract for `alloc`, passed on as is.
+        let p = unsafe { System.alloc(l) };
         if !p.is_null() {
             grew(l.size());
         }
         p
     }
     unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
-        let p = System.alloc_zeroed(l);
+        // SAFETY: our caller's contract for `alloc_zeroed`, passed on.
+        let p = unsafe { System.alloc_zeroed(l) };
         if !p.is_null() {
             grew(l.size());
         }
         p
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
-        System.dealloc(p, l);
+        // SAFETY: `p` came from `System` with layout `l` (every
+        // allocation here is forwarded to it).
+        unsafe { System.dealloc(p, l) };
         if COUNTING.load(Ordering::Relaxed) {
             LIVE.fetch_sub(l.size(), Ordering::Relaxed);
         }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
-        let q = System.realloc(p, l, new);
+        // SAFETY: as for `dealloc`, and our caller's contract for `new`.
+        let q = unsafe { System.realloc(p, l, new) };
         if !q.is_null() {
             if new >= l.size() {
                 grew(new - l.size());
