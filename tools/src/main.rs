@@ -33,7 +33,7 @@ struct Cli {
     /// THINLUN_HOST_ID or host_id in /etc/thinlun/thinlun.conf
     // Only >= 1 here: the pool knows its host count and says it (1..=16).
     #[arg(long, env = "THINLUN_HOST_ID", global = true, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..))]
+          value_parser = host_id_arg)]
     host_id: Option<u32>,
 
     /// How long to wait, in seconds, for a pool that another thinctl
@@ -477,6 +477,18 @@ fn install_logger() {
             writeln!(buf, "{ts} {from}: {level}{}", record.args())
         })
         .init();
+}
+
+/// `--host-id`: a positive number; the pool checks it against its host
+/// count when it is opened.
+fn host_id_arg(s: &str) -> Result<u32, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("host ids start at 1 (a pool has ids 1..=its host count)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!(
+            "'{s}' is not a host id (1..=the pool's host count)"
+        )),
+    }
 }
 
 fn main() -> ExitCode {

@@ -236,6 +236,11 @@ fn host_id_range_from_the_pool_and_scripted_lock_status() {
         let e = err(&thinctl(&dir, id, &["create", "x", "4M"]));
         assert!(e.contains("1..=4") && !e.contains("100"), "{e}");
     }
+    // 0 is refused as a usage error, without the parser's u32 maximum.
+    let zero = thinctl(&dir, 0, &["--host-id", "0", "create", "x", "4M"]);
+    assert_eq!(zero.status.code(), Some(2));
+    let e = err(&zero);
+    assert!(e.contains("start at 1") && !e.contains("4294967295"), "{e}");
     ok(&thinctl(&dir, 1, &["create", "x", "4M"]));
     let out = ok(&thinctl(
         &dir,
