@@ -4,43 +4,13 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 mod common;
-use common::{JExt, TempDir, J};
+use common::{ok, one_error_line, run_with, text, JExt, TempDir, BIN, J};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
 const MIB: usize = 1 << 20;
-
-/// Runs thinctl with a clean environment (no THINLUN_POOL from the caller).
-fn run_with(args: &[&str], stdin: Option<&[u8]>, env_pool: Option<&Path>) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args).env_remove("THINLUN_POOL");
-    if let Some(p) = env_pool {
-        cmd.env("THINLUN_POOL", p);
-    }
-    cmd.stdin(if stdin.is_some() {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn thinctl");
-    if let Some(data) = stdin {
-        // Write from a thread so a large input cannot deadlock with output.
-        let mut pipe = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        return out;
-    }
-    child.wait_with_output().unwrap()
-}
 
 fn pool_args<'a>(pool: &'a Path, args: &[&'a str]) -> Vec<&'a str> {
     let mut all = vec!["-p", pool.to_str().unwrap()];
@@ -48,37 +18,10 @@ fn pool_args<'a>(pool: &'a Path, args: &[&'a str]) -> Vec<&'a str> {
     all
 }
 
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Runs against `pool`, expects success, returns stdout.
-fn ok(pool: &Path, args: &[&str]) -> String {
-    let out = run_with(&pool_args(pool, args), None, None);
-    assert!(
-        out.status.success(),
-        "thinctl {args:?} failed ({:?}): {}",
-        out.status.code(),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
 /// Expects failure with `code` and exactly one `thinctl: ...` line on
 /// stderr; returns that line.
 fn fails_with(code: i32, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let out = run_with(args, stdin, None);
-    let stderr = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "thinctl {args:?}: stderr {stderr:?}"
-    );
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
-    assert!(lines[0].starts_with("thinctl: "), "{stderr:?}");
-    lines[0].to_string()
+    one_error_line(&run_with(args, stdin, None), code, args)
 }
 
 fn fails(pool: &Path, args: &[&str]) -> String {

@@ -5,27 +5,15 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 mod common;
-use common::{JExt, TempDir, J};
+use common::{ok, run, text, JExt, TempDir, J};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
 
 fn thinctl(pool: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .env_remove("THINLUN_POOL")
-        .arg("-p")
-        .arg(pool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn thinctl")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    run(pool, args, None)
 }
 
 /// Runs and expects exit `code`; returns (stdout, stderr).
@@ -35,10 +23,6 @@ fn expect(code: i32, pool: &Path, args: &[&str]) -> (String, String) {
     assert_eq!(out.status.code(), Some(code), "thinctl {args:?}: {o}{e}");
     assert!(!e.contains("panicked"), "{e}");
     (o, e)
-}
-
-fn ok(pool: &Path, args: &[&str]) -> String {
-    expect(0, pool, args).0
 }
 
 fn export(dir: &TempDir, pool: &Path, name: &str) -> Vec<u8> {

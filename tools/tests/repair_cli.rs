@@ -7,24 +7,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
 mod common;
-use common::{JExt, TempDir, J};
+use common::{ok, run, text, JExt, TempDir, BIN, J};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
 
 fn thinctl(pool: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .env_remove("THINLUN_POOL")
-        .arg("-p")
-        .arg(pool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn thinctl")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+    run(pool, args, None)
 }
 
 /// Runs and expects exit `code`; returns stdout + stderr.
@@ -34,17 +22,6 @@ fn expect(code: i32, pool: &Path, args: &[&str]) -> String {
     assert_eq!(out.status.code(), Some(code), "thinctl {args:?}: {all}");
     assert!(!all.contains("panicked"), "{all}");
     all
-}
-
-fn ok(pool: &Path, args: &[&str]) -> String {
-    let out = thinctl(pool, args);
-    assert!(
-        out.status.success(),
-        "thinctl {args:?} failed ({:?}): {}",
-        out.status.code(),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
 }
 
 /// `check` is clean: exit 0, no warning, no error.

@@ -3,60 +3,13 @@
 //! pool files in a private temporary directory.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
 mod common;
-use common::{JExt, TempDir, J};
+use common::{ok, one_error_line, run, text, JExt, TempDir, J};
 
-const BIN: &str = env!("CARGO_BIN_EXE_thinctl");
 const BLOCK: usize = 4096;
 const MIB: usize = 1 << 20;
-
-/// Runs thinctl on `pool` with a clean environment.
-fn run(pool: &Path, args: &[&str], stdin: Option<&[u8]>) -> Output {
-    let mut cmd = Command::new(BIN);
-    cmd.arg("-p")
-        .arg(pool)
-        .args(args)
-        .env_remove("THINLUN_POOL")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn thinctl");
-    if let Some(data) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        });
-        let out = child.wait_with_output().unwrap();
-        writer.join().unwrap();
-        return out;
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// Expects success; returns stdout.
-fn ok(pool: &Path, args: &[&str]) -> String {
-    let out = run(pool, args, None);
-    assert!(
-        out.status.success(),
-        "thinctl {args:?} failed ({:?}): {}",
-        out.status.code(),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 /// Expects exit code 1 and exactly one `thinctl: ...` line on stderr;
 /// returns that line.
@@ -66,18 +19,7 @@ fn fails_in(pool: &Path, args: &[&str], stdin: Option<&[u8]>) -> String {
 
 /// [`fails_in`] with exit code `code` (2: a usage error).
 fn fails_with_code(pool: &Path, code: i32, args: &[&str], stdin: Option<&[u8]>) -> String {
-    let out = run(pool, args, stdin);
-    let stderr = text(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(code),
-        "thinctl {args:?}: {stderr:?}"
-    );
-    assert!(!stderr.contains("panicked"), "panic: {stderr}");
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "one error line expected: {stderr:?}");
-    assert!(lines[0].starts_with("thinctl: "), "{stderr:?}");
-    lines[0].to_string()
+    one_error_line(&run(pool, args, stdin), code, args)
 }
 
 fn fails(pool: &Path, args: &[&str]) -> String {
