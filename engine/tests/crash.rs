@@ -26,20 +26,6 @@ fn after_power_loss() -> OpenOptions {
 }
 const VOL_BLOCKS: u64 = 256;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A block's content: tag 0 = zeros, else the tag repeated.
 fn pattern(tag: u64) -> Vec<u8> {
     if tag == 0 {
@@ -127,16 +113,16 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
     };
     dev.start_trace();
     let vol = pool.open_volume("vm-1-disk-0").unwrap();
-    let mut rng = Rng(seed | 1);
+    let mut rng = fastrand::Rng::with_seed(seed);
     let mut current: HashMap<u64, u64> = HashMap::new();
     h.flushes.push((0, current.clone()));
     let mut next_tag = seed << 20 | 1;
     for _ in 0..ops {
         let at = dev.trace_len();
-        match rng.below(20) {
+        match rng.u64(..20) {
             0..=11 => {
-                let b = rng.below(VOL_BLOCKS);
-                let n = 1 + rng.below(4).min(VOL_BLOCKS - b - 1);
+                let b = rng.u64(..VOL_BLOCKS);
+                let n = 1 + rng.u64(..4).min(VOL_BLOCKS - b - 1);
                 let mut data = Vec::new();
                 for i in 0..n {
                     next_tag += 1;
@@ -147,9 +133,9 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
                 vol.write(b * 8, &data).unwrap();
             }
             12 | 13 => {
-                let b = rng.below(VOL_BLOCKS);
-                let n = 1 + rng.below(8).min(VOL_BLOCKS - b - 1);
-                if rng.below(2) == 0 {
+                let b = rng.u64(..VOL_BLOCKS);
+                let n = 1 + rng.u64(..8).min(VOL_BLOCKS - b - 1);
+                if rng.u64(..2) == 0 {
                     vol.discard(b * 8, n * 8).unwrap();
                 } else {
                     vol.write_zeroes(b * 8, n * 8).unwrap();
@@ -229,7 +215,7 @@ fn verify_image(
 
 fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
     let (trace, h) = record(seed, ops);
-    let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let mut rng = fastrand::Rng::with_seed(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut tried = 0;
     for k in 0..=trace.events.len() {
         verify_image(
@@ -256,7 +242,7 @@ fn run_campaign(seed: u64, ops: usize, subsets_per_point: usize) -> usize {
         }
         tried += 3;
         for s in 0..subsets_per_point {
-            let img = trace.crash_image(k, &mut |_, _| rng.below(2) == 0);
+            let img = trace.crash_image(k, &mut |_, _| rng.u64(..2) == 0);
             verify_image(
                 &trace,
                 img,
@@ -296,7 +282,7 @@ fn crash_points_during_volume_management() {
     pool.create_volume("keep", VOL_BLOCKS * BS as u64).unwrap();
     dev.start_trace();
     let keep = pool.open_volume("keep").unwrap();
-    let mut rng = Rng(77);
+    let mut rng = fastrand::Rng::with_seed(77);
     let names = ["vm-1-disk-0", "vm-2-disk-0", "base-3-disk-0"];
     // (trace length at start, at return, volume names afterwards)
     let mut changes: Vec<(usize, usize, Vec<String>)> = vec![(0, 0, vec!["keep".to_string()])];
@@ -306,28 +292,28 @@ fn crash_points_during_volume_management() {
     let mut tag = 1u64 << 40;
     for step in 0..60 {
         let start = dev.trace_len();
-        let name = names[rng.below(3) as usize];
+        let name = names[rng.u64(..3) as usize];
         let exists = pool.volume_info(name).is_ok();
         let changed = match (step % 3, exists) {
             (0, _) => {
-                let b = rng.below(VOL_BLOCKS);
+                let b = rng.u64(..VOL_BLOCKS);
                 tag += 1;
                 h.writes.push((start, b, tag));
                 current.insert(b, tag);
                 keep.write(b * 8, &pattern(tag)).unwrap();
-                if rng.below(2) == 0 {
+                if rng.u64(..2) == 0 {
                     keep.flush().unwrap();
                     h.flushes.push((dev.trace_len(), current.clone()));
                 }
                 false
             }
             (_, false) => pool
-                .create_volume(name, (1 + rng.below(64)) * 65536)
+                .create_volume(name, (1 + rng.u64(..64)) * 65536)
                 .is_ok(),
-            (_, true) => match rng.below(4) {
+            (_, true) => match rng.u64(..4) {
                 0 => pool.remove_volume(name, false).is_ok(),
                 1 => {
-                    let to = names[rng.below(3) as usize];
+                    let to = names[rng.u64(..3) as usize];
                     pool.rename_volume(name, to).is_ok()
                 }
                 2 => {
@@ -404,7 +390,7 @@ fn crash_points_with_snapshots_clones_and_rollback() {
     pool.create_volume("r", 16 * BS as u64).unwrap();
     dev.start_trace();
     let keep = pool.open_volume("vm-1-disk-0").unwrap();
-    let mut rng = Rng(4242);
+    let mut rng = fastrand::Rng::with_seed(4242);
     let mut h = History::default();
     let mut current: HashMap<u64, u64> = HashMap::new();
     h.flushes.push((0, current.clone()));
@@ -418,14 +404,14 @@ fn crash_points_with_snapshots_clones_and_rollback() {
     let mut tag = 1u64 << 41;
     for step in 0..70 {
         let start = dev.trace_len();
-        match rng.below(10) {
+        match rng.u64(..10) {
             0..=4 => {
-                let b = rng.below(VOL_BLOCKS);
+                let b = rng.u64(..VOL_BLOCKS);
                 tag += 1;
                 h.writes.push((start, b, tag));
                 current.insert(b, tag);
                 keep.write(b * 8, &pattern(tag)).unwrap();
-                if rng.below(3) == 0 {
+                if rng.u64(..3) == 0 {
                     keep.flush().unwrap();
                     h.flushes.push((dev.trace_len(), current.clone()));
                 }
@@ -436,12 +422,12 @@ fn crash_points_with_snapshots_clones_and_rollback() {
                 snaps.push((name, current.clone(), dev.trace_len()));
             }
             7 if snaps.len() > 2 => {
-                let (name, _, _) = snaps.remove(rng.below(snaps.len() as u64 - 1) as usize);
+                let (name, _, _) = snaps.remove(rng.u64(..snaps.len() as u64 - 1) as usize);
                 pool.remove_volume(&name, false).unwrap();
                 removed.push((name, dev.trace_len()));
             }
             8 if !snaps.is_empty() => {
-                let src = snaps[rng.below(snaps.len() as u64) as usize].0.clone();
+                let src = snaps[rng.u64(..snaps.len() as u64) as usize].0.clone();
                 let clone = format!("clone-{step}");
                 pool.clone_volume(&src, &clone).unwrap();
                 let c = pool.open_volume(&clone).unwrap();
@@ -549,7 +535,7 @@ fn crash_points_in_back_to_back_snapshots() {
     pool.create_volume("v", VOL_BLOCKS * BS as u64).unwrap();
     let vol = pool.open_volume("v").unwrap();
     dev.start_trace();
-    let mut rng = Rng(2024);
+    let mut rng = fastrand::Rng::with_seed(2024);
     let mut current: HashMap<u64, u64> = HashMap::new();
     // (trace length at start, at return, volume names afterwards)
     let mut changes: Vec<(usize, usize, Vec<String>)> = vec![(0, 0, vec!["v".to_string()])];
@@ -559,7 +545,7 @@ fn crash_points_in_back_to_back_snapshots() {
     for step in 0..14 {
         if step % 3 == 0 {
             for _ in 0..3 {
-                let b = rng.below(VOL_BLOCKS);
+                let b = rng.u64(..VOL_BLOCKS);
                 tag += 1;
                 current.insert(b, tag);
                 vol.write(b * 8, &pattern(tag)).unwrap();
@@ -590,7 +576,7 @@ fn crash_points_in_back_to_back_snapshots() {
             trace.crash_image(k, &mut |_, _| true),
         ];
         for _ in 0..3 {
-            images.push(trace.crash_image(k, &mut |_, _| rng.below(2) == 0));
+            images.push(trace.crash_image(k, &mut |_, _| rng.u64(..2) == 0));
         }
         // The last write torn: only the first half of each of its blocks
         // reached the medium.

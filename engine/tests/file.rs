@@ -1,28 +1,11 @@
 //! The real I/O path: a pool in a file (O_DIRECT + io_uring), written by
 //! several threads at once, then reopened from the file.
 
-use std::path::PathBuf;
+mod common;
 use std::sync::Arc;
 use thinlun::{check::check, dev::FileDevice, OpenOptions, Pool, PoolConfig, Request};
 
 const MIB: u64 = 1 << 20;
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        let dir = std::env::var_os("THINLUN_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        TempFile(dir.join(format!("thinlun-{name}-{}.img", std::process::id())))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 fn block_data(thread: u64, block: u64, round: u64) -> Vec<u8> {
     let mut v = Vec::with_capacity(4096);
@@ -34,12 +17,12 @@ fn block_data(thread: u64, block: u64, round: u64) -> Vec<u8> {
 
 #[test]
 fn concurrent_batches_on_a_file_survive_reopen() {
-    let f = TempFile::new("concurrent");
+    let f = common::pool_file("concurrent");
     let cfg = PoolConfig {
         size_bytes: Some(256 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.0, &cfg).unwrap();
+    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
     pool.create_volume("vm-100-disk-0", 64 * MIB).unwrap();
     let threads = 4u64;
     let blocks_per_thread = 1024u64;
@@ -108,10 +91,10 @@ fn concurrent_batches_on_a_file_survive_reopen() {
     assert_eq!(mapped, threads * blocks_per_thread * 4096);
     pool.close().unwrap();
 
-    let dev = FileDevice::open(&f.0, false).unwrap();
+    let dev = FileDevice::open(&f.path(), false).unwrap();
     let report = check(&dev, "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
-    let pool = Pool::open_path(&f.0, &OpenOptions::default()).unwrap();
+    let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
     let vol = pool.open_volume("vm-100-disk-0").unwrap();
     let mut b = vec![0u8; 4096];
     for t in 0..threads {
@@ -129,22 +112,22 @@ fn concurrent_batches_on_a_file_survive_reopen() {
 
 #[test]
 fn second_writer_process_is_refused() {
-    let f = TempFile::new("lock");
+    let f = common::pool_file("lock");
     let cfg = PoolConfig {
         size_bytes: Some(64 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.0, &cfg).unwrap();
+    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
     // flock locks are per open file description: a second open for writing
     // from this process is refused just as another process would be.
-    let second = Pool::open_path(&f.0, &OpenOptions::default());
+    let second = Pool::open_path(&f.path(), &OpenOptions::default());
     assert!(
         matches!(second, Err(thinlun::Error::Busy(_))),
         "{:?}",
         second.err()
     );
     let ro = Pool::open_path(
-        &f.0,
+        &f.path(),
         &OpenOptions {
             read_only: true,
             ..Default::default()
@@ -153,7 +136,7 @@ fn second_writer_process_is_refused() {
     .unwrap();
     assert_eq!(ro.volumes().len(), 0);
     drop(pool);
-    let again = Arc::new(Pool::open_path(&f.0, &OpenOptions::default()).unwrap());
+    let again = Arc::new(Pool::open_path(&f.path(), &OpenOptions::default()).unwrap());
     assert_eq!(again.volumes().len(), 0);
 }
 
@@ -164,22 +147,22 @@ fn allocated_bytes(path: &std::path::Path) -> u64 {
 
 #[test]
 fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
-    let f = TempFile::new("trim");
+    let f = common::pool_file("trim");
     let cfg = PoolConfig {
         size_bytes: Some(128 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.0, &cfg).unwrap();
+    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
     pool.create_volume("v", 64 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &vec![3u8; 32 * MIB as usize]).unwrap();
     v.flush().unwrap();
-    let full = allocated_bytes(&f.0);
+    let full = allocated_bytes(&f.path());
     v.discard(0, 24 * MIB / 512).unwrap();
     drop(v);
     let trimmed = pool.trim(false).unwrap();
     assert!(trimmed >= 24 * MIB, "trimmed {trimmed}");
-    let after = allocated_bytes(&f.0);
+    let after = allocated_bytes(&f.path());
     assert!(
         after + 20 * MIB < full,
         "file uses {after} bytes after trim, {full} before"
@@ -201,7 +184,7 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
     let before = pool.status();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&f.0)
+        .open(&f.path())
         .unwrap()
         .set_len(256 * MIB)
         .unwrap();
@@ -214,10 +197,10 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
     big.write(0, &vec![4u8; 150 * MIB as usize]).unwrap();
     drop(big);
     pool.close().unwrap();
-    let report = check(&FileDevice::open(&f.0, false).unwrap(), "file").unwrap();
+    let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
     let p = Pool::open_path(
-        &f.0,
+        &f.path(),
         &OpenOptions {
             read_only: true,
             ..Default::default()

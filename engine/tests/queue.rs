@@ -2,36 +2,14 @@
 //! checked against a byte model, and alongside batches and snapshots of
 //! other threads.
 
+mod common;
 use proptest::prelude::*;
 use std::collections::HashMap;
-use std::path::PathBuf;
 use thinlun::dev::{AlignedBuf, FileDevice};
 use thinlun::{check::check, Completion, IoQueue, OpenOptions, Pool, PoolConfig, QueueOp};
 
 const MIB: u64 = 1 << 20;
 const SECTORS: u64 = 512; // a 256 KiB volume: 64 blocks
-
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::var_os("THINLUN_TEST_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        TempFile(dir.join(format!(
-            "thinlun-queue-{name}-{}-{n}.img",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -76,14 +54,14 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn new_pool(f: &TempFile, size: u64) -> Pool {
+fn new_pool(f: &tempfile::NamedTempFile, size: u64) -> Pool {
     let cfg = PoolConfig {
         size_bytes: Some(size),
         chunk_bytes: 64 << 10,
         max_hosts: 1,
         ..PoolConfig::default()
     };
-    Pool::create_path(&f.0, &cfg).unwrap()
+    Pool::create_path(&f.path(), &cfg).unwrap()
 }
 
 fn sl(sector: u64, sectors: u64) -> std::ops::Range<usize> {
@@ -109,7 +87,7 @@ proptest! {
     /// its requests run one after another in submission order.
     #[test]
     fn queue_matches_byte_model(ops in proptest::collection::vec(op(), 1..120), depth in 1usize..12) {
-        let f = TempFile::new("model");
+        let f = common::pool_file("model");
         let pool = new_pool(&f, 16 * MIB);
         pool.create_volume("vm", SECTORS * 512).unwrap();
         let vol = pool.open_volume("vm").unwrap();
@@ -177,13 +155,13 @@ proptest! {
         }
         drop(vol);
         pool.close().unwrap();
-        let pool = Pool::open_path(&f.0, &OpenOptions::default()).unwrap();
+        let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
         let vol = pool.open_volume("vm").unwrap();
         vol.read(0, &mut all).unwrap();
         prop_assert!(all == model, "volume differs from the model after reopen");
         drop(vol);
         pool.close().unwrap();
-        let report = check(&FileDevice::open(&f.0, false).unwrap(), "file").unwrap();
+        let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
         prop_assert!(report.is_clean(), "{:?}", report.errors);
     }
 }
@@ -205,7 +183,7 @@ fn pattern(writer: u64, block: u64, round: u64) -> AlignedBuf {
 /// blocks hold whole writes, and the pool checks clean after reopen.
 #[test]
 fn a_full_queue_beside_batches_and_snapshots() {
-    let f = TempFile::new("beside");
+    let f = common::pool_file("beside");
     // Room for the volume and every snapshot's copy of it.
     let pool = new_pool(&f, 96 * MIB);
     let blocks = 1024u64; // 4 MiB
@@ -316,7 +294,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
         }
     }
     drop(pool);
-    let pool = Pool::open_path(&f.0, &OpenOptions::default()).unwrap();
+    let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
     let vol = pool.open_volume("vm").unwrap();
     vol.read(0, &mut buf).unwrap();
     for b in 0..blocks {
@@ -329,7 +307,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
     }
     drop(vol);
     pool.close().unwrap();
-    let report = check(&FileDevice::open(&f.0, false).unwrap(), "file").unwrap();
+    let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
 }
 
@@ -338,7 +316,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
 /// lands in the snapshot's blocks afterwards.
 #[test]
 fn a_snapshot_waits_for_unfinished_queue_writes() {
-    let f = TempFile::new("snapwait");
+    let f = common::pool_file("snapwait");
     let pool = new_pool(&f, 16 * MIB);
     pool.create_volume("vm", MIB).unwrap();
     let vol = pool.open_volume("vm").unwrap();
