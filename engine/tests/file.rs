@@ -22,7 +22,7 @@ fn concurrent_batches_on_a_file_survive_reopen() {
         size_bytes: Some(256 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
+    let pool = Pool::create_path(f.path(), &cfg).unwrap();
     pool.create_volume("vm-100-disk-0", 64 * MIB).unwrap();
     let threads = 4u64;
     let blocks_per_thread = 1024u64;
@@ -91,10 +91,10 @@ fn concurrent_batches_on_a_file_survive_reopen() {
     assert_eq!(mapped, threads * blocks_per_thread * 4096);
     pool.close().unwrap();
 
-    let dev = FileDevice::open(&f.path(), false).unwrap();
+    let dev = FileDevice::open(f.path(), false).unwrap();
     let report = check(&dev, "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
-    let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
+    let pool = Pool::open_path(f.path(), &OpenOptions::default()).unwrap();
     let vol = pool.open_volume("vm-100-disk-0").unwrap();
     let mut b = vec![0u8; 4096];
     for t in 0..threads {
@@ -117,17 +117,17 @@ fn second_writer_process_is_refused() {
         size_bytes: Some(64 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
+    let pool = Pool::create_path(f.path(), &cfg).unwrap();
     // flock locks are per open file description: a second open for writing
     // from this process is refused just as another process would be.
-    let second = Pool::open_path(&f.path(), &OpenOptions::default());
+    let second = Pool::open_path(f.path(), &OpenOptions::default());
     assert!(
         matches!(second, Err(thinlun::Error::Busy(_))),
         "{:?}",
         second.err()
     );
     let ro = Pool::open_path(
-        &f.path(),
+        f.path(),
         &OpenOptions {
             read_only: true,
             ..Default::default()
@@ -136,7 +136,7 @@ fn second_writer_process_is_refused() {
     .unwrap();
     assert_eq!(ro.volumes().len(), 0);
     drop(pool);
-    let again = Arc::new(Pool::open_path(&f.path(), &OpenOptions::default()).unwrap());
+    let again = Arc::new(Pool::open_path(f.path(), &OpenOptions::default()).unwrap());
     assert_eq!(again.volumes().len(), 0);
 }
 
@@ -152,17 +152,17 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
         size_bytes: Some(128 * MIB),
         ..PoolConfig::default()
     };
-    let pool = Pool::create_path(&f.path(), &cfg).unwrap();
+    let pool = Pool::create_path(f.path(), &cfg).unwrap();
     pool.create_volume("v", 64 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &vec![3u8; 32 * MIB as usize]).unwrap();
     v.flush().unwrap();
-    let full = allocated_bytes(&f.path());
+    let full = allocated_bytes(f.path());
     v.discard(0, 24 * MIB / 512).unwrap();
     drop(v);
     let trimmed = pool.trim(false).unwrap();
     assert!(trimmed >= 24 * MIB, "trimmed {trimmed}");
-    let after = allocated_bytes(&f.path());
+    let after = allocated_bytes(f.path());
     assert!(
         after + 20 * MIB < full,
         "file uses {after} bytes after trim, {full} before"
@@ -184,7 +184,7 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
     let before = pool.status();
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&f.path())
+        .open(f.path())
         .unwrap()
         .set_len(256 * MIB)
         .unwrap();
@@ -197,10 +197,10 @@ fn trim_returns_free_space_to_the_file_system_and_grow_extends_the_pool() {
     big.write(0, &vec![4u8; 150 * MIB as usize]).unwrap();
     drop(big);
     pool.close().unwrap();
-    let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
+    let report = check(&FileDevice::open(f.path(), false).unwrap(), "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
     let p = Pool::open_path(
-        &f.path(),
+        f.path(),
         &OpenOptions {
             read_only: true,
             ..Default::default()

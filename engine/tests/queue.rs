@@ -61,7 +61,7 @@ fn new_pool(f: &tempfile::NamedTempFile, size: u64) -> Pool {
         max_hosts: 1,
         ..PoolConfig::default()
     };
-    Pool::create_path(&f.path(), &cfg).unwrap()
+    Pool::create_path(f.path(), &cfg).unwrap()
 }
 
 fn sl(sector: u64, sectors: u64) -> std::ops::Range<usize> {
@@ -155,13 +155,13 @@ proptest! {
         }
         drop(vol);
         pool.close().unwrap();
-        let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
+        let pool = Pool::open_path(f.path(), &OpenOptions::default()).unwrap();
         let vol = pool.open_volume("vm").unwrap();
         vol.read(0, &mut all).unwrap();
         prop_assert!(all == model, "volume differs from the model after reopen");
         drop(vol);
         pool.close().unwrap();
-        let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
+        let report = check(&FileDevice::open(f.path(), false).unwrap(), "file").unwrap();
         prop_assert!(report.is_clean(), "{:?}", report.errors);
     }
 }
@@ -294,7 +294,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
         }
     }
     drop(pool);
-    let pool = Pool::open_path(&f.path(), &OpenOptions::default()).unwrap();
+    let pool = Pool::open_path(f.path(), &OpenOptions::default()).unwrap();
     let vol = pool.open_volume("vm").unwrap();
     vol.read(0, &mut buf).unwrap();
     for b in 0..blocks {
@@ -307,7 +307,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
     }
     drop(vol);
     pool.close().unwrap();
-    let report = check(&FileDevice::open(&f.path(), false).unwrap(), "file").unwrap();
+    let report = check(&FileDevice::open(f.path(), false).unwrap(), "file").unwrap();
     assert!(report.is_clean(), "{:?}", report.errors);
 }
 
