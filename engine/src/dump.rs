@@ -10,6 +10,7 @@
 //! parts differ.
 
 use crate::check::{check, torn_tail};
+use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{
@@ -22,13 +23,13 @@ use crate::format::journal::{
 };
 use crate::format::node::{self, Extent, Node, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
 use crate::format::superblock::{Policy, SharedParams, Superblock};
+use crate::format::{format_uuid, SINGLE_HOST_ID};
 use crate::format::{
     Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS, MAX_VOLUME_BYTES, SUPERBLOCK_A,
     SUPERBLOCK_B,
 };
 use crate::jsontext::{self, write_str, Value};
-use crate::load::{load, read_blocks};
-use crate::pool::{format_uuid, SINGLE_HOST_ID};
+use crate::load::load;
 use crate::util::{journal_seed, now_unix};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -481,7 +482,7 @@ impl MetadataDump {
             }
             prev_id = v.id;
             ids.insert(v.id);
-            if !crate::names::is_valid_volume_name(&v.name) {
+            if !crate::format::names::is_valid_volume_name(&v.name) {
                 return Err(format!("{ctx}: invalid name"));
             }
             if v.flags & !flags::KNOWN != 0 {

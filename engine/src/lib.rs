@@ -87,7 +87,7 @@ mod journal;
 mod jsontext;
 pub mod lease;
 mod load;
-mod names;
+
 mod plan;
 mod pool;
 mod queue;
@@ -103,8 +103,8 @@ mod util;
 mod volume;
 
 pub use error::{Error, Result};
+pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
-pub use names::is_valid_volume_name;
 pub use pool::{
     DamagedRange, HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig,
     UnflushedPlace, VolumeInfo,

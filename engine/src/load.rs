@@ -2,7 +2,7 @@
 //! block is verified as it is read and every physical block is accounted
 //! for exactly once, so a successful load is also the core of `check`.
 
-use crate::dev::{read_block, AlignedBuf, BlockDevice, IoOp, SurvivingMemory};
+use crate::dev::{read_block, read_blocks, BlockDevice, Blocks, SurvivingMemory};
 use crate::error::{Error, Result};
 use crate::extmap::{ExtentMap, Leaf, RefChanges};
 use crate::format::catalog::flags;
@@ -17,7 +17,35 @@ use crate::space::{Cursor, SpaceMap};
 use crate::state::{Damage, State, Vol};
 use crate::unflushed::Owner;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// How far a running check is, for a progress bar drawn by another
+/// thread: volume trees read so far, of how many.
+#[derive(Debug, Default)]
+pub struct Progress {
+    done: AtomicU64,
+    total: AtomicU64,
+}
+
+impl Progress {
+    pub(crate) fn start(&self, total: u64) {
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+    }
+
+    pub(crate) fn step(&self) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// (volumes read, volumes in the pool); (0, 0) before the catalog is read.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.done.load(Ordering::Relaxed),
+            self.total.load(Ordering::Relaxed),
+        )
+    }
+}
 
 pub(crate) struct Loaded {
     pub state: State,
@@ -134,31 +162,6 @@ fn has_other_pool_records(dev: &dyn BlockDevice, size: u64) -> bool {
             m == magic::AG_TABLE || m == magic::HOST_CHECKPOINT
         })
     })
-}
-
-/// Blocks read in one batch into one aligned buffer.
-pub(crate) struct Blocks(AlignedBuf);
-
-impl std::ops::Index<usize> for Blocks {
-    type Output = [u8];
-    fn index(&self, i: usize) -> &[u8] {
-        &self.0[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
-    }
-}
-
-pub(crate) fn read_blocks(dev: &dyn BlockDevice, blocks: &[u64], what: &str) -> Result<Blocks> {
-    let mut buf = AlignedBuf::zeroed(blocks.len() * BLOCK_SIZE);
-    let mut ops: Vec<IoOp> = buf
-        .chunks_mut(BLOCK_SIZE)
-        .zip(blocks)
-        .map(|(b, &at)| IoOp::Read {
-            offset: at * BLOCK_SIZE as u64,
-            buf: b,
-        })
-        .collect();
-    dev.submit(&mut ops).map_err(|e| Error::io(what, e))?;
-    drop(ops);
-    Ok(Blocks(buf))
 }
 
 fn mark(
@@ -414,7 +417,7 @@ pub(crate) fn load_observed(
     label: &str,
     host_id: u32,
     boot: u64,
-    progress: Option<&crate::check::Progress>,
+    progress: Option<&Progress>,
     unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Loaded> {
     let mut tries = 0;
@@ -448,7 +451,7 @@ fn load_once(
     label: &str,
     host_id: u32,
     boot: u64,
-    progress: Option<&crate::check::Progress>,
+    progress: Option<&Progress>,
     unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Option<Loaded>> {
     let mut warnings = Vec::new();

@@ -36,9 +36,10 @@ use crate::error::{Error, Result};
 use crate::format::catalog::decode_volume_header;
 use crate::format::journal::{decode_host_checkpoint, encode_host_checkpoint, HostCheckpoint};
 use crate::format::superblock::Superblock;
+use crate::format::SINGLE_HOST_ID;
 use crate::format::{BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::load::load;
-use crate::pool::{OpenOptions, Pool, SINGLE_HOST_ID};
+use crate::pool::{OpenOptions, Pool};
 use std::sync::Arc;
 
 /// What `repair` found and did.

@@ -23,8 +23,9 @@ use crate::dev::{write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::node::Extent;
 use crate::format::BLOCK_SIZE;
+use crate::format::SINGLE_HOST_ID;
 use crate::load::{load, Loaded};
-use crate::pool::{DamagedRange, OpenOptions, Pool, SINGLE_HOST_ID};
+use crate::pool::{DamagedRange, OpenOptions, Pool};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,7 +134,7 @@ pub fn salvage(
             .collect();
         report.salvaged.push(Salvaged {
             volume: st.display_name(v),
-            lost: crate::pool::damaged_ranges(v),
+            lost: crate::state::damaged_ranges(v),
             lost_blocks: v.header.mapped_blocks.saturating_sub(v.map.mapped_blocks()),
             shared_with,
         });

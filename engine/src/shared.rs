@@ -11,6 +11,7 @@
 //!   never hand out a block someone uses;
 //! - a volume's mapping is changed only by the host that has it active.
 
+use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::claims::{self, Claim, CLAIMS_PER_BLOCK};
@@ -18,7 +19,7 @@ use crate::format::lease::{HostSlot, SlotState};
 use crate::format::superblock::{SharedParams, Superblock};
 use crate::format::{catalog::flags, Layout, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::lease::{FencedDevice, GlobalGuard, HostLease, JoinOptions, Timing};
-use crate::load::{load, read_blocks};
+use crate::load::load;
 use crate::pool::{HostOptions, Inner};
 use crate::state::State;
 use crate::Pool;

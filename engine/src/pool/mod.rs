@@ -24,6 +24,7 @@ use crate::dev::{write_blocks, BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{self, encode_volume_header, VolumeHeader, VolumeRecord};
 use crate::format::journal::{encode_host_checkpoint, Entry, HostCheckpoint};
+use crate::format::names::is_valid_volume_name;
 use crate::format::superblock::{has_magic, Policy, Superblock};
 use crate::format::{
     claims, Layout, BLOCK_SIZE, FORMAT_VERSION, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS,
@@ -32,7 +33,6 @@ use crate::format::{
 };
 use crate::journal::JournalWriter;
 use crate::load::{load_with_record, Loaded};
-use crate::names::is_valid_volume_name;
 use crate::space::Cursor;
 use crate::state::{State, Vol};
 use crate::util::{journal_seed, now_unix, random_uuid};
@@ -43,8 +43,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// The host id a single-host pool uses.
-pub const SINGLE_HOST_ID: u32 = 1;
+pub(crate) use crate::format::format_uuid;
+pub use crate::format::SINGLE_HOST_ID;
+pub(crate) use crate::state::damaged_ranges;
 /// Number of stripe locks that serialise overlapping writes.
 pub(crate) const STRIPES: usize = 256;
 
@@ -1068,30 +1069,4 @@ pub(crate) fn info_of(st: &State, v: &Vol) -> VolumeInfo {
         },
         damage: damaged_ranges(v),
     }
-}
-
-/// A volume's damage as the public API reports it, clipped to its size.
-pub(crate) fn damaged_ranges(v: &Vol) -> Vec<crate::pool::DamagedRange> {
-    let end = v.rec.size_bytes / BLOCK_SIZE as u64;
-    v.damage
-        .iter()
-        .map(|d| crate::pool::DamagedRange {
-            start_block: d.lo.min(end),
-            end_block: d.hi.min(end),
-            node_block: d.node,
-            reason: d.why.clone(),
-        })
-        .collect()
-}
-
-pub(crate) fn format_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }
