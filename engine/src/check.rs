@@ -98,7 +98,7 @@ pub fn check_with_progress(
     }
     for v in st.volumes.values() {
         let name = st.display_name(v);
-        for d in crate::state::damaged_ranges(v) {
+        for d in crate::map::state::damaged_ranges(v) {
             let (s0, s1) = d.sectors();
             let (b0, b1) = d.bytes();
             report.errors.push(format!(

@@ -134,7 +134,7 @@ pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
     // A dump lists extents; one of a damaged tree would omit what the
     // unreadable node mapped, and a restore of it would read zeros there.
     if let Some(v) = l.state.volumes.values().find(|v| !v.damage.is_empty()) {
-        return Err(crate::state::damaged_error(&l.state, v, "dump"));
+        return Err(crate::map::state::damaged_error(&l.state, v, "dump"));
     }
     let sb = &l.state.sb;
     let layout = sb.layout;

@@ -75,29 +75,26 @@
 //! # Ok(()) }
 //! ```
 
+mod alloc;
 pub mod check;
 pub mod dev;
 pub mod diffstream;
 pub mod dump;
 mod error;
-mod extmap;
 pub mod format;
 pub mod guard;
 mod journal;
 mod jsontext;
 pub mod lease;
 mod load;
-
+mod map;
 mod plan;
 mod pool;
 mod queue;
-mod refs;
 pub mod repair;
 pub mod salvage;
 mod shared;
 mod snapshot;
-mod space;
-mod state;
 mod unflushed;
 mod util;
 mod volume;

@@ -2,9 +2,9 @@
 //! block is verified as it is read and every physical block is accounted
 //! for exactly once, so a successful load is also the core of `check`.
 
+use crate::alloc::space::{Cursor, SpaceMap};
 use crate::dev::{read_block, read_blocks, BlockDevice, Blocks, SurvivingMemory};
 use crate::error::{Error, Result};
-use crate::extmap::{ExtentMap, Leaf, RefChanges};
 use crate::format::catalog::flags;
 use crate::format::catalog::{decode_catalog, decode_volume_header, VolumeHeader, VolumeRecord};
 use crate::format::journal::{
@@ -13,8 +13,8 @@ use crate::format::journal::{
 use crate::format::node::{self, Node};
 use crate::format::superblock::{has_magic, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
-use crate::space::{Cursor, SpaceMap};
-use crate::state::{Damage, State, Vol};
+use crate::map::extmap::{ExtentMap, Leaf, RefChanges};
+use crate::map::state::{Damage, State, Vol};
 use crate::unflushed::Owner;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -134,7 +134,7 @@ pub fn salvage(
             .collect();
         report.salvaged.push(Salvaged {
             volume: st.display_name(v),
-            lost: crate::state::damaged_ranges(v),
+            lost: crate::map::state::damaged_ranges(v),
             lost_blocks: v.header.mapped_blocks.saturating_sub(v.map.mapped_blocks()),
             shared_with,
         });

@@ -20,8 +20,8 @@ use crate::format::superblock::{SharedParams, Superblock};
 use crate::format::{catalog::flags, Layout, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::lease::{FencedDevice, GlobalGuard, HostLease, JoinOptions, Timing};
 use crate::load::load;
+use crate::map::state::State;
 use crate::pool::{HostOptions, Inner};
-use crate::state::State;
 use crate::Pool;
 use parking_lot::Mutex;
 use std::path::PathBuf;
@@ -444,7 +444,7 @@ impl Inner {
 
     /// Whether this host may write volume `v` without activating it first:
     /// a single-host pool, a read-only image, or an activation it holds.
-    pub(crate) fn holds_activation(&self, v: &crate::state::Vol) -> bool {
+    pub(crate) fn holds_activation(&self, v: &crate::map::state::Vol) -> bool {
         let Some(sh) = self.shared_ctx() else {
             return true;
         };

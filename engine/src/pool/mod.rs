@@ -20,6 +20,7 @@ pub use options::{
     VolumeInfo,
 };
 
+use crate::alloc::space::Cursor;
 use crate::dev::{write_blocks, BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{self, encode_volume_header, VolumeHeader, VolumeRecord};
@@ -33,8 +34,7 @@ use crate::format::{
 };
 use crate::journal::JournalWriter;
 use crate::load::{load_with_record, Loaded};
-use crate::space::Cursor;
-use crate::state::{State, Vol};
+use crate::map::state::{State, Vol};
 use crate::util::{journal_seed, now_unix, random_uuid};
 use commit::{BackgroundCtl, CommitCtl};
 use parking_lot::Mutex;
@@ -45,7 +45,7 @@ use std::thread::JoinHandle;
 
 pub(crate) use crate::format::format_uuid;
 pub use crate::format::SINGLE_HOST_ID;
-pub(crate) use crate::state::damaged_ranges;
+pub(crate) use crate::map::state::damaged_ranges;
 /// Number of stripe locks that serialise overlapping writes.
 pub(crate) const STRIPES: usize = 256;
 
@@ -639,7 +639,7 @@ impl Pool {
             id,
             Vol {
                 rec,
-                map: crate::extmap::ExtentMap::new(),
+                map: crate::map::extmap::ExtentMap::new(),
                 header,
                 cursor: Cursor::default(),
                 handles: 0,
@@ -825,7 +825,7 @@ impl Pool {
                     .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
                 let from = size_bytes / BLOCK_SIZE as u64;
                 let len = old_size / BLOCK_SIZE as u64 - from;
-                let mut ch = crate::extmap::RefChanges::default();
+                let mut ch = crate::map::extmap::RefChanges::default();
                 vol.map.unmap(from, len, &mut ch);
                 vol.rec.size_bytes = size_bytes;
                 let mut at = from;
@@ -926,8 +926,8 @@ impl Pool {
     /// reusable). Returns the problems found.
     pub fn verify_space(&self) -> Vec<String> {
         let st = self.inner.state.lock();
-        let mut fresh = crate::space::SpaceMap::new(&st.sb.layout);
-        let mut refs = crate::refs::SharedRefs::default();
+        let mut fresh = crate::alloc::space::SpaceMap::new(&st.sb.layout);
+        let mut refs = crate::alloc::refs::SharedRefs::default();
         let mut problems = Vec::new();
         let mut already = Vec::new();
         for leaf in st.distinct_leaves() {

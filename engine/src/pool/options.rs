@@ -6,7 +6,7 @@
 
 use crate::format::superblock::Policy;
 use crate::format::DEFAULT_CHUNK_BYTES;
-pub use crate::state::DamagedRange;
+pub use crate::map::state::DamagedRange;
 pub use crate::unflushed::UnflushedPlace;
 
 /// Parameters of a new pool.

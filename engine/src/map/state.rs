@@ -7,13 +7,13 @@
 //! or in-place write that looked the block up before it was freed is still
 //! in flight. Both are tracked here.
 
-use crate::extmap::Leaf;
-use crate::extmap::{ExtentMap, Freed, RefChanges};
+use crate::alloc::refs::SharedRefs;
+use crate::alloc::space::{Cursor, SpaceMap};
 use crate::format::catalog::{flags, VolumeHeader, VolumeRecord};
 use crate::format::journal::Entry;
 use crate::format::superblock::Superblock;
-use crate::refs::SharedRefs;
-use crate::space::{Cursor, SpaceMap};
+use crate::map::extmap::Leaf;
+use crate::map::extmap::{ExtentMap, Freed, RefChanges};
 use crate::unflushed::{RecordKey, UnflushedRecord};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
