@@ -75,30 +75,26 @@
 //! # Ok(()) }
 //! ```
 
+mod admin;
 mod alloc;
-pub mod check;
 pub mod dev;
-pub mod diffstream;
-pub mod dump;
 mod error;
 pub mod format;
 pub mod guard;
 mod journal;
-mod jsontext;
 pub mod lease;
 mod load;
 mod map;
 mod plan;
 mod pool;
 mod queue;
-pub mod repair;
-pub mod salvage;
 mod shared;
 mod snapshot;
 mod unflushed;
 mod util;
 mod volume;
 
+pub use admin::{check, diffstream, dump, repair, salvage};
 pub use error::{Error, Result};
 pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};

@@ -18,7 +18,7 @@
 //! map exactly what it mapped before (the salvaged ones outside their lost
 //! ranges, which they never mapped in memory anyway).
 
-use crate::check::{check, CheckReport};
+use crate::admin::check::{check, CheckReport};
 use crate::dev::{write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::node::Extent;
@@ -152,7 +152,7 @@ pub fn salvage(
     // must not leave it either. The journal starts past it now.
     let reopened = load(ov.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
     let layout = reopened.state.sb.layout;
-    if let Some(at) = crate::check::torn_tail(ov.as_ref(), &layout, reopened.tail)? {
+    if let Some(at) = crate::admin::check::torn_tail(ov.as_ref(), &layout, reopened.tail)? {
         write_blocks(ov.as_ref(), &[(at, vec![0u8; BLOCK_SIZE])]).map_err(io)?;
         ov.flush().map_err(io)?;
         report.notes.push(format!(

@@ -34,7 +34,7 @@ pub struct CheckReport {
     pub torn_journal_block: Option<u64>,
     /// Volumes whose tree could not be fully read, with what they can no
     /// longer map (each also an error).
-    pub damaged: Vec<(String, crate::DamagedRange)>,
+    pub damaged: Vec<(String, crate::map::state::DamagedRange)>,
 }
 
 impl CheckReport {

@@ -9,7 +9,8 @@
 //! meaning back to fresh blocks, so after a restore only the `on_disk`
 //! parts differ.
 
-use crate::check::{check, torn_tail};
+use crate::admin::check::{check, torn_tail};
+use crate::admin::jsontext::{self, write_str, Value};
 use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
@@ -28,7 +29,6 @@ use crate::format::{
     Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS, MAX_VOLUME_BYTES, SUPERBLOCK_A,
     SUPERBLOCK_B,
 };
-use crate::jsontext::{self, write_str, Value};
 use crate::load::load;
 use crate::util::{journal_seed, now_unix};
 use std::collections::{HashMap, HashSet};
@@ -956,7 +956,7 @@ pub fn restore(
     }
     // Host slots and lock registers, unused on a single-host pool: a
     // damaged one (random bytes from a stray dd) becomes never-used again.
-    for dl in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+    for dl in crate::admin::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
         first.push((dl.block, vec![0u8; BLOCK_SIZE]));
     }
     let sb = Superblock {
