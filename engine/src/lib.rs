@@ -80,29 +80,24 @@ mod alloc;
 pub mod dev;
 mod error;
 pub mod format;
-pub mod guard;
 mod journal;
 pub mod lease;
 mod load;
 mod map;
-mod plan;
 mod pool;
-mod queue;
-mod shared;
-mod snapshot;
 mod unflushed;
 mod util;
-mod volume;
 
 pub use admin::{check, diffstream, dump, repair, salvage};
 pub use error::{Error, Result};
 pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
+pub use pool::guard;
+pub use pool::io::queue::{Completion, IoBuf, IoQueue, QueueOp};
+pub use pool::io::volume::{Request, Volume};
+pub use pool::shared::LockStatus;
+pub use pool::snapshot::Usage;
 pub use pool::{
     DamagedRange, HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig,
     UnflushedPlace, VolumeInfo,
 };
-pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
-pub use shared::LockStatus;
-pub use snapshot::Usage;
-pub use volume::{Request, Volume};

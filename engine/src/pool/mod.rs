@@ -12,7 +12,11 @@
 //! briefly; nothing holds `state` while waiting for `commit`.
 
 mod commit;
+pub mod guard;
+pub(crate) mod io;
 mod options;
+pub(crate) mod shared;
+pub(crate) mod snapshot;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
 pub use options::{
@@ -75,7 +79,7 @@ pub(crate) struct Inner {
     bg_thread: Mutex<Option<JoinHandle<()>>>,
     pub warnings: Vec<String>,
     /// Leases and group claims of a shared pool.
-    pub shared: Option<crate::shared::SharedCtx>,
+    pub shared: Option<crate::pool::shared::SharedCtx>,
     /// Highest data and metadata threshold last reported.
     pub threshold_seen: Mutex<[u8; 2]>,
     pub is_block_device: bool,
@@ -313,7 +317,15 @@ impl Pool {
                         "{label} is shared by several hosts: give this host's id (--host-id N or THINLUN_HOST_ID) to write it"
                     ))
                 })?;
-                crate::shared::open_shared(dev, label, &sb, params, host, boot, &opts.unflushed)
+                crate::pool::shared::open_shared(
+                    dev,
+                    label,
+                    &sb,
+                    params,
+                    host,
+                    boot,
+                    &opts.unflushed,
+                )
             }
         }
     }
@@ -360,7 +372,7 @@ impl Pool {
         host_id: u32,
         boot: u64,
         unflushed: &UnflushedPlace,
-        shared: Option<crate::shared::SharedCtx>,
+        shared: Option<crate::pool::shared::SharedCtx>,
         restrict: Option<&[claims::Claim]>,
     ) -> Result<Pool> {
         let is_block_device = std::fs::metadata(label).is_ok_and(|m| {
@@ -399,7 +411,7 @@ impl Pool {
         }
         let layout = state.sb.layout;
         let group_free =
-            restrict.map(|c| crate::shared::restrict_to_claims(&mut state, c, host_id));
+            restrict.map(|c| crate::pool::shared::restrict_to_claims(&mut state, c, host_id));
         if let (Some(sh), Some(g)) = (&shared, group_free) {
             sh.set_group_free(g);
         }
@@ -544,9 +556,9 @@ impl Pool {
                 .filter(|v| v.rec.origin_id != 0 && v.rec.flags & SNAPSHOT == 0)
                 .count() as u64,
             provisioned_bytes: provisioned(&st),
-            data_used_pct: crate::guard::data_used_pct(&st),
-            metadata_used_pct: crate::guard::meta_used_pct(&st),
-            thresholds_crossed: crate::guard::crossed_names(&st),
+            data_used_pct: crate::pool::guard::data_used_pct(&st),
+            metadata_used_pct: crate::pool::guard::meta_used_pct(&st),
+            thresholds_crossed: crate::pool::guard::crossed_names(&st),
             journal_used_blocks: jused,
             journal_capacity_blocks: jcap,
             max_hosts: l.max_hosts,
@@ -665,7 +677,7 @@ impl Pool {
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        let ids = crate::snapshot::check_removable(&st, id, recursive)?;
+        let ids = crate::pool::snapshot::check_removable(&st, id, recursive)?;
         for &i in &ids {
             inner.check_not_active_elsewhere(&st, i)?;
             st.refuse_family_damaged(i, "removal of")?;
@@ -681,7 +693,7 @@ impl Pool {
         // only they held is free at once.
         for v in removed {
             let header_blocks = v.rec.header_blocks;
-            crate::snapshot::release_map(&mut st, v.map);
+            crate::pool::snapshot::release_map(&mut st, v.map);
             for b in header_blocks {
                 st.space.release(b, 1);
             }
@@ -874,7 +886,7 @@ impl Pool {
     /// next renewal (within 2 x io_timeout). See
     /// [`Pool::set_wait_for_dead_holders`].
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
-        let mut wait = crate::shared::HolderWait::default();
+        let mut wait = crate::pool::shared::HolderWait::default();
         loop {
             match self.open_volume_once(name) {
                 Err(Error::Busy(msg)) => {

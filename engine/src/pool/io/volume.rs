@@ -18,7 +18,7 @@ use crate::format::catalog::flags;
 use crate::format::journal::Entry;
 use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
 use crate::map::extmap::Segment;
-use crate::plan::{self, Alloc, Piece, Scratch};
+use crate::pool::io::plan::{self, Alloc, Piece, Scratch};
 use crate::pool::{Inner, STRIPES};
 use parking_lot::MutexGuard;
 use std::sync::Arc;
