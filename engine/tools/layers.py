@@ -2,9 +2,10 @@
 """Import graph between the top-level modules of engine/src, and a cycle check.
 
 A top-level module is a file `engine/src/X.rs` or a folder `engine/src/X/`.
-An edge A -> B is any `crate::B` path (in a `use`, or inline) in A's files;
-`#[cfg(test)] mod tests` blocks at the end of a file count too. Edges inside
-one folder are not shown. Exit status 1 if the graph has a cycle.
+An edge A -> B is any `crate::B` path (in a `use`, or inline) in A's files,
+or a `crate::Name` that lib.rs re-exports from B (`pub use B::...Name`);
+tests inside the files count too, comments and doc links do not. Edges
+inside one folder are not shown. Exit status 1 if the graph has a cycle.
 
     python3 engine/tools/layers.py [--dot]
 """
@@ -30,10 +31,24 @@ def modules():
     return mods
 
 
+def root_names():
+    """Names lib.rs re-exports, with the top-level module each comes from."""
+    with open(os.path.join(SRC, "lib.rs")) as fh:
+        text = re.sub(r"//[^\n]*", "", fh.read())
+    names = {}
+    for m in re.finditer(r"\bpub use ([a-z_][a-z0-9_]*)((?:::[a-z_][a-z0-9_]*)*)::(\{[^;]*\}|\w+);", text):
+        for name in re.findall(r"\w+", m.group(3)):
+            names[name] = m.group(1)
+    return names
+
+
+ROOT = root_names()
+
+
 def use_targets(text):
     """Top-level modules named by `crate::X` paths, including `use crate::{X, Y::..}`."""
     text = re.sub(r"//[^\n]*", "", text)  # comments and doc comments
-    found = set(re.findall(r"\bcrate::([a-z_][a-z0-9_]*)", text))
+    found = set(re.findall(r"\bcrate::([A-Za-z_][A-Za-z0-9_]*)", text))
     for group in re.findall(r"\bcrate::\{([^;]*?)\};", text, re.S):
         depth, cur, parts = 0, "", []
         for ch in group:
@@ -48,10 +63,10 @@ def use_targets(text):
                 cur += ch
         parts.append(cur)
         for p in parts:
-            m = re.match(r"\s*([a-z_][a-z0-9_]*)", p)
+            m = re.match(r"\s*([A-Za-z_][A-Za-z0-9_]*)", p)
             if m:
                 found.add(m.group(1))
-    return found
+    return {ROOT.get(t, t) for t in found}
 
 
 def graph():
