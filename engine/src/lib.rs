@@ -74,6 +74,22 @@
 //! assert!(done.iter().all(|c| c.result.is_ok()));
 //! # Ok(()) }
 //! ```
+//!
+//! # Layers
+//!
+//! The modules form layers; each imports only those below it (run
+//! `python3 engine/tools/layers.py` for the graph):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | administration | `admin/`: [`check`], [`repair`], [`salvage`], [`dump`], [`diffstream`] |
+//! | the pool | `pool/`: [`Pool`], volumes, commit, snapshots, space policy ([`guard`]), shared pools, the I/O path (`pool/io/`: [`Volume`], [`IoQueue`]) |
+//! | opening | `load/`: superblock choice, volume trees, journal replay |
+//! | mapping | `map/`: extent maps, the in-memory pool state |
+//! | logs and leases | `journal`, `unflushed`, [`lease`] |
+//! | allocation | `alloc/`: the space map, shared-block references |
+//! | on-disk format | [`format`] (pure encoding and decoding) |
+//! | devices | [`dev`]: the LUN, block and sector sizes, batched reads |
 
 mod admin;
 mod alloc;

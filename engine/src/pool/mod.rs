@@ -2,11 +2,15 @@
 //! closing a pool, its status, and managing its volumes), and [`Inner`],
 //! the state an open pool shares between its handles and volumes.
 //!
-//! The rest lives in two submodules: `options` holds the public
+//! The rest lives in submodules: `options` holds the public
 //! configuration and report types ([`PoolConfig`], [`OpenOptions`],
 //! [`PoolStatus`], ...), `commit` the machinery that makes mapping changes
 //! durable (journal group commit) and folds them into the volume trees
-//! (checkpoint), with the background committer.
+//! (checkpoint), with the background committer; `snapshot` snapshots,
+//! clones, rollback, flatten and usage; [`guard`] the space policy;
+//! `shared` what a shared pool does with its leases (claims, recovery,
+//! activation, lock status); `io` the I/O path (batch planning, volumes,
+//! queues).
 //!
 //! Lock order: `commit` before `state`. The data path takes only `state`,
 //! briefly; nothing holds `state` while waiting for `commit`.
