@@ -5,7 +5,8 @@ A top-level module is a file `engine/src/X.rs` or a folder `engine/src/X/`.
 An edge A -> B is any `crate::B` path (in a `use`, or inline) in A's files,
 or a `crate::Name` that lib.rs re-exports from B (`pub use B::...Name`);
 tests inside the files count too, comments and doc links do not. Edges
-inside one folder are not shown. Exit status 1 if the graph has a cycle.
+inside one folder are not shown. Exit status 1 if the graph has a cycle or
+an edge goes up the layer order below (or sideways, within one layer).
 
     python3 engine/tools/layers.py [--dot]
 """
@@ -15,6 +16,18 @@ import sys
 
 SRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
 IGNORE = {"lib", "error"}  # the crate root, and Error, which every layer uses
+
+# The layers, lowest first; a module may import only modules of lower layers.
+LAYERS = [
+    ["dev", "util"],
+    ["format"],
+    ["alloc", "journal", "unflushed", "lease"],
+    ["map"],
+    ["load"],
+    ["pool"],
+    ["admin"],
+]
+RANK = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
 
 def modules():
@@ -149,7 +162,17 @@ def main():
         print("cycle:", " <-> ".join(c))
     if not cyc:
         print("no cycles")
-    return 1 if cyc else 0
+    bad = [
+        (a, b)
+        for a in sorted(edges)
+        for b in sorted(edges[a])
+        if a not in RANK or b not in RANK or RANK[b] >= RANK[a]
+    ]
+    for a, b in bad:
+        print(f"against the layer order: {a} -> {b}")
+    if not bad:
+        print("every edge goes down the layer order")
+    return 1 if cyc or bad else 0
 
 
 if __name__ == "__main__":
