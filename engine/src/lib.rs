@@ -88,7 +88,7 @@
 //! | mapping | `map/`: extent maps, the in-memory pool state |
 //! | logs and leases | `journal`, `unflushed`, [`lease`] |
 //! | allocation | `alloc/`: the space map, shared-block references |
-//! | on-disk format | [`format`] (pure encoding and decoding) |
+//! | on-disk format | [`format`](mod@format) (pure encoding and decoding) |
 //! | devices | [`dev`]: the LUN, block and sector sizes, batched reads |
 
 mod admin;
