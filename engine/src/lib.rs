@@ -74,42 +74,46 @@
 //! assert!(done.iter().all(|c| c.result.is_ok()));
 //! # Ok(()) }
 //! ```
+//!
+//! # Layers
+//!
+//! The modules form layers; each imports only those below it (run
+//! `python3 engine/tools/layers.py` for the graph):
+//!
+//! | layer | modules |
+//! |---|---|
+//! | administration | `admin/`: [`check`], [`repair`], [`salvage`], [`dump`], [`diffstream`] |
+//! | the pool | `pool/`: [`Pool`], volumes, commit, snapshots, space policy ([`guard`]), shared pools, the I/O path (`pool/io/`: [`Volume`], [`IoQueue`]) |
+//! | opening | `load/`: superblock choice, volume trees, journal replay |
+//! | mapping | `map/`: extent maps, the in-memory pool state |
+//! | logs and leases | `journal`, `unflushed`, [`lease`] |
+//! | allocation | `alloc/`: the space map, shared-block references |
+//! | on-disk format | [`format`](mod@format) (pure encoding and decoding) |
+//! | devices | [`dev`]: the LUN, block and sector sizes, batched reads |
 
-pub mod check;
+mod admin;
+mod alloc;
 pub mod dev;
-pub mod diffstream;
-pub mod dump;
 mod error;
-mod extmap;
 pub mod format;
-pub mod guard;
 mod journal;
-mod jsontext;
 pub mod lease;
 mod load;
-mod names;
-mod plan;
+mod map;
 mod pool;
-mod queue;
-mod refs;
-pub mod repair;
-pub mod salvage;
-mod shared;
-mod snapshot;
-mod space;
-mod state;
 mod unflushed;
 mod util;
-mod volume;
 
+pub use admin::{check, diffstream, dump, repair, salvage};
 pub use error::{Error, Result};
+pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
-pub use names::is_valid_volume_name;
+pub use pool::guard;
+pub use pool::io::queue::{Completion, IoBuf, IoQueue, QueueOp};
+pub use pool::io::volume::{Request, Volume};
+pub use pool::shared::LockStatus;
+pub use pool::snapshot::Usage;
 pub use pool::{
     DamagedRange, HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig,
     UnflushedPlace, VolumeInfo,
 };
-pub use queue::{Completion, IoBuf, IoQueue, QueueOp};
-pub use shared::LockStatus;
-pub use snapshot::Usage;
-pub use volume::{Request, Volume};

@@ -16,9 +16,34 @@ use crate::format::journal::Entry;
 use crate::format::unflushed::{
     decode_header, decode_record, encode_header, encode_record, SlotHeader, HEADER_LEN, RECORD_LEN,
 };
-use crate::pool::UnflushedPlace;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
+
+/// Where a writer keeps the mapping changes that no commit has journaled
+/// yet, so that [`Volume::persist`](crate::Volume::persist) costs no device
+/// write (docs/FORMAT.md, 6.11).
+#[derive(Clone, Default)]
+pub enum UnflushedPlace {
+    /// A file per pool and host in the run directory (/run/thinlun, which
+    /// is tmpfs; or $THINLUN_RUN_DIR): `<pool uuid>-host<N>.unflushed`.
+    /// Without one, persists write journal blocks.
+    #[default]
+    RunDir,
+    /// None: each persist writes a journal block instead.
+    Off,
+    /// This memory (tests of crash points).
+    In(std::sync::Arc<dyn crate::dev::SurvivingMemory>),
+}
+
+impl std::fmt::Debug for UnflushedPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UnflushedPlace::RunDir => "RunDir",
+            UnflushedPlace::Off => "Off",
+            UnflushedPlace::In(_) => "In(..)",
+        })
+    }
+}
 
 /// Entries a slot holds: more than a second of first writes at 64K IOPS
 /// between two commits. A slot that fills makes writes wait for a commit.
@@ -76,7 +101,10 @@ pub(crate) fn memory(
 
 /// The file of a pool's host's record under [`UnflushedPlace::RunDir`].
 pub(crate) fn path_in_run_dir(uuid: &[u8; 16], host_id: u32) -> std::path::PathBuf {
-    let name = format!("{}-host{host_id}.unflushed", crate::pool::format_uuid(uuid));
+    let name = format!(
+        "{}-host{host_id}.unflushed",
+        crate::format::format_uuid(uuid)
+    );
     crate::util::run_dir().join(name)
 }
 

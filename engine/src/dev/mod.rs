@@ -18,8 +18,14 @@ pub use overlay::OverlayDevice;
 pub use ring::{RawOp, Ring};
 pub use surviving::{MappedFile, MemCopy, SurvivingMemory};
 
-use crate::format::BLOCK_SIZE;
 use std::io;
+
+/// The internal block: the unit of mapping, allocation and validity.
+pub const BLOCK_SIZE: usize = 4096;
+pub const BLOCK_SHIFT: u32 = 12;
+/// Addressing unit of the I/O API (as virtio-blk and SCSI use).
+pub const SECTOR_SIZE: u64 = 512;
+pub const SECTORS_PER_BLOCK: u64 = (BLOCK_SIZE as u64) / SECTOR_SIZE;
 
 /// Alignment of every buffer and offset handed to a device.
 pub const IO_ALIGN: usize = BLOCK_SIZE;
@@ -130,6 +136,36 @@ pub fn write_blocks(dev: &dyn BlockDevice, blocks: &[(u64, Vec<u8>)]) -> io::Res
         })
         .collect();
     dev.submit(&mut ops)
+}
+
+/// Blocks read in one batch into one aligned buffer.
+pub(crate) struct Blocks(AlignedBuf);
+
+impl std::ops::Index<usize> for Blocks {
+    type Output = [u8];
+    fn index(&self, i: usize) -> &[u8] {
+        &self.0[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]
+    }
+}
+
+pub(crate) fn read_blocks(
+    dev: &dyn BlockDevice,
+    blocks: &[u64],
+    what: &str,
+) -> crate::Result<Blocks> {
+    let mut buf = AlignedBuf::zeroed(blocks.len() * BLOCK_SIZE);
+    let mut ops: Vec<IoOp> = buf
+        .chunks_mut(BLOCK_SIZE)
+        .zip(blocks)
+        .map(|(b, &at)| IoOp::Read {
+            offset: at * BLOCK_SIZE as u64,
+            buf: b,
+        })
+        .collect();
+    dev.submit(&mut ops)
+        .map_err(|e| crate::Error::io(what, e))?;
+    drop(ops);
+    Ok(Blocks(buf))
 }
 
 #[cfg(test)]

@@ -6,8 +6,8 @@
 //! so the LUN goes through exactly the states the engine's update protocols
 //! allow (a crash while applying is a crash during a normal update).
 
+use super::BLOCK_SIZE;
 use super::{AlignedBuf, BlockDevice, IoOp, IO_ALIGN};
-use crate::format::BLOCK_SIZE;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;

@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 pub const RECORD_LEN: usize = 256;
 const RECORDS_AT: usize = 64;
 pub const RECORDS_PER_BLOCK: usize = (BLOCK_SIZE - RECORDS_AT) / RECORD_LEN;
-pub const MAX_NAME_LEN: usize = 128;
+pub use super::names::MAX_NAME_LEN;
 
 /// Volume flags.
 pub mod flags {
@@ -74,7 +74,7 @@ impl VolumeRecord {
         }
         let name = std::str::from_utf8(&b[96..96 + name_len])
             .ok()
-            .filter(|n| crate::names::is_valid_volume_name(n))
+            .filter(|n| super::names::is_valid_volume_name(n))
             .ok_or_else(|| bad("invalid volume name"))?
             .to_string();
         let size_bytes = get_u64(b, 16);

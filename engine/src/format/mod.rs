@@ -12,16 +12,30 @@ pub mod claims;
 pub mod codec;
 pub mod journal;
 pub mod lease;
+pub(crate) mod names;
 pub mod node;
 pub mod superblock;
 pub mod unflushed;
 
-/// The internal block: the unit of mapping, allocation and validity.
-pub const BLOCK_SIZE: usize = 4096;
-pub const BLOCK_SHIFT: u32 = 12;
-/// Addressing unit of the I/O API (as virtio-blk and SCSI use).
-pub const SECTOR_SIZE: u64 = 512;
-pub const SECTORS_PER_BLOCK: u64 = (BLOCK_SIZE as u64) / SECTOR_SIZE;
+// The block and sector sizes belong to the I/O layer below; the format is
+// written in them.
+pub use crate::dev::{BLOCK_SHIFT, BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
+
+/// The host id a single-host pool uses.
+pub const SINGLE_HOST_ID: u32 = 1;
+
+/// A pool uuid as text: `8-4-4-4-12` lowercase hex digits.
+pub(crate) fn format_uuid(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
 
 /// The format version this build writes and the newest it reads.
 pub const FORMAT_VERSION: u32 = 1;

@@ -10,10 +10,10 @@
 
 use super::clock::now_ms;
 use super::host::HostLease;
+use crate::dev::read_blocks;
 use crate::dev::{write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::lease::LockRegister;
-use crate::load::read_blocks;
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -4,11 +4,11 @@
 
 use super::clock::{now_ms, raise_to_realtime, KillTimer};
 use super::{HostView, HostWatch, Timing};
+use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice, IoOp};
 use crate::error::{Error, Result};
 use crate::format::lease::{HostSlot, SlotState};
 use crate::format::Layout;
-use crate::load::read_blocks;
 use crate::util::random_u64;
 use parking_lot::{Condvar, Mutex};
 use std::collections::HashMap;

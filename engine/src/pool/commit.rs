@@ -12,7 +12,6 @@
 use super::{Inner, Pool};
 use crate::dev::{write_blocks, BlockDevice};
 use crate::error::{Error, Result};
-use crate::extmap::LeafExtents;
 use crate::format::catalog::{
     encode_catalog, encode_volume_header, CatalogBlock, VolumeHeader, VolumeRecord,
     RECORDS_PER_BLOCK,
@@ -21,7 +20,8 @@ use crate::format::journal::{encode_host_checkpoint, HostCheckpoint};
 use crate::format::node::{self, Node, NODE_CAPACITY};
 use crate::format::{SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::journal::JournalWriter;
-use crate::state::State;
+use crate::map::extmap::LeafExtents;
+use crate::map::state::State;
 use crate::unflushed::RecordKey;
 use crate::util::now_unix;
 use parking_lot::{Condvar, Mutex, MutexGuard};

@@ -2,17 +2,25 @@
 //! closing a pool, its status, and managing its volumes), and [`Inner`],
 //! the state an open pool shares between its handles and volumes.
 //!
-//! The rest lives in two submodules: `options` holds the public
+//! The rest lives in submodules: `options` holds the public
 //! configuration and report types ([`PoolConfig`], [`OpenOptions`],
 //! [`PoolStatus`], ...), `commit` the machinery that makes mapping changes
 //! durable (journal group commit) and folds them into the volume trees
-//! (checkpoint), with the background committer.
+//! (checkpoint), with the background committer; `snapshot` snapshots,
+//! clones, rollback, flatten and usage; [`guard`] the space policy;
+//! `shared` what a shared pool does with its leases (claims, recovery,
+//! activation, lock status); `io` the I/O path (batch planning, volumes,
+//! queues).
 //!
 //! Lock order: `commit` before `state`. The data path takes only `state`,
 //! briefly; nothing holds `state` while waiting for `commit`.
 
 mod commit;
+pub mod guard;
+pub(crate) mod io;
 mod options;
+pub(crate) mod shared;
+pub(crate) mod snapshot;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
 pub use options::{
@@ -20,10 +28,12 @@ pub use options::{
     VolumeInfo,
 };
 
+use crate::alloc::space::Cursor;
 use crate::dev::{write_blocks, BlockDevice, FileDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{self, encode_volume_header, VolumeHeader, VolumeRecord};
 use crate::format::journal::{encode_host_checkpoint, Entry, HostCheckpoint};
+use crate::format::names::is_valid_volume_name;
 use crate::format::superblock::{has_magic, Policy, Superblock};
 use crate::format::{
     claims, Layout, BLOCK_SIZE, FORMAT_VERSION, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS,
@@ -32,9 +42,7 @@ use crate::format::{
 };
 use crate::journal::JournalWriter;
 use crate::load::{load_with_record, Loaded};
-use crate::names::is_valid_volume_name;
-use crate::space::Cursor;
-use crate::state::{State, Vol};
+use crate::map::state::{State, Vol};
 use crate::util::{journal_seed, now_unix, random_uuid};
 use commit::{BackgroundCtl, CommitCtl};
 use parking_lot::Mutex;
@@ -43,8 +51,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// The host id a single-host pool uses.
-pub const SINGLE_HOST_ID: u32 = 1;
+pub(crate) use crate::format::format_uuid;
+pub use crate::format::SINGLE_HOST_ID;
+pub(crate) use crate::map::state::damaged_ranges;
 /// Number of stripe locks that serialise overlapping writes.
 pub(crate) const STRIPES: usize = 256;
 
@@ -74,7 +83,7 @@ pub(crate) struct Inner {
     bg_thread: Mutex<Option<JoinHandle<()>>>,
     pub warnings: Vec<String>,
     /// Leases and group claims of a shared pool.
-    pub shared: Option<crate::shared::SharedCtx>,
+    pub shared: Option<crate::pool::shared::SharedCtx>,
     /// Highest data and metadata threshold last reported.
     pub threshold_seen: Mutex<[u8; 2]>,
     pub is_block_device: bool,
@@ -312,7 +321,15 @@ impl Pool {
                         "{label} is shared by several hosts: give this host's id (--host-id N or THINLUN_HOST_ID) to write it"
                     ))
                 })?;
-                crate::shared::open_shared(dev, label, &sb, params, host, boot, &opts.unflushed)
+                crate::pool::shared::open_shared(
+                    dev,
+                    label,
+                    &sb,
+                    params,
+                    host,
+                    boot,
+                    &opts.unflushed,
+                )
             }
         }
     }
@@ -359,7 +376,7 @@ impl Pool {
         host_id: u32,
         boot: u64,
         unflushed: &UnflushedPlace,
-        shared: Option<crate::shared::SharedCtx>,
+        shared: Option<crate::pool::shared::SharedCtx>,
         restrict: Option<&[claims::Claim]>,
     ) -> Result<Pool> {
         let is_block_device = std::fs::metadata(label).is_ok_and(|m| {
@@ -398,7 +415,7 @@ impl Pool {
         }
         let layout = state.sb.layout;
         let group_free =
-            restrict.map(|c| crate::shared::restrict_to_claims(&mut state, c, host_id));
+            restrict.map(|c| crate::pool::shared::restrict_to_claims(&mut state, c, host_id));
         if let (Some(sh), Some(g)) = (&shared, group_free) {
             sh.set_group_free(g);
         }
@@ -543,9 +560,9 @@ impl Pool {
                 .filter(|v| v.rec.origin_id != 0 && v.rec.flags & SNAPSHOT == 0)
                 .count() as u64,
             provisioned_bytes: provisioned(&st),
-            data_used_pct: crate::guard::data_used_pct(&st),
-            metadata_used_pct: crate::guard::meta_used_pct(&st),
-            thresholds_crossed: crate::guard::crossed_names(&st),
+            data_used_pct: crate::pool::guard::data_used_pct(&st),
+            metadata_used_pct: crate::pool::guard::meta_used_pct(&st),
+            thresholds_crossed: crate::pool::guard::crossed_names(&st),
             journal_used_blocks: jused,
             journal_capacity_blocks: jcap,
             max_hosts: l.max_hosts,
@@ -638,7 +655,7 @@ impl Pool {
             id,
             Vol {
                 rec,
-                map: crate::extmap::ExtentMap::new(),
+                map: crate::map::extmap::ExtentMap::new(),
                 header,
                 cursor: Cursor::default(),
                 handles: 0,
@@ -664,7 +681,7 @@ impl Pool {
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
-        let ids = crate::snapshot::check_removable(&st, id, recursive)?;
+        let ids = crate::pool::snapshot::check_removable(&st, id, recursive)?;
         for &i in &ids {
             inner.check_not_active_elsewhere(&st, i)?;
             st.refuse_family_damaged(i, "removal of")?;
@@ -680,7 +697,7 @@ impl Pool {
         // only they held is free at once.
         for v in removed {
             let header_blocks = v.rec.header_blocks;
-            crate::snapshot::release_map(&mut st, v.map);
+            crate::pool::snapshot::release_map(&mut st, v.map);
             for b in header_blocks {
                 st.space.release(b, 1);
             }
@@ -824,7 +841,7 @@ impl Pool {
                     .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
                 let from = size_bytes / BLOCK_SIZE as u64;
                 let len = old_size / BLOCK_SIZE as u64 - from;
-                let mut ch = crate::extmap::RefChanges::default();
+                let mut ch = crate::map::extmap::RefChanges::default();
                 vol.map.unmap(from, len, &mut ch);
                 vol.rec.size_bytes = size_bytes;
                 let mut at = from;
@@ -873,7 +890,7 @@ impl Pool {
     /// next renewal (within 2 x io_timeout). See
     /// [`Pool::set_wait_for_dead_holders`].
     pub fn open_volume(&self, name: &str) -> Result<crate::Volume> {
-        let mut wait = crate::shared::HolderWait::default();
+        let mut wait = crate::pool::shared::HolderWait::default();
         loop {
             match self.open_volume_once(name) {
                 Err(Error::Busy(msg)) => {
@@ -925,8 +942,8 @@ impl Pool {
     /// reusable). Returns the problems found.
     pub fn verify_space(&self) -> Vec<String> {
         let st = self.inner.state.lock();
-        let mut fresh = crate::space::SpaceMap::new(&st.sb.layout);
-        let mut refs = crate::refs::SharedRefs::default();
+        let mut fresh = crate::alloc::space::SpaceMap::new(&st.sb.layout);
+        let mut refs = crate::alloc::refs::SharedRefs::default();
         let mut problems = Vec::new();
         let mut already = Vec::new();
         for leaf in st.distinct_leaves() {
@@ -1068,30 +1085,4 @@ pub(crate) fn info_of(st: &State, v: &Vol) -> VolumeInfo {
         },
         damage: damaged_ranges(v),
     }
-}
-
-/// A volume's damage as the public API reports it, clipped to its size.
-pub(crate) fn damaged_ranges(v: &Vol) -> Vec<crate::pool::DamagedRange> {
-    let end = v.rec.size_bytes / BLOCK_SIZE as u64;
-    v.damage
-        .iter()
-        .map(|d| crate::pool::DamagedRange {
-            start_block: d.lo.min(end),
-            end_block: d.hi.min(end),
-            node_block: d.node,
-            reason: d.why.clone(),
-        })
-        .collect()
-}
-
-pub(crate) fn format_uuid(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
 }

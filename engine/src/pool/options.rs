@@ -6,6 +6,8 @@
 
 use crate::format::superblock::Policy;
 use crate::format::DEFAULT_CHUNK_BYTES;
+pub use crate::map::state::DamagedRange;
+pub use crate::unflushed::UnflushedPlace;
 
 /// Parameters of a new pool.
 #[derive(Clone, Debug)]
@@ -34,32 +36,6 @@ impl Default for PoolConfig {
             force: false,
             shared: None,
         }
-    }
-}
-
-/// Where a writer keeps the mapping changes that no commit has journaled
-/// yet, so that [`Volume::persist`](crate::Volume::persist) costs no device
-/// write (docs/FORMAT.md, 6.11).
-#[derive(Clone, Default)]
-pub enum UnflushedPlace {
-    /// A file per pool and host in the run directory (/run/thinlun, which
-    /// is tmpfs; or $THINLUN_RUN_DIR): `<pool uuid>-host<N>.unflushed`.
-    /// Without one, persists write journal blocks.
-    #[default]
-    RunDir,
-    /// None: each persist writes a journal block instead.
-    Off,
-    /// This memory (tests of crash points).
-    In(std::sync::Arc<dyn crate::dev::SurvivingMemory>),
-}
-
-impl std::fmt::Debug for UnflushedPlace {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            UnflushedPlace::RunDir => "RunDir",
-            UnflushedPlace::Off => "Off",
-            UnflushedPlace::In(_) => "In(..)",
-        })
     }
 }
 
@@ -129,33 +105,6 @@ pub struct VolumeInfo {
     /// Ranges of the volume whose mapping could not be read (empty:
     /// healthy). Reads there and all writes of the volume fail.
     pub damage: Vec<DamagedRange>,
-}
-
-/// Part of a volume's mapping lost with an unreadable tree node.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DamagedRange {
-    /// First 4 KiB block of the volume that cannot be mapped.
-    pub start_block: u64,
-    /// One past the last (clipped to the volume's size).
-    pub end_block: u64,
-    /// The unreadable node.
-    pub node_block: u64,
-    /// What is wrong with it.
-    pub reason: String,
-}
-
-impl DamagedRange {
-    /// The range in 512-byte sectors: (first, one past the last).
-    pub fn sectors(&self) -> (u64, u64) {
-        let k = (crate::BLOCK_SIZE / crate::SECTOR_SIZE as usize) as u64;
-        (self.start_block * k, self.end_block * k)
-    }
-
-    /// The range in bytes: (first, one past the last).
-    pub fn bytes(&self) -> (u64, u64) {
-        let b = crate::BLOCK_SIZE as u64;
-        (self.start_block * b, self.end_block * b)
-    }
 }
 
 /// Pool-wide figures, as `pool status` shows them.

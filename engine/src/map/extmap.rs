@@ -578,7 +578,7 @@ impl ExtentMap {
 
     /// Blocks of this map in leaves it shares with no other map, whose data
     /// runs `refs` does not count as shared: what removing it would free.
-    pub(crate) fn exclusive_blocks(&self, shared: &crate::refs::SharedRefs) -> u64 {
+    pub(crate) fn exclusive_blocks(&self, shared: &crate::alloc::refs::SharedRefs) -> u64 {
         let mut runs = Vec::new();
         let mut n = 0;
         for leaf in self.leaves.values().filter(|l| Arc::strong_count(l) == 1) {

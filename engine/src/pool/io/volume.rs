@@ -14,11 +14,11 @@
 
 use crate::dev::{AlignedBuf, IoOp};
 use crate::error::{Error, Result};
-use crate::extmap::Segment;
 use crate::format::catalog::flags;
 use crate::format::journal::Entry;
 use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK, SECTOR_SIZE};
-use crate::plan::{self, Alloc, Piece, Scratch};
+use crate::map::extmap::Segment;
+use crate::pool::io::plan::{self, Alloc, Piece, Scratch};
 use crate::pool::{Inner, STRIPES};
 use parking_lot::MutexGuard;
 use std::sync::Arc;
@@ -476,7 +476,7 @@ impl Volume {
             return Ok(());
         }
         if modifies {
-            return Err(crate::state::damaged_error(&st, v, "write"));
+            return Err(crate::map::state::damaged_error(&st, v, "write"));
         }
         let (b0, b1) = Self::block_range(sector, sectors);
         match v.damage_in(b0, b1) {
@@ -812,7 +812,7 @@ impl Volume {
                 }
                 write_plans.push(plan);
             }
-            let mut ch = crate::extmap::RefChanges::default();
+            let mut ch = crate::map::extmap::RefChanges::default();
             let mut entries = Vec::new();
             for t in trims {
                 if results[t.req].is_err() {

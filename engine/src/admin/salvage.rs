@@ -18,13 +18,14 @@
 //! map exactly what it mapped before (the salvaged ones outside their lost
 //! ranges, which they never mapped in memory anyway).
 
-use crate::check::{check, CheckReport};
+use crate::admin::check::{check, CheckReport};
 use crate::dev::{write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::node::Extent;
 use crate::format::BLOCK_SIZE;
+use crate::format::SINGLE_HOST_ID;
 use crate::load::{load, Loaded};
-use crate::pool::{DamagedRange, OpenOptions, Pool, SINGLE_HOST_ID};
+use crate::pool::{DamagedRange, OpenOptions, Pool};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -133,7 +134,7 @@ pub fn salvage(
             .collect();
         report.salvaged.push(Salvaged {
             volume: st.display_name(v),
-            lost: crate::pool::damaged_ranges(v),
+            lost: crate::map::state::damaged_ranges(v),
             lost_blocks: v.header.mapped_blocks.saturating_sub(v.map.mapped_blocks()),
             shared_with,
         });
@@ -151,7 +152,7 @@ pub fn salvage(
     // must not leave it either. The journal starts past it now.
     let reopened = load(ov.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
     let layout = reopened.state.sb.layout;
-    if let Some(at) = crate::check::torn_tail(ov.as_ref(), &layout, reopened.tail)? {
+    if let Some(at) = crate::admin::check::torn_tail(ov.as_ref(), &layout, reopened.tail)? {
         write_blocks(ov.as_ref(), &[(at, vec![0u8; BLOCK_SIZE])]).map_err(io)?;
         ov.flush().map_err(io)?;
         report.notes.push(format!(

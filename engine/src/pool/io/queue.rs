@@ -18,8 +18,8 @@
 use crate::dev::{AlignedBuf, RawOp, Ring, IO_ALIGN};
 use crate::error::{Error, Result};
 use crate::format::{BLOCK_SIZE, SECTORS_PER_BLOCK};
-use crate::plan::{self, Alloc, Piece, Scratch};
-use crate::volume::{Request, Volume};
+use crate::pool::io::plan::{self, Alloc, Piece, Scratch};
+use crate::pool::io::volume::{Request, Volume};
 use parking_lot::RawMutex;
 use std::collections::VecDeque;
 use std::io;

@@ -6,15 +6,15 @@
 //! same at any depth because every volume has a complete mapping of its own;
 //! a write to shared data allocates a new 4 KiB block (copy-on-write).
 
+use crate::alloc::space::Cursor;
 use crate::dev::write_blocks;
 use crate::error::{Error, Result};
-use crate::extmap::RefChanges;
 use crate::format::catalog::{encode_volume_header, flags, VolumeHeader, VolumeRecord};
+use crate::format::names::is_valid_volume_name;
 use crate::format::BLOCK_SIZE;
-use crate::names::is_valid_volume_name;
+use crate::map::extmap::RefChanges;
+use crate::map::state::{State, Vol};
 use crate::pool::{info_of, plan_tree, Inner, Pool, TreePlan, VolumeInfo};
-use crate::space::Cursor;
-use crate::state::{State, Vol};
 use crate::util::now_unix;
 use parking_lot::MutexGuard;
 
@@ -397,7 +397,7 @@ pub(crate) fn check_removable(st: &State, id: u64, recursive: bool) -> Result<Ve
 
 /// Gives up a mapping that nothing on disk points to any more: what only it
 /// held is free at once.
-pub(crate) fn release_map(st: &mut State, map: crate::extmap::ExtentMap) {
+pub(crate) fn release_map(st: &mut State, map: crate::map::extmap::ExtentMap) {
     let (data, nodes) = map.release_all();
     let ch = RefChanges {
         added: Vec::new(),

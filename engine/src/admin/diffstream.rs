@@ -27,8 +27,8 @@
 
 use crate::error::{Error, Result};
 use crate::format::catalog::MAX_NAME_LEN;
+use crate::format::names::is_valid_volume_name;
 use crate::format::{BLOCK_SIZE, MAX_VOLUME_BYTES, SECTOR_SIZE};
-use crate::names::is_valid_volume_name;
 use crate::Pool;
 use std::io::{ErrorKind, Read, Write};
 

@@ -11,8 +11,8 @@
 use crate::error::{Error, Result};
 use crate::format::superblock::Policy;
 use crate::format::{BLOCK_SIZE, MAX_BLOCKS};
+use crate::map::state::State;
 use crate::pool::{Inner, Pool};
-use crate::state::State;
 use std::time::{Duration, Instant};
 
 /// A warning threshold newly crossed (upwards) or cleared (downwards).

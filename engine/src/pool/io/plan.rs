@@ -2,11 +2,11 @@
 //! and what a finished write publishes. Shared by the two data paths: whole
 //! batches ([`crate::Volume::submit`]) and queues ([`crate::IoQueue`]).
 
-use crate::extmap::{RefChanges, Segment};
+use crate::alloc::refs::SharedRefs;
+use crate::alloc::space::SpaceMap;
 use crate::format::journal::Entry;
-use crate::refs::SharedRefs;
-use crate::space::SpaceMap;
-use crate::state::{State, Vol};
+use crate::map::extmap::{RefChanges, Segment};
+use crate::map::state::{State, Vol};
 
 /// `n` blocks at physical `pblock`, or zeros (a read of a hole).
 #[derive(Clone, Copy)]

@@ -5,13 +5,12 @@
 
 use crate::dev::{read_block, BlockDevice};
 use crate::error::{Error, Result};
+use crate::format::SINGLE_HOST_ID;
 use crate::format::{
     claims, codec, journal::decode_host_checkpoint, magic, Layout, BLOCK_SIZE,
     HOST_CHECKPOINT_BLOCKS,
 };
 use crate::load::load_observed;
-use crate::pool::SINGLE_HOST_ID;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The outcome of a check.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -35,7 +34,7 @@ pub struct CheckReport {
     pub torn_journal_block: Option<u64>,
     /// Volumes whose tree could not be fully read, with what they can no
     /// longer map (each also an error).
-    pub damaged: Vec<(String, crate::DamagedRange)>,
+    pub damaged: Vec<(String, crate::map::state::DamagedRange)>,
 }
 
 impl CheckReport {
@@ -44,32 +43,7 @@ impl CheckReport {
     }
 }
 
-/// How far a running check is, for a progress bar drawn by another
-/// thread: volume trees read so far, of how many.
-#[derive(Debug, Default)]
-pub struct Progress {
-    done: AtomicU64,
-    total: AtomicU64,
-}
-
-impl Progress {
-    pub(crate) fn start(&self, total: u64) {
-        self.done.store(0, Ordering::Relaxed);
-        self.total.store(total, Ordering::Relaxed);
-    }
-
-    pub(crate) fn step(&self) {
-        self.done.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// (volumes read, volumes in the pool); (0, 0) before the catalog is read.
-    pub fn get(&self) -> (u64, u64) {
-        (
-            self.done.load(Ordering::Relaxed),
-            self.total.load(Ordering::Relaxed),
-        )
-    }
-}
+pub use crate::load::Progress;
 
 /// Checks the pool on `dev`. Returns `Err` only when the LUN cannot be read
 /// at all or holds no pool; damage is reported in the report.
@@ -124,7 +98,7 @@ pub fn check_with_progress(
     }
     for v in st.volumes.values() {
         let name = st.display_name(v);
-        for d in crate::pool::damaged_ranges(v) {
+        for d in crate::map::state::damaged_ranges(v) {
             let (s0, s1) = d.sectors();
             let (b0, b1) = d.bytes();
             report.errors.push(format!(

@@ -7,13 +7,13 @@
 //! or in-place write that looked the block up before it was freed is still
 //! in flight. Both are tracked here.
 
-use crate::extmap::Leaf;
-use crate::extmap::{ExtentMap, Freed, RefChanges};
+use crate::alloc::refs::SharedRefs;
+use crate::alloc::space::{Cursor, SpaceMap};
 use crate::format::catalog::{flags, VolumeHeader, VolumeRecord};
 use crate::format::journal::Entry;
 use crate::format::superblock::Superblock;
-use crate::refs::SharedRefs;
-use crate::space::{Cursor, SpaceMap};
+use crate::map::extmap::Leaf;
+use crate::map::extmap::{ExtentMap, Freed, RefChanges};
 use crate::unflushed::{RecordKey, UnflushedRecord};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -445,4 +445,45 @@ pub(crate) fn damaged_error(st: &State, v: &Vol, what: &str) -> crate::Error {
             d.why
         ),
     }
+}
+
+/// Part of a volume's mapping lost with an unreadable tree node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DamagedRange {
+    /// First 4 KiB block of the volume that cannot be mapped.
+    pub start_block: u64,
+    /// One past the last (clipped to the volume's size).
+    pub end_block: u64,
+    /// The unreadable node.
+    pub node_block: u64,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl DamagedRange {
+    /// The range in 512-byte sectors: (first, one past the last).
+    pub fn sectors(&self) -> (u64, u64) {
+        let k = (crate::BLOCK_SIZE / crate::SECTOR_SIZE as usize) as u64;
+        (self.start_block * k, self.end_block * k)
+    }
+
+    /// The range in bytes: (first, one past the last).
+    pub fn bytes(&self) -> (u64, u64) {
+        let b = crate::BLOCK_SIZE as u64;
+        (self.start_block * b, self.end_block * b)
+    }
+}
+
+/// A volume's damage as the public API reports it, clipped to its size.
+pub(crate) fn damaged_ranges(v: &Vol) -> Vec<DamagedRange> {
+    let end = v.rec.size_bytes / crate::format::BLOCK_SIZE as u64;
+    v.damage
+        .iter()
+        .map(|d| DamagedRange {
+            start_block: d.lo.min(end),
+            end_block: d.hi.min(end),
+            node_block: d.node,
+            reason: d.why.clone(),
+        })
+        .collect()
 }

@@ -9,7 +9,9 @@
 //! meaning back to fresh blocks, so after a restore only the `on_disk`
 //! parts differ.
 
-use crate::check::{check, torn_tail};
+use crate::admin::check::{check, torn_tail};
+use crate::admin::jsontext::{self, write_str, Value};
+use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{
@@ -22,13 +24,12 @@ use crate::format::journal::{
 };
 use crate::format::node::{self, Extent, Node, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
 use crate::format::superblock::{Policy, SharedParams, Superblock};
+use crate::format::{format_uuid, SINGLE_HOST_ID};
 use crate::format::{
     Layout, BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS, MAX_VOLUME_BYTES, SUPERBLOCK_A,
     SUPERBLOCK_B,
 };
-use crate::jsontext::{self, write_str, Value};
-use crate::load::{load, read_blocks};
-use crate::pool::{format_uuid, SINGLE_HOST_ID};
+use crate::load::load;
 use crate::util::{journal_seed, now_unix};
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write;
@@ -133,7 +134,7 @@ pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
     // A dump lists extents; one of a damaged tree would omit what the
     // unreadable node mapped, and a restore of it would read zeros there.
     if let Some(v) = l.state.volumes.values().find(|v| !v.damage.is_empty()) {
-        return Err(crate::state::damaged_error(&l.state, v, "dump"));
+        return Err(crate::map::state::damaged_error(&l.state, v, "dump"));
     }
     let sb = &l.state.sb;
     let layout = sb.layout;
@@ -481,7 +482,7 @@ impl MetadataDump {
             }
             prev_id = v.id;
             ids.insert(v.id);
-            if !crate::names::is_valid_volume_name(&v.name) {
+            if !crate::format::names::is_valid_volume_name(&v.name) {
                 return Err(format!("{ctx}: invalid name"));
             }
             if v.flags & !flags::KNOWN != 0 {
@@ -955,7 +956,7 @@ pub fn restore(
     }
     // Host slots and lock registers, unused on a single-host pool: a
     // damaged one (random bytes from a stray dd) becomes never-used again.
-    for dl in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+    for dl in crate::admin::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
         first.push((dl.block, vec![0u8; BLOCK_SIZE]));
     }
     let sb = Superblock {

@@ -21,7 +21,7 @@
 //! `thinctl dump`/`restore` or backups are the way on from there. For a
 //! damaged mapping node the refusal names the other way, which gives up
 //! what the node mapped and so is only run when asked for:
-//! [`crate::salvage`].
+//! [`crate::admin::salvage`].
 //!
 //! The work happens on an in-memory overlay of the LUN: the pool is opened
 //! there (which rewrites both copies of every two-copy record), checkpointed
@@ -30,15 +30,16 @@
 //! order with their flushes, so each intermediate state is one the normal
 //! update protocol also produces.
 
-use crate::check::{check, torn_tail, CheckReport};
+use crate::admin::check::{check, torn_tail, CheckReport};
 use crate::dev::{read_block, write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::decode_volume_header;
 use crate::format::journal::{decode_host_checkpoint, encode_host_checkpoint, HostCheckpoint};
 use crate::format::superblock::Superblock;
+use crate::format::SINGLE_HOST_ID;
 use crate::format::{BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::load::load;
-use crate::pool::{OpenOptions, Pool, SINGLE_HOST_ID};
+use crate::pool::{OpenOptions, Pool};
 use std::sync::Arc;
 
 /// What `repair` found and did.
@@ -175,7 +176,7 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     // Host slots and lock registers: a single-host pool never uses them
     // (a never-used one is all zeros), so a damaged one is cleared, not
     // guessed at.
-    for d in crate::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
+    for d in crate::admin::check::damaged_lease_blocks(dev.as_ref(), &layout)? {
         report.fixes.push(format!(
             "host {}: {}: cleared (a single-host pool does not use host slots or lock registers)",
             d.host, d.problem

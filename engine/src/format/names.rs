@@ -2,8 +2,10 @@
 //! `base-9000-disk-1`), `[A-Za-z0-9._-]`, 1 to 128 characters, not
 //! starting with '-' (it would read as an option) and not "." or "..".
 
-use crate::format::catalog::MAX_NAME_LEN;
+/// Longest volume name, in bytes (the catalog's name field).
+pub const MAX_NAME_LEN: usize = 128;
 
+/// Whether `name` may name a volume or a snapshot (the part after `@`).
 pub fn is_valid_volume_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME_LEN
