@@ -387,7 +387,7 @@ fn hosts_share_a_pool_safely_under_kills_and_pauses() {
             loop {
                 match checker.open_volume(&name) {
                     Ok(v) => break v,
-                    Err(Error::Busy(_)) if Instant::now() < until => {
+                    Err(Error::Busy { .. }) if Instant::now() < until => {
                         std::thread::sleep(Duration::from_millis(200))
                     }
                     Err(e) => panic!("opening {name} to verify it: {e}"),

@@ -827,7 +827,10 @@ fn incoming_target_waits_for_the_release() {
     // Host 1 holds the volume: the wait runs out.
     assert_eq!(c.read(0, 0, 4096), S_IOERR);
     assert!(
-        matches!(host2.try_open_volume("vm-1"), Err(thinlun::Error::Busy(_))),
+        matches!(
+            host2.try_open_volume("vm-1"),
+            Err(thinlun::Error::Busy { .. })
+        ),
         "host 1 still holds it"
     );
     // The source's last handle closes: commit, checkpoint, release.
@@ -839,7 +842,7 @@ fn incoming_target_waits_for_the_release() {
     // Now host 2 holds it.
     assert!(matches!(
         host1.try_open_volume("vm-1"),
-        Err(thinlun::Error::Busy(_))
+        Err(thinlun::Error::Busy { .. })
     ));
     drop(c);
     stop.stop();

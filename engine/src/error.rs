@@ -34,8 +34,11 @@ pub enum Error {
     ReadOnly(String),
     #[error("pool is open read-only")]
     PoolReadOnly,
-    #[error("{0}")]
-    Busy(String),
+    /// The change or open cannot be done now, or here; `kind` says why,
+    /// for callers that act on it (wait, ask the serving process, tell
+    /// the user to use --force).
+    #[error("{message}")]
+    Busy { kind: BusyKind, message: String },
     /// Part of a volume's mapping tree could not be read: reads of that
     /// range and every write of the volume fail (EIO to a guest) until it
     /// is repaired. Other volumes are not affected.
@@ -43,9 +46,45 @@ pub enum Error {
     Damaged { volume: String, what: String },
 }
 
+/// Why an [`Error::Busy`] was returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BusyKind {
+    /// Another process of this machine has the pool open for writing.
+    PoolOpenElsewhere,
+    /// This host id's lease is held by another process of this machine.
+    HostIdInUseHere,
+    /// Another host uses this host id.
+    HostIdInUse,
+    /// The pool's global lock was not had in time.
+    GlobalLock,
+    /// The volume is open (served) in this process or on this host.
+    VolumeOpen,
+    /// The volume is active on another host.
+    ActiveElsewhere,
+    /// Snapshots or linked clones depend on the volume.
+    HasDependents,
+    /// Damage elsewhere in the pool makes the change unsafe until repair.
+    Damaged,
+    /// The pool stopped accepting writes after an earlier error.
+    Stopped,
+    /// The target holds data that the change would replace: --force.
+    NeedsForce,
+    /// A failed change could not be undone (the message says what is left).
+    UndoFailed,
+    /// Something changed underneath; trying again may succeed.
+    Retry,
+}
+
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    pub(crate) fn busy(kind: BusyKind, message: impl Into<String>) -> Self {
+        Error::Busy {
+            kind,
+            message: message.into(),
+        }
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),

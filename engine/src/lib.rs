@@ -105,7 +105,7 @@ mod unflushed;
 mod util;
 
 pub use admin::{check, diffstream, dump, repair, salvage};
-pub use error::{Error, Result};
+pub use error::{BusyKind, Error, Result};
 pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
 pub use pool::guard;

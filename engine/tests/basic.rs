@@ -107,7 +107,10 @@ fn discard_and_remove_return_space() {
     assert!(b.iter().all(|&x| x == 0));
     assert!(matches!(
         pool.remove_volume("a", false),
-        Err(Error::Busy(_))
+        Err(Error::Busy {
+            kind: thinlun::BusyKind::VolumeOpen,
+            ..
+        })
     ));
     drop(vol);
     pool.remove_volume("a", false).unwrap();
@@ -299,7 +302,10 @@ fn not_a_pool_and_damaged_superblocks() {
     let d = Arc::new(MemDevice::from_image(img));
     assert!(matches!(
         Pool::create(d.clone(), "x", &small_cfg()),
-        Err(Error::Busy(_))
+        Err(Error::Busy {
+            kind: thinlun::BusyKind::NeedsForce,
+            ..
+        })
     ));
     let _ = d.size_bytes();
 }

@@ -122,7 +122,13 @@ fn second_writer_process_is_refused() {
     // from this process is refused just as another process would be.
     let second = Pool::open_path(f.path(), &OpenOptions::default());
     assert!(
-        matches!(second, Err(thinlun::Error::Busy(_))),
+        matches!(
+            second,
+            Err(thinlun::Error::Busy {
+                kind: thinlun::BusyKind::PoolOpenElsewhere,
+                ..
+            })
+        ),
         "{:?}",
         second.err()
     );

@@ -124,10 +124,18 @@ fn writing_needs_a_host_id_and_ids_are_exclusive() {
     assert!(matches!(e, Some(Error::InvalidArgument(m)) if m.contains("host-id")));
     let h1 = lun.host(1).unwrap();
     // Same id from the same machine: refused by the local lock at once.
-    assert!(matches!(lun.host(1), Err(Error::Busy(_))));
+    assert!(matches!(
+        lun.host(1),
+        Err(Error::Busy {
+            kind: thinlun::BusyKind::HostIdInUseHere,
+            ..
+        })
+    ));
     // Same id from another machine: the slot keeps changing, so refused.
     let e = lun.host_as(1, "hv-other", "other").err();
-    assert!(matches!(e, Some(Error::Busy(m)) if m.contains("in use by host 'hv-1'")));
+    assert!(
+        matches!(e, Some(Error::Busy { kind: thinlun::BusyKind::HostIdInUse, message: m }) if m.contains("in use by host 'hv-1'"))
+    );
     // Read-only inspection needs no id.
     let ro = lun.reader();
     drop(ro);
@@ -147,13 +155,16 @@ fn one_writer_per_volume_and_handover() {
     // Host 2 sees the new volume but cannot activate it.
     let e = h2.open_volume("vm-1").err();
     assert!(
-        matches!(&e, Some(Error::Busy(m)) if m.contains("active on host 1") && m.contains("hv-1")),
+        matches!(&e, Some(Error::Busy { message: m, .. }) if m.contains("active on host 1") && m.contains("hv-1")),
         "{e:?}"
     );
-    assert!(matches!(h2.create_snapshot("vm-1@s"), Err(Error::Busy(_))));
+    assert!(matches!(
+        h2.create_snapshot("vm-1@s"),
+        Err(Error::Busy { .. })
+    ));
     assert!(matches!(
         h2.remove_volume("vm-1", true),
-        Err(Error::Busy(_))
+        Err(Error::Busy { .. })
     ));
     // Both hosts allocate at the same time, each in its own groups.
     h2.create_volume("vm-2", 8 * MIB).unwrap();
@@ -284,7 +295,7 @@ fn dead_host_is_recovered_with_its_acknowledged_writes() {
     let t = Instant::now();
     let e = h1.open_volume("vm-2").err();
     assert!(
-        matches!(&e, Some(Error::Busy(m)) if m.contains("active on host 2")),
+        matches!(&e, Some(Error::Busy { message: m, .. }) if m.contains("active on host 2")),
         "{e:?}"
     );
     assert!(

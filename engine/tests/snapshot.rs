@@ -163,7 +163,7 @@ fn removing_snapshots_returns_only_their_own_space() {
     drop(v);
     assert!(matches!(
         pool.remove_volume("v", false),
-        Err(Error::Busy(_))
+        Err(Error::Busy { .. })
     ));
     pool.remove_volume("v@a", false).unwrap();
     let freed = used - pool.status().data_used_bytes;
@@ -191,7 +191,7 @@ fn rollback_restores_and_guards_newer_snapshots() {
     pool.create_snapshot("v@two").unwrap();
     v.write(0, &block(3)).unwrap();
     assert!(
-        matches!(pool.rollback("v@one", false), Err(Error::Busy(_))),
+        matches!(pool.rollback("v@one", false), Err(Error::Busy { .. })),
         "open volume"
     );
     drop(v);
@@ -229,7 +229,7 @@ fn base_images_linked_clones_and_flatten() {
     );
     assert!(matches!(
         pool.make_base("vm-9000-disk-0", Some("base-9000-disk-0")),
-        Err(Error::Busy(_))
+        Err(Error::Busy { .. })
     ));
     drop(v);
     let base = pool

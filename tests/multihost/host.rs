@@ -117,7 +117,7 @@ fn main() {
             _ => own_clone(&pool, &a, &mut rng, round),
         };
         match r {
-            Ok(()) | Err(Error::Busy(_)) | Err(Error::NoSpace) => {}
+            Ok(()) | Err(Error::Busy { .. }) | Err(Error::NoSpace) => {}
             Err(e) => {
                 log.line(&format!("ERR {e}"));
                 if pool.lease_lost().is_some() {

@@ -237,7 +237,7 @@ impl Activation {
         let opened = match &self.source {
             None => Err(Wait::Failed("it was released".to_string())),
             Some(src) => src.open().map_err(|e| match e {
-                thinlun::Error::Busy(msg) => Wait::Busy(msg),
+                thinlun::Error::Busy { message: msg, .. } => Wait::Busy(msg),
                 e => Wait::Failed(e.to_string()),
             }),
         };

@@ -704,9 +704,10 @@ pub fn import_diff(pool: &Pool, volume: &str, input: &mut dyn Read) -> Result<Di
         }
         (Err(e), Undo::Remove) => match pool.remove_volume(volume, true) {
             Ok(()) => Err(e),
-            Err(e2) => Err(Error::Busy(format!(
-                "{e}; removing the partly imported volume '{volume}' failed too: {e2}"
-            ))),
+            Err(e2) => Err(Error::busy(
+                crate::BusyKind::UndoFailed,
+                format!("{e}; removing the partly imported volume '{volume}' failed too: {e2}"),
+            )),
         },
         (Err(e), Undo::Rollback { snapshot, size }) => {
             let restored = pool.rollback(&snapshot, false).and_then(|()| {
@@ -717,7 +718,7 @@ pub fn import_diff(pool: &Pool, volume: &str, input: &mut dyn Read) -> Result<Di
             });
             match restored {
                 Ok(()) => Err(e),
-                Err(e2) => Err(Error::Busy(format!(
+                Err(e2) => Err(Error::busy(crate::BusyKind::UndoFailed, format!(
                     "{e}; undoing the partial import failed too ({e2}): the old content of '{volume}' is in snapshot '{snapshot}'"
                 ))),
             }

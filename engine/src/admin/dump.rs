@@ -804,7 +804,7 @@ pub fn restore(
     match load(dev.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id()) {
         Ok(l) => {
             if !opts.force {
-                return Err(Error::Busy(format!(
+                return Err(Error::busy(crate::BusyKind::NeedsForce, format!(
                     "{label} holds a pool that opens without errors ({} volumes); restoring replaces its metadata with the dump's (changes since the dump are lost): use --force",
                     l.state.volumes.len()
                 )));

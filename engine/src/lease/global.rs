@@ -87,10 +87,13 @@ impl GlobalGuard {
                 .map_err(|e| Error::io("waiting for the global lock", e))?;
             if now_ms() - start > timeout.as_millis() as u64 {
                 let who: Vec<String> = waiting.iter().map(|&h| lease.name_of(h)).collect();
-                return Err(Error::Busy(format!(
-                    "timed out waiting for the pool's global lock (held or wanted by {})",
-                    who.join(", ")
-                )));
+                return Err(Error::busy(
+                    crate::BusyKind::GlobalLock,
+                    format!(
+                        "timed out waiting for the pool's global lock (held or wanted by {})",
+                        who.join(", ")
+                    ),
+                ));
             }
             std::thread::sleep(pause);
             pause = (pause * 2).min(Duration::from_millis(20));

@@ -133,9 +133,10 @@ impl HostLease {
                 .map_err(io_err("arming the lease watchdog"))?;
         }
         if read_slot_tolerant(&read_slot, timing)? != slot {
-            return Err(Error::Busy(format!(
-                "host id {id} changed hands while joining; another host is using it"
-            )));
+            return Err(Error::busy(
+                crate::BusyKind::HostIdInUse,
+                format!("host id {id} changed hands while joining; another host is using it"),
+            ));
         }
         let (generation, renewal) = slot
             .as_ref()
@@ -164,7 +165,7 @@ impl HostLease {
                     let _ = w.disarm();
                 }
                 let by = other.map_or("nobody".to_string(), |s| format!("'{}'", s.name));
-                return Err(Error::Busy(format!(
+                return Err(Error::busy(crate::BusyKind::HostIdInUse, format!(
                     "host id {id} was taken by {by} while this host was joining; each host needs its own id"
                 )));
             }
@@ -536,7 +537,7 @@ fn wait_until_dead(
         std::thread::sleep(timing.io_timeout);
         let now = read_slot_tolerant(read, timing)?;
         if now.as_ref() != Some(&seen) {
-            return Err(Error::Busy(format!(
+            return Err(Error::busy(crate::BusyKind::HostIdInUse, format!(
                 "host id {} is in use by host '{}' (its lease is being renewed); each host needs its own id",
                 seen.host_id, seen.name
             )));
@@ -560,9 +561,10 @@ fn lock_locally(dir: &std::path::Path, uuid: &[u8; 16], id: u32) -> Result<std::
     // SAFETY: plain syscall on an fd we own; no memory is passed.
     let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if r != 0 {
-        return Err(Error::Busy(format!(
-            "host id {id} is already in use by another thinlun process on this machine"
-        )));
+        return Err(Error::busy(
+            crate::BusyKind::HostIdInUseHere,
+            format!("host id {id} is already in use by another thinlun process on this machine"),
+        ));
     }
     Ok(f)
 }

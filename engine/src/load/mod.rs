@@ -124,8 +124,9 @@ pub(crate) fn load_observed(
                 std::thread::sleep(std::time::Duration::from_millis(2 * tries));
             }
             None => {
-                return Err(Error::Busy(
-                    "volume trees kept changing while the pool was read; try again".into(),
+                return Err(Error::busy(
+                    crate::BusyKind::Retry,
+                    "volume trees kept changing while the pool was read; try again",
                 ))
             }
         }

@@ -171,7 +171,7 @@ impl State {
             .filter_map(|f| self.volumes.get(f))
             .find(|v| !v.damage.is_empty())
         {
-            Some(d) => Err(crate::Error::Busy(format!(
+            Some(d) => Err(crate::Error::busy(crate::BusyKind::Damaged, format!(
                 "{what} '{}' refused: it may share blocks with damaged volume '{}', which must stay allocated until that damage is repaired",
                 self.volumes.get(&id).map_or_else(String::new, |v| self.display_name(v)),
                 self.display_name(d)

@@ -224,9 +224,10 @@ impl Inner {
             return Err(Error::PoolReadOnly);
         }
         if let Some(why) = self.failed.lock().as_ref() {
-            return Err(Error::Busy(format!(
-                "pool stopped accepting writes after an earlier error ({why}); reopen it"
-            )));
+            return Err(Error::busy(
+                crate::BusyKind::Stopped,
+                format!("pool stopped accepting writes after an earlier error ({why}); reopen it"),
+            ));
         }
         Ok(())
     }
@@ -433,7 +434,7 @@ impl Inner {
         let carried = self.state.lock().carried.clone();
         if !carried.is_empty() {
             if !ctl.journal.has_room(carried.len()) {
-                return Err(Error::Busy(format!(
+                return Err(Error::busy(crate::BusyKind::Damaged, format!(
                     "the journal has no room for the {} mapping changes of damaged volumes it must keep; repair the pool",
                     carried.len()
                 )));

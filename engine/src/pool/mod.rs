@@ -237,9 +237,12 @@ impl Pool {
                 let b =
                     crate::dev::read_block(dev.as_ref(), at).map_err(|e| Error::io(label, e))?;
                 if has_magic(&b) {
-                    return Err(Error::Busy(format!(
-                        "{label} already holds a thinlun pool; use --force to overwrite it"
-                    )));
+                    return Err(Error::busy(
+                        crate::BusyKind::NeedsForce,
+                        format!(
+                            "{label} already holds a thinlun pool; use --force to overwrite it"
+                        ),
+                    ));
                 }
             }
         }
@@ -893,9 +896,9 @@ impl Pool {
         let mut wait = crate::pool::shared::HolderWait::default();
         loop {
             match self.open_volume_once(name) {
-                Err(Error::Busy(msg)) => {
+                Err(e @ Error::Busy { .. }) => {
                     if !self.inner.wait_for_holder(name, &mut wait)? {
-                        return Err(Error::Busy(msg));
+                        return Err(e);
                     }
                 }
                 r => return r,
@@ -932,9 +935,10 @@ impl Pool {
             // volume may be another host's creation).
             self.inner.activate(name)?;
         }
-        Err(Error::Busy(format!(
-            "volume '{name}' keeps being released while this host activates it; try again"
-        )))
+        Err(Error::busy(
+            crate::BusyKind::Retry,
+            format!("volume '{name}' keeps being released while this host activates it; try again"),
+        ))
     }
 
     /// Verifies the live state: rebuilding the space map from every
@@ -1001,9 +1005,10 @@ fn open_device(path: &Path, read_only: bool) -> Result<Arc<dyn BlockDevice>> {
     if !read_only && !shared {
         dev.lock_exclusive().map_err(|e| {
             if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                Error::Busy(format!(
-                    "{label} is open for writing by another thinlun process"
-                ))
+                Error::busy(
+                    crate::BusyKind::PoolOpenElsewhere,
+                    format!("{label} is open for writing by another thinlun process"),
+                )
             } else {
                 Error::io(&label, e)
             }

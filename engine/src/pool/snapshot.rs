@@ -114,9 +114,10 @@ impl Pool {
             )));
         }
         if v.handles > 0 {
-            return Err(Error::Busy(format!(
-                "volume '{name}' is open; close it first"
-            )));
+            return Err(Error::busy(
+                crate::BusyKind::VolumeOpen,
+                format!("volume '{name}' is open; close it first"),
+            ));
         }
         if let Some(n) = new_name {
             if n != name && st.id_by_name(n).is_some() {
@@ -163,10 +164,13 @@ impl Pool {
             st.refuse_family_damaged(snap.rec.parent_id, "rollback of")?;
             let vol = &st.volumes[&snap.rec.parent_id];
             if vol.handles > 0 {
-                return Err(Error::Busy(format!(
-                    "volume '{}' is open; stop it before a rollback",
-                    vol.rec.name
-                )));
+                return Err(Error::busy(
+                    crate::BusyKind::VolumeOpen,
+                    format!(
+                        "volume '{}' is open; stop it before a rollback",
+                        vol.rec.name
+                    ),
+                ));
             }
             if vol.rec.flags & flags::READ_ONLY != 0 {
                 return Err(Error::ReadOnly(vol.rec.name.clone()));
@@ -356,11 +360,14 @@ fn clones_error(st: &State, v: &Vol, clones: &[u64]) -> Error {
         .filter_map(|id| st.volumes.get(id))
         .map(|c| st.display_name(c))
         .collect();
-    Error::Busy(format!(
-        "'{}' has linked clones: {}; remove or flatten them first",
-        st.display_name(v),
-        names.join(", ")
-    ))
+    Error::busy(
+        crate::BusyKind::HasDependents,
+        format!(
+            "'{}' has linked clones: {}; remove or flatten them first",
+            st.display_name(v),
+            names.join(", ")
+        ),
+    )
 }
 
 /// Refuses to remove a volume that clones or snapshots still depend on.
@@ -372,11 +379,14 @@ pub(crate) fn check_removable(st: &State, id: u64, recursive: bool) -> Result<Ve
             .iter()
             .map(|s| st.display_name(&st.volumes[s]))
             .collect();
-        return Err(Error::Busy(format!(
-            "volume '{}' has snapshots ({}); use --recursive to remove them too",
-            v.rec.name,
-            names.join(", ")
-        )));
+        return Err(Error::busy(
+            crate::BusyKind::HasDependents,
+            format!(
+                "volume '{}' has snapshots ({}); use --recursive to remove them too",
+                v.rec.name,
+                names.join(", ")
+            ),
+        ));
     }
     let mut ids = snaps;
     ids.push(id);
@@ -386,10 +396,13 @@ pub(crate) fn check_removable(st: &State, id: u64, recursive: bool) -> Result<Ve
             return Err(clones_error(st, &st.volumes[&x], &clones));
         }
         if st.volumes[&x].handles > 0 {
-            return Err(Error::Busy(format!(
-                "volume '{}' is open; close it before removing it",
-                st.display_name(&st.volumes[&x])
-            )));
+            return Err(Error::busy(
+                crate::BusyKind::VolumeOpen,
+                format!(
+                    "volume '{}' is open; close it before removing it",
+                    st.display_name(&st.volumes[&x])
+                ),
+            ));
         }
     }
     Ok(ids)

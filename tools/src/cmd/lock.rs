@@ -168,10 +168,12 @@ pub fn release(pool: Option<&Path>, name: &str) -> CliResult<()> {
             super::report_warnings(&p);
             p
         }
-        Err(e @ thinlun::Error::Busy(_))
-            if e.to_string()
-                .contains("in use by another thinlun process on this machine") =>
-        {
+        Err(
+            e @ thinlun::Error::Busy {
+                kind: thinlun::BusyKind::HostIdInUseHere,
+                ..
+            },
+        ) => {
             let control = thinlun_vhost::control::default_control_path(path);
             if !control.exists() {
                 return Err(e.into());

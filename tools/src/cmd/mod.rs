@@ -137,7 +137,9 @@ fn open_writable_waiting(path: &Path, give_up: impl Fn() -> bool) -> thinlun::Re
     let mut said = false;
     loop {
         match Pool::open_path(path, &write_options()) {
-            Err(thinlun::Error::Busy(why)) if Instant::now() < deadline && !give_up() => {
+            Err(thinlun::Error::Busy { message: why, .. })
+                if Instant::now() < deadline && !give_up() =>
+            {
                 if !said {
                     eprintln!(
                         "thinctl: waiting up to {} s for {}: {why}",
@@ -191,7 +193,7 @@ pub fn open_or_served(path: &Path, control: Option<&Path>) -> CliResult<Writer> 
             report_warnings(&pool);
             Ok(Writer::Open(pool))
         }
-        Err(thinlun::Error::Busy(why)) => {
+        Err(thinlun::Error::Busy { message: why, .. }) => {
             daemon::serving_control(path, control, &why).map(Writer::Served)
         }
         Err(e) => Err(e.into()),

@@ -82,7 +82,7 @@ pub fn open_writable_waiting(path: &Path) -> CliResult<Pool> {
     loop {
         require_exists(path)?;
         match Pool::open_path(path, &super::write_options()) {
-            Err(thinlun::Error::Busy(msg)) if Instant::now() < deadline => {
+            Err(thinlun::Error::Busy { message: msg, .. }) if Instant::now() < deadline => {
                 if !noted {
                     eprintln!("thinctl: {msg}; waiting up to {} s", LOCK_WAIT.as_secs());
                     noted = true;

@@ -122,7 +122,7 @@ fn snapshot(pool: Option<&Path>, name: &str, control: Option<&Path>) -> CliResul
     let pool = match super::open_unless_served(path, control) {
         // Held by a serving process: it takes the snapshot (crash-consistent
         // with the guests' in-flight writes).
-        Err(thinlun::Error::Busy(why)) => {
+        Err(thinlun::Error::Busy { message: why, .. }) => {
             return super::daemon::snapshot_via_control(path, control, name, &why);
         }
         r => r?,

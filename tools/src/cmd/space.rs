@@ -148,7 +148,7 @@ pub fn grow(pool: Option<&Path>) -> CliResult<()> {
     let pool = match super::open_unless_served(path, None) {
         Ok(p) => p,
         // Served by another process: it grows the pool it holds.
-        Err(e @ thinlun::Error::Busy(_)) => {
+        Err(e @ thinlun::Error::Busy { .. }) => {
             return super::daemon::grow_via_control(path, &e.to_string())
         }
         Err(_) => open_read_write(path)?,

@@ -50,11 +50,14 @@ impl Inner {
         if h == 0 || (h == self.host_id && g == sh.lease.generation) {
             return Ok(());
         }
-        Err(Error::Busy(format!(
+        Err(Error::busy(
+            crate::BusyKind::ActiveElsewhere,
+            format!(
             "volume '{}' is active on host {h} ('{}'); release it there first (thinctl release)",
             st.display_name(owner_vol),
             sh.lease.name_of(h)
-        )))
+        ),
+        ))
     }
 
     /// Takes the exclusive activation lease of a writable volume.
@@ -248,9 +251,12 @@ impl Pool {
                 .volume_by_name(name)
                 .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
             if v.handles > 0 {
-                return Err(Error::Busy(format!(
-                    "volume '{name}' is open on this host; close it (stop serving it) first"
-                )));
+                return Err(Error::busy(
+                    crate::BusyKind::VolumeOpen,
+                    format!(
+                        "volume '{name}' is open on this host; close it (stop serving it) first"
+                    ),
+                ));
             }
             v.rec.id
         };
