@@ -108,7 +108,7 @@ pub use admin::{check, diffstream, dump, repair, salvage};
 pub use error::{BusyKind, Error, Result};
 pub use format::names::is_valid_volume_name;
 pub use format::{BLOCK_SIZE, SECTOR_SIZE};
-pub use pool::guard;
+pub use pool::guard::ThresholdEvent;
 pub use pool::io::queue::{Completion, IoBuf, IoQueue, QueueOp};
 pub use pool::io::volume::{Request, Volume};
 pub use pool::shared::LockStatus;

@@ -16,7 +16,7 @@
 //! briefly; nothing holds `state` while waiting for `commit`.
 
 mod commit;
-pub mod guard;
+pub(crate) mod guard;
 pub(crate) mod io;
 mod options;
 pub(crate) mod shared;
