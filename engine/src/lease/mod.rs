@@ -78,7 +78,7 @@ pub struct HostView {
 }
 
 /// How a silent holder looks to the host that waits for it
-/// ([`HostLease::watch_of`]).
+/// (`HostLease::watch_of`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostWatch {
     pub unchanged_ms: u64,

@@ -7,7 +7,7 @@
 //! [`PoolStatus`], ...), `commit` the machinery that makes mapping changes
 //! durable (journal group commit) and folds them into the volume trees
 //! (checkpoint), with the background committer; `snapshot` snapshots,
-//! clones, rollback, flatten and usage; [`guard`] the space policy;
+//! clones, rollback, flatten and usage; `guard` the space policy;
 //! `shared` what a shared pool does with its leases (claims, recovery,
 //! activation, lock status); `io` the I/O path (batch planning, volumes,
 //! queues).
