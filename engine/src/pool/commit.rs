@@ -24,7 +24,7 @@ use crate::map::extmap::LeafExtents;
 use crate::map::state::State;
 use crate::unflushed::RecordKey;
 use crate::util::now_unix;
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -486,8 +486,9 @@ impl Inner {
     }
 
     /// Writes the catalog copy-on-write and both superblock copies. Called
-    /// with the commit lock held (no checkpoint runs meanwhile).
-    pub(crate) fn write_catalog(&self, st: &mut MutexGuard<'_, State>) -> Result<()> {
+    /// with the commit lock held (no checkpoint runs meanwhile), as a
+    /// [`Inner::pool_change`] holds it.
+    pub(crate) fn write_catalog(&self, st: &mut State) -> Result<()> {
         self.write_catalog_with(st, Vec::new())
     }
 
@@ -496,7 +497,7 @@ impl Inner {
     /// written in the same batch as the catalog and covered by its flush.
     pub(crate) fn write_catalog_with(
         &self,
-        st: &mut MutexGuard<'_, State>,
+        st: &mut State,
         extra: Vec<(u64, Vec<u8>)>,
     ) -> Result<()> {
         let r = self.write_catalog_inner(st, extra);

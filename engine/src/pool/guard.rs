@@ -123,9 +123,7 @@ impl Pool {
         validate_policy(&policy)?;
         self.inner.writable()?;
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let old = st.sb.policy;
         st.sb.policy = policy;
         if let Err(e) = inner.write_catalog(&mut st) {
@@ -214,9 +212,7 @@ impl Pool {
             .dev
             .size_bytes()
             .map_err(|e| Error::io("reading the LUN size", e))?;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let l = st.sb.layout;
         let new_blocks = (dev_bytes / BLOCK_SIZE as u64)
             .min(l.max_pool_blocks)

@@ -12,9 +12,13 @@
 //! activation, lock status); `io` the I/O path (batch planning, volumes,
 //! queues).
 //!
-//! Lock order: `commit` before `state`. The data path takes only `state`,
-//! briefly; nothing holds `state` while waiting for `commit`.
+//! Lock order: the global lock (shared pools), then `commit`, then
+//! `state`; a pool change takes all three through `Inner::pool_change`
+//! (`change`), which is where the order is written down. The data path
+//! takes only `state`, briefly; nothing holds `state` while waiting for
+//! `commit`.
 
+mod change;
 mod commit;
 pub(crate) mod guard;
 pub(crate) mod io;
@@ -609,9 +613,7 @@ impl Pool {
         }
         self.inner.writable()?;
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         if st.id_by_name(name).is_some() {
             return Err(Error::VolumeExists(name.to_string()));
         }
@@ -678,9 +680,7 @@ impl Pool {
     pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
         self.inner.writable()?;
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
@@ -731,9 +731,7 @@ impl Pool {
         }
         self.inner.writable()?;
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let id = st
             .id_by_name(old)
             .ok_or_else(|| Error::NoSuchVolume(old.to_string()))?;

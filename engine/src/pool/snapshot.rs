@@ -100,9 +100,7 @@ impl Pool {
             }
         }
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
@@ -277,9 +275,7 @@ impl Pool {
         vol.flush()?;
         drop(vol);
         let inner = &self.inner;
-        let _g = inner.global()?;
-        let _ctl = inner.commit.lock();
-        let mut st = inner.state.lock();
+        let mut st = inner.pool_change()?;
         let old_origin = st.volumes.get(&id).map_or(0, |v| v.rec.origin_id);
         if let Some(v) = st.volumes.get_mut(&id) {
             v.rec.origin_id = 0;

@@ -62,9 +62,7 @@ impl Inner {
 
     /// Takes the exclusive activation lease of a writable volume.
     pub(crate) fn activate(&self, name: &str) -> Result<u64> {
-        let _g = self.global()?;
-        let _ctl = self.commit.lock();
-        let mut st = self.state.lock();
+        let mut st = self.pool_change()?;
         let id = st
             .id_by_name(name)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
@@ -115,9 +113,7 @@ impl Inner {
             self.commit_locked(ctl)?;
             self.checkpoint_locked(ctl)?;
         }
-        let _g = self.global()?;
-        let _ctl = self.commit.lock();
-        let mut st = self.state.lock();
+        let mut st = self.pool_change()?;
         let Some(v) = st.volumes.get_mut(&id) else {
             return Ok(());
         };

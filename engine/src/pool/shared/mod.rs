@@ -241,9 +241,7 @@ impl Inner {
             return Ok(());
         };
         let r = (|| -> Result<()> {
-            let _g = self.global()?;
-            let _ctl = self.commit.lock();
-            let mut st = self.state.lock();
+            let mut st = self.pool_change()?;
             let layout = st.sb.layout;
             let mut claims = read_claims(self.dev.as_ref(), &layout)?;
             let me = self.host_id;
