@@ -150,20 +150,28 @@ fn connect_client(sock: &Path) -> Client {
     }
 }
 
-/// Threads and open descriptors of a process.
+/// Threads and open descriptors of a process. io_uring's worker threads
+/// (`iou-wrk-*`) are left out: the kernel starts them for blocking
+/// requests and keeps or ends them as it sees fit (one can stay for good).
 fn resources(pid: u32) -> (usize, usize) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let threads = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let threads = thread_names(pid)
+        .iter()
+        .filter(|n| !n.starts_with("iou-"))
+        .count();
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .count();
     (threads, fds)
+}
+
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Waits until the daemon is back to `base` threads and descriptors.
@@ -177,7 +185,8 @@ fn assert_released(t: &Target, base: (usize, usize)) {
         }
         assert!(
             Instant::now() < deadline,
-            "the daemon holds {now:?} (threads, fds) against {base:?} before"
+            "the daemon holds {now:?} (threads, fds) against {base:?} before; threads: {}",
+            thread_names(t.pid()).join(", ")
         );
         std::thread::sleep(Duration::from_millis(100));
     }

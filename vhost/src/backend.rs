@@ -215,7 +215,15 @@ impl BlkBackend {
     /// Lets the backend end its own connection (a front end whose memory
     /// faulted).
     pub fn set_connection(&self, handle: Option<ShutdownHandle>) {
-        *lock(&self.inner.connection) = handle;
+        let mut conn = lock(&self.inner.connection);
+        *conn = handle;
+        // The front end may have faulted before the server got here (its
+        // messages are handled from the accept on): end it now.
+        if self.inner.lost.load(Ordering::Acquire) {
+            if let Some(h) = conn.as_ref() {
+                h.shutdown();
+            }
+        }
     }
 
     /// Checks a memory table before its first use and registers its
@@ -241,6 +249,7 @@ impl BlkBackend {
                 self.inner.dev.activation.name()
             );
         }
+        // Not set yet: set_connection ends it when it is.
         if let Some(h) = lock(&self.inner.connection).as_ref() {
             h.shutdown();
         }
