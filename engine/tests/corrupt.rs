@@ -530,12 +530,7 @@ fn healthy_volumes_of_a_damaged_pool_work_normally() {
     let (mut img, mut want) = family_pool();
     let trees = trees(&img);
     // vm-a's last leaf (own, diverged from its snapshot).
-    let leaf = trees["vm-a"]
-        .iter()
-        .filter(|n| n.level == 0)
-        .max_by_key(|n| n.lo)
-        .unwrap()
-        .clone();
+    let leaf = last_leaf(&trees["vm-a"]).clone();
     damage(&mut img, leaf.block, "zeroed", 0);
     let hit = vec!["vm-a".to_string()];
     let (dev, pool) = open_rw(img);
@@ -591,12 +586,7 @@ fn journaled_writes_of_a_damaged_volume_survive_checkpoints() {
     let img = dev.image();
     std::mem::forget(pool);
     let trees = trees(&img);
-    let leaf = trees["vm-a"]
-        .iter()
-        .filter(|n| n.level == 0)
-        .max_by_key(|n| n.lo)
-        .unwrap()
-        .clone();
+    let leaf = last_leaf(&trees["vm-a"]).clone();
     assert!(leaf.lo > 5);
     let mut bad = img;
     damage(&mut bad, leaf.block, "bit flip", 0);
@@ -683,7 +673,7 @@ fn salvage_rebuilds_a_damaged_tree_and_changes_nothing_else() {
     let (img, want) = family_pool();
     let trees = trees(&img);
     let last_leaf = |vol: &'static str| {
-        let max_lo = trees_max_lo(&trees[vol]);
+        let max_lo = last_leaf(&trees[vol]).lo;
         move |name: &str, n: &NodeAt| name == vol && n.level == 0 && n.lo == max_lo
     };
     let cases: Vec<(&str, (NodeAt, Vec<String>))> = vec![
@@ -786,12 +776,12 @@ fn salvage_rebuilds_a_damaged_tree_and_changes_nothing_else() {
     }
 }
 
-fn trees_max_lo(t: &[NodeAt]) -> u64 {
+/// The leaf of a tree that maps its highest range.
+fn last_leaf(t: &[NodeAt]) -> &NodeAt {
     t.iter()
         .filter(|n| n.level == 0)
-        .map(|n| n.lo)
-        .max()
-        .unwrap()
+        .max_by_key(|n| n.lo)
+        .expect("a tree with leaves")
 }
 
 /// A leaf shared by a volume and its snapshot: salvaging the volume fixes
@@ -959,7 +949,7 @@ fn salvage_keeps_the_journaled_writes_outside_the_lost_range() {
     let (img, _) = family_pool();
     let leaf = {
         let t = trees(&img);
-        let max_lo = trees_max_lo(&t["vm-a"]);
+        let max_lo = last_leaf(&t["vm-a"]).lo;
         node_of(&t, |name, n| {
             name == "vm-a" && n.level == 0 && n.lo == max_lo
         })

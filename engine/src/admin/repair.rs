@@ -277,16 +277,16 @@ mod tests {
         Arc::new(MemDevice::from_image(img))
     }
 
+    fn open_read_only(dev: Arc<MemDevice>) -> Pool {
+        let opts = OpenOptions {
+            read_only: true,
+            ..Default::default()
+        };
+        Pool::open(dev, "t", &opts).unwrap()
+    }
+
     fn read_vm1(dev: Arc<MemDevice>) -> Vec<u8> {
-        let pool = Pool::open(
-            dev,
-            "t",
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let pool = open_read_only(dev);
         let v = pool.open_volume("vm-1").unwrap();
         let mut buf = vec![0u8; 8192];
         v.read(0, &mut buf).unwrap();
@@ -378,15 +378,7 @@ mod tests {
         );
         // The first commit survives; the torn one is dropped, as after a
         // power loss during it.
-        let pool = Pool::open(
-            dev,
-            "t",
-            &OpenOptions {
-                read_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let pool = open_read_only(dev);
         let v = pool.open_volume("vm-1").unwrap();
         let mut buf = vec![0u8; 4096];
         v.read(0, &mut buf).unwrap();

@@ -35,6 +35,27 @@ pub(super) fn later_commit(
     })
 }
 
+/// A MAP entry's physical blocks must lie in the data area and hold no
+/// metadata block.
+fn check_target(
+    layout: &Layout,
+    meta_blocks: &HashSet<u64>,
+    volume: &str,
+    pblock: u64,
+    len: u64,
+) -> std::result::Result<(), String> {
+    if !layout.is_data_block(pblock)
+        || !layout.is_data_block(pblock + len - 1)
+        || (pblock..pblock + len).any(|b| meta_blocks.contains(&b))
+    {
+        return Err(format!(
+            "(volume '{volume}') maps blocks {pblock}..{} outside the data area or onto metadata",
+            pblock + len
+        ));
+    }
+    Ok(())
+}
+
 /// Applies replayed journal entries to a loaded state.
 pub(super) struct Replay<'a> {
     pub(super) state: &'a mut State,
@@ -70,16 +91,7 @@ impl Replay<'_> {
                 ..
             } => {
                 let len = len as u64;
-                if !layout.is_data_block(pblock)
-                    || !layout.is_data_block(pblock + len - 1)
-                    || (pblock..pblock + len).any(|b| self.meta_blocks.contains(&b))
-                {
-                    return Err(format!(
-                        "(volume '{}') maps blocks {pblock}..{} outside the data area or onto metadata",
-                        vol.rec.name,
-                        pblock + len
-                    ));
-                }
+                check_target(layout, self.meta_blocks, &vol.rec.name, pblock, len)?;
                 vol.map.map(vblock, pblock, len, ch);
                 for p in state.drop_refs(ch) {
                     state.space.release(p.0, p.1);
@@ -126,16 +138,7 @@ impl Replay<'_> {
                 ..
             } => {
                 let len = len as u64;
-                if !layout.is_data_block(pblock)
-                    || !layout.is_data_block(pblock + len - 1)
-                    || (pblock..pblock + len).any(|b| self.meta_blocks.contains(&b))
-                {
-                    return Err(format!(
-                        "(volume '{}') maps blocks {pblock}..{} outside the data area or onto metadata",
-                        vol.rec.name,
-                        pblock + len
-                    ));
-                }
+                check_target(layout, self.meta_blocks, &vol.rec.name, pblock, len)?;
                 (vblock, len)
             }
             Entry::Unmap { vblock, len, .. } | Entry::Zero { vblock, len, .. } => {
