@@ -227,7 +227,7 @@ impl BlkBackend {
     }
 
     /// Checks a memory table before its first use and registers its
-    /// files; false (logged) if it must not be touched.
+    /// files; an error says why it must not be touched.
     fn memory_checked(&self, mem: &Arc<Mem>) -> Result<(), String> {
         let mut checked = lock(&self.inner.checked);
         if checked.as_ref().is_some_and(|c| Arc::ptr_eq(c, mem)) {

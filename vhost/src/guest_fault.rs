@@ -110,17 +110,21 @@ impl FileRegistry {
         }
     }
 
-    /// Replaces this connection's files with `files`.
+    /// Replaces this connection's files with `files`. The new ones are
+    /// added before the old ones go, so a fault on a file in both tables
+    /// is contained throughout.
     pub fn register(&self, files: &[(u64, u64)]) -> Result<(), String> {
-        self.clear();
         for &(dev, ino) in files {
+            if self.holds(dev, ino) {
+                continue;
+            }
             let free = FILES.iter().find(|s| {
                 s.owner
                     .compare_exchange(0, self.owner, Ordering::AcqRel, Ordering::Relaxed)
                     .is_ok()
             });
             let Some(slot) = free else {
-                self.clear();
+                self.retain(files);
                 return Err(format!(
                     "more than {FILE_SLOTS} guest memory files are in use in this process"
                 ));
@@ -128,12 +132,26 @@ impl FileRegistry {
             slot.dev.store(dev, Ordering::Release);
             slot.ino.store(ino, Ordering::Release);
         }
+        self.retain(files);
         Ok(())
     }
 
-    fn clear(&self) {
-        for s in FILES.iter() {
-            if s.owner.load(Ordering::Acquire) == self.owner {
+    fn holds(&self, dev: u64, ino: u64) -> bool {
+        self.slots()
+            .any(|s| s.dev.load(Ordering::Acquire) == dev && s.ino.load(Ordering::Acquire) == ino)
+    }
+
+    fn slots(&self) -> impl Iterator<Item = &'static FileSlot> + '_ {
+        FILES
+            .iter()
+            .filter(move |s| s.owner.load(Ordering::Acquire) == self.owner)
+    }
+
+    /// Frees this connection's slots of files not in `keep`.
+    fn retain(&self, keep: &[(u64, u64)]) {
+        for s in self.slots() {
+            let file = (s.dev.load(Ordering::Acquire), s.ino.load(Ordering::Acquire));
+            if !keep.contains(&file) {
                 s.dev.store(0, Ordering::Release);
                 s.ino.store(0, Ordering::Release);
                 s.owner.store(0, Ordering::Release);
@@ -150,7 +168,7 @@ impl Default for FileRegistry {
 
 impl Drop for FileRegistry {
     fn drop(&mut self) {
-        self.clear();
+        self.retain(&[]);
     }
 }
 
@@ -421,8 +439,11 @@ mod tests {
         let a = FileRegistry::new();
         a.register(&[(1, 2), (3, 4)]).unwrap();
         assert!(registered(1, 2) && registered(3, 4));
+        a.register(&[(3, 4), (5, 6)]).unwrap();
+        assert!(!registered(1, 2) && registered(3, 4) && registered(5, 6));
+        assert_eq!(a.slots().count(), 2, "a file in both tables keeps one slot");
         a.register(&[(5, 6)]).unwrap();
-        assert!(!registered(1, 2) && registered(5, 6));
+        assert!(!registered(3, 4) && registered(5, 6));
         drop(a);
         assert!(!registered(5, 6));
     }
