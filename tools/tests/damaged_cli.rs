@@ -32,6 +32,22 @@ fn export(dir: &TempDir, pool: &Path, name: &str) -> Vec<u8> {
     fs::read(&f).unwrap()
 }
 
+/// What `names` hold now, through `thinctl export`.
+fn exports<'a>(dir: &TempDir, pool: &Path, names: &[&'a str]) -> Vec<(&'a str, Vec<u8>)> {
+    names.iter().map(|&n| (n, export(dir, pool, n))).collect()
+}
+
+/// The block of a volume's tree root, from a `thinctl dump`.
+fn root_of(dump: &J, full_name: &str) -> usize {
+    dump.at("volumes")
+        .arr()
+        .iter()
+        .find(|v| v.str("full_name") == full_name)
+        .unwrap_or_else(|| panic!("{full_name} not in the dump"))
+        .at("on_disk")
+        .num("root") as usize
+}
+
 /// vm-1 with its snapshot and a clone of that, and an unrelated vm-2;
 /// vm-1 then changes a block, so its tree (one leaf) is its own.
 fn sample_pool(dir: &TempDir) -> PathBuf {
@@ -61,19 +77,9 @@ fn sample_pool(dir: &TempDir) -> PathBuf {
 fn list_check_and_export_on_a_pool_with_a_damaged_node() {
     let dir = TempDir::new("damaged-node");
     let pool = sample_pool(&dir);
-    let before: Vec<(&str, Vec<u8>)> = ["vm-2", "vm-1@s1", "clone-1"]
-        .into_iter()
-        .map(|n| (n, export(&dir, &pool, n)))
-        .collect();
+    let before = exports(&dir, &pool, &["vm-2", "vm-1@s1", "clone-1"]);
     let d = J::parse(&ok(&pool, &["dump"]));
-    let root = d
-        .at("volumes")
-        .arr()
-        .iter()
-        .find(|v| v.str("full_name") == "vm-1")
-        .unwrap()
-        .at("on_disk")
-        .num("root") as usize;
+    let root = root_of(&d, "vm-1");
     let shared_root = d
         .at("volumes")
         .arr()
@@ -150,19 +156,9 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
 fn repair_salvage_rebuilds_the_damaged_volume() {
     let dir = TempDir::new("salvage-node");
     let pool = sample_pool(&dir);
-    let before: Vec<(&str, Vec<u8>)> = ["vm-2", "vm-1@s1", "clone-1"]
-        .into_iter()
-        .map(|n| (n, export(&dir, &pool, n)))
-        .collect();
+    let before = exports(&dir, &pool, &["vm-2", "vm-1@s1", "clone-1"]);
     let d = J::parse(&ok(&pool, &["dump"]));
-    let root = d
-        .at("volumes")
-        .arr()
-        .iter()
-        .find(|v| v.str("full_name") == "vm-1")
-        .unwrap()
-        .at("on_disk")
-        .num("root") as usize;
+    let root = root_of(&d, "vm-1");
     let mut img = fs::read(&pool).unwrap();
     img[root * BLOCK + 70] ^= 0x20;
     fs::write(&pool, &img).unwrap();

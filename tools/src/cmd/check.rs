@@ -134,15 +134,9 @@ fn report_json(label: &str, r: &CheckReport) -> Json {
                 r.damaged
                     .iter()
                     .map(|(name, d)| {
-                        obj(vec![
-                            ("volume", name.as_str().into()),
-                            ("start_sector", d.sectors().0.into()),
-                            ("end_sector", d.sectors().1.into()),
-                            ("start_byte", d.bytes().0.into()),
-                            ("end_byte", d.bytes().1.into()),
-                            ("node_block", d.node_block.into()),
-                            ("reason", d.reason.as_str().into()),
-                        ])
+                        let mut fields = vec![("volume", name.as_str().into())];
+                        fields.extend(super::volume::damage_fields(d));
+                        obj(fields)
                     })
                     .collect(),
             ),

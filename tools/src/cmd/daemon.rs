@@ -209,10 +209,9 @@ pub fn snapshot_via_control(
     let req = Request::Snapshot {
         name: spec.to_string(),
     };
-    let Answer::SnapshotCreated { name, mapped_bytes } = ask(&control, &req)? else {
-        return Err(CliError::new(
-            "the serving process answered a snapshot with something else",
-        ));
+    let (name, mapped_bytes) = match ask(&control, &req)? {
+        Answer::SnapshotCreated { name, mapped_bytes } => (name, mapped_bytes),
+        other => return Err(unexpected(&other)),
     };
     emit(&format!(
         "created snapshot '{name}' ({} mapped) in the process serving the pool (control socket {})\n",

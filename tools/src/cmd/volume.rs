@@ -367,6 +367,18 @@ fn flags(v: &VolumeInfo) -> String {
     }
 }
 
+/// A damaged range as the `--json` of info, list and check shows it.
+pub fn damage_fields(d: &thinlun::DamagedRange) -> Vec<(&'static str, Json)> {
+    vec![
+        ("start_sector", d.sectors().0.into()),
+        ("end_sector", d.sectors().1.into()),
+        ("start_byte", d.bytes().0.into()),
+        ("end_byte", d.bytes().1.into()),
+        ("node_block", d.node_block.into()),
+        ("reason", d.reason.as_str().into()),
+    ]
+}
+
 /// A volume's unreadable ranges for `info`: "-" when healthy.
 fn damage_text(v: &VolumeInfo) -> String {
     if v.damage.is_empty() {
@@ -402,20 +414,7 @@ fn info_json(v: &VolumeInfo) -> Json {
         ("damaged", (!v.damage.is_empty()).into()),
     ];
     if !v.damage.is_empty() {
-        let ranges: Vec<Json> = v
-            .damage
-            .iter()
-            .map(|d| {
-                obj(vec![
-                    ("start_sector", d.sectors().0.into()),
-                    ("end_sector", d.sectors().1.into()),
-                    ("start_byte", d.bytes().0.into()),
-                    ("end_byte", d.bytes().1.into()),
-                    ("node_block", d.node_block.into()),
-                    ("reason", d.reason.as_str().into()),
-                ])
-            })
-            .collect();
+        let ranges: Vec<Json> = v.damage.iter().map(|d| obj(damage_fields(d))).collect();
         fields.push(("damage", Json::Array(ranges)));
     }
     // Present only when they apply (the JSON writer has no null).
