@@ -263,11 +263,12 @@ fn family_pool() -> (Vec<u8>, BTreeMap<String, Vec<u8>>) {
     (dev.image(), want)
 }
 
-/// A node of some tree: its block, level and the virtual range its parent
-/// gives it.
+/// A node of some tree: its block (and its twin's, for a ditto node),
+/// level and the virtual range its parent gives it.
 #[derive(Clone, Debug)]
 struct NodeAt {
     block: u64,
+    twin: u64,
     level: u16,
     lo: u64,
     hi: u64,
@@ -277,7 +278,9 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
 }
 
-/// Walks a volume's tree on the image (format 4.7) from its root.
+/// Walks a volume's tree on the image (format 4.7) from its root. A ditto
+/// node (version 2) names its twin at byte 48, and its interior entries
+/// are 24 bytes.
 fn tree_nodes(img: &[u8], root: u64) -> Vec<NodeAt> {
     let mut out = Vec::new();
     if root == 0 {
@@ -286,20 +289,23 @@ fn tree_nodes(img: &[u8], root: u64) -> Vec<NodeAt> {
     let mut todo = vec![(root, 0u64, u64::MAX)];
     while let Some((block, lo, hi)) = todo.pop() {
         let b = &img[block as usize * BS..(block as usize + 1) * BS];
+        let ditto = u16::from_le_bytes([b[8], b[9]]) == 2;
         let level = u16::from_le_bytes([b[10], b[11]]);
         let count = u32::from_le_bytes(b[40..44].try_into().unwrap()) as usize;
         out.push(NodeAt {
             block,
+            twin: if ditto { u64_at(b, 48) } else { 0 },
             level,
             lo,
             hi,
         });
+        let stride = if ditto { 24 } else { 16 };
         if level > 0 {
             for i in 0..count {
-                let key = u64_at(b, 64 + 16 * i);
-                let child = u64_at(b, 72 + 16 * i);
+                let key = u64_at(b, 64 + stride * i);
+                let child = u64_at(b, 72 + stride * i);
                 let child_hi = if i + 1 < count {
-                    u64_at(b, 64 + 16 * (i + 1))
+                    u64_at(b, 64 + stride * (i + 1))
                 } else {
                     hi
                 };
@@ -334,8 +340,15 @@ fn open_rw(img: Vec<u8>) -> (Arc<MemDevice>, Pool) {
     (dev, pool)
 }
 
+/// Damages both copies of node `n` as `how` says.
+fn damage(img: &mut [u8], n: &NodeAt, how: &str, other: u64) {
+    assert!(n.twin != 0, "pools are made with ditto nodes");
+    damage_copy(img, n.block, how, other);
+    damage_copy(img, n.twin, how, other);
+}
+
 /// Damages block `node` of `img` as `how` says.
-fn damage(img: &mut [u8], node: u64, how: &str, other: u64) {
+fn damage_copy(img: &mut [u8], node: u64, how: &str, other: u64) {
     let at = node as usize * BS;
     match how {
         "bit flip" => img[at + 200] ^= 0x04,
@@ -502,7 +515,7 @@ fn one_damaged_node_costs_only_the_volumes_sharing_it() {
         for how in ["bit flip", "zeroed", "misdirected"] {
             let what = format!("{how} in {kind} at block {}", n.block);
             let mut bad = img.clone();
-            damage(&mut bad, n.block, how, other);
+            damage(&mut bad, &n, how, other);
             let (dev, pool) = open_rw(bad);
             verify_isolated(&pool, &dev, &want, &hit, n, &what);
             drop(pool);
@@ -531,7 +544,7 @@ fn healthy_volumes_of_a_damaged_pool_work_normally() {
     let trees = trees(&img);
     // vm-a's last leaf (own, diverged from its snapshot).
     let leaf = last_leaf(&trees["vm-a"]).clone();
-    damage(&mut img, leaf.block, "zeroed", 0);
+    damage(&mut img, &leaf, "zeroed", 0);
     let hit = vec!["vm-a".to_string()];
     let (dev, pool) = open_rw(img);
     let before = pool.status();
@@ -589,7 +602,7 @@ fn journaled_writes_of_a_damaged_volume_survive_checkpoints() {
     let leaf = last_leaf(&trees["vm-a"]).clone();
     assert!(leaf.lo > 5);
     let mut bad = img;
-    damage(&mut bad, leaf.block, "bit flip", 0);
+    damage(&mut bad, &leaf, "bit flip", 0);
     let hit = vec!["vm-a".to_string()];
     let (dev, pool) = open_rw(bad);
     verify_isolated(&pool, &dev, &want, &hit, &leaf, "journal replayed");
@@ -694,7 +707,7 @@ fn salvage_rebuilds_a_damaged_tree_and_changes_nothing_else() {
         assert_eq!(hit.len(), 1, "{kind}: {hit:?}");
         let name = hit[0].as_str();
         let mut bad = img.clone();
-        damage(&mut bad, n.block, "bit flip", 0);
+        damage(&mut bad, &n, "bit flip", 0);
         let dev = Arc::new(MemDevice::from_image(bad));
         let damaged_used = {
             let pool = Pool::open(dev.clone(), "mem", &OpenOptions::default()).unwrap();
@@ -797,7 +810,7 @@ fn salvage_of_a_shared_node_fixes_only_the_volumes_named() {
     });
     assert_eq!(hit, ["vm-a", "vm-a@s1"]);
     let mut bad = img.clone();
-    damage(&mut bad, n.block, "zeroed", 0);
+    damage(&mut bad, &n, "zeroed", 0);
     let dev = Arc::new(MemDevice::from_image(bad));
     let r = salvage(&dev, &["vm-a"], false);
     assert!(r.refused.is_empty(), "{r:?}");
@@ -837,7 +850,7 @@ fn salvage_of_a_shared_node_fixes_only_the_volumes_named() {
     });
     assert_eq!(hit, ["clone-2", "tmpl"]);
     let mut bad = img.clone();
-    damage(&mut bad, n.block, "bit flip", 0);
+    damage(&mut bad, &n, "bit flip", 0);
     let dev = Arc::new(MemDevice::from_image(bad));
     let r = salvage(&dev, &["tmpl", "clone-2"], false);
     assert!(r.refused.is_empty() && r.salvaged.len() == 2, "{r:?}");
@@ -861,7 +874,7 @@ fn salvage_of_a_shared_node_fixes_only_the_volumes_named() {
 fn salvage_is_only_run_when_asked_for() {
     let (mut img, _) = family_pool();
     let (n, _) = node_of(&trees(&img), |name, n| name == "vm-a" && n.level > 0);
-    damage(&mut img, n.block, "zeroed", 0);
+    damage(&mut img, &n, "zeroed", 0);
     let dev = Arc::new(MemDevice::from_image(img));
     let before = dev.image();
     for names in [&["vm-b"][..], &["nope"], &["vm-a", "vm-b"], &[]] {
@@ -893,7 +906,7 @@ fn a_crash_during_salvage_leaves_the_old_or_the_new_state() {
     let (n, hit) = node_of(&trees, |name, n| name == "vm-a" && n.level > 0);
     assert_eq!(hit, ["vm-a"]);
     let mut bad = img.clone();
-    damage(&mut bad, n.block, "bit flip", 0);
+    damage(&mut bad, &n, "bit flip", 0);
     let dev = Arc::new(MemDevice::from_image(bad));
     dev.start_trace();
     let r = salvage(&dev, &["vm-a"], false);
@@ -961,7 +974,7 @@ fn salvage_keeps_the_journaled_writes_outside_the_lost_range() {
     let img = dev.image();
     std::mem::forget(pool);
     let mut bad = img;
-    damage(&mut bad, leaf.block, "zeroed", 0);
+    damage(&mut bad, &leaf, "zeroed", 0);
     let dev = Arc::new(MemDevice::from_image(bad));
     let r = salvage(&dev, &["vm-a"], false);
     assert!(r.refused.is_empty(), "{r:?}");
@@ -1004,7 +1017,7 @@ fn salvage_also_clears_a_torn_journal_tail() {
         .unwrap()
         .1;
     img[last * BS + 100] ^= 0xff;
-    damage(&mut img, n.block, "zeroed", 0);
+    damage(&mut img, &n, "zeroed", 0);
     let dev = Arc::new(MemDevice::from_image(img));
     let c = check(dev.as_ref(), "mem").unwrap();
     assert!(

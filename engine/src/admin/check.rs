@@ -10,7 +10,7 @@ use crate::format::{
     claims, codec, journal::decode_host_checkpoint, magic, Layout, BLOCK_SIZE,
     HOST_CHECKPOINT_BLOCKS,
 };
-use crate::load::load_observed;
+use crate::load::{load_observed, Copies};
 
 /// The outcome of a check.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -69,6 +69,7 @@ pub fn check_with_progress(
         label,
         host,
         crate::util::boot_id(),
+        Copies::Both,
         Some(progress),
         None,
     ) {

@@ -22,7 +22,8 @@ use crate::format::claims;
 use crate::format::journal::{
     decode_block, decode_host_checkpoint, encode_host_checkpoint, HostCheckpoint,
 };
-use crate::format::node::{self, Extent, Node, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
+use crate::alloc::space::{Cursor, SpaceMap};
+use crate::format::node::{self, Child, Extent, Node, NodeAddr, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
 use crate::format::superblock::{Policy, SharedParams, Superblock};
 use crate::format::{format_uuid, SINGLE_HOST_ID};
 use crate::format::{
@@ -158,7 +159,7 @@ pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
                 on_disk: VolumeOnDisk {
                     header_blocks: v.rec.header_blocks,
                     generation: v.header.generation,
-                    root: v.header.root,
+                    root: v.header.root.block,
                     depth: v.header.depth,
                     journal_seq: v.header.journal_seq,
                     journal_host: v.header.journal_host,
@@ -421,6 +422,7 @@ impl MetadataDump {
             created_unix: 0,
             commit_unix: 0,
             policy,
+            ditto_nodes: DITTO,
             shared: (pool.io_timeout_ms != 0).then_some(SharedParams {
                 io_timeout_ms: pool.io_timeout_ms,
             }),
@@ -657,38 +659,58 @@ pub struct RestoreReport {
 
 /// Hands out data-area blocks that hold neither dumped data nor metadata
 /// the target still uses, lowest first.
+/// Where restore puts the new metadata: data-area blocks nothing kept
+/// holds, second copies away from the first.
+/// A restored pool is written in the current format: with ditto nodes,
+/// whatever the dumped pool had (so restore also converts an older pool).
+const DITTO: bool = true;
+
 struct Alloc {
-    used: Vec<(u64, u64)>,
-    idx: usize,
-    next: u64,
-    end: u64,
+    space: SpaceMap,
+    first: Cursor,
+    second: Cursor,
 }
 
 impl Alloc {
-    fn new(mut used: Vec<(u64, u64)>, layout: &Layout) -> Alloc {
-        used.sort_unstable();
+    fn new(keep: Vec<(u64, u64)>, layout: &Layout) -> Alloc {
+        let mut space = SpaceMap::new(layout);
+        let mut overlap = Vec::new();
+        for (s, e) in keep {
+            let (s, e) = (s.max(layout.data_start), e.min(layout.data_end()));
+            if s < e {
+                overlap.clear();
+                space.mark_or_share(s, e - s, &mut overlap);
+            }
+        }
         Alloc {
-            used,
-            idx: 0,
-            next: layout.data_start,
-            end: layout.data_end(),
+            space,
+            first: Cursor::default(),
+            second: Cursor::default(),
         }
     }
 
     fn take(&mut self) -> Result<u64> {
-        while self.next < self.end {
-            while self.idx < self.used.len() && self.used[self.idx].1 <= self.next {
-                self.idx += 1;
-            }
-            match self.used.get(self.idx) {
-                Some(&(s, e)) if s <= self.next => self.next = e,
-                _ => {
-                    self.next += 1;
-                    return Ok(self.next - 1);
-                }
-            }
+        let run = self.space.allocate_run(&mut self.first, 1);
+        run.map(|(b, _)| b).ok_or(Error::NoSpace)
+    }
+
+    /// Two blocks in different chunks, far apart (both copies of a record).
+    fn take_pair(&mut self) -> Result<NodeAddr> {
+        let block = self.take()?;
+        let twin = self.space.allocate_apart(&mut self.second, block);
+        Ok(NodeAddr {
+            block,
+            twin: twin.ok_or(Error::NoSpace)?,
+        })
+    }
+
+    /// A tree node: two blocks on a pool with ditto nodes, else one.
+    fn take_node(&mut self, ditto: bool) -> Result<NodeAddr> {
+        if ditto {
+            self.take_pair()
+        } else {
+            self.take().map(NodeAddr::single)
         }
-        Err(Error::NoSpace)
     }
 }
 
@@ -850,42 +872,36 @@ pub fn restore(
     let mut first: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut records = Vec::new();
     for v in &d.volumes {
-        let mut children: Vec<(u64, u64)> = Vec::new();
+        let mut children = Vec::new();
         for (i, chunk) in v.extents.chunks(NODE_CAPACITY).enumerate() {
-            let at = alloc.take()?;
+            let at = alloc.take_node(DITTO)?;
             let key = if i == 0 { 0 } else { chunk[0].vblock };
-            first.push((
-                at,
-                node::encode(&Node::Leaf(chunk.to_vec()), v.id, journal_seq, at),
-            ));
-            children.push((key, at));
+            let leaf = Node::Leaf(chunk.to_vec());
+            first.extend(node::encode_copies(&leaf, v.id, journal_seq, at));
+            children.push(Child { key, at });
         }
-        let mut depth = 0u16;
-        while children.len() > 1 {
-            depth += 1;
-            let mut parents = Vec::new();
-            for group in children.chunks(NODE_CAPACITY) {
-                let at = alloc.take()?;
-                let n = Node::Interior {
-                    level: depth,
-                    children: group.to_vec(),
-                };
-                first.push((at, node::encode(&n, v.id, journal_seq, at)));
-                parents.push((group[0].0, at));
-            }
-            children = parents;
+        let mut interior = Vec::new();
+        let (root, depth) = node::build_interior(
+            children,
+            DITTO,
+            || alloc.take_node(DITTO),
+            |at, n| interior.push((at, n)),
+        )?;
+        for (at, n) in interior {
+            first.extend(node::encode_copies(&n, v.id, journal_seq, at));
         }
         let header = VolumeHeader {
             volume_id: v.id,
             generation: 1,
-            root: children.first().map_or(0, |c| c.1),
+            root,
             depth,
             mapped_blocks: mapped_blocks(&v.extents),
             extent_count: v.extents.len() as u64,
             journal_seq,
             journal_host: SINGLE_HOST_ID,
         };
-        let hb = [alloc.take()?, alloc.take()?];
+        let pair = alloc.take_pair()?;
+        let hb = [pair.block, pair.twin];
         for at in hb {
             first.push((at, encode_volume_header(&header, at)));
         }
@@ -969,6 +985,7 @@ pub fn restore(
         commit_unix: now_unix(),
         policy: d.pool.policy,
         shared: None,
+        ditto_nodes: DITTO,
     };
 
     // Build on the overlay in protocol order: new blocks, flush, superblock

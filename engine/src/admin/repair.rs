@@ -38,7 +38,7 @@ use crate::format::journal::{decode_host_checkpoint, encode_host_checkpoint, Hos
 use crate::format::superblock::Superblock;
 use crate::format::SINGLE_HOST_ID;
 use crate::format::{BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS, SUPERBLOCK_A, SUPERBLOCK_B};
-use crate::load::load;
+use crate::load::{load, load_observed, Copies};
 use crate::pool::{OpenOptions, Pool};
 use std::sync::Arc;
 
@@ -106,8 +106,16 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
         return Ok(report);
     }
     // check passed, so this load succeeds; it gives the catalog and journal
-    // position the twin checks need.
-    let loaded = load(dev.as_ref(), label, SINGLE_HOST_ID, crate::util::boot_id())?;
+    // position the twin checks need, and the bad copies of ditto nodes.
+    let loaded = load_observed(
+        dev.as_ref(),
+        label,
+        SINGLE_HOST_ID,
+        crate::util::boot_id(),
+        Copies::Both,
+        None,
+        None,
+    )?;
     let st = &loaded.state;
     let layout = st.sb.layout;
     let used = st.space.total_blocks() - st.space.free_blocks();
@@ -172,6 +180,23 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
                 }
             }
         }
+    }
+    // Ditto nodes: a bad copy gets its twin's contents (nodes are never
+    // rewritten in place otherwise, so nothing else writes that block).
+    for c in &loaded.bad_node_copies {
+        let good = read_block(dev.as_ref(), c.good).map_err(|e| Error::io(label, e))?;
+        let (at, copy) = crate::format::node::twin_copy(&good, c.good)?;
+        if at != c.block {
+            return Err(Error::Corrupt(format!(
+                "mapping node at block {}: its twin names block {at}",
+                c.block
+            )));
+        }
+        report.fixes.push(format!(
+            "mapping node copy at block {} is damaged ({}): rewritten from its twin at block {}",
+            c.block, c.why, c.good
+        ));
+        rewrites.push((at, copy));
     }
     // Host slots and lock registers: a single-host pool never uses them
     // (a never-used one is all zeros), so a damaged one is cleared, not

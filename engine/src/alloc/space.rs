@@ -251,32 +251,80 @@ impl SpaceMap {
             return None;
         }
         loop {
-            if cursor.next != 0 {
-                let i = cursor.next - self.data_start;
-                let chunk_end = (i / self.chunk_blocks + 1) * self.chunk_blocks;
-                // Find the next free block in the cursor's chunk.
-                let mut j = i;
-                while j < chunk_end && self.bit(j) {
-                    j += 1;
-                }
-                if j < chunk_end {
-                    let mut n = 0;
-                    while n < want && j + n < chunk_end && !self.bit(j + n) {
-                        self.set(j + n);
-                        n += 1;
-                    }
-                    cursor.next = if j + n < chunk_end {
-                        self.data_start + j + n
-                    } else {
-                        0
-                    };
-                    return Some((self.data_start + j, n));
-                }
-                cursor.next = 0;
+            if let Some(run) = self.take_in_chunk(cursor, want) {
+                return Some(run);
             }
             let c = self.pick_chunk()?;
             cursor.next = self.data_start + c * self.chunk_blocks;
         }
+    }
+
+    /// Allocates one block for `cursor` in another chunk than block
+    /// `near`'s, as far from it as the free space allows: the second copy
+    /// of a ditto node, which one bad run of sectors must not take along
+    /// with the first. Only when no other chunk has room does it share
+    /// `near`'s chunk.
+    pub fn allocate_apart(&mut self, cursor: &mut Cursor, near: u64) -> Option<u64> {
+        if self.free_blocks() == 0 {
+            return None;
+        }
+        let chunk_of = |b: u64, s: &SpaceMap| (b - s.data_start) / s.chunk_blocks;
+        let near_chunk = chunk_of(near, self);
+        if cursor.next != 0 && chunk_of(cursor.next, self) != near_chunk {
+            if let Some((b, _)) = self.take_in_chunk(cursor, 1) {
+                return Some(b);
+            }
+        }
+        let c = self.pick_chunk_apart(near_chunk)?;
+        cursor.next = self.data_start + c * self.chunk_blocks;
+        self.take_in_chunk(cursor, 1).map(|(b, _)| b)
+    }
+
+    /// Takes up to `want` free blocks from the cursor's chunk, at or after
+    /// the cursor; None (and the cursor cleared) when there are none.
+    fn take_in_chunk(&mut self, cursor: &mut Cursor, want: u64) -> Option<(u64, u64)> {
+        if cursor.next == 0 {
+            return None;
+        }
+        let i = cursor.next - self.data_start;
+        let chunk_end = (i / self.chunk_blocks + 1) * self.chunk_blocks;
+        let mut j = i;
+        while j < chunk_end && self.bit(j) {
+            j += 1;
+        }
+        if j == chunk_end {
+            cursor.next = 0;
+            return None;
+        }
+        let mut n = 0;
+        while n < want && j + n < chunk_end && !self.bit(j + n) {
+            self.set(j + n);
+            n += 1;
+        }
+        cursor.next = if j + n < chunk_end {
+            self.data_start + j + n
+        } else {
+            0
+        };
+        Some((self.data_start + j, n))
+    }
+
+    /// An empty chunk, searched from the one half the data area away from
+    /// `near`; else the fullest-free chunk but `near`; else `near` itself.
+    fn pick_chunk_apart(&self, near: u64) -> Option<u64> {
+        let n = self.chunks;
+        let full = self.chunk_blocks as u32;
+        let free = |c: u64| self.chunk_free[c as usize];
+        let from = (near + n / 2) % n;
+        (0..n)
+            .map(|i| (from + i) % n)
+            .find(|&c| c != near && free(c) == full)
+            .or_else(|| {
+                (0..n)
+                    .filter(|&c| c != near && free(c) > 0)
+                    .max_by_key(|&c| free(c))
+            })
+            .or_else(|| (free(near) > 0).then_some(near))
     }
 
     fn pick_chunk(&mut self) -> Option<u64> {
@@ -353,5 +401,26 @@ mod tests {
             s.mark_used(l.data_start + 3, 1),
             Err(DoubleUse(l.data_start + 3))
         );
+    }
+
+    #[test]
+    fn twin_blocks_go_to_another_chunk_half_the_area_away() {
+        let l = layout();
+        let mut s = SpaceMap::new(&l);
+        let (mut meta, mut twin) = (Cursor::default(), Cursor::default());
+        let chunk = |b: u64| (b - l.data_start) / 16;
+        let (first, _) = s.allocate_run(&mut meta, 1).unwrap();
+        let t = s.allocate_apart(&mut twin, first).unwrap();
+        assert_eq!((chunk(first), chunk(t)), (0, 2), "two of four chunks away");
+        // The twin cursor stays in its chunk while that is not the first's.
+        assert_eq!(chunk(s.allocate_apart(&mut twin, first).unwrap()), 2);
+        // Fill everything, then free one block of chunk 0: the twin must
+        // share that chunk.
+        while s.allocate_run(&mut meta, 64).is_some() {}
+        s.release(first, 1);
+        let near = l.data_start + 5;
+        let only = s.allocate_apart(&mut twin, near).unwrap();
+        assert_eq!(only, first, "no other chunk has room");
+        assert_eq!(s.allocate_apart(&mut twin, near), None);
     }
 }

@@ -3,6 +3,7 @@
 //! volume's tree root, written only by the host that has the volume active).
 
 use super::codec::{self, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64, Header};
+use super::node::NodeAddr;
 use super::{magic, Layout, BLOCK_SIZE, MAX_BLOCKS, MAX_VOLUME_BYTES};
 use crate::error::{Error, Result};
 
@@ -162,8 +163,8 @@ pub struct VolumeHeader {
     pub volume_id: u64,
     /// Checkpoint generation of this volume; the newer valid copy wins.
     pub generation: u64,
-    /// Root node block (0 = empty mapping).
-    pub root: u64,
+    /// Root node (0 = empty mapping); its twin on a pool with ditto nodes.
+    pub root: NodeAddr,
     /// Tree height: 0 for a single leaf.
     pub depth: u16,
     pub mapped_blocks: u64,
@@ -177,11 +178,12 @@ pub struct VolumeHeader {
 pub fn encode_volume_header(h: &VolumeHeader, at_block: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     put_u64(&mut b, 32, h.volume_id);
-    put_u64(&mut b, 40, h.root);
+    put_u64(&mut b, 40, h.root.block);
     put_u64(&mut b, 48, h.mapped_blocks);
     put_u64(&mut b, 56, h.extent_count);
     put_u64(&mut b, 64, h.journal_seq);
     put_u32(&mut b, 72, h.journal_host);
+    put_u64(&mut b, 76, h.root.twin);
     codec::seal(
         &mut b,
         &Header {
@@ -196,8 +198,16 @@ pub fn encode_volume_header(h: &VolumeHeader, at_block: u64) -> Vec<u8> {
 
 pub fn decode_volume_header(b: &[u8], at_block: u64) -> Result<VolumeHeader> {
     let hdr = codec::open(b, magic::VOLUME_HEADER, at_block, "volume header")?;
-    let root = get_u64(b, 40);
-    if root >= MAX_BLOCKS || hdr.aux > super::node::MAX_LEVEL {
+    let root = NodeAddr {
+        block: get_u64(b, 40),
+        twin: get_u64(b, 76),
+    };
+    let twin_ok = root.twin == 0 || (root.block != 0 && root.twin != root.block);
+    if root.block >= MAX_BLOCKS
+        || root.twin >= MAX_BLOCKS
+        || !twin_ok
+        || hdr.aux > super::node::MAX_LEVEL
+    {
         return Err(Error::Corrupt(format!(
             "volume header at block {at_block}: invalid root pointer or depth"
         )));
@@ -252,7 +262,10 @@ mod tests {
         let h = VolumeHeader {
             volume_id: 4,
             generation: 7,
-            root: 12345,
+            root: NodeAddr {
+                block: 12345,
+                twin: 67890,
+            },
             depth: 2,
             mapped_blocks: 1000,
             extent_count: 10,

@@ -62,9 +62,14 @@ pub struct Header {
 /// Writes `hdr` into `b` (a whole block whose body is already filled) and
 /// seals the block with its checksum.
 pub fn seal(b: &mut [u8], hdr: &Header) {
+    seal_version(b, hdr, FORMAT_VERSION);
+}
+
+/// [`seal`] for a record of another version (mapping nodes with twins).
+pub fn seal_version(b: &mut [u8], hdr: &Header, version: u32) {
     debug_assert_eq!(b.len(), BLOCK_SIZE);
     b[0..8].copy_from_slice(&hdr.magic);
-    put_u16(b, 8, FORMAT_VERSION as u16);
+    put_u16(b, 8, version as u16);
     put_u16(b, 10, hdr.aux);
     put_u64(b, 16, hdr.self_block);
     put_u64(b, 24, hdr.seq);
@@ -75,6 +80,18 @@ pub fn seal(b: &mut [u8], hdr: &Header) {
 /// Checks magic, version, checksum and self address of a block; `what`
 /// names the record in error messages.
 pub fn open(b: &[u8], magic: &[u8; 8], at_block: u64, what: &str) -> Result<Header> {
+    open_version(b, magic, at_block, what, FORMAT_VERSION).map(|(h, _)| h)
+}
+
+/// [`open`] for a record type with versions 1..=`newest`; returns the
+/// header and the block's version.
+pub fn open_version(
+    b: &[u8],
+    magic: &[u8; 8],
+    at_block: u64,
+    what: &str,
+    newest: u32,
+) -> Result<(Header, u32)> {
     if b.len() != BLOCK_SIZE {
         return Err(Error::Corrupt(format!(
             "{what}: short block ({} bytes)",
@@ -96,10 +113,10 @@ pub fn open(b: &[u8], magic: &[u8; 8], at_block: u64, what: &str) -> Result<Head
         )));
     }
     let version = get_u16(b, 8) as u32;
-    if version != FORMAT_VERSION {
+    if version == 0 || version > newest {
         return Err(Error::UnsupportedVersion {
             found: version,
-            supported: FORMAT_VERSION,
+            supported: newest,
         });
     }
     let self_block = get_u64(b, 16);
@@ -108,12 +125,13 @@ pub fn open(b: &[u8], magic: &[u8; 8], at_block: u64, what: &str) -> Result<Head
             "{what} at block {at_block}: record says it belongs at block {self_block} (misdirected or stale write)"
         )));
     }
-    Ok(Header {
+    let hdr = Header {
         magic: *magic,
         aux: get_u16(b, 10),
         self_block,
         seq: get_u64(b, 24),
-    })
+    };
+    Ok((hdr, version))
 }
 
 #[cfg(test)]

@@ -53,6 +53,9 @@ pub struct Superblock {
     /// Shared by several hosts through leases on the LUN (docs/LOCKING.md);
     /// `None` for a single-host pool, guarded by a local flock only.
     pub shared: Option<SharedParams>,
+    /// Every tree node is written twice, far apart (docs/FORMAT.md 4.7).
+    /// Pools made before ditto nodes keep single copies.
+    pub ditto_nodes: bool,
 }
 
 /// Lease timing of a shared pool: everything derives from the I/O timeout.
@@ -64,7 +67,11 @@ pub struct SharedParams {
 /// Incompatible feature: the pool is shared through on-LUN leases; a
 /// thinlun that does not know them must not write it.
 pub const INCOMPAT_SHARED: u32 = 1;
-const INCOMPAT_KNOWN: u32 = INCOMPAT_SHARED;
+/// Incompatible feature: mapping-tree nodes are written twice (ditto
+/// nodes, record version 2); a thinlun that does not know them cannot
+/// read the trees.
+pub const INCOMPAT_DITTO_NODES: u32 = 2;
+const INCOMPAT_KNOWN: u32 = INCOMPAT_SHARED | INCOMPAT_DITTO_NODES;
 
 // Body offsets (after the 32-byte common header).
 const O_BLOCK_SIZE: usize = 32;
@@ -108,11 +115,8 @@ impl Superblock {
         put_u32(
             &mut b,
             O_INCOMPAT,
-            if self.shared.is_some() {
-                INCOMPAT_SHARED
-            } else {
-                0
-            },
+            if self.shared.is_some() { INCOMPAT_SHARED } else { 0 }
+                | if self.ditto_nodes { INCOMPAT_DITTO_NODES } else { 0 },
         );
         put_u32(
             &mut b,
@@ -256,6 +260,7 @@ impl Superblock {
             } else {
                 None
             },
+            ditto_nodes: incompat & INCOMPAT_DITTO_NODES != 0,
         })
     }
 }
@@ -281,6 +286,7 @@ mod tests {
             commit_unix: 2,
             policy: Policy::default(),
             shared: None,
+            ditto_nodes: true,
         }
     }
 

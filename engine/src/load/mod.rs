@@ -13,7 +13,7 @@ mod tree;
 
 pub use progress::Progress;
 pub(crate) use superblock::read_superblock;
-pub(crate) use tree::LeafCache;
+pub(crate) use tree::{BadCopy, Copies, LeafCache};
 
 use replay::{later_commit, Replay};
 use tree::{load_tree, mark};
@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::format::catalog::flags;
 use crate::format::catalog::{decode_catalog, decode_volume_header, VolumeRecord};
 use crate::format::journal::{decode_block, decode_host_checkpoint, HostCheckpoint, JournalBlock};
-use crate::format::node;
+use crate::format::node::{self, NodeAddr};
 use crate::format::{BLOCK_SIZE, HOST_CHECKPOINT_BLOCKS};
 use crate::map::extmap::RefChanges;
 use crate::map::state::{State, Vol};
@@ -50,6 +50,9 @@ pub(crate) struct Loaded {
     /// Problems that did not stop the load (a damaged copy of a record
     /// that has a good twin).
     pub warnings: Vec<String>,
+    /// Bad copies of ditto nodes, each with its good twin (among the
+    /// warnings too).
+    pub bad_node_copies: Vec<BadCopy>,
 }
 
 /// Reads both copies of a two-copy record and keeps the valid newer one.
@@ -91,7 +94,7 @@ fn newer_of<T>(
 /// seqlock-style (the header generation must not change across it) and
 /// retried.
 pub(crate) fn load(dev: &dyn BlockDevice, label: &str, host_id: u32, boot: u64) -> Result<Loaded> {
-    load_observed(dev, label, host_id, boot, None, None)
+    load_observed(dev, label, host_id, boot, Copies::First, None, None)
 }
 
 /// [`load`], then the mapping changes that `host_id`'s unflushed record in
@@ -103,21 +106,23 @@ pub(crate) fn load_with_record(
     boot: u64,
     unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Loaded> {
-    load_observed(dev, label, host_id, boot, None, unflushed)
+    load_observed(dev, label, host_id, boot, Copies::First, None, unflushed)
 }
 
-/// [`load`], counting the volume trees read in `progress`.
+/// [`load`], reading `copies` of ditto nodes and counting the volume trees
+/// read in `progress`.
 pub(crate) fn load_observed(
     dev: &dyn BlockDevice,
     label: &str,
     host_id: u32,
     boot: u64,
+    copies: Copies,
     progress: Option<&Progress>,
     unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Loaded> {
     let mut tries = 0;
     loop {
-        match load_once(dev, label, host_id, boot, progress, unflushed)? {
+        match load_once(dev, label, host_id, boot, copies, progress, unflushed)? {
             Some(l) => return Ok(l),
             None if tries < 50 => {
                 tries += 1;
@@ -147,6 +152,7 @@ fn load_once(
     label: &str,
     host_id: u32,
     boot: u64,
+    copies: Copies,
     progress: Option<&Progress>,
     unflushed: Option<&dyn SurvivingMemory>,
 ) -> Result<Option<Loaded>> {
@@ -219,6 +225,7 @@ fn load_once(
     let mut cache = LeafCache::new();
     let mut withheld = 0u64;
     let mut damaged_nodes: Vec<u64> = Vec::new();
+    let mut bad_node_copies = Vec::new();
     for rec in records {
         if state.volumes.contains_key(&rec.id) {
             return Err(Error::Corrupt(format!(
@@ -258,11 +265,22 @@ fn load_once(
             h => h?,
         };
         let mut interior = Vec::new();
-        let map = load_tree(dev, &mut cache, &rec, &header, &mut interior);
+        let tree = load_tree(dev, &mut cache, &rec, &header, copies, &mut interior);
         if foreign && header_generation(dev, &rec) != Some(header.generation) {
             return Ok(None);
         }
-        let (map, damage) = map?;
+        let tree::LoadedTree {
+            map,
+            damage,
+            bad_copies,
+        } = tree?;
+        for c in &bad_copies {
+            warnings.push(format!(
+                "volume '{}' tree: damaged copy of a mapping node at block {} ({}); using its twin at block {}",
+                rec.name, c.block, c.why, c.good
+            ));
+        }
+        bad_node_copies.extend(bad_copies);
         meta.extend(
             interior
                 .into_iter()
@@ -281,7 +299,7 @@ fn load_once(
                     "{label}: volume '{}' is damaged: blocks {}..{} cannot be mapped ({}); its reads there and all its writes fail until repaired",
                     rec.name, d.lo, d.hi.min(rec.size_bytes / BLOCK_SIZE as u64), d.why
                 );
-                damaged_nodes.push(d.node);
+                damaged_nodes.extend(NodeAddr { block: d.node, twin: d.twin }.blocks());
             }
         }
         state.volumes.insert(
@@ -308,7 +326,7 @@ fn load_once(
             if !layout.is_data_block(p) || !layout.is_data_block(p + n - 1) {
                 return Err(Error::Corrupt(format!(
                     "mapping leaf at block {} points outside the data area (blocks {p}..{})",
-                    leaf.disk(),
+                    leaf.disk().block,
                     p + n
                 )));
             }
@@ -319,7 +337,12 @@ fn load_once(
             }
         }
     }
-    meta.extend(cache.keys().map(|&b| (b, "mapping leaf".to_string())));
+    meta.extend(
+        cache
+            .values()
+            .flat_map(|l| l.disk().blocks())
+            .map(|b| (b, "mapping leaf".to_string())),
+    );
     // Leaves must be held only by volumes from here on: a leaf held twice
     // counts as shared, and changing it would copy it.
     drop(cache);
@@ -360,6 +383,7 @@ fn load_once(
             from_record: 0,
             record_epoch: (0, 1),
             warnings,
+            bad_node_copies,
         }));
     }
     // This host's journal.
@@ -462,5 +486,6 @@ fn load_once(
         from_record,
         record_epoch,
         warnings,
+        bad_node_copies,
     }))
 }

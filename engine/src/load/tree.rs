@@ -2,10 +2,10 @@
 //! damage confined to the subtree of a bad node.
 
 use crate::alloc::space::SpaceMap;
-use crate::dev::{read_blocks, BlockDevice};
+use crate::dev::{read_block, read_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{VolumeHeader, VolumeRecord};
-use crate::format::node::{self, Node};
+use crate::format::node::{self, Node, NodeAddr};
 use crate::format::Layout;
 use crate::map::extmap::{ExtentMap, Leaf};
 use crate::map::state::Damage;
@@ -42,123 +42,118 @@ const LOAD_BATCH: usize = 2048;
 /// their origin, and each shared leaf is read and counted once.
 pub(crate) type LeafCache = HashMap<u64, Arc<Leaf>>;
 
+/// Which copies of ditto nodes a load reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Copies {
+    /// The first copy, and the second only where the first is bad (open).
+    First,
+    /// Both copies of every node (check).
+    Both,
+}
+
+/// One copy of a ditto node that is bad while its twin is good.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct BadCopy {
+    pub block: u64,
+    /// The good copy: the bad one is rewritten from it.
+    pub good: u64,
+    pub why: String,
+}
+
+/// What loading one volume's tree found.
+pub(super) struct LoadedTree {
+    pub map: ExtentMap,
+    /// Key ranges lost with nodes of which no copy is good.
+    pub damage: Vec<Damage>,
+    /// Bad copies of nodes whose twin was used.
+    pub bad_copies: Vec<BadCopy>,
+}
+
+/// A node to read, with the key range its parent gives it.
+#[derive(Clone, Copy)]
+struct Pending {
+    at: NodeAddr,
+    lo: u64,
+    hi: u64,
+    level: u16,
+}
+
 /// Loads a volume's tree, level by level with batched reads, checking that
 /// every node's keys lie inside the range its parent gives it. Interior
-/// node blocks are appended to `interior_out`.
+/// node blocks (both copies) are appended to `interior_out`.
 ///
-/// A node that fails its checks (damaged, misdirected, wrong level, keys
-/// outside its range) does not fail the load: its subtree is left out and
-/// its key range returned as damage, so one bad node costs the volumes
-/// that share it, not the pool. Read errors of the device still fail.
+/// A ditto node whose first copy is bad or unreadable is read from its
+/// twin. A node of which no copy passes its checks (damaged, misdirected,
+/// wrong level, keys outside its range) does not fail the load: its
+/// subtree is left out and its key range returned as damage, so one bad
+/// node costs the volumes that share it, not the pool. A read error on a
+/// node without a good twin still fails: the node may be fine, and
+/// treating it as lost would let its blocks be reused.
 pub(super) fn load_tree(
     dev: &dyn BlockDevice,
     cache: &mut LeafCache,
     rec: &VolumeRecord,
     h: &VolumeHeader,
+    copies: Copies,
     interior_out: &mut Vec<u64>,
-) -> Result<(ExtentMap, Vec<Damage>)> {
-    if h.root == 0 {
-        return Ok((ExtentMap::new(), Vec::new()));
+) -> Result<LoadedTree> {
+    let mut out = LoadedTree {
+        map: ExtentMap::new(),
+        damage: Vec::new(),
+        bad_copies: Vec::new(),
+    };
+    if h.root.is_none() {
+        return Ok(out);
     }
-    // (block, key lower bound, key upper bound, expected level)
-    let mut level: Vec<(u64, u64, u64, u16)> = vec![(h.root, 0, u64::MAX, h.depth)];
+    let mut level = vec![Pending {
+        at: h.root,
+        lo: 0,
+        hi: u64::MAX,
+        level: h.depth,
+    }];
     let mut interior = Vec::new();
     let mut leaves: Vec<(u64, Arc<Leaf>)> = Vec::new();
     let mut own_leaves = HashSet::new();
-    let mut lost: Vec<Damage> = Vec::new();
-    let damage = |node: u64, lo: u64, hi: u64, why: &str| Damage {
-        lo,
-        hi,
-        node,
-        why: format!("mapping node at block {node}: {why}"),
-    };
     while !level.is_empty() {
         let mut next = Vec::new();
         for batch in level.chunks(LOAD_BATCH) {
             // Shared leaves already loaded need no read.
             let mut to_read = Vec::new();
-            for &(block, lo, hi, want_level) in batch {
-                match cache.get(&block) {
-                    Some(leaf) if want_level == 0 => {
-                        if !own_leaves.insert(block) {
-                            lost.push(damage(block, lo, hi, "referenced twice in one tree"));
-                        } else if !leaf.within(lo, hi) {
-                            lost.push(damage(
-                                block,
-                                lo,
-                                hi,
-                                "extents outside the range the parent node gives",
-                            ));
+            for p in batch {
+                match cache.get(&p.at.block) {
+                    Some(leaf) if p.level == 0 => {
+                        if !own_leaves.insert(p.at.block) {
+                            out.damage.push(damage(p, "referenced twice in one tree".into()));
+                        } else if !leaf.within(p.lo, p.hi) {
+                            out.damage.push(damage(p, OUTSIDE.into()));
                         } else {
-                            leaves.push((lo, leaf.clone()));
+                            leaves.push((p.lo, leaf.clone()));
                         }
                     }
-                    _ => to_read.push((block, lo, hi, want_level)),
+                    _ => to_read.push(*p),
                 }
             }
-            let blocks: Vec<u64> = to_read.iter().map(|l| l.0).collect();
-            let bufs = read_blocks(dev, &blocks, "reading mapping nodes")?;
-            for (i, &(block, lo, hi, want_level)) in to_read.iter().enumerate() {
-                let decoded = match node::decode(&bufs[i], block) {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let why = match e {
-                            Error::Corrupt(m) => m,
-                            e => e.to_string(),
-                        };
-                        lost.push(Damage {
-                            lo,
-                            hi,
-                            node: block,
-                            why,
-                        });
-                        continue;
-                    }
-                };
-                match decoded {
+            for (p, node) in read_nodes(dev, &to_read, copies, &mut out)? {
+                match node {
                     Node::Leaf(extents) => {
-                        if want_level != 0 {
-                            lost.push(damage(
-                                block,
-                                lo,
-                                hi,
-                                "leaf found where an interior node belongs",
-                            ));
-                        } else if extents.first().is_some_and(|e| e.vblock < lo)
-                            || extents.last().is_some_and(|e| e.vend() > hi)
-                        {
-                            lost.push(damage(
-                                block,
-                                lo,
-                                hi,
-                                "extents outside the range the parent node gives",
-                            ));
-                        } else if !own_leaves.insert(block) {
-                            lost.push(damage(block, lo, hi, "referenced twice in one tree"));
+                        if !own_leaves.insert(p.at.block) {
+                            out.damage.push(damage(&p, "referenced twice in one tree".into()));
                         } else {
-                            let leaf = Leaf::new_loaded(&extents, block);
-                            cache.insert(block, leaf.clone());
-                            leaves.push((lo, leaf));
+                            let leaf = Leaf::new_loaded(&extents, p.at);
+                            cache.insert(p.at.block, leaf.clone());
+                            leaves.push((p.lo, leaf));
                         }
                     }
                     Node::Interior { level: l, children } => {
-                        if l != want_level || l == 0 {
-                            lost.push(damage(block, lo, hi, "wrong tree level"));
-                        } else if children[0].0 != lo || children.last().is_some_and(|c| c.0 >= hi)
-                        {
-                            lost.push(damage(
-                                block,
-                                lo,
-                                hi,
-                                "child keys outside the range the parent node gives",
-                            ));
-                        } else {
-                            for (i, &(key, child)) in children.iter().enumerate() {
-                                let child_hi = children.get(i + 1).map_or(hi, |c| c.0);
-                                next.push((child, key, child_hi, l - 1));
-                            }
-                            interior.push(block);
+                        for (i, c) in children.iter().enumerate() {
+                            next.push(Pending {
+                                at: c.at,
+                                lo: c.key,
+                                hi: children.get(i + 1).map_or(p.hi, |n| n.key),
+                                level: l - 1,
+                            });
                         }
+                        interior.extend(p.at.blocks());
                     }
                 }
             }
@@ -166,10 +161,11 @@ pub(super) fn load_tree(
         level = next;
     }
     leaves.sort_by_key(|l| l.0);
-    lost.sort_by_key(|d| d.lo);
+    out.damage.sort_by_key(|d| d.lo);
     interior_out.extend(&interior);
-    let map = ExtentMap::from_leaves(leaves, interior);
-    if lost.is_empty()
+    out.map = ExtentMap::from_leaves(leaves, interior);
+    let map = &out.map;
+    if out.damage.is_empty()
         && (map.mapped_blocks() != h.mapped_blocks || map.extent_count() != h.extent_count)
     {
         return Err(Error::Corrupt(format!(
@@ -181,5 +177,135 @@ pub(super) fn load_tree(
             map.extent_count()
         )));
     }
-    Ok((map, lost))
+    Ok(out)
+}
+
+const OUTSIDE: &str = "extents outside the range the parent node gives";
+
+fn damage(p: &Pending, why: String) -> Damage {
+    Damage {
+        lo: p.lo,
+        hi: p.hi,
+        node: p.at.block,
+        twin: p.at.twin,
+        why,
+    }
+}
+
+/// Reads and checks the nodes `to_read`, each from the first of its copies
+/// that is good. Returns the good ones; the others go to `out.damage`, and
+/// bad copies with a good twin to `out.bad_copies`.
+fn read_nodes(
+    dev: &dyn BlockDevice,
+    to_read: &[Pending],
+    copies: Copies,
+    out: &mut LoadedTree,
+) -> Result<Vec<(Pending, Node)>> {
+    let firsts: Vec<u64> = to_read.iter().map(|p| p.at.block).collect();
+    let first = read_each(dev, &firsts)?;
+    let seconds: Vec<u64> = to_read
+        .iter()
+        .zip(&first)
+        .filter(|(p, r)| p.at.twin != 0 && (copies == Copies::Both || r.is_err()))
+        .map(|(p, _)| p.at.twin)
+        .collect();
+    let mut second = read_each(dev, &seconds)?.into_iter();
+    let mut good = Vec::with_capacity(to_read.len());
+    for (p, first) in to_read.iter().zip(first) {
+        let a = first.and_then(|b| accept(&b, p.at.block, p.at.twin, p));
+        let wanted = p.at.twin != 0 && (copies == Copies::Both || a.is_err());
+        let b = match second.next().filter(|_| wanted) {
+            Some(buf) => Some(buf.and_then(|b| accept(&b, p.at.twin, p.at.block, p))),
+            None => None,
+        };
+        let bad = |block: u64, good: u64, why: String| BadCopy { block, good, why };
+        match (a, b) {
+            (Ok(n), None) => good.push((*p, n)),
+            (Ok(n), Some(Ok(m))) if n == m => good.push((*p, n)),
+            (Ok(n), Some(Ok(_))) => {
+                let why = "holds another node than its twin".to_string();
+                out.bad_copies.push(bad(p.at.twin, p.at.block, why));
+                good.push((*p, n));
+            }
+            (Ok(n), Some(Err(e))) => {
+                out.bad_copies.push(bad(p.at.twin, p.at.block, reason(e)));
+                good.push((*p, n));
+            }
+            (Err(e), Some(Ok(m))) => {
+                out.bad_copies.push(bad(p.at.block, p.at.twin, reason(e)));
+                good.push((*p, m));
+            }
+            // No good copy and one unreadable: the node may be fine.
+            (Err(e @ Error::Io { .. }), _) => return Err(e),
+            (Err(_), Some(Err(f @ Error::Io { .. }))) => return Err(f),
+            (Err(e), None) => out.damage.push(damage(p, reason(e))),
+            (Err(e), Some(Err(f))) => {
+                let why = format!(
+                    "{}; its twin at block {}: {}",
+                    reason(e),
+                    p.at.twin,
+                    reason(f)
+                );
+                out.damage.push(damage(p, why));
+            }
+        }
+    }
+    Ok(good)
+}
+
+fn reason(e: Error) -> String {
+    match e {
+        Error::Corrupt(m) => m,
+        e => e.to_string(),
+    }
+}
+
+/// Reads blocks in one batch; if the batch fails, each on its own, so an
+/// unreadable block costs only its node.
+fn read_each(dev: &dyn BlockDevice, blocks: &[u64]) -> Result<Vec<Result<Vec<u8>>>> {
+    if blocks.is_empty() {
+        return Ok(Vec::new());
+    }
+    if let Ok(bufs) = read_blocks(dev, blocks, "reading mapping nodes") {
+        return Ok((0..blocks.len()).map(|i| Ok(bufs[i].to_vec())).collect());
+    }
+    Ok(blocks
+        .iter()
+        .map(|&b| {
+            read_block(dev, b)
+                .map(|buf| buf.to_vec())
+                .map_err(|e| Error::io("reading mapping node", e))
+        })
+        .collect())
+}
+
+/// Decodes one copy of a node and checks it against what its parent says:
+/// its twin, its level and its key range.
+fn accept(b: &[u8], block: u64, twin: u64, p: &Pending) -> Result<Node> {
+    let bad = |why: &str| Error::Corrupt(format!("mapping node at block {block}: {why}"));
+    let d = node::decode_copy(b, block)?;
+    if d.twin != twin {
+        return Err(bad(&format!(
+            "names block {} as its twin, its parent block {twin}",
+            d.twin
+        )));
+    }
+    match &d.node {
+        Node::Leaf(_) if p.level != 0 => Err(bad("leaf found where an interior node belongs")),
+        Node::Leaf(extents)
+            if extents.first().is_some_and(|e| e.vblock < p.lo)
+                || extents.last().is_some_and(|e| e.vend() > p.hi) =>
+        {
+            Err(bad(OUTSIDE))
+        }
+        Node::Interior { level, .. } if *level != p.level || *level == 0 => {
+            Err(bad("wrong tree level"))
+        }
+        Node::Interior { children, .. }
+            if children[0].key != p.lo || children.last().is_some_and(|c| c.key >= p.hi) =>
+        {
+            Err(bad("child keys outside the range the parent node gives"))
+        }
+        _ => Ok(d.node),
+    }
 }

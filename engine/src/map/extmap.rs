@@ -3,7 +3,7 @@
 //! checkpoint writes exactly the leaves that changed. Each extent costs 16
 //! bytes in memory, as on disk.
 
-use crate::format::node::{Extent, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
+use crate::format::node::{Extent, NodeAddr, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
 use crate::format::MAX_BLOCKS;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -73,10 +73,12 @@ pub(crate) struct Leaf {
     /// encode them after; a change meanwhile copies them (`make_mut`).
     /// Sharing between volumes is the outer `Arc<Leaf>`'s count.
     extents: Arc<Vec<Packed>>,
-    /// Block holding this leaf on disk (0 = not written yet). Atomic so a
-    /// checkpoint can record it in a leaf that is shared meanwhile; the
-    /// contents of a shared leaf never change.
+    /// Block holding this leaf on disk (0 = not written yet), and its
+    /// twin's on a pool with ditto nodes. Atomic so a checkpoint can record
+    /// them in a leaf that is shared meanwhile (always under the state
+    /// lock); the contents of a shared leaf never change.
     disk: AtomicU64,
+    twin: AtomicU64,
     /// Changes on every update, so a checkpoint can tell whether the leaf
     /// it wrote is still the current one.
     version: u64,
@@ -88,26 +90,37 @@ impl Clone for Leaf {
         Leaf {
             extents: self.extents.clone(),
             disk: AtomicU64::new(0),
+            twin: AtomicU64::new(0),
             version: self.version,
         }
     }
 }
 
 impl Leaf {
-    pub(crate) fn new_loaded(extents: &[Extent], block: u64) -> Arc<Leaf> {
+    pub(crate) fn new_loaded(extents: &[Extent], at: NodeAddr) -> Arc<Leaf> {
         // Not `into_iter().collect()` from a Vec<Extent>: that would reuse
         // the 24-byte-per-entry allocation for 16-byte entries.
         let mut v = Vec::with_capacity(extents.len());
         v.extend(extents.iter().map(|&e| Packed::pack(e)));
         Arc::new(Leaf {
             extents: Arc::new(v),
-            disk: AtomicU64::new(block),
+            disk: AtomicU64::new(at.block),
+            twin: AtomicU64::new(at.twin),
             version: 0,
         })
     }
 
-    pub(crate) fn disk(&self) -> u64 {
-        self.disk.load(Relaxed)
+    /// Where the leaf is on disk ([`NodeAddr::NONE`]: not written yet).
+    pub(crate) fn disk(&self) -> NodeAddr {
+        NodeAddr {
+            block: self.disk.load(Relaxed),
+            twin: self.twin.load(Relaxed),
+        }
+    }
+
+    fn set_disk(&self, at: NodeAddr) {
+        self.twin.store(at.twin, Relaxed);
+        self.disk.store(at.block, Relaxed);
     }
 
     /// Whether every extent lies in virtual blocks `lo..hi`.
@@ -150,8 +163,9 @@ impl RefChanges {
 pub(crate) struct LeafSnapshot {
     pub key: u64,
     pub version: u64,
-    /// On-disk block if unchanged since the last checkpoint, else 0.
-    pub disk: u64,
+    /// Where it is on disk if unchanged since the last checkpoint, else
+    /// [`NodeAddr::NONE`].
+    pub disk: NodeAddr,
     /// The extents, when the leaf must be written.
     pub extents: Option<LeafExtents>,
 }
@@ -169,6 +183,14 @@ impl LeafExtents {
 /// A physical run released by a mapping change.
 pub type Freed = (u64, u64);
 
+/// A leaf a checkpoint wrote: which leaf (key and version) and where.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct WrittenLeaf {
+    pub key: u64,
+    pub version: u64,
+    pub at: NodeAddr,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct ExtentMap {
     /// Leaf key -> leaf. A leaf holds extents starting in [key, next key);
@@ -179,7 +201,7 @@ pub struct ExtentMap {
     /// Node blocks of the last checkpoint that are no longer part of the
     /// tree (free once the next checkpoint is durable).
     stale_nodes: Vec<u64>,
-    /// Interior node blocks of the last checkpoint.
+    /// Interior node blocks (both copies) of the last checkpoint.
     interior_nodes: Vec<u64>,
     /// Changed since the last checkpoint.
     dirty: bool,
@@ -338,10 +360,9 @@ impl ExtentMap {
             // the on-disk block stays with the other holders.
             ch.added.extend(arc.data_runs());
         } else {
-            let d = arc.disk.swap(0, Relaxed);
-            if d != 0 {
-                self.stale_nodes.push(d);
-            }
+            let old = arc.disk();
+            arc.set_disk(NodeAddr::NONE);
+            self.stale_nodes.extend(old.blocks());
         }
         let leaf = Arc::make_mut(arc);
         let ext = Arc::make_mut(&mut leaf.extents);
@@ -455,6 +476,7 @@ impl ExtentMap {
                 Arc::new(Leaf {
                     extents: Arc::new(right),
                     disk: AtomicU64::new(0),
+                    twin: AtomicU64::new(0),
                     version: self.next_version,
                 }),
             );
@@ -488,7 +510,7 @@ impl ExtentMap {
                 key,
                 version: l.version,
                 disk: l.disk(),
-                extents: (l.disk() == 0).then(|| LeafExtents(l.extents.clone())),
+                extents: l.disk().is_none().then(|| LeafExtents(l.extents.clone())),
             })
             .collect();
         let mut unused = std::mem::take(&mut self.stale_nodes);
@@ -498,14 +520,13 @@ impl ExtentMap {
     }
 
     /// Finishes a checkpoint once its tree is durable: `written` are the
-    /// (key, version, block) of the leaves it wrote. A leaf changed since
-    /// `checkpoint_begin` keeps being dirty; the block written for it is
-    /// stale from now on.
-    pub(crate) fn checkpoint_finish(&mut self, written: &[(u64, u64, u64)], interior: Vec<u64>) {
-        for &(key, version, block) in written {
-            match self.leaves.get(&key) {
-                Some(l) if l.version == version && l.disk() == 0 => l.disk.store(block, Relaxed),
-                _ => self.stale_nodes.push(block),
+    /// leaves it wrote. A leaf changed since `checkpoint_begin` keeps being
+    /// dirty; the blocks written for it are stale from now on.
+    pub(crate) fn checkpoint_finish(&mut self, written: &[WrittenLeaf], interior: Vec<u64>) {
+        for w in written {
+            match self.leaves.get(&w.key) {
+                Some(l) if l.version == w.version && l.disk().is_none() => l.set_disk(w.at),
+                _ => self.stale_nodes.extend(w.at.blocks()),
             }
         }
         self.interior_nodes = interior;
@@ -533,8 +554,7 @@ impl ExtentMap {
     pub(crate) fn node_blocks(&self) -> impl Iterator<Item = u64> + '_ {
         self.leaves
             .values()
-            .map(|l| l.disk())
-            .filter(|&d| d != 0)
+            .flat_map(|l| l.disk().blocks())
             .chain(self.interior_nodes.iter().copied())
             .chain(self.stale_nodes.iter().copied())
     }
@@ -563,9 +583,7 @@ impl ExtentMap {
         for leaf in self.leaves.into_values() {
             if Arc::strong_count(&leaf) == 1 {
                 data.extend(leaf.data_runs());
-                if leaf.disk() != 0 {
-                    nodes.push(leaf.disk());
-                }
+                nodes.extend(leaf.disk().blocks());
             }
         }
         (data, nodes)

@@ -11,6 +11,7 @@ use crate::alloc::refs::SharedRefs;
 use crate::alloc::space::{Cursor, SpaceMap};
 use crate::format::catalog::{flags, VolumeHeader, VolumeRecord};
 use crate::format::journal::Entry;
+use crate::format::node::NodeAddr;
 use crate::format::superblock::Superblock;
 use crate::map::extmap::Leaf;
 use crate::map::extmap::{ExtentMap, Freed, RefChanges};
@@ -39,6 +40,8 @@ pub(crate) struct Damage {
     pub hi: u64,
     /// The unreadable node.
     pub node: u64,
+    /// Its twin's block (0: a single-copy node).
+    pub twin: u64,
     pub why: String,
 }
 
@@ -66,6 +69,8 @@ pub(crate) struct State {
     pub refs: SharedRefs,
     /// Allocation cursor of metadata (nodes, headers, catalog).
     pub meta_cursor: Cursor,
+    /// Where the second copies of metadata go (away from `meta_cursor`).
+    pub twin_cursor: Cursor,
     pub catalog_blocks: Vec<u64>,
     /// Superblock copy B was written after copy A without a flush of its
     /// own (6.2): A is the only durable copy of the current generation, so
@@ -107,6 +112,7 @@ impl State {
             space,
             refs: SharedRefs::default(),
             meta_cursor: Cursor::default(),
+            twin_cursor: Cursor::default(),
             catalog_blocks: Vec::new(),
             twin_unflushed: false,
             pending: Vec::new(),
@@ -411,15 +417,30 @@ impl State {
         out
     }
 
-    /// Allocates the two header blocks of a new volume (both or neither).
+    /// Allocates the two header blocks of a new volume (both or neither),
+    /// in different chunks so one bad run of sectors cannot take both.
     pub fn alloc_header_pair(&mut self) -> crate::Result<[u64; 2]> {
-        match (self.alloc_meta(), self.alloc_meta()) {
-            (Some(a), Some(b)) => Ok([a, b]),
-            (a, b) => {
-                for x in [a, b].into_iter().flatten() {
-                    self.space.release(x, 1);
-                }
-                Err(crate::Error::NoSpace)
+        let pair = self.alloc_apart_pair().ok_or(crate::Error::NoSpace)?;
+        Ok([pair.block, pair.twin])
+    }
+
+    /// Allocates a tree node: one block, or on a pool with ditto nodes two
+    /// blocks far apart (both or neither).
+    pub fn alloc_node(&mut self) -> Option<NodeAddr> {
+        if self.sb.ditto_nodes {
+            self.alloc_apart_pair()
+        } else {
+            self.alloc_meta().map(NodeAddr::single)
+        }
+    }
+
+    fn alloc_apart_pair(&mut self) -> Option<NodeAddr> {
+        let block = self.alloc_meta()?;
+        match self.space.allocate_apart(&mut self.twin_cursor, block) {
+            Some(twin) => Some(NodeAddr { block, twin }),
+            None => {
+                self.space.release(block, 1);
+                None
             }
         }
     }

@@ -10,17 +10,18 @@
 //! Lock order (as everywhere in the pool): `commit` before `state`.
 
 use super::{Inner, Pool};
-use crate::dev::{write_blocks, BlockDevice};
+use crate::dev::{read_block, write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{
     encode_catalog, encode_volume_header, CatalogBlock, VolumeHeader, VolumeRecord,
     RECORDS_PER_BLOCK,
 };
 use crate::format::journal::{encode_host_checkpoint, HostCheckpoint};
-use crate::format::node::{self, Node, NODE_CAPACITY};
+use crate::format::node::{self, Child, Node, NodeAddr};
 use crate::format::{SUPERBLOCK_A, SUPERBLOCK_B};
 use crate::journal::JournalWriter;
-use crate::map::extmap::LeafExtents;
+use crate::load::BadCopy;
+use crate::map::extmap::{LeafExtents, WrittenLeaf};
 use crate::map::state::State;
 use crate::unflushed::RecordKey;
 use crate::util::now_unix;
@@ -98,10 +99,11 @@ fn background(weak: Weak<Inner>, ctl: Arc<BackgroundCtl>) {
     }
 }
 
-/// A node to write at block `at`; encoded (checksummed) outside the
-/// metadata lock so a checkpoint stalls the data path as little as possible.
+/// A node to write at `at` (one block, or two for a ditto node); encoded
+/// (checksummed) outside the metadata lock so a checkpoint stalls the data
+/// path as little as possible.
 pub(crate) struct NodeWrite {
-    pub at: u64,
+    pub at: NodeAddr,
     pub node: NodeBody,
     pub volume: u64,
     pub generation: u64,
@@ -115,19 +117,19 @@ pub(crate) enum NodeBody {
 }
 
 impl NodeWrite {
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<(u64, Vec<u8>)> {
         let node = match &self.node {
             NodeBody::Leaf(l) => &Node::Leaf(l.unpack()),
             NodeBody::Built(n) => n,
         };
-        node::encode(node, self.volume, self.generation, self.at)
+        node::encode_copies(node, self.volume, self.generation, self.at)
     }
 }
 
-/// Encodes and writes nodes in batches.
+/// Encodes and writes nodes (every copy) in batches.
 pub(crate) fn write_nodes(dev: &dyn BlockDevice, nodes: &[NodeWrite]) -> Result<()> {
     for batch in nodes.chunks(1024) {
-        let blocks: Vec<(u64, Vec<u8>)> = batch.iter().map(|w| (w.at, w.encode())).collect();
+        let blocks: Vec<(u64, Vec<u8>)> = batch.iter().flat_map(|w| w.encode()).collect();
         write_blocks(dev, &blocks).map_err(|e| Error::io("writing mapping nodes", e))?;
     }
     Ok(())
@@ -137,12 +139,20 @@ pub(crate) fn write_nodes(dev: &dyn BlockDevice, nodes: &[NodeWrite]) -> Result<
 /// header that makes them current once durable.
 pub(crate) struct TreePlan {
     pub id: u64,
-    /// (leaf key, leaf version, block) of every leaf written.
-    pub written: Vec<(u64, u64, u64)>,
+    pub written: Vec<WrittenLeaf>,
+    /// Interior node blocks, both copies of each.
     pub interior: Vec<u64>,
     pub header: VolumeHeader,
     /// Node blocks the new tree no longer uses (free once it is durable).
     pub unused: Vec<u64>,
+}
+
+impl TreePlan {
+    /// Every block the plan's new nodes occupy.
+    pub(crate) fn new_blocks(&self) -> impl Iterator<Item = u64> + '_ {
+        let leaves = self.written.iter().flat_map(|w| w.at.blocks());
+        leaves.chain(self.interior.iter().copied())
+    }
 }
 
 /// Plans a copy-on-write write of volume `id`'s tree: new blocks for the
@@ -162,47 +172,48 @@ pub(crate) fn plan_tree(
     let (mapped, extents, old_header) =
         (vol.map.mapped_blocks(), vol.map.extent_count(), vol.header);
     let mut written = Vec::new();
-    let mut children: Vec<(u64, u64)> = Vec::with_capacity(leaves.len());
+    let mut children = Vec::with_capacity(leaves.len());
     for leaf in leaves {
-        let Some(extents) = leaf.extents.filter(|_| leaf.disk == 0) else {
-            children.push((leaf.key, leaf.disk));
+        let Some(extents) = leaf.extents.filter(|_| leaf.disk.is_none()) else {
+            children.push(Child {
+                key: leaf.key,
+                at: leaf.disk,
+            });
             continue;
         };
-        let at = st.alloc_meta().ok_or(Error::NoSpace)?;
+        let at = st.alloc_node().ok_or(Error::NoSpace)?;
         node_writes.push(NodeWrite {
             at,
             node: NodeBody::Leaf(extents),
             volume: id,
             generation: journal_seq,
         });
-        written.push((leaf.key, leaf.version, at));
-        children.push((leaf.key, at));
+        written.push(WrittenLeaf {
+            key: leaf.key,
+            version: leaf.version,
+            at,
+        });
+        children.push(Child { key: leaf.key, at });
     }
     let mut interior = Vec::new();
-    let mut depth = 0u16;
-    while children.len() > 1 {
-        depth += 1;
-        let mut parents = Vec::new();
-        for group in children.chunks(NODE_CAPACITY) {
-            let at = st.alloc_meta().ok_or(Error::NoSpace)?;
-            let n = Node::Interior {
-                level: depth,
-                children: group.to_vec(),
-            };
+    let ditto = st.sb.ditto_nodes;
+    let (root, depth) = node::build_interior(
+        children,
+        ditto,
+        || st.alloc_node().ok_or(Error::NoSpace),
+        |at, n| {
+            interior.extend(at.blocks());
             node_writes.push(NodeWrite {
                 at,
                 node: NodeBody::Built(n),
                 volume: id,
                 generation: journal_seq,
             });
-            interior.push(at);
-            parents.push((group[0].0, at));
-        }
-        children = parents;
-    }
+        },
+    )?;
     let header = VolumeHeader {
         generation: old_header.generation + 1,
-        root: children.first().map_or(0, |c| c.1),
+        root,
         depth,
         mapped_blocks: mapped,
         extent_count: extents,
@@ -474,10 +485,7 @@ impl Inner {
                 v.header = p.header;
             } else {
                 // Removed meanwhile: its new nodes are garbage too.
-                for &(_, _, b) in &p.written {
-                    st.space.release(b, 1);
-                }
-                for &b in &p.interior {
+                for b in p.new_blocks() {
                     st.space.release(b, 1);
                 }
             }
@@ -571,10 +579,31 @@ impl Inner {
     }
 
     /// Opening found a damaged or stale copy of a two-copy record (read
-    /// from its twin): write every such record again, both copies.
-    pub(super) fn rewrite_redundant_copies(&self) -> Result<()> {
+    /// from its twin): write every such record again, both copies. Bad
+    /// copies of ditto nodes are rewritten in place from their twins: the
+    /// blocks belong to this pool's trees, which nothing else writes (not
+    /// done on a shared pool, where another host may own the tree).
+    pub(super) fn rewrite_redundant_copies(&self, bad_nodes: &[BadCopy]) -> Result<()> {
         let mut guard = self.commit.lock();
         let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
+        if self.shared.is_none() && !bad_nodes.is_empty() {
+            let dev = self.dev.as_ref();
+            let mut copies = Vec::with_capacity(bad_nodes.len());
+            for c in bad_nodes {
+                let good = read_block(dev, c.good).map_err(|e| Error::io("reading mapping node", e))?;
+                let (at, copy) = node::twin_copy(&good, c.good)?;
+                if at == c.block {
+                    copies.push((at, copy));
+                }
+            }
+            write_blocks(dev, &copies).map_err(|e| Error::io("rewriting mapping nodes", e))?;
+            dev.flush().map_err(|e| Error::io("rewriting mapping nodes", e))?;
+            log::info!(
+                "{}: {} damaged mapping node copies rewritten from their twins",
+                self.label,
+                copies.len()
+            );
+        }
         {
             let mut st = self.state.lock();
             self.write_catalog(&mut st)?;

@@ -38,6 +38,7 @@ use crate::error::{Error, Result};
 use crate::format::catalog::{self, encode_volume_header, VolumeHeader, VolumeRecord};
 use crate::format::journal::{encode_host_checkpoint, Entry, HostCheckpoint};
 use crate::format::names::is_valid_volume_name;
+use crate::format::node::NodeAddr;
 use crate::format::superblock::{has_magic, Policy, Superblock};
 use crate::format::{
     claims, Layout, BLOCK_SIZE, FORMAT_VERSION, HOST_CHECKPOINT_BLOCKS, MAX_BLOCKS,
@@ -264,6 +265,7 @@ impl Pool {
             shared: cfg.shared.map(|s| crate::format::superblock::SharedParams {
                 io_timeout_ms: s.io_timeout_ms,
             }),
+            ditto_nodes: cfg.ditto_nodes,
         };
         // Reserved regions start zeroed; claim table and host checkpoints
         // start valid and empty.
@@ -407,6 +409,7 @@ impl Pool {
             warnings,
             from_record,
             record_epoch,
+            bad_node_copies,
             ..
         } = load_with_record(dev.as_ref(), label, host_id, boot, memory.as_deref())?;
         let mut state = state;
@@ -461,7 +464,7 @@ impl Pool {
         let pool = Pool { inner };
         if !read_only {
             if !pool.inner.warnings.is_empty() {
-                pool.inner.rewrite_redundant_copies()?;
+                pool.inner.rewrite_redundant_copies(&bad_node_copies)?;
             }
             if from_record > 0 {
                 log::info!(
@@ -623,7 +626,7 @@ impl Pool {
         let header = VolumeHeader {
             volume_id: id,
             generation: 1,
-            root: 0,
+            root: NodeAddr::NONE,
             depth: 0,
             mapped_blocks: 0,
             extent_count: 0,

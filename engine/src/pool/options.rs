@@ -24,6 +24,11 @@ pub struct PoolConfig {
     pub force: bool,
     /// Share the pool between hosts through leases on the LUN.
     pub shared: Option<SharedConfig>,
+    /// Write every mapping-tree node twice, far apart (ditto nodes, the
+    /// default). Off gives the single-copy trees of pools made before
+    /// them: half the tree metadata, and one bad node block costs the
+    /// volumes that share it.
+    pub ditto_nodes: bool,
 }
 
 impl Default for PoolConfig {
@@ -34,6 +39,7 @@ impl Default for PoolConfig {
             max_hosts: 16,
             journal_bytes: None,
             force: false,
+            ditto_nodes: true,
             shared: None,
         }
     }

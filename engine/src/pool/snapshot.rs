@@ -11,6 +11,7 @@ use crate::dev::write_blocks;
 use crate::error::{Error, Result};
 use crate::format::catalog::{encode_volume_header, flags, VolumeHeader, VolumeRecord};
 use crate::format::names::is_valid_volume_name;
+use crate::format::node::NodeAddr;
 use crate::format::BLOCK_SIZE;
 use crate::map::extmap::RefChanges;
 use crate::map::state::{State, Vol};
@@ -466,7 +467,7 @@ impl Inner {
             header: VolumeHeader {
                 volume_id: id,
                 generation: 0,
-                root: 0,
+                root: NodeAddr::NONE,
                 depth: 0,
                 mapped_blocks: 0,
                 extent_count: 0,
@@ -525,7 +526,7 @@ impl Inner {
                 crate::pool::write_nodes(dev, &node_writes[..split]).and_then(|()| {
                     let mut blocks: Vec<(u64, Vec<u8>)> = node_writes[split..]
                         .iter()
-                        .map(|w| (w.at, w.encode()))
+                        .flat_map(|w| w.encode())
                         .collect();
                     blocks.extend(headers);
                     self.write_catalog_with(st, blocks)
@@ -548,10 +549,7 @@ impl Inner {
             if fresh == Fresh::Yes {
                 // The caller drops the volume: the blocks planned for its
                 // tree are garbage.
-                for &(_, _, b) in &plan.written {
-                    st.space.release(b, 1);
-                }
-                for &b in &plan.interior {
+                for b in plan.new_blocks() {
                     st.space.release(b, 1);
                 }
             } else if let Some(v) = st.volumes.get_mut(&id) {
