@@ -290,6 +290,10 @@ enum PoolCommand {
         /// Journal size per host (at least 256K) [default: scales with the pool]
         #[arg(long, value_parser = size_arg)]
         journal_size: Option<u64>,
+        /// Copies of every mapping-tree node: 2 keeps a volume readable
+        /// when one node block goes bad; 1 halves the tree metadata
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+        node_copies: u8,
         /// Overwrite an existing pool
         #[arg(long)]
         force: bool,
@@ -366,6 +370,7 @@ fn run(cli: Cli) -> CliResult<()> {
             chunk_size,
             max_hosts,
             journal_size,
+            node_copies,
             force,
             shared,
             io_timeout,
@@ -377,6 +382,7 @@ fn run(cli: Cli) -> CliResult<()> {
                 chunk_size,
                 max_hosts,
                 journal_size,
+                ditto_nodes: node_copies == 2,
                 force,
                 shared: shared.then(|| thinlun::SharedConfig {
                     io_timeout_ms: io_timeout.unwrap_or(thinlun::lease::DEFAULT_IO_TIMEOUT_MS),

@@ -1,5 +1,6 @@
-//! `thinctl` on a pool with one damaged mapping-tree node (issue 19): the
-//! pool still opens, `list` shows every volume and flags the damaged one,
+//! `thinctl` on a pool with a damaged mapping-tree node (issue 19). With
+//! one copy bad, its twin covers it and `repair` rewrites it. With both
+//! bad, the pool still opens, `list` shows every volume and flags the damaged one,
 //! `check` names it and the range it lost (exit 4), and every other volume
 //! exports and takes snapshots as before.
 
@@ -37,15 +38,31 @@ fn exports<'a>(dir: &TempDir, pool: &Path, names: &[&'a str]) -> Vec<(&'a str, V
     names.iter().map(|&n| (n, export(dir, pool, n))).collect()
 }
 
-/// The block of a volume's tree root, from a `thinctl dump`.
-fn root_of(dump: &J, full_name: &str) -> usize {
-    dump.at("volumes")
+/// The blocks of both copies of a volume's tree root, from a `thinctl dump`.
+fn root_of(dump: &J, full_name: &str) -> (usize, usize) {
+    let on_disk = dump
+        .at("volumes")
         .arr()
         .iter()
         .find(|v| v.str("full_name") == full_name)
         .unwrap_or_else(|| panic!("{full_name} not in the dump"))
-        .at("on_disk")
-        .num("root") as usize
+        .at("on_disk");
+    let copies = (
+        on_disk.num("root") as usize,
+        on_disk.num("root_twin") as usize,
+    );
+    assert!(copies.1 != 0, "new pools have ditto nodes: {copies:?}");
+    copies
+}
+
+/// Flips one bit in each of `blocks` of the pool file.
+fn flip_bits(pool: &Path, blocks: &[usize]) -> Vec<u8> {
+    let mut img = fs::read(pool).unwrap();
+    for &b in blocks {
+        img[b * BLOCK + 70] ^= 0x20;
+    }
+    fs::write(pool, &img).unwrap();
+    img
 }
 
 /// vm-1 with its snapshot and a clone of that, and an unrelated vm-2;
@@ -79,7 +96,7 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
     let pool = sample_pool(&dir);
     let before = exports(&dir, &pool, &["vm-2", "vm-1@s1", "clone-1"]);
     let d = J::parse(&ok(&pool, &["dump"]));
-    let root = root_of(&d, "vm-1");
+    let (root, twin) = root_of(&d, "vm-1");
     let shared_root = d
         .at("volumes")
         .arr()
@@ -87,10 +104,8 @@ fn list_check_and_export_on_a_pool_with_a_damaged_node() {
         .filter(|v| v.str("full_name") != "vm-1")
         .any(|v| v.at("on_disk").num("root") as usize == root);
     assert!(!shared_root);
-    // One flipped bit in vm-1's root node.
-    let mut img = fs::read(&pool).unwrap();
-    img[root * BLOCK + 70] ^= 0x20;
-    fs::write(&pool, &img).unwrap();
+    // One flipped bit in each copy of vm-1's root node.
+    flip_bits(&pool, &[root, twin]);
 
     let (out, err) = expect(0, &pool, &["list"]);
     for name in ["vm-1", "vm-2", "s1", "clone-1"] {
@@ -158,10 +173,8 @@ fn repair_salvage_rebuilds_the_damaged_volume() {
     let pool = sample_pool(&dir);
     let before = exports(&dir, &pool, &["vm-2", "vm-1@s1", "clone-1"]);
     let d = J::parse(&ok(&pool, &["dump"]));
-    let root = root_of(&d, "vm-1");
-    let mut img = fs::read(&pool).unwrap();
-    img[root * BLOCK + 70] ^= 0x20;
-    fs::write(&pool, &img).unwrap();
+    let (root, twin) = root_of(&d, "vm-1");
+    let img = flip_bits(&pool, &[root, twin]);
 
     // Never implicit: plain repair refuses and says how to salvage.
     let (out, _) = expect(4, &pool, &["repair"]);
@@ -216,4 +229,50 @@ fn repair_salvage_rebuilds_the_damaged_volume() {
         &[0xcdu8; BLOCK][..]
     );
     ok(&pool, &["check"]);
+}
+
+/// One bad copy of a ditto node: nothing is damaged, `check` warns and
+/// names the copy, `repair` rewrites it from its twin; for either copy.
+#[test]
+fn one_bad_copy_of_a_node_is_covered_by_its_twin_and_repaired() {
+    let dir = TempDir::new("ditto-node");
+    let pool = sample_pool(&dir);
+    let names = ["vm-1", "vm-2", "vm-1@s1", "clone-1"];
+    let before = exports(&dir, &pool, &names);
+    let (root, twin) = root_of(&J::parse(&ok(&pool, &["dump"])), "vm-1");
+    let good = fs::read(&pool).unwrap();
+    for (bad, other) in [(twin, root), (root, twin)] {
+        flip_bits(&pool, &[bad]);
+        let (out, _) = expect(0, &pool, &["list"]);
+        assert!(!out.contains("damaged"), "{out}");
+        let (out, err) = expect(0, &pool, &["check"]);
+        assert!(
+            out.contains(&format!("damaged copy of a mapping node at block {bad}"))
+                && out.contains(&format!("using its twin at block {other}"))
+                && out.contains("clean, 1 warning"),
+            "{out}{err}"
+        );
+        for (name, data) in &before {
+            assert!(
+                &export(&dir, &pool, name) == data,
+                "{name} with block {bad} bad"
+            );
+        }
+        // Exit 1 as fsck's: errors were corrected.
+        let (out, err) = expect(1, &pool, &["repair"]);
+        assert!(
+            out.contains(&format!("mapping node copy at block {bad} is damaged"))
+                && out.contains(&format!("rewritten from its twin at block {other}"))
+                && out.contains("repaired (1 block written); check is clean"),
+            "{out}{err}"
+        );
+        let fixed = fs::read(&pool).unwrap();
+        let block = |img: &[u8], b: usize| img[b * BLOCK..(b + 1) * BLOCK].to_vec();
+        assert!(
+            block(&fixed, bad) == block(&good, bad),
+            "block {bad} is as written"
+        );
+        let (out, _) = expect(0, &pool, &["check"]);
+        assert!(out.contains(": clean\n"), "{out}");
+    }
 }

@@ -11,6 +11,7 @@
 
 use crate::admin::check::{check, torn_tail};
 use crate::admin::jsontext::{self, write_str, Value};
+use crate::alloc::space::{Cursor, SpaceMap};
 use crate::dev::read_blocks;
 use crate::dev::{read_block, write_blocks, BlockDevice, OverlayDevice};
 use crate::error::{Error, Result};
@@ -22,8 +23,9 @@ use crate::format::claims;
 use crate::format::journal::{
     decode_block, decode_host_checkpoint, encode_host_checkpoint, HostCheckpoint,
 };
-use crate::alloc::space::{Cursor, SpaceMap};
-use crate::format::node::{self, Child, Extent, Node, NodeAddr, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY};
+use crate::format::node::{
+    self, Child, Extent, Node, NodeAddr, EXTENT_ZERO, MAX_EXTENT_BLOCKS, NODE_CAPACITY,
+};
 use crate::format::superblock::{Policy, SharedParams, Superblock};
 use crate::format::{format_uuid, SINGLE_HOST_ID};
 use crate::format::{
@@ -99,6 +101,9 @@ pub struct VolumeOnDisk {
     pub header_blocks: [u64; 2],
     pub generation: u64,
     pub root: u64,
+    /// The root's second copy (0: single-copy nodes; absent in dumps made
+    /// before ditto nodes).
+    pub root_twin: u64,
     pub depth: u16,
     pub journal_seq: u64,
     pub journal_host: u32,
@@ -160,6 +165,7 @@ pub fn dump(dev: &dyn BlockDevice, label: &str) -> Result<MetadataDump> {
                     header_blocks: v.rec.header_blocks,
                     generation: v.header.generation,
                     root: v.header.root.block,
+                    root_twin: v.header.root.twin,
                     depth: v.header.depth,
                     journal_seq: v.header.journal_seq,
                     journal_host: v.header.journal_host,
@@ -292,8 +298,8 @@ impl MetadataDump {
             let d = &v.on_disk;
             let _ = writeln!(
                 o,
-                "      \"on_disk\": {{\"header_blocks\": [{}, {}], \"generation\": {}, \"root\": {}, \"depth\": {}, \"journal_seq\": {}, \"journal_host\": {}}},",
-                d.header_blocks[0], d.header_blocks[1], d.generation, d.root, d.depth, d.journal_seq, d.journal_host
+                "      \"on_disk\": {{\"header_blocks\": [{}, {}], \"generation\": {}, \"root\": {}, \"root_twin\": {}, \"depth\": {}, \"journal_seq\": {}, \"journal_host\": {}}},",
+                d.header_blocks[0], d.header_blocks[1], d.generation, d.root, d.root_twin, d.depth, d.journal_seq, d.journal_host
             );
             o.push_str("      \"extents\": [");
             for (k, e) in v.extents.iter().enumerate() {
@@ -608,6 +614,10 @@ fn volume_from_value(v: &Value, i: usize) -> std::result::Result<VolumeDump, Str
             header_blocks,
             generation: od.u64_field("generation", ctx)?,
             root: od.u64_field("root", ctx)?,
+            root_twin: match od.field("root_twin", ctx) {
+                Ok(_) => od.u64_field("root_twin", ctx)?,
+                Err(_) => 0,
+            },
             depth: u16::try_from(depth).map_err(|_| format!("{ctx}: bad depth"))?,
             journal_seq: od.u64_field("journal_seq", ctx)?,
             journal_host: od.u32_field("journal_host", ctx)?,

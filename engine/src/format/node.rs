@@ -108,7 +108,10 @@ pub struct Child {
 pub enum Node {
     Leaf(Vec<Extent>),
     /// Children in ascending key order.
-    Interior { level: u16, children: Vec<Child> },
+    Interior {
+        level: u16,
+        children: Vec<Child>,
+    },
 }
 
 impl Node {
@@ -245,7 +248,13 @@ pub fn build_interior(
                 at,
             });
             let children = group.to_vec();
-            emit(at, Node::Interior { level: depth, children });
+            emit(
+                at,
+                Node::Interior {
+                    level: depth,
+                    children,
+                },
+            );
         }
         children = parents;
     }

@@ -115,8 +115,15 @@ impl Superblock {
         put_u32(
             &mut b,
             O_INCOMPAT,
-            if self.shared.is_some() { INCOMPAT_SHARED } else { 0 }
-                | if self.ditto_nodes { INCOMPAT_DITTO_NODES } else { 0 },
+            if self.shared.is_some() {
+                INCOMPAT_SHARED
+            } else {
+                0
+            } | if self.ditto_nodes {
+                INCOMPAT_DITTO_NODES
+            } else {
+                0
+            },
         );
         put_u32(
             &mut b,

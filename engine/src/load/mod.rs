@@ -299,7 +299,13 @@ fn load_once(
                     "{label}: volume '{}' is damaged: blocks {}..{} cannot be mapped ({}); its reads there and all its writes fail until repaired",
                     rec.name, d.lo, d.hi.min(rec.size_bytes / BLOCK_SIZE as u64), d.why
                 );
-                damaged_nodes.extend(NodeAddr { block: d.node, twin: d.twin }.blocks());
+                damaged_nodes.extend(
+                    NodeAddr {
+                        block: d.node,
+                        twin: d.twin,
+                    }
+                    .blocks(),
+                );
             }
         }
         state.volumes.insert(

@@ -123,7 +123,8 @@ pub(super) fn load_tree(
                 match cache.get(&p.at.block) {
                     Some(leaf) if p.level == 0 => {
                         if !own_leaves.insert(p.at.block) {
-                            out.damage.push(damage(p, "referenced twice in one tree".into()));
+                            out.damage
+                                .push(damage(p, "referenced twice in one tree".into()));
                         } else if !leaf.within(p.lo, p.hi) {
                             out.damage.push(damage(p, OUTSIDE.into()));
                         } else {
@@ -137,7 +138,8 @@ pub(super) fn load_tree(
                 match node {
                     Node::Leaf(extents) => {
                         if !own_leaves.insert(p.at.block) {
-                            out.damage.push(damage(&p, "referenced twice in one tree".into()));
+                            out.damage
+                                .push(damage(&p, "referenced twice in one tree".into()));
                         } else {
                             let leaf = Leaf::new_loaded(&extents, p.at);
                             cache.insert(p.at.block, leaf.clone());
@@ -202,21 +204,27 @@ fn read_nodes(
     out: &mut LoadedTree,
 ) -> Result<Vec<(Pending, Node)>> {
     let firsts: Vec<u64> = to_read.iter().map(|p| p.at.block).collect();
-    let first = read_each(dev, &firsts)?;
+    let first: Vec<Result<Node>> = read_each(dev, &firsts)?
+        .into_iter()
+        .zip(to_read)
+        .map(|(r, p)| r.and_then(|b| accept(&b, p.at.block, p.at.twin, p)))
+        .collect();
+    let wanted =
+        |p: &Pending, a: &Result<Node>| p.at.twin != 0 && (copies == Copies::Both || a.is_err());
     let seconds: Vec<u64> = to_read
         .iter()
         .zip(&first)
-        .filter(|(p, r)| p.at.twin != 0 && (copies == Copies::Both || r.is_err()))
+        .filter(|(p, a)| wanted(p, a))
         .map(|(p, _)| p.at.twin)
         .collect();
     let mut second = read_each(dev, &seconds)?.into_iter();
     let mut good = Vec::with_capacity(to_read.len());
-    for (p, first) in to_read.iter().zip(first) {
-        let a = first.and_then(|b| accept(&b, p.at.block, p.at.twin, p));
-        let wanted = p.at.twin != 0 && (copies == Copies::Both || a.is_err());
-        let b = match second.next().filter(|_| wanted) {
-            Some(buf) => Some(buf.and_then(|b| accept(&b, p.at.twin, p.at.block, p))),
-            None => None,
+    for (p, a) in to_read.iter().zip(first) {
+        let b = match wanted(p, &a) {
+            true => second
+                .next()
+                .map(|r| r.and_then(|buf| accept(&buf, p.at.twin, p.at.block, p))),
+            false => None,
         };
         let bad = |block: u64, good: u64, why: String| BadCopy { block, good, why };
         match (a, b) {

@@ -590,14 +590,16 @@ impl Inner {
             let dev = self.dev.as_ref();
             let mut copies = Vec::with_capacity(bad_nodes.len());
             for c in bad_nodes {
-                let good = read_block(dev, c.good).map_err(|e| Error::io("reading mapping node", e))?;
+                let good =
+                    read_block(dev, c.good).map_err(|e| Error::io("reading mapping node", e))?;
                 let (at, copy) = node::twin_copy(&good, c.good)?;
                 if at == c.block {
                     copies.push((at, copy));
                 }
             }
             write_blocks(dev, &copies).map_err(|e| Error::io("rewriting mapping nodes", e))?;
-            dev.flush().map_err(|e| Error::io("rewriting mapping nodes", e))?;
+            dev.flush()
+                .map_err(|e| Error::io("rewriting mapping nodes", e))?;
             log::info!(
                 "{}: {} damaged mapping node copies rewritten from their twins",
                 self.label,

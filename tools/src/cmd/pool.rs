@@ -14,6 +14,7 @@ pub struct CreateArgs {
     pub chunk_size: Option<u64>,
     pub max_hosts: Option<u32>,
     pub journal_size: Option<u64>,
+    pub ditto_nodes: bool,
     pub force: bool,
     pub shared: Option<thinlun::SharedConfig>,
 }
@@ -57,6 +58,7 @@ pub fn create(pool: Option<&Path>, args: CreateArgs) -> CliResult<()> {
         journal_bytes: args.journal_size,
         force: args.force,
         shared: args.shared,
+        ditto_nodes: args.ditto_nodes,
     };
     let created = match Pool::create_path(path, &cfg) {
         Ok(p) => p,
