@@ -515,7 +515,7 @@ fn one_damaged_node_costs_only_the_volumes_sharing_it() {
         for how in ["bit flip", "zeroed", "misdirected"] {
             let what = format!("{how} in {kind} at block {}", n.block);
             let mut bad = img.clone();
-            damage(&mut bad, &n, how, other);
+            damage(&mut bad, n, how, other);
             let (dev, pool) = open_rw(bad);
             verify_isolated(&pool, &dev, &want, &hit, n, &what);
             drop(pool);

@@ -10,6 +10,7 @@
 //!   --runs R      fresh-process repetitions of each measurement (default 3)
 //!   --reuse       reuse an existing scale pool instead of rebuilding it
 //!   --keep        keep the pool file afterwards
+//!   --node-copies N  1 or 2 copies of each tree node (default 2)
 //!   --no-stall    skip the checkpoint stall probe
 //!   --no-snap     skip the snapshot timing
 //! ```
@@ -154,6 +155,8 @@ struct Args {
     keep: bool,
     stall: bool,
     snap: bool,
+    /// Copies of each tree node (2: ditto nodes, the default).
+    node_copies: u64,
 }
 
 fn parse_args() -> Args {
@@ -164,6 +167,7 @@ fn parse_args() -> Args {
         keep: false,
         stall: true,
         snap: true,
+        node_copies: 2,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -179,6 +183,7 @@ fn parse_args() -> Args {
             "--keep" => a.keep = true,
             "--no-stall" => a.stall = false,
             "--no-snap" => a.snap = false,
+            "--node-copies" => a.node_copies = num("--node-copies").clamp(1, 2),
             // `cargo bench` style flags, harmless here.
             "--bench" => {}
             other => {
@@ -202,7 +207,7 @@ fn main() {
     let path = dir.join("scale-pool.img");
 
     if !(args.reuse && path.exists()) {
-        build(&dir, &path, args.extents);
+        build(&dir, &path, args.extents, args.node_copies == 2);
     } else {
         println!("reusing {}", path.display());
     }
@@ -231,7 +236,7 @@ fn main() {
 }
 
 /// Creates the pool and writes the scattered extents.
-fn build(dir: &Path, path: &Path, want: u64) {
+fn build(dir: &Path, path: &Path, want: u64, ditto_nodes: bool) {
     remove_if_exists(path);
     let vol_blocks = VOLUME_BYTES / BS;
     let free = free_bytes(dir).expect("statvfs");
@@ -257,6 +262,7 @@ fn build(dir: &Path, path: &Path, want: u64) {
         &PoolConfig {
             size_bytes: Some(pool_bytes),
             force: true,
+            ditto_nodes,
             ..PoolConfig::default()
         },
     )

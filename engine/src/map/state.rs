@@ -378,14 +378,24 @@ impl State {
 
     /// Blocks kept free for metadata so that a checkpoint (which writes a
     /// new copy of every changed node before freeing the old ones) can
-    /// always finish: one block per node in use, plus headroom.
+    /// always finish: one block per node in use (two with ditto nodes),
+    /// plus headroom.
     pub fn metadata_reserve(&self) -> u64 {
         let nodes: u64 = self
             .volumes
             .values()
             .map(|v| v.map.leaf_count() as u64 * 2 + 2)
             .sum();
-        nodes + self.catalog_blocks.len() as u64 + 64
+        nodes * self.node_copies() + self.catalog_blocks.len() as u64 + 64
+    }
+
+    /// Blocks each tree node takes: 2 with ditto nodes, else 1.
+    pub fn node_copies(&self) -> u64 {
+        if self.sb.ditto_nodes {
+            2
+        } else {
+            1
+        }
     }
 
     /// Every metadata block in use (catalog, headers, nodes), each once

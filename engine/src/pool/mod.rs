@@ -552,7 +552,9 @@ impl Pool {
         use catalog::flags::{BASE, SNAPSHOT};
         PoolStatus {
             uuid: format_uuid(&st.sb.uuid),
-            format_version: FORMAT_VERSION,
+            // Version 2 is version 1 plus ditto nodes (docs/FORMAT.md).
+            format_version: if st.sb.ditto_nodes { 2 } else { FORMAT_VERSION },
+            node_copies: st.node_copies() as u32,
             size_bytes: l.pool_blocks * b,
             chunk_bytes: l.chunk_blocks as u64 * b,
             data_bytes: data_blocks * b,

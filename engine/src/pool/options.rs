@@ -118,6 +118,8 @@ pub struct VolumeInfo {
 pub struct PoolStatus {
     pub uuid: String,
     pub format_version: u32,
+    /// Copies of each mapping-tree node: 2 with ditto nodes.
+    pub node_copies: u32,
     pub size_bytes: u64,
     pub chunk_bytes: u64,
     pub data_bytes: u64,
