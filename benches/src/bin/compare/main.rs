@@ -269,6 +269,7 @@ struct Opts {
     json: PathBuf,
     thinctl: PathBuf,
     keep: bool,
+    ditto_nodes: bool,
 }
 
 /// `--size`: a number with an optional K, M, G or T suffix, a multiple
@@ -359,6 +360,10 @@ struct Cli {
     /// Keep the image files afterwards
     #[arg(long)]
     keep: bool,
+    /// Copies of each mapping-tree node in the pool (2: ditto nodes)
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u8).range(1..=2))]
+    node_copies: u8,
     /// Passed by `cargo bench`; ignored
     #[arg(long, hide = true)]
     bench: bool,
@@ -400,6 +405,7 @@ fn parse_args() -> Opts {
             .unwrap_or_else(|| target_dir().join("compare.json")),
         thinctl: cli.thinctl.unwrap_or_else(|| exe_dir.join("thinctl")),
         keep: cli.keep,
+        ditto_nodes: cli.node_copies == 2,
     }
 }
 
@@ -518,6 +524,7 @@ fn setup(o: Opts) -> Env {
         &PoolConfig {
             size_bytes: Some(pool_bytes),
             force: true,
+            ditto_nodes: env.o.ditto_nodes,
             ..PoolConfig::default()
         },
     )
