@@ -57,6 +57,7 @@
 //! off (they take seconds each); `THINLUN_BENCH_PLOTS=1` turns them on.
 
 use criterion::{Criterion, SamplingMode, Throughput};
+use fastrand::Rng;
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -66,7 +67,7 @@ use thinlun::{
 };
 use thinlun_benches::{
     bench_dir, criterion_dir, criterion_estimate_ns, fill_pattern, remove_if_exists,
-    write_full_file, Rng,
+    write_full_file,
 };
 
 /// Requests per batch (the queue depth).
@@ -132,12 +133,12 @@ fn timed(f: impl FnOnce()) -> Duration {
 /// `flush`, followed by an `fdatasync` (`BlockDevice::flush`).
 fn raw_random(raw: &FileDevice, n: usize, write: bool, flush: bool, seed: u64) -> Op<'_> {
     let mut bufs = bufs(n, BLOCK_SIZE, seed);
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     Box::new(move || {
         let mut ops: Vec<IoOp> = bufs
             .iter_mut()
             .map(|buf| {
-                let offset = rng.below(DATA_BLOCKS) * BS;
+                let offset = rng.u64(..DATA_BLOCKS) * BS;
                 if write {
                     IoOp::Write { offset, buf }
                 } else {
@@ -158,12 +159,12 @@ fn raw_random(raw: &FileDevice, n: usize, write: bool, flush: bool, seed: u64) -
 /// `flush`, a `Request::Flush` ends the batch.
 fn thinlun_random(vol: &Volume, n: usize, write: bool, flush: bool, seed: u64) -> Op<'_> {
     let mut bufs = bufs(n, BLOCK_SIZE, seed);
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     Box::new(move || {
         let mut reqs: Vec<Request> = bufs
             .iter_mut()
             .map(|buf| {
-                let sector = rng.below(DATA_BLOCKS) * BS / SECTOR_SIZE;
+                let sector = rng.u64(..DATA_BLOCKS) * BS / SECTOR_SIZE;
                 if write {
                     Request::Write { sector, data: buf }
                 } else {
@@ -203,7 +204,7 @@ impl RawKeptFull {
             ring,
             bufs: bufs(QD, BLOCK_SIZE, seed),
             free: (0..QD).collect(),
-            rng: Rng::new(seed),
+            rng: Rng::with_seed(seed),
             write,
         }
     }
@@ -217,7 +218,7 @@ impl RawKeptFull {
             while let Some(i) = self.free.pop() {
                 let op = RawOp {
                     write: self.write,
-                    offset: self.rng.below(DATA_BLOCKS) * BS,
+                    offset: self.rng.u64(..DATA_BLOCKS) * BS,
                     ptr: self.bufs[i].as_mut_ptr(),
                     len: BLOCK_SIZE,
                 };
@@ -243,14 +244,14 @@ impl RawKeptFull {
 fn thinlun_kept_full(vol: &Volume, write: bool, seed: u64) -> Op<'_> {
     let mut q: IoQueue<AlignedBuf> = vol.queue(QD).expect("setting up the queue");
     let mut free = bufs(QD, BLOCK_SIZE, seed);
-    let mut rng = Rng::new(seed);
+    let mut rng = Rng::with_seed(seed);
     let mut done = Vec::new();
     Box::new(move || {
         let mut completed = 0;
         let t = Instant::now();
         while completed < KEPT {
             while let Some(buf) = free.pop() {
-                let sector = rng.below(DATA_BLOCKS) * BS / SECTOR_SIZE;
+                let sector = rng.u64(..DATA_BLOCKS) * BS / SECTOR_SIZE;
                 let op = if write {
                     QueueOp::Write { sector, buf }
                 } else {
@@ -374,7 +375,7 @@ impl OnceEach {
             generation: 0,
             order: (0..DATA_BLOCKS as u32).collect(),
             next: 0,
-            rng: Rng::new(seed),
+            rng: Rng::with_seed(seed),
             data: bufs(n, BLOCK_SIZE, seed),
             n,
             flush,

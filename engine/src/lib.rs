@@ -117,3 +117,4 @@ pub use pool::{
     DamagedRange, HostOptions, OpenOptions, Pool, PoolConfig, PoolStatus, SharedConfig,
     UnflushedPlace, VolumeInfo,
 };
+pub use util::human_bytes_with;

@@ -80,21 +80,39 @@ pub(crate) fn run_dir() -> std::path::PathBuf {
 /// A byte count for messages people read: "1.0 GiB", "640 KiB", "512 bytes"
 /// (binary units, one decimal below 10 units).
 pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    human_bytes_with(
+        bytes,
+        &["bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"],
+        " ",
+    )
+}
+
+/// A byte count in the largest binary unit that keeps the figure at least
+/// 1: one decimal below 10 units (1.5), whole numbers from there (12); a
+/// figure that rounds to 1024 is 1.0 of the next unit. `units` names
+/// bytes, then KiB up to EiB; `sep` goes between figure and unit.
+/// The engine's messages (`human_bytes`) write "1.5 GiB" and "512 bytes",
+/// thinctl's tables "1.5G" and "512B".
+pub fn human_bytes_with(bytes: u64, units: &[&str; 7], sep: &str) -> String {
     if bytes < 1024 {
-        return format!("{bytes} bytes");
+        return format!("{bytes}{sep}{}", units[0]);
     }
-    let mut idx = 0;
-    while idx + 1 < UNITS.len() && bytes >> (10 * (idx + 2)) > 0 {
+    let mut idx = 1;
+    while idx + 1 < units.len() && bytes >> (10 * (idx + 1)) > 0 {
         idx += 1;
     }
-    let unit = 1u128 << (10 * (idx + 1));
-    let tenths = (bytes as u128 * 10 + unit / 2) / unit;
+    let unit = 1u128 << (10 * idx);
+    let b = bytes as u128;
+    let tenths = (b * 10 + unit / 2) / unit;
     if tenths < 100 {
-        format!("{}.{} {}", tenths / 10, tenths % 10, UNITS[idx])
-    } else {
-        format!("{} {}", (bytes as u128 + unit / 2) / unit, UNITS[idx])
+        return format!("{}.{}{sep}{}", tenths / 10, tenths % 10, units[idx]);
     }
+    let whole = (b + unit / 2) / unit;
+    // Rounding may reach the next unit (1023.7 MiB is 1.0 GiB, not 1024 MiB).
+    if whole >= 1024 && idx + 1 < units.len() {
+        return format!("1.0{sep}{}", units[idx + 1]);
+    }
+    format!("{whole}{sep}{}", units[idx])
 }
 
 #[cfg(test)]
@@ -108,5 +126,8 @@ mod human_tests {
         assert_eq!(human_bytes(3 << 29), "1.5 GiB");
         assert_eq!(human_bytes(640 << 10), "640 KiB");
         assert_eq!(human_bytes(1 << 60), "1.0 EiB");
+        assert_eq!(human_bytes(12 << 30), "12 GiB");
+        assert_eq!(human_bytes((1 << 30) - 1), "1.0 GiB");
+        assert_eq!(human_bytes(u64::MAX), "16 EiB");
     }
 }

@@ -1,24 +1,15 @@
 //! Pool and volume life cycle on an in-memory LUN.
 
+mod common;
+use common::{new_pool, small_config};
 use std::sync::Arc;
 use thinlun::dev::{BlockDevice, MemDevice};
-use thinlun::{check::check, Error, OpenOptions, Pool, PoolConfig};
+use thinlun::{check::check, Error, OpenOptions, Pool};
 
 const MIB: u64 = 1 << 20;
 
-fn small_cfg() -> PoolConfig {
-    PoolConfig {
-        chunk_bytes: 64 << 10,
-        max_hosts: 2,
-        ..PoolConfig::default()
-    }
-}
-
-fn new_pool(size: u64) -> (Arc<MemDevice>, Pool) {
-    let dev = Arc::new(MemDevice::new(size));
-    let pool = Pool::create(dev.clone(), "mem", &small_cfg()).unwrap();
-    (dev, pool)
-}
+/// The host slots of this file's pools (two, as they have always had).
+const HOSTS: u32 = 2;
 
 fn reopen(dev: &Arc<MemDevice>) -> Pool {
     let img = MemDevice::from_image(dev.image());
@@ -27,7 +18,7 @@ fn reopen(dev: &Arc<MemDevice>) -> Pool {
 
 #[test]
 fn write_read_reopen_check() {
-    let (dev, pool) = new_pool(64 * MIB);
+    let (dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("vm-100-disk-0", 16 * MIB).unwrap();
     let vol = pool.open_volume("vm-100-disk-0").unwrap();
     let data: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
@@ -64,7 +55,7 @@ fn write_read_reopen_check() {
 
 #[test]
 fn partial_and_unaligned_writes() {
-    let (_dev, pool) = new_pool(64 * MIB);
+    let (_dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("v", MIB).unwrap();
     let vol = pool.open_volume("v").unwrap();
     vol.write(0, &[1u8; 4096]).unwrap();
@@ -91,7 +82,7 @@ fn partial_and_unaligned_writes() {
 
 #[test]
 fn discard_and_remove_return_space() {
-    let (dev, pool) = new_pool(64 * MIB);
+    let (dev, pool) = new_pool(64 * MIB, HOSTS);
     let free0 = pool.status().data_free_bytes;
     pool.create_volume("a", 8 * MIB).unwrap();
     let vol = pool.open_volume("a").unwrap();
@@ -121,7 +112,7 @@ fn discard_and_remove_return_space() {
 
 #[test]
 fn volume_management_and_bad_input() {
-    let (dev, pool) = new_pool(64 * MIB);
+    let (dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("vm-1-disk-0", 4 * MIB).unwrap();
     assert!(matches!(
         pool.create_volume("vm-1-disk-0", MIB),
@@ -186,7 +177,7 @@ fn not_a_pool_and_damaged_superblocks() {
         Pool::open(Arc::new(dev), "x", &OpenOptions::default()),
         Err(Error::NotAPool(_))
     ));
-    let (dev, pool) = new_pool(64 * MIB);
+    let (dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("v", MIB).unwrap();
     pool.close().unwrap();
     let img = dev.image();
@@ -301,7 +292,7 @@ fn not_a_pool_and_damaged_superblocks() {
     // Creating over an existing pool needs force.
     let d = Arc::new(MemDevice::from_image(img));
     assert!(matches!(
-        Pool::create(d.clone(), "x", &small_cfg()),
+        Pool::create(d.clone(), "x", &small_config(HOSTS)),
         Err(Error::Busy {
             kind: thinlun::BusyKind::NeedsForce,
             ..
@@ -313,7 +304,7 @@ fn not_a_pool_and_damaged_superblocks() {
 #[test]
 fn partial_writes_to_one_block_in_one_batch_all_land() {
     use thinlun::Request;
-    let (_dev, pool) = new_pool(64 * MIB);
+    let (_dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("v", MIB).unwrap();
     let vol = pool.open_volume("v").unwrap();
     let a = [0xaau8; 512];
@@ -357,7 +348,7 @@ fn partial_writes_to_one_block_in_one_batch_all_land() {
 
 #[test]
 fn persist_survives_a_process_crash() {
-    let (dev, pool) = new_pool(64 * MIB);
+    let (dev, pool) = new_pool(64 * MIB, HOSTS);
     pool.create_volume("v", MIB).unwrap();
     let vol = pool.open_volume("v").unwrap();
     vol.write(0, &[7u8; 4096]).unwrap();

@@ -6,7 +6,7 @@ mod common;
 use proptest::prelude::*;
 use std::collections::HashMap;
 use thinlun::dev::{AlignedBuf, FileDevice};
-use thinlun::{check::check, Completion, IoQueue, OpenOptions, Pool, PoolConfig, QueueOp};
+use thinlun::{check::check, Completion, IoQueue, OpenOptions, Pool, QueueOp};
 
 const MIB: u64 = 1 << 20;
 const SECTORS: u64 = 512; // a 256 KiB volume: 64 blocks
@@ -54,16 +54,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn new_pool(f: &tempfile::NamedTempFile, size: u64) -> Pool {
-    let cfg = PoolConfig {
-        size_bytes: Some(size),
-        chunk_bytes: 64 << 10,
-        max_hosts: 1,
-        ..PoolConfig::default()
-    };
-    Pool::create_path(f.path(), &cfg).unwrap()
-}
-
 fn sl(sector: u64, sectors: u64) -> std::ops::Range<usize> {
     (sector * 512) as usize..((sector + sectors) * 512) as usize
 }
@@ -88,7 +78,7 @@ proptest! {
     #[test]
     fn queue_matches_byte_model(ops in proptest::collection::vec(op(), 1..120), depth in 1usize..12) {
         let f = common::pool_file("model");
-        let pool = new_pool(&f, 16 * MIB);
+        let pool = common::new_file_pool(&f, 16 * MIB, 1);
         pool.create_volume("vm", SECTORS * 512).unwrap();
         let vol = pool.open_volume("vm").unwrap();
         let mut q: IoQueue<AlignedBuf> = vol.queue(depth).unwrap();
@@ -185,7 +175,7 @@ fn pattern(writer: u64, block: u64, round: u64) -> AlignedBuf {
 fn a_full_queue_beside_batches_and_snapshots() {
     let f = common::pool_file("beside");
     // Room for the volume and every snapshot's copy of it.
-    let pool = new_pool(&f, 96 * MIB);
+    let pool = common::new_file_pool(&f, 96 * MIB, 1);
     let blocks = 1024u64; // 4 MiB
     pool.create_volume("vm", blocks * 4096).unwrap();
     let rounds = 6u64;
@@ -317,7 +307,7 @@ fn a_full_queue_beside_batches_and_snapshots() {
 #[test]
 fn a_snapshot_waits_for_unfinished_queue_writes() {
     let f = common::pool_file("snapwait");
-    let pool = new_pool(&f, 16 * MIB);
+    let pool = common::new_file_pool(&f, 16 * MIB, 1);
     pool.create_volume("vm", MIB).unwrap();
     let vol = pool.open_volume("vm").unwrap();
     // Map every block first, so the queue's writes go in place.

@@ -1,23 +1,14 @@
 //! Snapshots, rollback, base images, linked clones, flatten, usage and diff.
 
+mod common;
+use common::new_pool;
 use std::sync::Arc;
 use thinlun::check::check;
 use thinlun::dev::MemDevice;
-use thinlun::{Error, OpenOptions, Pool, PoolConfig};
+use thinlun::{Error, OpenOptions, Pool};
 
 const MIB: u64 = 1 << 20;
 const BS: usize = 4096;
-
-fn new_pool() -> (Arc<MemDevice>, Pool) {
-    let dev = Arc::new(MemDevice::new(64 * MIB));
-    let cfg = PoolConfig {
-        chunk_bytes: 64 << 10,
-        max_hosts: 1,
-        ..PoolConfig::default()
-    };
-    let pool = Pool::create(dev.clone(), "mem", &cfg).unwrap();
-    (dev, pool)
-}
 
 fn block(tag: u8) -> Vec<u8> {
     vec![tag; BS]
@@ -52,7 +43,7 @@ fn reopened(dev: &Arc<MemDevice>) -> Pool {
 
 #[test]
 fn snapshot_keeps_its_content_while_the_volume_changes() {
-    let (dev, pool) = new_pool();
+    let (dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("vm-1-disk-0", 4 * MIB).unwrap();
     let v = pool.open_volume("vm-1-disk-0").unwrap();
     for b in 0..64 {
@@ -111,7 +102,7 @@ fn snapshot_keeps_its_content_while_the_volume_changes() {
 
 #[test]
 fn copy_on_write_writes_one_block_not_a_chunk() {
-    let (dev, pool) = new_pool();
+    let (dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("v", 8 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &vec![7u8; 4 * MIB as usize]).unwrap();
@@ -138,7 +129,7 @@ fn copy_on_write_writes_one_block_not_a_chunk() {
 
 #[test]
 fn removing_snapshots_returns_only_their_own_space() {
-    let (dev, pool) = new_pool();
+    let (dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("v", 4 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &vec![1u8; 2 * MIB as usize]).unwrap();
@@ -181,7 +172,7 @@ fn removing_snapshots_returns_only_their_own_space() {
 
 #[test]
 fn rollback_restores_and_guards_newer_snapshots() {
-    let (dev, pool) = new_pool();
+    let (dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("v", 4 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &block(1)).unwrap();
@@ -219,7 +210,7 @@ fn rollback_restores_and_guards_newer_snapshots() {
 
 #[test]
 fn base_images_linked_clones_and_flatten() {
-    let (dev, pool) = new_pool();
+    let (dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("vm-9000-disk-0", 4 * MIB).unwrap();
     let v = pool.open_volume("vm-9000-disk-0").unwrap();
     v.write(0, &vec![5u8; 2 * MIB as usize]).unwrap();
@@ -281,7 +272,7 @@ fn base_images_linked_clones_and_flatten() {
 
 #[test]
 fn diff_lists_changed_ranges_and_depth_costs_nothing() {
-    let (_dev, pool) = new_pool();
+    let (_dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("v", 8 * MIB).unwrap();
     let v = pool.open_volume("v").unwrap();
     v.write(0, &vec![1u8; MIB as usize]).unwrap();
@@ -308,7 +299,7 @@ fn diff_lists_changed_ranges_and_depth_costs_nothing() {
 
 #[test]
 fn snapshots_and_bases_cannot_be_resized_and_snapshots_rename_within_their_volume() {
-    let (_dev, pool) = new_pool();
+    let (_dev, pool) = new_pool(64 * MIB, 1);
     pool.create_volume("v", 4 * MIB).unwrap();
     pool.create_volume("t", 4 * MIB).unwrap();
     pool.open_volume("v").unwrap().write(0, &block(1)).unwrap();

@@ -1,30 +1,15 @@
 //! Human-readable figures for tables: sizes like `ls -h` (1.5G, 12G),
 //! percentages, ratios and UTC timestamps.
 
-const UNITS: [char; 6] = ['K', 'M', 'G', 'T', 'P', 'E'];
+/// The units of [`size`], as `ls -h` writes them.
+const UNITS: [&str; 7] = ["B", "K", "M", "G", "T", "P", "E"];
 
 /// `bytes` in the largest binary unit that keeps the figure at least 1:
-/// one decimal below 10 units (`1.5G`), whole numbers above (`12G`).
+/// one decimal below 10 units (`1.5G`), whole numbers above (`12G`). The
+/// engine's [`thinlun::human_bytes_with`] does the arithmetic; its own
+/// messages spell the same figures "1.5 GiB".
 pub fn size(bytes: u64) -> String {
-    if bytes < 1024 {
-        return format!("{bytes}B");
-    }
-    let mut idx = 0;
-    while idx + 1 < UNITS.len() && bytes >> (10 * (idx + 2)) > 0 {
-        idx += 1;
-    }
-    let unit = 1u128 << (10 * (idx + 1));
-    let b = bytes as u128;
-    let tenths = (b * 10 + unit / 2) / unit;
-    if tenths < 100 {
-        return format!("{}.{}{}", tenths / 10, tenths % 10, UNITS[idx]);
-    }
-    let whole = (b + unit / 2) / unit;
-    // Rounding may reach the next unit (1023.7M is 1.0G, not 1024M).
-    if whole >= 1024 && idx + 1 < UNITS.len() {
-        return format!("1.0{}", UNITS[idx + 1]);
-    }
-    format!("{whole}{}", UNITS[idx])
+    thinlun::human_bytes_with(bytes, &UNITS, "")
 }
 
 /// `n` things: "1 snapshot", "2 snapshots".

@@ -24,10 +24,11 @@
 //! removes what it created and closes: a run with COUNT = 0 costs the same
 //! minus the writes, so the difference of two runs is the writes alone.
 
+use fastrand::Rng;
 use std::time::Instant;
 use thinlun::dev::AlignedBuf;
 use thinlun::{OpenOptions, Pool, PoolConfig, Request, Volume, SECTOR_SIZE};
-use thinlun_benches::{bench_dir, fill_pattern, write_full_file, Rng};
+use thinlun_benches::{bench_dir, fill_pattern, write_full_file};
 
 const BLOCK: usize = 4096;
 const VOL_BYTES: u64 = 1 << 30;
@@ -99,9 +100,9 @@ fn run(path: &std::path::Path, kind: &str, qd: usize, count: usize, persist: boo
     };
     let v = pool.open_volume(vol).expect("opening the volume");
     let mut order: Vec<u64> = (0..blocks).collect();
-    let mut rng = Rng::new(7);
+    let mut rng = Rng::with_seed(7);
     if kind == "over" {
-        order = (0..count).map(|_| rng.below(blocks)).collect();
+        order = (0..count).map(|_| rng.u64(..blocks)).collect();
     } else {
         rng.shuffle(&mut order);
         assert!(count as u64 <= blocks, "COUNT is at most {blocks} here");

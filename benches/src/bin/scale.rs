@@ -39,6 +39,7 @@
 //!   all-dirty tree stalls concurrent reads (see `stall`); it leaves the
 //!   extent count unchanged.
 
+use fastrand::Rng;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +50,7 @@ use thinlun::dev::{AlignedBuf, FileDevice};
 use thinlun::{OpenOptions, Pool, PoolConfig, Request, BLOCK_SIZE, SECTOR_SIZE};
 use thinlun_benches::{
     bench_dir, fill_pattern, free_bytes, group_digits, peak_rss_bytes, remove_if_exists, rss_bytes,
-    storage_write_bytes, Rng,
+    storage_write_bytes,
 };
 
 // --- heap accounting ----------------------------------------------------
@@ -275,7 +276,7 @@ fn build(dir: &Path, path: &Path, want: u64, ditto_nodes: bool) {
     // another (stride >= 2), written in random order, so none merge.
     let stride = vol_blocks / extents;
     let mut slots: Vec<u32> = (0..extents as u32).collect();
-    Rng::new(0x5ca1e).shuffle(&mut slots);
+    Rng::with_seed(0x5ca1e).shuffle(&mut slots);
     let mut data = AlignedBuf::zeroed(BLOCK_SIZE);
     fill_pattern(&mut data, 42);
 
@@ -369,9 +370,9 @@ fn stall(path: &Path, out: &mut Vec<(&'static str, f64)>) {
     let vol = pool.open_volume(VOLUME).expect("volume");
     let mut data = AlignedBuf::zeroed(BLOCK_SIZE);
     fill_pattern(&mut data, 7);
-    let mut rng = Rng::new(0x57a11);
+    let mut rng = Rng::with_seed(0x57a11);
     let extra: Vec<u64> = (0..STALL_WRITES)
-        .map(|_| rng.below(extents) * stride + 1)
+        .map(|_| rng.u64(..extents) * stride + 1)
         .collect();
     let sectors = |b: u64| b * BS / SECTOR_SIZE;
     for chunk in extra.chunks(BUILD_BATCH) {
@@ -395,13 +396,13 @@ fn stall(path: &Path, out: &mut Vec<(&'static str, f64)>) {
         std::thread::spawn(move || {
             let mut bufs: Vec<AlignedBuf> =
                 (0..32).map(|_| AlignedBuf::zeroed(BLOCK_SIZE)).collect();
-            let mut rng = Rng::new(3);
+            let mut rng = Rng::with_seed(3);
             let mut mine = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let mut reqs: Vec<Request> = bufs
                     .iter_mut()
                     .map(|b| Request::Read {
-                        sector: rng.below(extents) * stride * BS / SECTOR_SIZE,
+                        sector: rng.u64(..extents) * stride * BS / SECTOR_SIZE,
                         buf: &mut b[..],
                     })
                     .collect();

@@ -1,6 +1,6 @@
 //! Access patterns and what a run measured.
 
-use thinlun_benches::Rng;
+use fastrand::Rng;
 
 /// Byte offsets for one run.
 pub enum Pattern {
@@ -19,7 +19,7 @@ pub enum Pattern {
 impl Pattern {
     pub fn random(size: u64, bs: u64, seed: u64) -> Pattern {
         Pattern::Random {
-            rng: Rng::new(seed),
+            rng: Rng::with_seed(seed),
             blocks: size / bs,
             bs,
         }
@@ -27,7 +27,7 @@ impl Pattern {
 
     pub fn once(size: u64, bs: u64, seed: u64) -> Pattern {
         let mut order: Vec<u32> = (0..(size / bs) as u32).collect();
-        Rng::new(seed).shuffle(&mut order);
+        Rng::with_seed(seed).shuffle(&mut order);
         Pattern::Once { order, next: 0, bs }
     }
 
@@ -49,7 +49,7 @@ impl Pattern {
         match self {
             Pattern::Random { rng, blocks, bs } => (0..n)
                 .map(|i| Pattern::Random {
-                    rng: Rng::new(rng.clone().next_u64() ^ (i as u64 + 1)),
+                    rng: Rng::with_seed(rng.clone().u64(..) ^ (i as u64 + 1)),
                     blocks,
                     bs,
                 })
@@ -78,7 +78,7 @@ impl Pattern {
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<u64> {
         match self {
-            Pattern::Random { rng, blocks, bs } => Some(rng.below(*blocks) * *bs),
+            Pattern::Random { rng, blocks, bs } => Some(rng.u64(..*blocks) * *bs),
             Pattern::Once { order, next, bs } => {
                 let b = *order.get(*next)?;
                 *next += 1;
