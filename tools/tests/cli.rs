@@ -122,7 +122,9 @@ fn pool_create_and_status() {
         json.num("data_used_bytes") + json.num("data_free_bytes"),
         data
     );
-    assert_eq!(json.num("format_version"), 1.0);
+    // New pools are format 2: ditto nodes, two copies of each tree node.
+    assert_eq!(json.num("format_version"), 2.0);
+    assert_eq!(json.num("node_copies"), 2.0);
     assert_eq!(json.str("uuid").len(), 36);
     assert_eq!(json.str("pool"), pool.to_str().unwrap());
     assert_eq!(json.at("policy").at("data_warn_pct").arr().len(), 3);

@@ -228,11 +228,18 @@ fn repair_refuses_what_needs_a_guess_and_writes_nothing() {
             .try_into()
             .unwrap(),
     );
-    let leaf = if level == 0 {
-        root
+    // Both copies (ditto nodes): the root's twin is in the dump, a child's
+    // in its parent's 24-byte entry (key, child, child's twin).
+    let (leaf, twin) = if level == 0 {
+        let twin = volume(&d, "vm-1").at("on_disk").num("root_twin") as usize;
+        (root, twin)
     } else {
-        u64_at(&image, root * BLOCK + 64 + 8) as usize
+        (
+            u64_at(&image, root * BLOCK + 64 + 8) as usize,
+            u64_at(&image, root * BLOCK + 64 + 16) as usize,
+        )
     };
+    assert!(twin != 0 && twin != leaf);
 
     let cases: Vec<Case> = vec![
         (
@@ -253,12 +260,18 @@ fn repair_refuses_what_needs_a_guess_and_writes_nothing() {
         ),
         (
             "leaf-node",
-            Box::new(move |img: &mut Vec<u8>| img[leaf * BLOCK + 70] ^= 0x20),
+            Box::new(move |img: &mut Vec<u8>| {
+                img[leaf * BLOCK + 70] ^= 0x20;
+                img[twin * BLOCK + 70] ^= 0x20;
+            }),
             "mapping node",
         ),
         (
             "leaf-zeroed",
-            Box::new(move |img: &mut Vec<u8>| img[leaf * BLOCK..(leaf + 1) * BLOCK].fill(0)),
+            Box::new(move |img: &mut Vec<u8>| {
+                img[leaf * BLOCK..(leaf + 1) * BLOCK].fill(0);
+                img[twin * BLOCK..(twin + 1) * BLOCK].fill(0);
+            }),
             "mapping node",
         ),
     ];
