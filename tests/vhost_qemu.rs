@@ -273,11 +273,15 @@ fn a_guest_runs_on_a_healthy_volume_of_a_damaged_pool() {
         .unwrap()
         .iter()
         .find(|v| v["full_name"] == "vm-other")
-        .and_then(|v| v["on_disk"]["root"].as_u64())
+        .map(|v| &v["on_disk"])
+        .and_then(|d| Some((d["root"].as_u64()?, d["root_twin"].as_u64()?)))
         .expect("vm-other's root in the dump");
-    assert_ne!(root, 0);
+    assert_ne!(root.0, 0);
+    // Both copies of its root: a bad one alone is covered by its twin.
     let mut img = std::fs::read(&lab.pool).unwrap();
-    img[root as usize * 4096 + 70] ^= 0x20;
+    for at in [root.0, root.1] {
+        img[at as usize * 4096 + 70] ^= 0x20;
+    }
     std::fs::write(&lab.pool, &img).unwrap();
     drop(img);
     let check = Command::new(&lab.thinctl)
