@@ -278,6 +278,17 @@ impl Qmp {
         serde_json::from_str(&l).unwrap_or_else(|e| panic!("QMP said {l:?}: {e}"))
     }
 
+    /// Asks QEMU to exit, and waits for it. A source QEMU may already be
+    /// leaving on its own once a migration has completed (its monitor then
+    /// closes before the command is read); that is fine, a crash is not.
+    pub fn quit(&mut self, qemu: &mut std::process::Child) {
+        let msg = json!({"execute": "quit", "arguments": {}});
+        let _ = writeln!(self.out, "{msg}");
+        let status = qemu.wait().expect("waiting for QEMU");
+        use std::os::unix::process::ExitStatusExt;
+        assert!(status.signal().is_none(), "QEMU died: {status}");
+    }
+
     /// Runs a command; returns its `return` (events in between are skipped).
     pub fn execute(&mut self, cmd: &str, args: Value) -> Value {
         self.try_execute(cmd, args)

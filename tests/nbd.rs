@@ -592,8 +592,7 @@ fn guest_migrates_on_one_export() {
         "migrated on one NBD export: downtime {} ms, total {} ms",
         status["downtime"], status["total-time"]
     );
-    qmp.execute("quit", serde_json::json!({}));
-    let _ = src.wait();
+    qmp.quit(&mut src);
     let lines = lab::console(&dst_rx, |_| {}, None);
     let _ = dst.wait();
     lab::assert_guest_ok(&lines, &["migrate-reads", "migrate-writes", "fio-verify"]);

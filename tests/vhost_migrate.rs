@@ -109,8 +109,7 @@ fn guest_migrates_between_hosts() {
         "migrated: downtime {} ms, total {} ms",
         status["downtime"], status["total-time"]
     );
-    qmp.execute("quit", json!({}));
-    let _ = src.wait();
+    qmp.quit(&mut src);
 
     let lines = console(&dst_rx, |_| {}, None);
     let _ = dst.wait();
@@ -184,8 +183,7 @@ fn guest_moves_to_another_qemu_process_on_one_host() {
     );
     let status = migrate(&mut qmp, &mig);
     assert_eq!(status["status"], "completed", "{status}");
-    qmp.execute("quit", json!({}));
-    let _ = src.wait();
+    qmp.quit(&mut src);
 
     // The old process's server goes; the new one keeps serving.
     let t = hosts.ctl(1, &["serve-remove", "vm", "--socket", s1, "--control", ctl]);
