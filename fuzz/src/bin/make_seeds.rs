@@ -14,7 +14,7 @@ use thinlun::format::journal::{
     decode_block, decode_host_checkpoint, encode_block, encode_host_checkpoint, Entry,
     HostCheckpoint, JournalBlock, ENTRIES_PER_BLOCK,
 };
-use thinlun::format::node::{self, Extent, Node, EXTENT_ZERO, NODE_CAPACITY};
+use thinlun::format::node::{self, Child, Extent, Node, NodeAddr, EXTENT_ZERO, NODE_CAPACITY};
 use thinlun::format::superblock::{Policy, Superblock};
 use thinlun::format::{Layout, SUPERBLOCK_B};
 use thinlun_fuzz::{at, layout};
@@ -56,6 +56,7 @@ fn superblocks() -> Vec<Vec<u8>> {
         commit_unix: 1_700_000_000,
         policy: Policy::default(),
         shared: None,
+        ditto_nodes: true,
     };
     let used = Superblock {
         generation: 42,
@@ -134,11 +135,20 @@ fn nodes() -> Vec<Vec<u8>> {
     let empty = Node::Leaf(Vec::new());
     let interior = Node::Interior {
         level: 1,
-        children: vec![(0, 1541), (4000, 1542), (90_000, 1543)],
+        children: vec![
+            child(0, 1541, 0),
+            child(4000, 1542, 0),
+            child(90_000, 1543, 0),
+        ],
     };
     let root = Node::Interior {
         level: 8,
-        children: vec![(0, 1600)],
+        children: vec![child(0, 1600, 0)],
+    };
+    // A ditto interior node: 24-byte entries naming each child's twin.
+    let ditto = Node::Interior {
+        level: 2,
+        children: vec![child(0, 1700, 9700), child(5000, 1701, 9701)],
     };
     let mut out = Vec::new();
     for (n, vol) in [
@@ -152,7 +162,24 @@ fn nodes() -> Vec<Vec<u8>> {
         assert_eq!(&node::decode(&b, at::NODE).unwrap(), n);
         out.push(b);
     }
+    // Version-2 copies: the first copy at the targets' node address.
+    for n in [&leaf, &ditto] {
+        let twin = NodeAddr {
+            block: at::NODE,
+            twin: at::NODE + 4096,
+        };
+        let (at_block, b) = node::encode_copies(n, 4, 7, twin).remove(0);
+        assert_eq!(&node::decode(&b, at_block).unwrap(), n);
+        out.push(b);
+    }
     out
+}
+
+fn child(key: u64, block: u64, twin: u64) -> Child {
+    Child {
+        key,
+        at: NodeAddr { block, twin },
+    }
 }
 
 fn catalogs() -> Vec<Vec<u8>> {
@@ -214,7 +241,7 @@ fn catalogs() -> Vec<Vec<u8>> {
         VolumeHeader {
             volume_id: 1,
             generation: 1,
-            root: 0,
+            root: NodeAddr::NONE,
             depth: 0,
             mapped_blocks: 0,
             extent_count: 0,
@@ -224,7 +251,10 @@ fn catalogs() -> Vec<Vec<u8>> {
         VolumeHeader {
             volume_id: 7,
             generation: 12,
-            root: at::NODE,
+            root: NodeAddr {
+                block: at::NODE,
+                twin: at::NODE + 4096,
+            },
             depth: 2,
             mapped_blocks: 123_456,
             extent_count: 789,
@@ -415,7 +445,12 @@ fn vhost_sessions() -> Vec<Vec<u8>> {
     msg(&mut s, 16, 0, &0xbu64.to_le_bytes()); // MQ, LOG_SHMFD, REPLY_ACK
     msg(&mut s, 5, 1, &words(&[0, 1 << 20, uva, 0], &[1, 0]));
     msg(&mut s, 8, 0, &words(&[], &[0, 16]));
-    msg(&mut s, 9, 0, &words(&[uva, uva + 0x2000, uva + 0x1000, 0], &[0, 0]));
+    msg(
+        &mut s,
+        9,
+        0,
+        &words(&[uva, uva + 0x2000, uva + 0x1000, 0], &[0, 0]),
+    );
     msg(&mut s, 10, 0, &words(&[], &[0, 0]));
     msg(&mut s, 13, 3, &0u64.to_le_bytes());
     msg(&mut s, 12, 3, &0u64.to_le_bytes());
