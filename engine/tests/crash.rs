@@ -167,6 +167,21 @@ fn record(seed: u64, ops: usize) -> (Trace, History) {
     (dev.take_trace(), h)
 }
 
+/// The LUN after a crash at trace position `k` whose last event is a torn
+/// write: only the first half of each of its blocks reached the medium,
+/// everything issued before it did.
+fn last_write_torn(trace: &Trace, k: usize) -> Option<Vec<u8>> {
+    let Some(Event::Write { offset, data }) = k.checked_sub(1).map(|i| &trace.events[i]) else {
+        return None;
+    };
+    let mut img = trace.crash_image(k - 1, &mut |_, _| true);
+    for (i, blk) in data.chunks(BS).enumerate() {
+        let at = *offset as usize + i * BS;
+        img[at..at + BS / 2].copy_from_slice(&blk[..BS / 2]);
+    }
+    Some(img)
+}
+
 /// Checks an image of the LUN after a crash at trace position `k`, opened
 /// on the boot `boot_id` (`None`: this one, as after a process crash;
 /// `Some(REBOOTED)` after a power loss), with the unflushed record as the
@@ -578,16 +593,7 @@ fn crash_points_in_back_to_back_snapshots() {
         for _ in 0..3 {
             images.push(trace.crash_image(k, &mut |_, _| rng.u64(..2) == 0));
         }
-        // The last write torn: only the first half of each of its blocks
-        // reached the medium.
-        if let Some(Event::Write { offset, data }) = k.checked_sub(1).map(|i| &trace.events[i]) {
-            let mut img = trace.crash_image(k - 1, &mut |_, _| true);
-            for (i, blk) in data.chunks(BS).enumerate() {
-                let at = *offset as usize + i * BS;
-                img[at..at + BS / 2].copy_from_slice(&blk[..BS / 2]);
-            }
-            images.push(img);
-        }
+        images.extend(last_write_torn(&trace, k));
         let done = changes.iter().rposition(|c| c.1 <= k).unwrap_or(0);
         let mut allowed = vec![&changes[done].2];
         if let Some(next) = changes.get(done + 1) {
@@ -886,14 +892,7 @@ fn crash_points_while_a_bad_copy_is_rewritten_from_its_twin() {
             trace.crash_image(k, &mut |_, _| false),
             trace.crash_image(k, &mut |_, _| true),
         ];
-        if let Some(Event::Write { offset, data }) = k.checked_sub(1).map(|i| &trace.events[i]) {
-            let mut img = trace.crash_image(k - 1, &mut |_, _| true);
-            for (i, blk) in data.chunks(BS).enumerate() {
-                let at = *offset as usize + i * BS;
-                img[at..at + BS / 2].copy_from_slice(&blk[..BS / 2]);
-            }
-            images.push(img);
-        }
+        images.extend(last_write_torn(&trace, k));
         for img in images {
             let dev = Arc::new(MemDevice::from_image(img));
             let report = check(dev.as_ref(), "crash").unwrap();

@@ -706,21 +706,11 @@ impl Alloc {
 
     /// Two blocks in different chunks, far apart (both copies of a record).
     fn take_pair(&mut self) -> Result<NodeAddr> {
-        let block = self.take()?;
-        let twin = self.space.allocate_apart(&mut self.second, block);
-        Ok(NodeAddr {
-            block,
-            twin: twin.ok_or(Error::NoSpace)?,
-        })
-    }
-
-    /// A tree node: two blocks on a pool with ditto nodes, else one.
-    fn take_node(&mut self, ditto: bool) -> Result<NodeAddr> {
-        if ditto {
-            self.take_pair()
-        } else {
-            self.take().map(NodeAddr::single)
-        }
+        let (block, twin) = self
+            .space
+            .allocate_pair(&mut self.first, &mut self.second)
+            .ok_or(Error::NoSpace)?;
+        Ok(NodeAddr { block, twin })
     }
 }
 
@@ -884,7 +874,7 @@ pub fn restore(
     for v in &d.volumes {
         let mut children = Vec::new();
         for (i, chunk) in v.extents.chunks(NODE_CAPACITY).enumerate() {
-            let at = alloc.take_node(DITTO)?;
+            let at = alloc.take_pair()?;
             let key = if i == 0 { 0 } else { chunk[0].vblock };
             let leaf = Node::Leaf(chunk.to_vec());
             first.extend(node::encode_copies(&leaf, v.id, journal_seq, at));
@@ -894,7 +884,7 @@ pub fn restore(
         let (root, depth) = node::build_interior(
             children,
             DITTO,
-            || alloc.take_node(DITTO),
+            || alloc.take_pair(),
             |at, n| interior.push((at, n)),
         )?;
         for (at, n) in interior {

@@ -184,19 +184,11 @@ pub fn repair(dev: Arc<dyn BlockDevice>, label: &str, dry_run: bool) -> Result<R
     // Ditto nodes: a bad copy gets its twin's contents (nodes are never
     // rewritten in place otherwise, so nothing else writes that block).
     for c in &loaded.bad_node_copies {
-        let good = read_block(dev.as_ref(), c.good).map_err(|e| Error::io(label, e))?;
-        let (at, copy) = crate::format::node::twin_copy(&good, c.good)?;
-        if at != c.block {
-            return Err(Error::Corrupt(format!(
-                "mapping node at block {}: its twin names block {at}",
-                c.block
-            )));
-        }
         report.fixes.push(format!(
             "mapping node copy at block {} is damaged ({}): rewritten from its twin at block {}",
             c.block, c.why, c.good
         ));
-        rewrites.push((at, copy));
+        rewrites.push(c.rewrite_from_twin(dev.as_ref())?);
     }
     // Host slots and lock registers: a single-host pool never uses them
     // (a never-used one is all zeros), so a damaged one is cleared, not

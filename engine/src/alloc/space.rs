@@ -280,6 +280,20 @@ impl SpaceMap {
         self.take_in_chunk(cursor, 1).map(|(b, _)| b)
     }
 
+    /// Two blocks in different chunks (both or neither): one for `first`,
+    /// the other [`allocate_apart`](Self::allocate_apart) from it for
+    /// `second`. The two copies of a record.
+    pub fn allocate_pair(&mut self, first: &mut Cursor, second: &mut Cursor) -> Option<(u64, u64)> {
+        let (block, _) = self.allocate_run(first, 1)?;
+        match self.allocate_apart(second, block) {
+            Some(twin) => Some((block, twin)),
+            None => {
+                self.release(block, 1);
+                None
+            }
+        }
+    }
+
     /// Takes up to `want` free blocks from the cursor's chunk, at or after
     /// the cursor; None (and the cursor cleared) when there are none.
     fn take_in_chunk(&mut self, cursor: &mut Cursor, want: u64) -> Option<(u64, u64)> {

@@ -60,6 +60,21 @@ pub(crate) struct BadCopy {
     pub why: String,
 }
 
+impl BadCopy {
+    /// The bad copy as its good twin says it should be: (block, contents).
+    pub(crate) fn rewrite_from_twin(&self, dev: &dyn BlockDevice) -> Result<(u64, Vec<u8>)> {
+        let good = read_block(dev, self.good).map_err(|e| Error::io("reading mapping node", e))?;
+        let (at, copy) = node::twin_copy(&good, self.good)?;
+        if at != self.block {
+            return Err(Error::Corrupt(format!(
+                "mapping node at block {}: its twin names block {at}",
+                self.block
+            )));
+        }
+        Ok((at, copy))
+    }
+}
+
 /// What loading one volume's tree found.
 pub(super) struct LoadedTree {
     pub map: ExtentMap,
@@ -204,28 +219,27 @@ fn read_nodes(
     out: &mut LoadedTree,
 ) -> Result<Vec<(Pending, Node)>> {
     let firsts: Vec<u64> = to_read.iter().map(|p| p.at.block).collect();
-    let first: Vec<Result<Node>> = read_each(dev, &firsts)?
-        .into_iter()
-        .zip(to_read)
-        .map(|(r, p)| r.and_then(|b| accept(&b, p.at.block, p.at.twin, p)))
-        .collect();
+    let first = read_checked(dev, &firsts, |i, b| {
+        let p = &to_read[i];
+        accept(b, p.at.block, p.at.twin, p)
+    });
     let wanted =
         |p: &Pending, a: &Result<Node>| p.at.twin != 0 && (copies == Copies::Both || a.is_err());
-    let seconds: Vec<u64> = to_read
+    let twins: Vec<&Pending> = to_read
         .iter()
         .zip(&first)
         .filter(|(p, a)| wanted(p, a))
-        .map(|(p, _)| p.at.twin)
+        .map(|(p, _)| p)
         .collect();
-    let mut second = read_each(dev, &seconds)?.into_iter();
+    let seconds: Vec<u64> = twins.iter().map(|p| p.at.twin).collect();
+    let mut second = read_checked(dev, &seconds, |i, b| {
+        let p = twins[i];
+        accept(b, p.at.twin, p.at.block, p)
+    })
+    .into_iter();
     let mut good = Vec::with_capacity(to_read.len());
     for (p, a) in to_read.iter().zip(first) {
-        let b = match wanted(p, &a) {
-            true => second
-                .next()
-                .map(|r| r.and_then(|buf| accept(&buf, p.at.twin, p.at.block, p))),
-            false => None,
-        };
+        let b = if wanted(p, &a) { second.next() } else { None };
         let bad = |block: u64, good: u64, why: String| BadCopy { block, good, why };
         match (a, b) {
             (Ok(n), None) => good.push((*p, n)),
@@ -268,23 +282,28 @@ fn reason(e: Error) -> String {
     }
 }
 
-/// Reads blocks in one batch; if the batch fails, each on its own, so an
-/// unreadable block costs only its node.
-fn read_each(dev: &dyn BlockDevice, blocks: &[u64]) -> Result<Vec<Result<Vec<u8>>>> {
+/// Reads `blocks` in one batch and checks block `i` with `check(i, ..)`;
+/// if the batch fails, reads each on its own, so an unreadable block
+/// costs only its node.
+fn read_checked(
+    dev: &dyn BlockDevice,
+    blocks: &[u64],
+    check: impl Fn(usize, &[u8]) -> Result<Node>,
+) -> Vec<Result<Node>> {
     if blocks.is_empty() {
-        return Ok(Vec::new());
+        return Vec::new();
     }
     if let Ok(bufs) = read_blocks(dev, blocks, "reading mapping nodes") {
-        return Ok((0..blocks.len()).map(|i| Ok(bufs[i].to_vec())).collect());
+        return (0..blocks.len()).map(|i| check(i, &bufs[i])).collect();
     }
-    Ok(blocks
+    blocks
         .iter()
-        .map(|&b| {
-            read_block(dev, b)
-                .map(|buf| buf.to_vec())
-                .map_err(|e| Error::io("reading mapping node", e))
+        .enumerate()
+        .map(|(i, &b)| match read_block(dev, b) {
+            Ok(buf) => check(i, &buf),
+            Err(e) => Err(Error::io("reading mapping node", e)),
         })
-        .collect())
+        .collect()
 }
 
 /// Decodes one copy of a node and checks it against what its parent says:

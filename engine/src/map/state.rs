@@ -445,14 +445,10 @@ impl State {
     }
 
     fn alloc_apart_pair(&mut self) -> Option<NodeAddr> {
-        let block = self.alloc_meta()?;
-        match self.space.allocate_apart(&mut self.twin_cursor, block) {
-            Some(twin) => Some(NodeAddr { block, twin }),
-            None => {
-                self.space.release(block, 1);
-                None
-            }
-        }
+        let (block, twin) = self
+            .space
+            .allocate_pair(&mut self.meta_cursor, &mut self.twin_cursor)?;
+        Some(NodeAddr { block, twin })
     }
 
     /// Allocates one metadata block.

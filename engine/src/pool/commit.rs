@@ -10,7 +10,7 @@
 //! Lock order (as everywhere in the pool): `commit` before `state`.
 
 use super::{Inner, Pool};
-use crate::dev::{read_block, write_blocks, BlockDevice};
+use crate::dev::{write_blocks, BlockDevice};
 use crate::error::{Error, Result};
 use crate::format::catalog::{
     encode_catalog, encode_volume_header, CatalogBlock, VolumeHeader, VolumeRecord,
@@ -588,15 +588,10 @@ impl Inner {
         let ctl = guard.as_mut().ok_or(Error::PoolReadOnly)?;
         if self.shared.is_none() && !bad_nodes.is_empty() {
             let dev = self.dev.as_ref();
-            let mut copies = Vec::with_capacity(bad_nodes.len());
-            for c in bad_nodes {
-                let good =
-                    read_block(dev, c.good).map_err(|e| Error::io("reading mapping node", e))?;
-                let (at, copy) = node::twin_copy(&good, c.good)?;
-                if at == c.block {
-                    copies.push((at, copy));
-                }
-            }
+            let copies = bad_nodes
+                .iter()
+                .map(|c| c.rewrite_from_twin(dev))
+                .collect::<Result<Vec<_>>>()?;
             write_blocks(dev, &copies).map_err(|e| Error::io("rewriting mapping nodes", e))?;
             dev.flush()
                 .map_err(|e| Error::io("rewriting mapping nodes", e))?;
