@@ -586,3 +586,39 @@ fn a_host_without_a_group_closes_cleanly() {
     drop(v);
     h1.close().unwrap();
 }
+
+/// Damage that this host first meets when it reloads the pool (another
+/// host wrote the tree, and its sectors went bad afterwards) gates this
+/// host's I/O as damage found at open does: a read of the lost range fails
+/// instead of reading as the hole the map has there, and other volumes
+/// serve as usual.
+#[test]
+fn damage_first_seen_at_a_reload_fails_reads_of_the_lost_range() {
+    let lun = Lun::new("reload-damage");
+    let h1 = lun.host(1).unwrap();
+    let h2 = lun.host(2).unwrap();
+    h1.create_volume("vm-1", 8 * MIB).unwrap();
+    h1.create_volume("vm-2", 8 * MIB).unwrap();
+    // Each write releases its volume, so both trees are on the LUN.
+    write(&h1, "vm-1", 5, 7);
+    write(&h1, "vm-2", 5, 8);
+    let d = thinlun::dump::dump(lun.dev.as_ref(), "mem").unwrap();
+    let vm1 = d.volumes.iter().find(|v| v.name == "vm-1").unwrap();
+    let (root, twin) = (vm1.on_disk.root, vm1.on_disk.root_twin);
+    assert!(root != 0 && twin != 0, "a one-leaf tree with ditto copies");
+    let zeros = |b: u64| (b, vec![0u8; BS]);
+    thinlun::dev::write_blocks(lun.dev.as_ref(), &[zeros(root), zeros(twin)]).unwrap();
+    // Host 2 loaded the pool before vm-1 was written: its next pool change
+    // reloads, and meets the damage there.
+    h2.create_volume("vm-3", MIB).unwrap();
+    let v = h2.open_volume("vm-1").unwrap();
+    let mut buf = vec![0u8; BS];
+    let e = v.read(5 * 8, &mut buf);
+    assert!(matches!(e, Err(Error::Damaged { .. })), "{e:?}");
+    assert!(matches!(v.write(0, &buf), Err(Error::Damaged { .. })));
+    drop(v);
+    assert_eq!(read(&h2, "vm-2", 5), 8);
+    write(&h2, "vm-3", 0, 3);
+    h2.close().unwrap();
+    h1.close().unwrap();
+}

@@ -37,6 +37,7 @@ use crate::pool::{HostOptions, Inner};
 use crate::Pool;
 use parking_lot::Mutex;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -215,6 +216,10 @@ impl Inner {
         }
         *sh.group_free.lock() = restrict_to_claims(&mut fresh, &claims, self.host_id);
         *st = fresh;
+        // Damage another host's tree brought (or a salvage removed) gates
+        // this host's I/O from now on: a read of a lost range must fail,
+        // not read as the hole the map has there.
+        self.damaged.store(st.is_damaged(), Ordering::Release);
         if !recovered.is_empty() {
             let mut released = false;
             for v in st.volumes.values_mut() {
