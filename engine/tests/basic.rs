@@ -360,3 +360,44 @@ fn persist_survives_a_process_crash() {
     kept.open_volume("v").unwrap().read(0, &mut b).unwrap();
     assert_eq!(b[0], 7);
 }
+
+/// A pool created with `force` over an earlier one opens, however much of
+/// its journal ring the earlier pool left written: those blocks belong to
+/// another chain and must neither be replayed nor taken for proof that a
+/// commit of the new pool was lost (FORMAT.md 6.4).
+#[test]
+fn a_pool_created_over_an_earlier_one_ignores_its_journal() {
+    let (dev, old) = new_pool(32 * MIB, HOSTS);
+    old.create_volume("a", 8 * MIB).unwrap();
+    let v = old.open_volume("a").unwrap();
+    // Many small commits: the old ring holds a long chain of valid blocks.
+    for i in 0..40u64 {
+        v.write(i * 8, &vec![i as u8 + 1; 4096]).unwrap();
+        v.flush().unwrap();
+    }
+    drop(v);
+    // The earlier pool dies without a checkpoint: its ring stays written.
+    std::mem::forget(old);
+    let forced = thinlun::PoolConfig {
+        force: true,
+        ..small_config(HOSTS)
+    };
+    let new = Pool::create(dev.clone(), "mem", &forced).unwrap();
+    new.create_volume("b", 8 * MIB).unwrap();
+    let w = new.open_volume("b").unwrap();
+    w.write(0, &vec![9u8; 4096]).unwrap();
+    w.flush().unwrap();
+    drop(w);
+    std::mem::forget(new);
+    let reopened = reopen(&dev);
+    assert_eq!(reopened.volumes().len(), 1, "only the new pool's volume");
+    let mut buf = vec![0u8; 4096];
+    reopened
+        .open_volume("b")
+        .unwrap()
+        .read(0, &mut buf)
+        .unwrap();
+    assert_eq!(buf, vec![9u8; 4096]);
+    let report = check(dev.as_ref(), "mem").unwrap();
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+}

@@ -138,6 +138,37 @@ pub fn write_blocks(dev: &dyn BlockDevice, blocks: &[(u64, Vec<u8>)]) -> io::Res
     dev.submit(&mut ops)
 }
 
+/// Makes blocks `start..start + count` read as zeros, writing only those
+/// that do not already: a new or sparse LUN costs one read of the range.
+pub fn clear_blocks(dev: &dyn BlockDevice, start: u64, count: u64) -> io::Result<()> {
+    const CHUNK: u64 = 256;
+    let zeros = AlignedBuf::zeroed(BLOCK_SIZE);
+    let mut buf = AlignedBuf::zeroed(CHUNK as usize * BLOCK_SIZE);
+    let mut at = start;
+    while at < start + count {
+        let n = CHUNK.min(start + count - at);
+        let len = n as usize * BLOCK_SIZE;
+        dev.submit(&mut [IoOp::Read {
+            offset: at * BLOCK_SIZE as u64,
+            buf: &mut buf[..len],
+        }])?;
+        let mut ops: Vec<IoOp> = buf[..len]
+            .chunks(BLOCK_SIZE)
+            .enumerate()
+            .filter(|(_, b)| b.iter().any(|&x| x != 0))
+            .map(|(i, _)| IoOp::Write {
+                offset: (at + i as u64) * BLOCK_SIZE as u64,
+                buf: &zeros,
+            })
+            .collect();
+        if !ops.is_empty() {
+            dev.submit(&mut ops)?;
+        }
+        at += n;
+    }
+    Ok(())
+}
+
 /// Blocks read in one batch into one aligned buffer.
 pub(crate) struct Blocks(AlignedBuf);
 

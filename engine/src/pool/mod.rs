@@ -291,6 +291,12 @@ impl Pool {
             }
         }
         let io = |e| Error::io(format!("{label}: writing new pool"), e);
+        // A journal an earlier pool left on this LUN fails the new chain's
+        // first check, but its valid blocks would still count as "a later
+        // commit follows" (FORMAT.md 6.4) and make the new pool refuse to
+        // open: the rings start zeroed.
+        let journals = layout.max_hosts as u64 * layout.journal_blocks as u64;
+        crate::dev::clear_blocks(dev.as_ref(), layout.journal_start, journals).map_err(io)?;
         for batch in blocks.chunks(1024) {
             write_blocks(dev.as_ref(), batch).map_err(io)?;
         }
