@@ -10,6 +10,12 @@
 # (for A/B runs of two builds).
 # Files go to $THINLUN_BENCH_DIR/nbd (default /var/tmp/thinlun-bench; not
 # tmpfs). Needs fio (with its nbd engine), qemu-img, qemu-storage-daemon.
+# The pool file and the raw file are written in full once, as a LUN's
+# blocks all exist, so that first writes measure the store and not the
+# file system's block allocation (an O_DIRECT write into a hole cannot be
+# issued inline: io_uring hands each to a kernel worker thread). The
+# qcow2 file starts empty and grows, as qcow2 does on a file system.
+# SPARSE=1 leaves the pool and raw files sparse, as before.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-5}
@@ -23,22 +29,35 @@ else
     T=${CARGO_TARGET_DIR:-$PWD/target}/release/thinctl
 fi
 export THINLUN_POOL=$dir/pool.img
+full_file() { # path size-in-MiB: written in full unless SPARSE=1
+    if [ -n "${SPARSE:-}" ]; then
+        truncate -s "${2}M" "$1"
+    else
+        dd if=/dev/zero of="$1" bs=4M count=$(($2 / 4)) oflag=direct status=none
+    fi
+}
+full_file "$dir/pool.img" 4096
+full_file "$dir/raw.img" 1024
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
 start_thinlun() {
-    rm -f "$dir/pool.img"
-    $T pool create --size 4G >/dev/null
+    # A new pool on the same (written) file each time.
+    $T pool create --force >/dev/null
     $T create vm $size >/dev/null
     $T serve vm --nbd "$dir/t.sock" 2>"$dir/t.log" &
     pid=$!; sock=$dir/t.sock; export_name=vm
 }
 start_qsd() { # $1: raw|qcow2
-    rm -f "$dir/q.img"
-    qemu-img create -q -f "$1" "$dir/q.img" $size
+    local img=$dir/raw.img
+    if [ "$1" = qcow2 ]; then
+        img=$dir/q.qcow2
+        rm -f "$img"
+        qemu-img create -q -f qcow2 "$img" $size
+    fi
     qemu-storage-daemon \
-        --blockdev driver=file,node-name=f0,filename="$dir/q.img",cache.direct=on,aio=io_uring \
+        --blockdev driver=file,node-name=f0,filename="$img",cache.direct=on,aio=io_uring \
         --blockdev driver="$1",node-name=d0,file=f0 \
         --nbd-server addr.type=unix,addr.path="$dir/q.sock" \
         --export type=nbd,id=e0,node-name=d0,name=vm,writable=on 2>"$dir/q.log" &
