@@ -91,6 +91,9 @@
 //! | on-disk format | [`format`](mod@format) (pure encoding and decoding) |
 //! | devices | [`dev`]: the LUN, block and sector sizes, batched reads |
 
+// Every public item says what it is for (CI denies warnings).
+#![warn(missing_docs)]
+
 mod admin;
 mod alloc;
 pub mod dev;

@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 pub struct ThresholdEvent {
     /// "data" or "metadata".
     pub kind: &'static str,
+    /// The threshold, in percent.
     pub threshold_pct: u8,
+    /// Use when the event was raised, in percent.
     pub used_pct: u8,
+    /// Crossed upwards (else cleared).
     pub crossed: bool,
 }
 

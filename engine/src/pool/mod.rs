@@ -498,6 +498,7 @@ impl Pool {
         &self.inner.label
     }
 
+    /// Whether the pool was opened read-only (nothing in it can change).
     pub fn is_read_only(&self) -> bool {
         self.inner.read_only
     }
@@ -528,6 +529,7 @@ impl Pool {
         self.inner.shutdown()
     }
 
+    /// Pool-wide figures (`thinctl pool status`).
     pub fn status(&self) -> PoolStatus {
         let st = self.inner.state.lock();
         let l = st.sb.layout;
@@ -584,6 +586,7 @@ impl Pool {
         }
     }
 
+    /// Every volume, snapshot and base, by name.
     pub fn volumes(&self) -> Vec<VolumeInfo> {
         let st = self.inner.state.lock();
         let mut v: Vec<VolumeInfo> = st.volumes.values().map(|x| info_of(&st, x)).collect();
@@ -591,6 +594,7 @@ impl Pool {
         v
     }
 
+    /// One volume, snapshot or base by name.
     pub fn volume_info(&self, name: &str) -> Result<VolumeInfo> {
         let st = self.inner.state.lock();
         st.volume_by_name(name)

@@ -32,8 +32,11 @@ pub(crate) enum Fresh {
 /// What a volume uses, as `du` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Usage {
+    /// The volume's name.
     pub name: String,
+    /// Its virtual size.
     pub provisioned_bytes: u64,
+    /// Bytes its mapping points at (exclusive plus shared).
     pub mapped_bytes: u64,
     /// Freed if this volume alone were removed.
     pub exclusive_bytes: u64,
