@@ -14,7 +14,8 @@ const RECORDS_AT: usize = 64;
 pub const RECORDS_PER_BLOCK: usize = (BLOCK_SIZE - RECORDS_AT) / RECORD_LEN;
 pub use super::names::MAX_NAME_LEN;
 
-/// Volume flags.
+/// Bits of a volume record's `flags` (as a metadata dump's volumes carry
+/// them; `thinlun::volume_flags` at the crate root).
 pub mod flags {
     /// A read-only point-in-time image of `parent_id`.
     pub const SNAPSHOT: u32 = 1;

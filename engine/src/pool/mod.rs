@@ -20,13 +20,14 @@
 
 mod change;
 mod commit;
-pub(crate) mod guard;
+mod guard;
 pub(crate) mod io;
 mod options;
 pub(crate) mod shared;
 pub(crate) mod snapshot;
 
 pub(crate) use commit::{plan_tree, write_nodes, TreePlan};
+pub use guard::ThresholdEvent;
 pub use options::{
     DamagedRange, HostOptions, OpenOptions, PoolConfig, PoolStatus, SharedConfig, UnflushedPlace,
     VolumeInfo,
