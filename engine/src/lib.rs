@@ -83,7 +83,7 @@
 //! | layer | modules |
 //! |---|---|
 //! | administration | `admin/`: [`check`], [`repair`], [`salvage`], [`dump`], [`diffstream`] |
-//! | the pool | `pool/`: [`Pool`], volumes, commit, snapshots, space policy (`guard`), shared pools, the I/O path (`pool/io/`: [`Volume`], [`IoQueue`]) |
+//! | the pool | `pool/`: [`Pool`], creation (`create`), volumes (`volumes`), commit, snapshots, space policy (`guard`), shared pools, the I/O path (`pool/io/`: [`Volume`], [`IoQueue`]) |
 //! | opening | `load/`: superblock choice, volume trees, journal replay |
 //! | mapping | `map/`: extent maps, the in-memory pool state |
 //! | logs and leases | `journal`, `unflushed`, [`lease`] |
