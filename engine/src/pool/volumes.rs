@@ -105,10 +105,9 @@ impl Pool {
                 damage: Vec::new(),
             },
         );
-        if let Err(e) = inner.write_catalog(&mut st) {
+        inner.write_catalog_or_undo(&mut st, |st| {
             st.volumes.remove(&id);
-            return Err(e);
-        }
+        })?;
         Ok(info_of(&st, &st.volumes[&id]))
     }
 
@@ -127,13 +126,12 @@ impl Pool {
             inner.check_not_active_elsewhere(&st, i)?;
             st.refuse_family_damaged(i, "removal of")?;
         }
-        let removed: Vec<Vol> = ids.iter().filter_map(|id| st.volumes.remove(id)).collect();
-        if let Err(e) = inner.write_catalog(&mut st) {
-            for v in removed {
+        let mut removed: Vec<Vol> = ids.iter().filter_map(|id| st.volumes.remove(id)).collect();
+        inner.write_catalog_or_undo(&mut st, |st| {
+            for v in removed.drain(..) {
                 st.volumes.insert(v.rec.id, v);
             }
-            return Err(e);
-        }
+        })?;
         // The catalog no longer names them and nothing has them open: what
         // only they held is free at once.
         for v in removed {
@@ -183,13 +181,11 @@ impl Pool {
             return Err(Error::NoSuchVolume(old.to_string()));
         };
         let old_name = std::mem::replace(&mut v.rec.name, new_name.to_string());
-        if let Err(e) = inner.write_catalog(&mut st) {
+        inner.write_catalog_or_undo(&mut st, |st| {
             if let Some(v) = st.volumes.get_mut(&id) {
                 v.rec.name = old_name;
             }
-            return Err(e);
-        }
-        Ok(())
+        })
     }
 
     /// Virtual byte ranges (offset, length) of a volume that hold data, in
@@ -304,14 +300,13 @@ impl Pool {
             .get_mut(&id)
             .ok_or_else(|| Error::NoSuchVolume(name.to_string()))?;
         vol.rec.size_bytes = size_bytes;
-        if let Err(e) = inner.write_catalog(&mut st) {
+        inner.write_catalog_or_undo(&mut st, |st| {
             if size_bytes > old_size {
                 if let Some(v) = st.volumes.get_mut(&id) {
                     v.rec.size_bytes = old_size;
                 }
             }
-            return Err(e);
-        }
+        })?;
         Ok(info_of(&st, &st.volumes[&id]))
     }
 
