@@ -57,39 +57,42 @@ pub(crate) use crate::map::state::damaged_ranges;
 /// Number of stripe locks that serialise overlapping writes.
 pub(crate) const STRIPES: usize = 256;
 
+/// What an open pool's handles and volumes share. Its fields are the pool
+/// module's own but for three that salvage (admin/salvage.rs) still
+/// reaches: `state`, `commit` and `damaged` (repair's tests read `state`).
 pub(crate) struct Inner {
-    pub dev: Arc<dyn BlockDevice>,
+    dev: Arc<dyn BlockDevice>,
     /// The path or name the pool was opened by, for messages.
-    pub label: String,
-    pub read_only: bool,
-    pub host_id: u32,
+    label: String,
+    read_only: bool,
+    host_id: u32,
     /// This machine's boot identity (0: unknown), written into the journal
     /// blocks of unflushed persists.
-    pub boot: u64,
-    pub state: Mutex<State>,
-    pub commit: Mutex<Option<CommitCtl>>,
+    boot: u64,
+    pub(crate) state: Mutex<State>,
+    pub(crate) commit: Mutex<Option<CommitCtl>>,
     commits_begun: AtomicU64,
     commits_done: AtomicU64,
     /// The last take of pending journal entries (`State::takes`) whose
     /// journal blocks (or trees) are written: a persist that finds nothing
     /// pending still waits for an earlier take to be written, since that
     /// take may hold its caller's entries.
-    pub(crate) takes_written: AtomicU64,
-    pub stripes: Box<[Arc<Mutex<()>>]>,
+    takes_written: AtomicU64,
+    stripes: Box<[Arc<Mutex<()>>]>,
     /// Set after a metadata write failed: the on-disk state is still
     /// consistent, but this process refuses further writes.
     failed: Mutex<Option<String>>,
     bg: Arc<BackgroundCtl>,
     bg_thread: Mutex<Option<JoinHandle<()>>>,
-    pub warnings: Vec<String>,
+    warnings: Vec<String>,
     /// Leases and group claims of a shared pool.
-    pub shared: Option<crate::pool::shared::SharedCtx>,
+    shared: Option<crate::pool::shared::SharedCtx>,
     /// Highest data and metadata threshold last reported.
-    pub threshold_seen: Mutex<[u8; 2]>,
-    pub is_block_device: bool,
+    threshold_seen: Mutex<[u8; 2]>,
+    is_block_device: bool,
     /// Some volume's tree could not be fully loaded: I/O checks its
     /// volume's damage (a healthy pool skips that lock).
-    pub damaged: std::sync::atomic::AtomicBool,
+    pub(crate) damaged: std::sync::atomic::AtomicBool,
 }
 
 /// An open pool. Cheap to clone; the pool closes cleanly (commit and
