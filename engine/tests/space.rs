@@ -4,8 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use thinlun::check::check;
 use thinlun::dev::MemDevice;
-use thinlun::format::superblock::Policy;
-use thinlun::{Error, OpenOptions, Pool, PoolConfig};
+use thinlun::{Error, OpenOptions, Policy, Pool, PoolConfig};
 
 const MIB: u64 = 1 << 20;
 const BS: usize = 4096;

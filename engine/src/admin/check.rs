@@ -21,12 +21,20 @@ pub struct CheckReport {
     pub warnings: Vec<String>,
     /// Catalog entries that are not snapshots (as `PoolStatus::volumes`).
     pub volumes: u64,
+    /// Catalog entries that are snapshots.
     pub snapshots: u64,
+    /// Blocks mapped, summed over every volume and snapshot (shared blocks
+    /// count once per tree).
     pub mapped_blocks: u64,
+    /// Extents, summed over every tree.
     pub extents: u64,
+    /// Blocks of the data area.
     pub data_blocks: u64,
+    /// Data blocks no tree or metadata record uses.
     pub free_blocks: u64,
+    /// Data blocks that hold metadata (catalog, volume headers, tree nodes).
     pub metadata_blocks: u64,
+    /// Journal blocks the load replayed on top of the checkpoints.
     pub journal_blocks_replayed: u64,
     /// The journal ends in a torn or damaged block (at this address): an
     /// interrupted commit. Replay stops before it, as after a power loss
@@ -38,6 +46,7 @@ pub struct CheckReport {
 }
 
 impl CheckReport {
+    /// No errors (warnings may remain).
     pub fn is_clean(&self) -> bool {
         self.errors.is_empty()
     }

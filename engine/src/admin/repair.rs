@@ -52,6 +52,7 @@ pub struct RepairReport {
     pub refused: Vec<String>,
     /// Facts for the admin that need no action.
     pub notes: Vec<String>,
+    /// Nothing was written: the report says what repair would do.
     pub dry_run: bool,
     /// Blocks written to the LUN (0 on a dry run, when refused, or when
     /// there was nothing to repair).

@@ -48,10 +48,13 @@ pub struct Salvaged {
 /// What `salvage` did.
 #[derive(Clone, Debug, Default)]
 pub struct SalvageReport {
+    /// The volumes rebuilt, with what each lost.
     pub salvaged: Vec<Salvaged>,
     /// Why nothing was written; empty when salvage went ahead.
     pub refused: Vec<String>,
+    /// Facts for the admin that need no action.
     pub notes: Vec<String>,
+    /// Nothing was written: the report says what salvage would do.
     pub dry_run: bool,
     /// Blocks written to the LUN (0 on a dry run or when refused).
     pub blocks_written: u64,

@@ -13,6 +13,8 @@ use std::path::Path;
 
 const RING_ENTRIES: u32 = 256;
 
+/// The production LUN: a file or block device opened with O_DIRECT where
+/// possible, with batches submitted through io_uring.
 pub struct FileDevice {
     file: File,
     is_block_device: bool,

@@ -11,17 +11,24 @@ use parking_lot::{Mutex, RwLock};
 use std::io;
 use std::sync::Arc;
 
+/// One recorded step of a [`Trace`].
 #[derive(Clone, Debug)]
 pub enum Event {
+    /// A write that completed into the device's volatile cache.
     Write {
+        /// Byte offset on the LUN.
         offset: u64,
+        /// The bytes written.
         data: Vec<u8>,
     },
+    /// A cache flush: every earlier write is durable.
     Flush,
     /// A store into surviving memory: kept by a process crash, gone after
     /// a power loss.
     Store {
+        /// Byte offset into the memory.
         offset: usize,
+        /// The bytes stored.
         data: Vec<u8>,
     },
 }
@@ -29,7 +36,9 @@ pub enum Event {
 /// A recording: the LUN when recording started, then every write and flush.
 #[derive(Clone, Debug, Default)]
 pub struct Trace {
+    /// The LUN's contents when recording started.
     pub base: Vec<u8>,
+    /// What happened since, in order.
     pub events: Vec<Event>,
 }
 
@@ -79,16 +88,20 @@ impl Trace {
 
 type SharedTrace = Arc<Mutex<Option<Trace>>>;
 
+/// A LUN held in memory, for tests and seeds; it can record a [`Trace`] of
+/// its writes and flushes.
 pub struct MemDevice {
     data: RwLock<Vec<u8>>,
     trace: SharedTrace,
 }
 
 impl MemDevice {
+    /// A zero-filled LUN of `size` bytes.
     pub fn new(size: u64) -> MemDevice {
         MemDevice::from_image(vec![0u8; size as usize])
     }
 
+    /// A LUN holding `image` (a saved image or a crash image).
     pub fn from_image(image: Vec<u8>) -> MemDevice {
         MemDevice {
             data: RwLock::new(image),
@@ -118,6 +131,7 @@ impl MemDevice {
         });
     }
 
+    /// Stops recording and returns what was recorded (empty if nothing was).
     pub fn take_trace(&self) -> Trace {
         self.trace.lock().take().unwrap_or_default()
     }
@@ -209,6 +223,7 @@ pub struct TracedMemory {
 }
 
 impl TracedMemory {
+    /// A copy of the memory as it is now.
     pub fn contents(&self) -> Vec<u8> {
         self.data.lock().clone()
     }

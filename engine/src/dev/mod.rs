@@ -22,9 +22,11 @@ use std::io;
 
 /// The internal block: the unit of mapping, allocation and validity.
 pub const BLOCK_SIZE: usize = 4096;
+/// log2 of [`BLOCK_SIZE`]: a byte offset shifted right by it is a block number.
 pub const BLOCK_SHIFT: u32 = 12;
 /// Addressing unit of the I/O API (as virtio-blk and SCSI use).
 pub const SECTOR_SIZE: u64 = 512;
+/// Sectors in one block (8).
 pub const SECTORS_PER_BLOCK: u64 = (BLOCK_SIZE as u64) / SECTOR_SIZE;
 
 /// Alignment of every buffer and offset handed to a device.
@@ -33,8 +35,20 @@ pub const IO_ALIGN: usize = BLOCK_SIZE;
 /// One read or write of a batch. Offsets and lengths are multiples of
 /// [`IO_ALIGN`]; buffers start at an [`IO_ALIGN`]-aligned address.
 pub enum IoOp<'a> {
-    Read { offset: u64, buf: &'a mut [u8] },
-    Write { offset: u64, buf: &'a [u8] },
+    /// Fills `buf` from the device, starting at byte `offset`.
+    Read {
+        /// Byte offset on the device.
+        offset: u64,
+        /// Where the data goes; its length is the read's length.
+        buf: &'a mut [u8],
+    },
+    /// Writes `buf` to the device at byte `offset`.
+    Write {
+        /// Byte offset on the device.
+        offset: u64,
+        /// The data; its length is the write's length.
+        buf: &'a [u8],
+    },
 }
 
 impl IoOp<'_> {
@@ -86,12 +100,14 @@ pub struct AlignedBuf {
 }
 
 impl AlignedBuf {
+    /// A buffer of `len` zero bytes.
     pub fn zeroed(len: usize) -> AlignedBuf {
         let raw = vec![0u8; len + IO_ALIGN];
         let start = raw.as_ptr().align_offset(IO_ALIGN);
         AlignedBuf { raw, start, len }
     }
 
+    /// An aligned copy of `data`.
     pub fn from_slice(data: &[u8]) -> AlignedBuf {
         let mut b = AlignedBuf::zeroed(data.len());
         b.copy_from_slice(data);

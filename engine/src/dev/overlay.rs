@@ -22,12 +22,15 @@ struct Log {
     latest: HashMap<u64, (usize, usize)>,
 }
 
+/// A LUN whose writes are kept in memory until [`OverlayDevice::apply`]:
+/// reads see them, the LUN below does not yet.
 pub struct OverlayDevice {
     base: Arc<dyn BlockDevice>,
     log: Mutex<Log>,
 }
 
 impl OverlayDevice {
+    /// An empty overlay over `base`: reads see `base` until written.
     pub fn new(base: Arc<dyn BlockDevice>) -> OverlayDevice {
         OverlayDevice {
             base,

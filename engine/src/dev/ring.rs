@@ -13,9 +13,13 @@ use std::os::unix::io::AsRawFd;
 /// [`Ring::push`]).
 #[derive(Clone, Copy)]
 pub struct RawOp {
+    /// A write of the memory at `ptr` (else a read into it).
     pub write: bool,
+    /// Byte offset on the device.
     pub offset: u64,
+    /// Start of the caller's buffer.
     pub ptr: *mut u8,
+    /// Length of the transfer in bytes.
     pub len: usize,
 }
 
@@ -23,6 +27,8 @@ pub struct RawOp {
 // the memory stays valid until completion, from whichever thread reaps it.
 unsafe impl Send for RawOp {}
 
+/// An io_uring over one device whose operations complete one by one (see
+/// the module docs), from [`super::BlockDevice::ring`].
 pub struct Ring {
     /// A handle of the device's own, so the descriptor outlives every
     /// operation in flight even if the device is dropped first.

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 
 /// A fixed-size byte region that survives the process.
 pub trait SurvivingMemory: Send + Sync {
+    /// The region's size in bytes.
     fn len(&self) -> usize;
+    /// Whether the region has no bytes (no surviving memory at all).
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -99,6 +101,7 @@ impl SurvivingMemory for MappedFile {
 pub struct MemCopy(Mutex<Vec<u8>>);
 
 impl MemCopy {
+    /// Memory holding `bytes`.
     pub fn new(bytes: Vec<u8>) -> MemCopy {
         MemCopy(Mutex::new(bytes))
     }

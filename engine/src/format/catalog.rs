@@ -7,12 +7,15 @@ use super::node::NodeAddr;
 use super::{magic, Layout, BLOCK_SIZE, MAX_BLOCKS, MAX_VOLUME_BYTES};
 use crate::error::{Error, Result};
 
+/// Bytes per volume record in a catalog block.
 pub const RECORD_LEN: usize = 256;
 const RECORDS_AT: usize = 64;
+/// Volume records one catalog block holds (15).
 pub const RECORDS_PER_BLOCK: usize = (BLOCK_SIZE - RECORDS_AT) / RECORD_LEN;
 pub use super::names::MAX_NAME_LEN;
 
-/// Volume flags.
+/// Bits of a volume record's `flags` (as a metadata dump's volumes carry
+/// them; `thinlun::volume_flags` at the crate root).
 pub mod flags {
     /// A read-only point-in-time image of `parent_id`.
     pub const SNAPSHOT: u32 = 1;
@@ -20,14 +23,20 @@ pub mod flags {
     pub const BASE: u32 = 2;
     /// Writes are refused.
     pub const READ_ONLY: u32 = 4;
+    /// Every flag this version knows; a record with others is corrupt.
     pub const KNOWN: u32 = SNAPSHOT | BASE | READ_ONLY;
 }
 
+/// One volume, snapshot or base as the catalog lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeRecord {
+    /// Pool-unique, never reused, never 0.
     pub id: u64,
+    /// Bits of [`flags`].
     pub flags: u32,
+    /// The volume's name (`vol` or `vol@snap`).
     pub name: String,
+    /// Virtual size: a non-zero multiple of the block size.
     pub size_bytes: u64,
     /// The two copies of the volume's header block.
     pub header_blocks: [u64; 2],
@@ -35,6 +44,7 @@ pub struct VolumeRecord {
     pub parent_id: u64,
     /// For a clone: the snapshot or base it was cloned from (0 = none).
     pub origin_id: u64,
+    /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
     /// Host holding the volume active for writing (0 = none).
     pub active_host: u16,
@@ -109,11 +119,13 @@ impl VolumeRecord {
 /// One block of the catalog chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CatalogBlock {
+    /// At most [`RECORDS_PER_BLOCK`] records.
     pub records: Vec<VolumeRecord>,
     /// Next block of the chain (0 = last).
     pub next: u64,
 }
 
+/// A catalog block as written at `at_block`, for catalog `generation`.
 pub fn encode_catalog(cb: &CatalogBlock, generation: u64, at_block: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     put_u64(&mut b, 32, cb.next);
@@ -133,6 +145,7 @@ pub fn encode_catalog(cb: &CatalogBlock, generation: u64, at_block: u64) -> Vec<
     b
 }
 
+/// Decodes and checks the catalog block read from `at_block`.
 pub fn decode_catalog(b: &[u8], layout: &Layout, at_block: u64) -> Result<CatalogBlock> {
     let hdr = codec::open(b, magic::CATALOG, at_block, "catalog block")?;
     let count = hdr.aux as usize;
@@ -160,6 +173,7 @@ pub fn decode_catalog(b: &[u8], layout: &Layout, at_block: u64) -> Result<Catalo
 /// checkpoint, and which journal entries that checkpoint already holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VolumeHeader {
+    /// The volume it belongs to (checked against the catalog).
     pub volume_id: u64,
     /// Checkpoint generation of this volume; the newer valid copy wins.
     pub generation: u64,
@@ -167,14 +181,18 @@ pub struct VolumeHeader {
     pub root: NodeAddr,
     /// Tree height: 0 for a single leaf.
     pub depth: u16,
+    /// Blocks the tree maps.
     pub mapped_blocks: u64,
+    /// Extents in the tree's leaves.
     pub extent_count: u64,
     /// Journal entries of `journal_host` with block sequence <= this are
     /// already part of the tree.
     pub journal_seq: u64,
+    /// The host whose journal `journal_seq` counts in.
     pub journal_host: u32,
 }
 
+/// A volume header block as written at `at_block`.
 pub fn encode_volume_header(h: &VolumeHeader, at_block: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     put_u64(&mut b, 32, h.volume_id);
@@ -196,6 +214,7 @@ pub fn encode_volume_header(h: &VolumeHeader, at_block: u64) -> Vec<u8> {
     b
 }
 
+/// Decodes and checks the volume header read from `at_block`.
 pub fn decode_volume_header(b: &[u8], at_block: u64) -> Result<VolumeHeader> {
     let hdr = codec::open(b, magic::VOLUME_HEADER, at_block, "volume header")?;
     let root = NodeAddr {

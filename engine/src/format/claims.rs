@@ -6,8 +6,10 @@ use super::codec::{self, get_u16, get_u64, put_u16, put_u64, Header, HEADER_LEN}
 use super::{magic, AG_CLAIM_LEN, BLOCK_SIZE};
 use crate::error::{Error, Result};
 
+/// Claim records one table block holds (254).
 pub const CLAIMS_PER_BLOCK: usize = (BLOCK_SIZE - HEADER_LEN) / AG_CLAIM_LEN;
 
+/// Who allocates in one allocation group.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Claim {
     /// Host id that allocates in this group; 0 = unclaimed.
@@ -37,6 +39,8 @@ pub fn encode(claims: &[Claim], generation: u64, at_block: u64) -> Vec<u8> {
     b
 }
 
+/// Decodes the claim-table block read from `at_block`: all
+/// [`CLAIMS_PER_BLOCK`] claims, each owner checked against `max_hosts`.
 pub fn decode(b: &[u8], at_block: u64, max_hosts: u32) -> Result<Vec<Claim>> {
     codec::open(b, magic::AG_TABLE, at_block, "allocation-group table")?;
     (0..CLAIMS_PER_BLOCK)

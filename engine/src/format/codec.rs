@@ -9,30 +9,36 @@ const CRC_OFFSET: usize = 12;
 /// Size of the common header; record bodies start here.
 pub const HEADER_LEN: usize = 32;
 
+/// Reads the little-endian `u16` at byte `off`.
 pub fn get_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes([b[off], b[off + 1]])
 }
 
+/// Reads the little-endian `u32` at byte `off`.
 pub fn get_u32(b: &[u8], off: usize) -> u32 {
     let mut a = [0u8; 4];
     a.copy_from_slice(&b[off..off + 4]);
     u32::from_le_bytes(a)
 }
 
+/// Reads the little-endian `u64` at byte `off`.
 pub fn get_u64(b: &[u8], off: usize) -> u64 {
     let mut a = [0u8; 8];
     a.copy_from_slice(&b[off..off + 8]);
     u64::from_le_bytes(a)
 }
 
+/// Writes `v` as a little-endian `u16` at byte `off`.
 pub fn put_u16(b: &mut [u8], off: usize, v: u16) {
     b[off..off + 2].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Writes `v` as a little-endian `u32` at byte `off`.
 pub fn put_u32(b: &mut [u8], off: usize, v: u32) {
     b[off..off + 4].copy_from_slice(&v.to_le_bytes());
 }
 
+/// Writes `v` as a little-endian `u64` at byte `off`.
 pub fn put_u64(b: &mut [u8], off: usize, v: u64) {
     b[off..off + 8].copy_from_slice(&v.to_le_bytes());
 }
@@ -49,6 +55,7 @@ pub fn block_crc(b: &[u8]) -> u32 {
 /// The common header every metadata block starts with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Header {
+    /// The record type (one of [`super::magic`]).
     pub magic: [u8; 8],
     /// Record-specific 16-bit field (for example a tree node's level).
     pub aux: u16,

@@ -8,8 +8,10 @@ use super::codec::{self, get_u32, get_u64, put_u32, put_u64, Header, HEADER_LEN}
 use super::{magic, BLOCK_SIZE, MAX_BLOCKS};
 use crate::error::{Error, Result};
 
+/// Bytes per journal entry.
 pub const ENTRY_LEN: usize = 32;
 const ENTRIES_AT: usize = 64;
+/// Entries one journal block holds (126).
 pub const ENTRIES_PER_BLOCK: usize = (BLOCK_SIZE - ENTRIES_AT) / ENTRY_LEN;
 
 /// One mapping change.
@@ -18,16 +20,34 @@ pub enum Entry {
     /// Virtual blocks `vblock..vblock+len` of `volume` now live at
     /// `pblock..pblock+len`.
     Map {
+        /// The volume's id.
         volume: u64,
+        /// First virtual block.
         vblock: u64,
+        /// First physical block.
         pblock: u64,
+        /// Blocks in the run.
         len: u32,
     },
     /// Virtual blocks `vblock..vblock+len` of `volume` are unmapped (read as
     /// zeros, or as the clone origin's data).
-    Unmap { volume: u64, vblock: u64, len: u32 },
+    Unmap {
+        /// The volume's id.
+        volume: u64,
+        /// First virtual block.
+        vblock: u64,
+        /// Blocks in the run.
+        len: u32,
+    },
     /// Like Unmap, but the range reads as zeros even in a clone.
-    Zero { volume: u64, vblock: u64, len: u32 },
+    Zero {
+        /// The volume's id.
+        volume: u64,
+        /// First virtual block.
+        vblock: u64,
+        /// Blocks in the run.
+        len: u32,
+    },
 }
 
 const OP_MAP: u8 = 1;
@@ -35,6 +55,7 @@ const OP_UNMAP: u8 = 2;
 const OP_ZERO: u8 = 3;
 
 impl Entry {
+    /// The id of the volume the change is for.
     pub fn volume(&self) -> u64 {
         match *self {
             Entry::Map { volume, .. }
@@ -106,6 +127,7 @@ impl Entry {
 /// A journal block as decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalBlock {
+    /// Position in the host's journal; grows by one per block written.
     pub seq: u64,
     /// Random per writer session: makes a block written after a crash differ
     /// from a stale block of the same sequence left by the previous session.
@@ -122,6 +144,7 @@ pub struct JournalBlock {
     /// data is known to be on the LUN only while that boot lasts, or once
     /// a later block with `boot` 0 follows (its commit flushed first).
     pub boot: u64,
+    /// The mapping changes, in order (at most [`ENTRIES_PER_BLOCK`]).
     pub entries: Vec<Entry>,
 }
 
@@ -191,6 +214,7 @@ pub fn decode_block(b: &[u8], at_block: u64) -> Result<Option<(JournalBlock, u32
 /// host's region; the valid one with the higher generation wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HostCheckpoint {
+    /// Bumped on every checkpoint write.
     pub generation: u64,
     /// Index of the first journal block to replay, within the circular part.
     pub head: u32,
@@ -200,6 +224,7 @@ pub struct HostCheckpoint {
     pub prev_crc: u32,
 }
 
+/// A host checkpoint record as written at `at_block`.
 pub fn encode_host_checkpoint(h: &HostCheckpoint, at_block: u64) -> Vec<u8> {
     let mut b = vec![0u8; BLOCK_SIZE];
     put_u32(&mut b, HEADER_LEN, h.head);
@@ -217,6 +242,8 @@ pub fn encode_host_checkpoint(h: &HostCheckpoint, at_block: u64) -> Vec<u8> {
     b
 }
 
+/// Decodes the checkpoint read from `at_block`; its head must lie within a
+/// ring of `journal_len` blocks.
 pub fn decode_host_checkpoint(b: &[u8], at_block: u64, journal_len: u32) -> Result<HostCheckpoint> {
     let hdr = codec::open(b, magic::HOST_CHECKPOINT, at_block, "host checkpoint")?;
     let head = get_u32(b, HEADER_LEN);

@@ -8,6 +8,7 @@ use super::codec::{self, get_u32, get_u64, put_u32, put_u64, Header};
 use super::{magic, BLOCK_SIZE};
 use crate::error::{Error, Result};
 
+/// Longest host name a slot stores, in bytes; longer names are cut.
 pub const HOST_NAME_LEN: usize = 64;
 
 /// What a host slot says about its host.
@@ -19,9 +20,12 @@ pub enum SlotState {
     Live = 1,
 }
 
+/// A host's delta lease: the block it renews to say it is alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostSlot {
+    /// The host id the slot belongs to (its index).
     pub host_id: u32,
+    /// Whether the host is in the pool.
     pub state: SlotState,
     /// Incarnation: grows by one each time a process takes the slot.
     pub generation: u64,
@@ -45,6 +49,7 @@ const O_NAME_LEN: usize = 64;
 const O_NAME: usize = 68;
 
 impl HostSlot {
+    /// The slot's block as it is written at block `at_block`.
     pub fn encode(&self, at_block: u64) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
         put_u32(&mut b, O_HOST_ID, self.host_id);
@@ -114,6 +119,7 @@ fn truncate_name(name: &str) -> &str {
 /// registers: each host writes only its own block).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LockRegister {
+    /// The host that owns the register.
     pub host_id: u32,
     /// The incarnation that wrote it; a register of an older incarnation
     /// (or of a host found dead) is ignored.
@@ -130,6 +136,7 @@ const O_REG_GENERATION: usize = 40;
 const O_REG_NUMBER: usize = 48;
 
 impl LockRegister {
+    /// The register's block as it is written at block `at_block`.
     pub fn encode(&self, at_block: u64) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
         put_u32(&mut b, O_REG_HOST, self.host_id);

@@ -48,6 +48,7 @@ pub const MAX_VOLUME_BYTES: u64 = MAX_BLOCKS << BLOCK_SHIFT;
 /// Superblock copy locations: block 0 and block 8 (kept apart so one bad
 /// sector or one torn write cannot take both).
 pub const SUPERBLOCK_A: u64 = 0;
+/// The second superblock copy (see [`SUPERBLOCK_A`]).
 pub const SUPERBLOCK_B: u64 = 8;
 /// First block after the fixed header zone.
 pub const HEADER_ZONE_BLOCKS: u64 = 16;
@@ -62,26 +63,40 @@ pub const MAX_AGS: u64 = 1 << 20;
 /// Bytes per allocation-group claim record.
 pub const AG_CLAIM_LEN: usize = 16;
 
+/// Smallest chunk (the unit of first allocation) a pool may have.
 pub const MIN_CHUNK_BYTES: u64 = 64 << 10;
+/// Largest chunk a pool may have.
 pub const MAX_CHUNK_BYTES: u64 = 1 << 30;
+/// The chunk size of a new pool unless configured.
 pub const DEFAULT_CHUNK_BYTES: u64 = 1 << 20;
 
 /// Blocks at the start of each host's journal region that hold its two
 /// checkpoint records; the rest is the circular journal.
 pub const HOST_CHECKPOINT_BLOCKS: u32 = 2;
+/// Smallest journal region per host (checkpoints included).
 pub const MIN_JOURNAL_BLOCKS: u32 = 64;
 
 /// Magic numbers of every record type.
 pub mod magic {
+    /// Superblock (both copies); also what tells a pool from other data.
     pub const SUPERBLOCK: &[u8; 8] = b"THINLUN\x01";
+    /// Mapping-tree node (leaf or interior).
     pub const NODE: &[u8; 8] = b"TLNODE\0\0";
+    /// Catalog block (the list of volumes).
     pub const CATALOG: &[u8; 8] = b"TLCATLG\0";
+    /// Volume header: one volume's tree root and counters.
     pub const VOLUME_HEADER: &[u8; 8] = b"TLVOLHD\0";
+    /// Journal block of a host's ring.
     pub const JOURNAL: &[u8; 8] = b"TLJRNL\0\0";
+    /// Host checkpoint record (the first two blocks of a host region).
     pub const HOST_CHECKPOINT: &[u8; 8] = b"TLHOSTCK";
+    /// Block of the allocation-group claim table.
     pub const AG_TABLE: &[u8; 8] = b"TLAGTAB\0";
+    /// Host slot (delta lease).
     pub const HOST_SLOT: &[u8; 8] = b"TLHOSTSL";
+    /// Register of the global lock.
     pub const LOCK_REGISTER: &[u8; 8] = b"TLLOCKRG";
+    /// Record of the unflushed-writes area in surviving memory.
     pub const UNFLUSHED: &[u8; 8] = b"TLUNFLSH";
 }
 
@@ -89,20 +104,31 @@ pub mod magic {
 /// Derived from a few superblock fields; see docs/FORMAT.md, "Layout".
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
+    /// The LUN's size as the pool uses it.
     pub pool_blocks: u64,
+    /// Growth limit: the metadata regions are sized for it.
     pub max_pool_blocks: u64,
+    /// Chunk size (the unit of first allocation).
     pub chunk_blocks: u32,
     /// Allocation-group size: a power of two, a multiple of the chunk.
     pub ag_blocks: u32,
+    /// Host ids the pool has room for (1..=max_hosts).
     pub max_hosts: u32,
     /// Per host, including its checkpoint records.
     pub journal_blocks: u32,
+    /// First host slot (host 1's).
     pub host_slot_start: u64,
+    /// First block of the global lock area.
     pub lock_start: u64,
+    /// Blocks of the global lock area (`max_hosts + 1`).
     pub lock_blocks: u64,
+    /// First block of the allocation-group claim table.
     pub ag_table_start: u64,
+    /// Blocks of the claim table, sized for `max_pool_blocks`.
     pub ag_table_blocks: u64,
+    /// First block of host 1's journal region.
     pub journal_start: u64,
+    /// First data block: chunk-aligned, after every journal region.
     pub data_start: u64,
 }
 
@@ -177,6 +203,7 @@ impl Layout {
         self.data_start + self.data_chunks() * self.chunk_blocks as u64
     }
 
+    /// Whether block `b` lies in the data area (`data_start..data_end`).
     pub fn is_data_block(&self, b: u64) -> bool {
         b >= self.data_start && b < self.data_end()
     }
@@ -191,11 +218,12 @@ impl Layout {
         (b - self.data_start) / self.ag_blocks as u64
     }
 
-    /// Host `h`'s slot and lock register.
+    /// Host `h`'s slot.
     pub fn host_slot(&self, h: u32) -> u64 {
         self.host_slot_start + (h as u64 - 1)
     }
 
+    /// Host `h`'s lock register.
     pub fn lock_register(&self, h: u32) -> u64 {
         self.lock_start + (h as u64 - 1)
     }

@@ -12,6 +12,7 @@ use super::codec::{self, get_u32, get_u64, put_u32, put_u64, Header, HEADER_LEN}
 use super::{magic, BLOCK_SIZE, MAX_BLOCKS};
 use crate::error::{Error, Result};
 
+/// Bytes per leaf entry, and per interior entry of a version-1 node.
 pub const ENTRY_LEN: usize = 16;
 /// An interior entry of a version-2 node: key, child, child's twin.
 const DITTO_ENTRY_LEN: usize = 24;
@@ -39,17 +40,23 @@ pub const EXTENT_ZERO: u8 = 1;
 /// blocks `pblock..pblock+len` (unless it is a zero extent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Extent {
+    /// First virtual block.
     pub vblock: u64,
+    /// First physical block (0 for a zero extent).
     pub pblock: u64,
+    /// Blocks in the run (at most [`MAX_EXTENT_BLOCKS`]).
     pub len: u32,
+    /// Extent flags ([`EXTENT_ZERO`]).
     pub flags: u8,
 }
 
 impl Extent {
+    /// One past the last virtual block.
     pub fn vend(&self) -> u64 {
         self.vblock + self.len as u64
     }
 
+    /// Whether the run reads as zeros and owns no physical blocks.
     pub fn is_zero(&self) -> bool {
         self.flags & EXTENT_ZERO != 0
     }
@@ -75,17 +82,22 @@ impl Extent {
 /// of its second copy (`twin` 0: the node has one copy).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct NodeAddr {
+    /// The node's (first) copy; 0 = no node.
     pub block: u64,
+    /// The second copy of a ditto node; 0 = none.
     pub twin: u64,
 }
 
 impl NodeAddr {
+    /// No node (an empty tree's root).
     pub const NONE: NodeAddr = NodeAddr { block: 0, twin: 0 };
 
+    /// A node with one copy, at `block`.
     pub fn single(block: u64) -> NodeAddr {
         NodeAddr { block, twin: 0 }
     }
 
+    /// Whether this names no node.
     pub fn is_none(&self) -> bool {
         self.block == 0
     }
@@ -99,17 +111,22 @@ impl NodeAddr {
 /// An interior node's entry: the first virtual block the child covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Child {
+    /// The first virtual block under the child.
     pub key: u64,
+    /// Where the child is.
     pub at: NodeAddr,
 }
 
 /// A decoded node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Node {
+    /// Level 0: extents in ascending virtual order.
     Leaf(Vec<Extent>),
     /// Children in ascending key order.
     Interior {
+        /// Height above the leaves (1 = children are leaves).
         level: u16,
+        /// Its children, by key.
         children: Vec<Child>,
     },
 }
@@ -264,12 +281,16 @@ pub fn build_interior(
 /// A decoded node with what its header says about its copies.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decoded {
+    /// The node's contents.
     pub node: Node,
     /// The block of the other copy (version 2), else 0.
     pub twin: u64,
 }
 
 /// Decodes a node of either version (a single-copy node has `twin` 0).
+/// The fuzz targets' and seeds' entry point; the engine itself keeps the
+/// twin ([`decode_copy`]).
+#[cfg_attr(not(feature = "fuzzing"), allow(dead_code))]
 pub fn decode(b: &[u8], at_block: u64) -> Result<Node> {
     decode_copy(b, at_block).map(|d| d.node)
 }

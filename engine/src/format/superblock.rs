@@ -37,18 +37,24 @@ impl Default for Policy {
     }
 }
 
+/// The pool's root record, as decoded from either copy.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
     /// Commit generation; grows by one on every superblock write.
     pub generation: u64,
+    /// The pool's geometry (the derived fields are checked on decode).
     pub layout: Layout,
+    /// Random at creation: tells pools (and their surviving memory) apart.
     pub uuid: [u8; 16],
     /// First block of the catalog chain (0 = no volumes yet).
     pub catalog_root: u64,
     /// Volume ids are never reused.
     pub next_volume_id: u64,
+    /// Pool creation time, seconds since the Unix epoch.
     pub created_unix: u64,
+    /// Time of this superblock write, seconds since the Unix epoch.
     pub commit_unix: u64,
+    /// Space-exhaustion policy.
     pub policy: Policy,
     /// Shared by several hosts through leases on the LUN (docs/LOCKING.md);
     /// `None` for a single-host pool, guarded by a local flock only.
@@ -61,6 +67,7 @@ pub struct Superblock {
 /// Lease timing of a shared pool: everything derives from the I/O timeout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SharedParams {
+    /// The lease I/O timeout `T` in milliseconds ([`crate::lease::Timing`]).
     pub io_timeout_ms: u32,
 }
 
@@ -104,6 +111,7 @@ const O_MAX_OVERCOMMIT: usize = 196;
 const O_IO_TIMEOUT: usize = 200;
 
 impl Superblock {
+    /// The superblock as written at `at_block` (either copy's location).
     pub fn encode(&self, at_block: u64) -> Vec<u8> {
         let mut b = vec![0u8; BLOCK_SIZE];
         let l = &self.layout;

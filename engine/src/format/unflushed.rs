@@ -8,7 +8,9 @@ use super::codec::{get_u32, get_u64, put_u32, put_u64};
 use super::journal::{Entry, ENTRY_LEN};
 use super::magic;
 
+/// Record version of the slot headers this build writes and reads.
 pub const VERSION: u32 = 1;
+/// Bytes of a slot header; the records follow it.
 pub const HEADER_LEN: usize = 128;
 /// An entry, its position in the slot and a CRC over both and the epoch.
 pub const RECORD_LEN: usize = ENTRY_LEN + 8;
@@ -16,7 +18,9 @@ pub const RECORD_LEN: usize = ENTRY_LEN + 8;
 /// Whose record a slot is, and from where it counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlotHeader {
+    /// The pool's uuid: memory left by another pool is ignored.
     pub uuid: [u8; 16],
+    /// The host whose journal the entries belong to.
     pub host_id: u32,
     /// The boot the record was written on; only that boot may replay it.
     pub boot: u64,
@@ -27,9 +31,11 @@ pub struct SlotHeader {
     /// Host checkpoint generations under which the slot is current: equal,
     /// except while a checkpoint moves from the first to the second.
     pub gen_lo: u64,
+    /// See `gen_lo`.
     pub gen_hi: u64,
 }
 
+/// A slot header's bytes, magic and CRC included.
 pub fn encode_header(h: &SlotHeader) -> [u8; HEADER_LEN] {
     let mut b = [0u8; HEADER_LEN];
     b[..8].copy_from_slice(magic::UNFLUSHED);

@@ -20,10 +20,12 @@ use std::time::Duration;
 /// they watched the slot unchanged for 8T plus a margin of T.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Timing {
+    /// `T`: the longest a lease read or write may take.
     pub io_timeout: Duration,
 }
 
 impl Timing {
+    /// The timing of a pool whose I/O timeout is `io_timeout_ms`.
     pub fn from_ms(io_timeout_ms: u32) -> Timing {
         Timing {
             io_timeout: Duration::from_millis(io_timeout_ms as u64),
@@ -33,15 +35,20 @@ impl Timing {
     fn t(&self) -> u64 {
         self.io_timeout.as_millis() as u64
     }
+    /// How often a host renews its slot (2T).
     pub fn renew_ms(&self) -> u64 {
         2 * self.t()
     }
+    /// How long after its last renewal a host stops writing (6T).
     pub fn fence_ms(&self) -> u64 {
         6 * self.t()
     }
+    /// How long after its last renewal the watchdog kills a host (7T).
     pub fn watchdog_ms(&self) -> u64 {
         7 * self.t()
     }
+    /// How long others watch a slot unchanged before they declare its
+    /// host dead (8T plus a margin of T).
     pub fn dead_ms(&self) -> u64 {
         9 * self.t()
     }
@@ -58,8 +65,11 @@ pub const DEFAULT_IO_TIMEOUT_MS: u32 = 10_000;
 /// What one host slot says, as `thinctl lock status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostView {
+    /// The slot's host id.
     pub host_id: u32,
+    /// Host name of the process that holds or last held the slot.
     pub name: String,
+    /// Incarnation: grows by one each time a process takes the slot.
     pub generation: u64,
     /// The slot's renewal counter (it grows every renewal while alive).
     pub renewal: u64,
@@ -74,6 +84,7 @@ pub struct HostView {
     /// For a silent host: milliseconds until this process declares it
     /// dead, if its slot stays unchanged.
     pub dead_in_ms: Option<u64>,
+    /// The slot is this process's own.
     pub is_self: bool,
 }
 
@@ -81,6 +92,7 @@ pub struct HostView {
 /// (`HostLease::watch_of`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostWatch {
+    /// Milliseconds since the slot was last seen to change.
     pub unchanged_ms: u64,
     /// How long this process itself has seen the slot unchanged.
     pub watched_ms: u64,

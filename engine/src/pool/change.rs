@@ -2,6 +2,9 @@
 //! locks (docs/LOCKING.md): the global lock of a shared pool, then the
 //! commit path, then the in-memory state. [`Inner::pool_change`] takes
 //! them; the guard gives the state and lets go of all three in reverse.
+//!
+//! A change is made in memory first and then written to the catalog;
+//! [`Inner::write_catalog_or_undo`] takes it back when that write fails.
 
 use super::commit::CommitCtl;
 use super::Inner;
@@ -32,6 +35,22 @@ impl Inner {
             _commit: commit,
             _global: global,
         })
+    }
+
+    /// Writes the catalog with the change `st` holds; if that fails,
+    /// `undo` puts the in-memory state back as it was before the change
+    /// (the LUN still has the old catalog), and the write's error is
+    /// returned.
+    pub(crate) fn write_catalog_or_undo(
+        &self,
+        st: &mut State,
+        undo: impl FnOnce(&mut State),
+    ) -> Result<()> {
+        let r = self.write_catalog(st);
+        if r.is_err() {
+            undo(st);
+        }
+        r
     }
 }
 

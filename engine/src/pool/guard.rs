@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 pub struct ThresholdEvent {
     /// "data" or "metadata".
     pub kind: &'static str,
+    /// The threshold, in percent.
     pub threshold_pct: u8,
+    /// Use when the event was raised, in percent.
     pub used_pct: u8,
+    /// Crossed upwards (else cleared).
     pub crossed: bool,
 }
 
@@ -126,11 +129,7 @@ impl Pool {
         let mut st = inner.pool_change()?;
         let old = st.sb.policy;
         st.sb.policy = policy;
-        if let Err(e) = inner.write_catalog(&mut st) {
-            st.sb.policy = old;
-            return Err(e);
-        }
-        Ok(())
+        inner.write_catalog_or_undo(&mut st, |st| st.sb.policy = old)
     }
 
     /// Warning thresholds currently crossed, as "data 90%" style strings.
@@ -233,10 +232,7 @@ impl Pool {
         }
         st.space.grow(&grown);
         st.sb.layout = grown;
-        if let Err(e) = inner.write_catalog(&mut st) {
-            st.sb.layout = l;
-            return Err(e);
-        }
+        inner.write_catalog_or_undo(&mut st, |st| st.sb.layout = l)?;
         Ok(new_blocks * BLOCK_SIZE as u64)
     }
 }

@@ -95,14 +95,23 @@ pub struct SharedConfig {
 /// What a volume is, as `list` and `info` show it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeInfo {
+    /// The catalog id (pool-unique, never reused).
     pub id: u64,
+    /// `vol`, or `vol@snap` for a snapshot.
     pub name: String,
+    /// Virtual size.
     pub size_bytes: u64,
+    /// Bytes its mapping points at (its own and shared ones).
     pub mapped_bytes: u64,
+    /// Extents in its mapping.
     pub extents: u64,
+    /// Writes are refused (snapshots and bases always are).
     pub read_only: bool,
+    /// A snapshot (`vol@snap`).
     pub snapshot: bool,
+    /// A base image that clones may share.
     pub base: bool,
+    /// Creation time, seconds since the Unix epoch.
     pub created_unix: u64,
     /// For a snapshot: the volume it was taken of.
     pub snapshot_of: Option<String>,
@@ -116,17 +125,27 @@ pub struct VolumeInfo {
 /// Pool-wide figures, as `pool status` shows them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PoolStatus {
+    /// The pool's uuid as text.
     pub uuid: String,
+    /// On-disk format version (2: version 1 with ditto nodes).
     pub format_version: u32,
     /// Copies of each mapping-tree node: 2 with ditto nodes.
     pub node_copies: u32,
+    /// The LUN's size as the pool uses it.
     pub size_bytes: u64,
+    /// Unit of first allocation.
     pub chunk_bytes: u64,
+    /// The data area (whole chunks): what volumes and metadata share.
     pub data_bytes: u64,
+    /// Of the data area: in use by data or metadata.
     pub data_used_bytes: u64,
+    /// Of the data area: free.
     pub data_free_bytes: u64,
+    /// Held by metadata (catalog, volume headers, tree nodes).
     pub metadata_used_bytes: u64,
+    /// Free space kept back so a checkpoint can always finish.
     pub metadata_reserved_bytes: u64,
+    /// Freed but not reusable until the next commit makes it safe.
     pub pending_free_bytes: u64,
     /// Volumes: every catalog entry that is not a snapshot (writable
     /// volumes, linked clones and base images alike).
@@ -140,13 +159,20 @@ pub struct PoolStatus {
     /// Sum of the sizes of all volumes but snapshots (overcommit =
     /// provisioned / data size).
     pub provisioned_bytes: u64,
+    /// Data area in use, in percent.
     pub data_used_pct: u8,
+    /// Metadata in use and reserved, in percent of what it could grow to.
     pub metadata_used_pct: u8,
     /// Warning thresholds currently crossed ("data 90%", "metadata 80%").
     pub thresholds_crossed: Vec<String>,
+    /// Journal blocks a replay would read now: entries not yet folded into
+    /// the trees (0 if the committer was busy when asked).
     pub journal_used_blocks: u32,
+    /// Journal blocks a commit can use before a checkpoint must run.
     pub journal_capacity_blocks: u32,
+    /// Host ids the pool has room for.
     pub max_hosts: u32,
+    /// Warning thresholds and what happens when space runs out.
     pub policy: Policy,
     /// A shared pool's lease I/O timeout; `None` for a single-host pool.
     pub shared_io_timeout_ms: Option<u32>,

@@ -32,8 +32,11 @@ pub(crate) enum Fresh {
 /// What a volume uses, as `du` shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Usage {
+    /// The volume's name.
     pub name: String,
+    /// Its virtual size.
     pub provisioned_bytes: u64,
+    /// Bytes its mapping points at (exclusive plus shared).
     pub mapped_bytes: u64,
     /// Freed if this volume alone were removed.
     pub exclusive_bytes: u64,
@@ -130,12 +133,11 @@ impl Pool {
                 v.rec.name = n.to_string();
             }
         }
-        if let Err(e) = inner.write_catalog(&mut st) {
+        inner.write_catalog_or_undo(&mut st, |st| {
             if let Some(v) = st.volumes.get_mut(&id) {
                 v.rec = old;
             }
-            return Err(e);
-        }
+        })?;
         Ok(info_of(&st, &st.volumes[&id]))
     }
 
@@ -281,13 +283,11 @@ impl Pool {
         if let Some(v) = st.volumes.get_mut(&id) {
             v.rec.origin_id = 0;
         }
-        if let Err(e) = inner.write_catalog(&mut st) {
+        inner.write_catalog_or_undo(&mut st, |st| {
             if let Some(v) = st.volumes.get_mut(&id) {
                 v.rec.origin_id = old_origin;
             }
-            return Err(e);
-        }
-        Ok(())
+        })
     }
 
     /// Provisioned, mapped, exclusive and shared bytes of every volume.

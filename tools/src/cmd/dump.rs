@@ -31,7 +31,7 @@ pub fn dump(pool: Option<&Path>, output: Option<&Path>) -> CliResult<()> {
             let snapshots = d
                 .volumes
                 .iter()
-                .filter(|v| v.flags & thinlun::format::catalog::flags::SNAPSHOT != 0)
+                .filter(|v| v.flags & thinlun::volume_flags::SNAPSHOT != 0)
                 .count() as u64;
             eprintln!(
                 "thinctl: {label}: {}, {} dumped to {name}",

@@ -116,7 +116,7 @@ fn holds_thinlun_pool(path: &Path) -> bool {
     let mut magic = [0u8; 8];
     File::open(path)
         .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok_and(|_| &magic == thinlun::format::magic::SUPERBLOCK)
+        .is_ok_and(|_| thinlun::has_pool_magic(&magic))
 }
 
 fn has_data(path: &Path) -> CliResult<bool> {

@@ -6,8 +6,7 @@ use crate::human::{counted, pct, pct_str, ratio, size};
 use crate::json::{obj, Json, Render};
 use crate::table::fields;
 use std::path::Path;
-use thinlun::format::superblock::Policy;
-use thinlun::{Pool, PoolConfig, PoolStatus};
+use thinlun::{Policy, Pool, PoolConfig, PoolStatus};
 
 pub struct CreateArgs {
     pub size: Option<u64>,

@@ -11,7 +11,7 @@ use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use thinlun::format::superblock::Policy;
+use thinlun::Policy;
 
 /// Longest request line accepted, newline excluded.
 pub const MAX_LINE: usize = 4096;

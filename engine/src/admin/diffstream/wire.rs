@@ -29,11 +29,24 @@ const TYPE_END: u32 = 3;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Record<'a> {
     /// `data` goes at byte `offset`.
-    Data { offset: u64, data: &'a [u8] },
+    Data {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// The bytes, borrowed from the reader's buffer.
+        data: &'a [u8],
+    },
     /// `len` bytes at `offset` read as zeros.
-    Zero { offset: u64, len: u64 },
+    Zero {
+        /// Byte offset in the volume.
+        offset: u64,
+        /// Length of the range in bytes.
+        len: u64,
+    },
     /// The end record: it and the whole stream verified, nothing follows.
-    End { records: u64 },
+    End {
+        /// Records before the end record, as the writer counted them.
+        records: u64,
+    },
 }
 
 fn bad(msg: impl std::fmt::Display) -> Error {
@@ -109,6 +122,8 @@ pub struct DiffWriter<'w> {
 }
 
 impl<'w> DiffWriter<'w> {
+    /// Checks `header` and writes it to `out`; records follow with the
+    /// writer's other methods.
     pub fn new(out: &'w mut dyn Write, header: &DiffHeader) -> Result<DiffWriter<'w>> {
         check_size(header.size_bytes)?;
         check_name("FROM", &header.from)?;
@@ -312,6 +327,7 @@ impl<'r> DiffReader<'r> {
         Ok(r)
     }
 
+    /// The stream's header, as read and checked.
     pub fn header(&self) -> &DiffHeader {
         &self.header
     }

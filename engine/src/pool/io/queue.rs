@@ -45,20 +45,32 @@ impl AsMut<[u8]> for AlignedBuf {
 /// One request of a queue. Sectors are 512 bytes; buffers are owned by the
 /// queue until the request's [`Completion`] gives them back.
 pub enum QueueOp<B> {
+    /// Fills `buf` from the volume (see [`Request::Read`]).
     Read {
+        /// First sector.
         sector: u64,
+        /// Its length is the read's length.
         buf: B,
     },
+    /// Writes `buf` to the volume (see [`Request::Write`]).
     Write {
+        /// First sector.
         sector: u64,
+        /// Its length is the write's length.
         buf: B,
     },
+    /// Unmaps the whole blocks of the range (see [`Request::Discard`]).
     Discard {
+        /// First sector.
         sector: u64,
+        /// Length in sectors.
         sectors: u64,
     },
+    /// The range reads as zeros afterwards (see [`Request::WriteZeroes`]).
     WriteZeroes {
+        /// First sector.
         sector: u64,
+        /// Length in sectors.
         sectors: u64,
     },
     /// Makes every request completed before it durable.
@@ -92,8 +104,11 @@ impl<B: IoBuf> QueueOp<B> {
 /// A finished request: the caller's tag, the request with its buffer, and
 /// how it went.
 pub struct Completion<B> {
+    /// The tag given to [`IoQueue::submit`].
     pub tag: u64,
+    /// The request as submitted, its buffer filled for a read.
     pub op: QueueOp<B>,
+    /// How it went; the error's [`Error::errno`] is what to report.
     pub result: Result<()>,
 }
 
@@ -172,10 +187,12 @@ impl Volume {
 }
 
 impl<B: IoBuf> IoQueue<B> {
+    /// The volume the queue runs on.
     pub fn volume(&self) -> &Volume {
         &self.vol
     }
 
+    /// Most requests in flight at once (the clamped depth it was made with).
     pub fn depth(&self) -> usize {
         self.depth
     }

@@ -30,22 +30,32 @@ const STRIPE_SHIFT: u32 = 4;
 /// One request of a batch. Sectors are 512 bytes; buffers may have any
 /// length that is a multiple of 512 and any alignment.
 pub enum Request<'a> {
+    /// Fills `buf`; unmapped ranges read as zeros (or as a clone's origin).
     Read {
+        /// First sector.
         sector: u64,
+        /// Its length is the read's length.
         buf: &'a mut [u8],
     },
+    /// Writes `data`, copying shared blocks first (copy-on-write).
     Write {
+        /// First sector.
         sector: u64,
+        /// Its length is the write's length.
         data: &'a [u8],
     },
     /// Hint that the range is unused; whole 4 KiB blocks are unmapped.
     Discard {
+        /// First sector.
         sector: u64,
+        /// Length in sectors.
         sectors: u64,
     },
     /// The range reads as zeros afterwards; whole blocks are unmapped.
     WriteZeroes {
+        /// First sector.
         sector: u64,
+        /// Length in sectors.
         sectors: u64,
     },
     /// Makes every request completed before this batch durable.
@@ -132,10 +142,12 @@ impl Volume {
         }
     }
 
+    /// The name it was opened by.
     pub fn name(&self) -> &str {
         &self.name
     }
 
+    /// Its current size (0 if it was removed meanwhile).
     pub fn size_bytes(&self) -> u64 {
         self.inner
             .state
@@ -145,22 +157,28 @@ impl Volume {
             .map_or(0, |v| v.rec.size_bytes)
     }
 
+    /// Reads `buf.len()` bytes at `sector` ([`Request::Read`]).
     pub fn read(&self, sector: u64, buf: &mut [u8]) -> Result<()> {
         self.one(Request::Read { sector, buf })
     }
 
+    /// Writes `data` at `sector` ([`Request::Write`]); durable after a flush.
     pub fn write(&self, sector: u64, data: &[u8]) -> Result<()> {
         self.one(Request::Write { sector, data })
     }
 
+    /// Unmaps the whole blocks of the range ([`Request::Discard`]).
     pub fn discard(&self, sector: u64, sectors: u64) -> Result<()> {
         self.one(Request::Discard { sector, sectors })
     }
 
+    /// Makes the range read as zeros ([`Request::WriteZeroes`]).
     pub fn write_zeroes(&self, sector: u64, sectors: u64) -> Result<()> {
         self.one(Request::WriteZeroes { sector, sectors })
     }
 
+    /// Makes every write completed before this call durable: this
+    /// volume's and the rest of the pool's, as [`crate::Pool::flush`].
     pub fn flush(&self) -> Result<()> {
         self.inner.flush()
     }

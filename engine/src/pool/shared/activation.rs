@@ -80,13 +80,12 @@ impl Inner {
         let v = st.volumes.get_mut(&id).ok_or(Error::PoolReadOnly)?;
         v.rec.active_host = self.host_id as u16;
         v.rec.active_gen = sh.lease.generation;
-        if let Err(e) = self.write_catalog(&mut st) {
+        self.write_catalog_or_undo(&mut st, |st| {
             if let Some(v) = st.volumes.get_mut(&id) {
                 v.rec.active_host = 0;
                 v.rec.active_gen = 0;
             }
-            return Err(e);
-        }
+        })?;
         Ok(id)
     }
 

@@ -13,7 +13,9 @@ use std::time::Duration;
 pub struct LockStatus {
     /// This process's host id, when it joined the pool.
     pub this_host: Option<u32>,
+    /// The lease I/O timeout every interval derives from.
     pub io_timeout_ms: u32,
+    /// Every host slot in use or once used.
     pub hosts: Vec<crate::lease::HostView>,
     /// Hosts holding or waiting for the global lock.
     pub global_lock: Vec<u32>,
