@@ -1,4 +1,4 @@
-//! On-disk format v1: fixed-layout little-endian records, each with a magic,
+//! The on-disk format (version 1, and version 2 with ditto nodes): fixed-layout little-endian records, each with a magic,
 //! a version, a CRC32 and its own block address. The authoritative
 //! description is docs/FORMAT.md; this module is its executable form.
 //!
