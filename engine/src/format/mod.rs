@@ -1,5 +1,6 @@
-//! The on-disk format (version 1, and version 2 with ditto nodes): fixed-layout little-endian records, each with a magic,
-//! a version, a CRC32 and its own block address. The authoritative
+//! The on-disk format (version 1, and version 2 with ditto nodes):
+//! fixed-layout little-endian records, each with a magic, a version, a
+//! CRC32 and its own block address. The authoritative
 //! description is docs/FORMAT.md; this module is its executable form.
 //!
 //! Everything here is pure encoding and decoding of 4 KiB blocks, so the
