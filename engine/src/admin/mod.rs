@@ -7,6 +7,5 @@
 pub mod check;
 pub mod diffstream;
 pub mod dump;
-mod jsontext;
 pub mod repair;
 pub mod salvage;

@@ -1,17 +1,27 @@
-//! The dump's text form (docs/FORMAT.md section 9): [`MetadataDump::to_json`]
-//! and [`MetadataDump::from_json`].
+//! The dump's text form (docs/FORMAT.md section 9), through serde:
+//! [`MetadataDump::to_json`] and [`MetadataDump::from_json`].
+//!
+//! The `*Text` types are the document's shape, keys in the documented
+//! order, with the derived fields (`full_name`, `data_start`, counts, ...)
+//! that the model leaves out; the `on_disk` parts have the model's shape
+//! and derive serde in `model.rs`. [`DumpFormatter`] lays the text out as
+//! the format shows it. A dump is user input to `restore`: a bad one gives
+//! an error naming the field (its path) and the line, never a panic.
 
 use super::model::{mapped_blocks, MetadataDump, PoolDump, PoolOnDisk, VolumeDump, VolumeOnDisk};
 use super::{DUMP_FORMAT, DUMP_VERSION};
-use crate::admin::jsontext::{self, write_str, Value};
 use crate::error::{Error, Result};
 use crate::format::catalog::flags;
 use crate::format::format_uuid;
 use crate::format::node::{Extent, EXTENT_ZERO, MAX_EXTENT_BLOCKS};
 use crate::format::superblock::Policy;
 use crate::format::{BLOCK_SIZE, MAX_BLOCKS};
+use serde::de::{self, Deserializer, IgnoredAny, SeqAccess, Unexpected, Visitor};
+use serde::ser::{SerializeTuple, Serializer};
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::Write;
+use std::{fmt, io};
 
 const FLAG_NAMES: [(u32, &str); 3] = [
     (flags::SNAPSHOT, "snapshot"),
@@ -19,221 +29,183 @@ const FLAG_NAMES: [(u32, &str); 3] = [
     (flags::READ_ONLY, "read_only"),
 ];
 
+/// The whole document. Written from a borrowed dump (the extents are not
+/// copied); read into owned values.
+#[derive(Serialize, Deserialize)]
+#[serde(expecting = "a metadata dump (an object)")]
+struct DumpText<'a> {
+    format: Cow<'a, str>,
+    version: u64,
+    pool: PoolText,
+    volumes: Vec<VolumeText<'a>>,
+}
+
+/// What is read first, so that another document or another version is
+/// named as such rather than by its first field this reader lacks.
+#[derive(Deserialize)]
+#[serde(expecting = "a metadata dump (an object)")]
+struct Header {
+    format: String,
+    version: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(expecting = "an object")]
+struct PoolText {
+    uuid: String,
+    block_size: u64,
+    pool_blocks: u64,
+    max_pool_blocks: u64,
+    chunk_blocks: u32,
+    ag_blocks: u32,
+    max_hosts: u32,
+    journal_blocks: u32,
+    io_timeout_ms: u32,
+    data_start: u64,
+    data_end: u64,
+    next_volume_id: u64,
+    created_unix: u64,
+    policy: PolicyText,
+    on_disk: PoolOnDisk,
+}
+
+/// [`Policy`], with numbers wide enough that a value out of its range gets
+/// this reader's message rather than serde's.
+#[derive(Serialize, Deserialize)]
+#[serde(expecting = "an object")]
+struct PolicyText {
+    #[serde(deserialize_with = "exactly")]
+    data_warn_pct: [u64; 3],
+    #[serde(deserialize_with = "exactly")]
+    meta_warn_pct: [u64; 3],
+    when_full: u64,
+    queue_timeout_ms: u32,
+    max_overcommit_pct: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(expecting = "an object")]
+struct VolumeText<'a> {
+    id: u64,
+    name: Cow<'a, str>,
+    full_name: String,
+    flags: Vec<Cow<'a, str>>,
+    size_bytes: u64,
+    parent_id: u64,
+    origin_id: u64,
+    /// Written for reading; not read (dumps have never been checked for
+    /// them).
+    #[serde(skip_deserializing)]
+    snapshot_of: Option<String>,
+    #[serde(skip_deserializing)]
+    clone_of: Option<String>,
+    created_unix: u64,
+    active_host: u16,
+    mapped_blocks: u64,
+    extent_count: u64,
+    on_disk: VolumeOnDisk,
+    #[serde(with = "extent_list")]
+    extents: Cow<'a, [Extent]>,
+}
+
 impl MetadataDump {
     /// The JSON text: stable key order, one extent per line.
     pub fn to_json(&self) -> String {
-        let p = &self.pool;
-        let l = self.layout();
-        let mut o = String::new();
-        let names: HashMap<u64, String> = self
-            .volumes
-            .iter()
-            .map(|v| (v.id, self.full_name(v)))
-            .collect();
-        let _ = writeln!(o, "{{");
-        let _ = writeln!(o, "  \"format\": \"{DUMP_FORMAT}\",");
-        let _ = writeln!(o, "  \"version\": {DUMP_VERSION},");
-        let _ = writeln!(o, "  \"pool\": {{");
-        let _ = writeln!(o, "    \"uuid\": \"{}\",", format_uuid(&p.uuid));
-        let _ = writeln!(o, "    \"block_size\": {BLOCK_SIZE},");
-        let _ = writeln!(o, "    \"pool_blocks\": {},", p.pool_blocks);
-        let _ = writeln!(o, "    \"max_pool_blocks\": {},", p.max_pool_blocks);
-        let _ = writeln!(o, "    \"chunk_blocks\": {},", p.chunk_blocks);
-        let _ = writeln!(o, "    \"ag_blocks\": {},", p.ag_blocks);
-        let _ = writeln!(o, "    \"max_hosts\": {},", p.max_hosts);
-        let _ = writeln!(o, "    \"journal_blocks\": {},", p.journal_blocks);
-        let _ = writeln!(o, "    \"io_timeout_ms\": {},", p.io_timeout_ms);
-        let _ = writeln!(o, "    \"data_start\": {},", l.data_start);
-        let _ = writeln!(o, "    \"data_end\": {},", l.data_end());
-        let _ = writeln!(o, "    \"next_volume_id\": {},", p.next_volume_id);
-        let _ = writeln!(o, "    \"created_unix\": {},", p.created_unix);
-        let pct = |a: [u8; 3]| format!("[{}, {}, {}]", a[0], a[1], a[2]);
-        let _ = writeln!(o, "    \"policy\": {{");
-        let _ = writeln!(
-            o,
-            "      \"data_warn_pct\": {},",
-            pct(p.policy.data_warn_pct)
-        );
-        let _ = writeln!(
-            o,
-            "      \"meta_warn_pct\": {},",
-            pct(p.policy.meta_warn_pct)
-        );
-        let _ = writeln!(o, "      \"when_full\": {},", p.policy.when_full);
-        let _ = writeln!(
-            o,
-            "      \"queue_timeout_ms\": {},",
-            p.policy.queue_timeout_ms
-        );
-        let _ = writeln!(
-            o,
-            "      \"max_overcommit_pct\": {}",
-            p.policy.max_overcommit_pct
-        );
-        let _ = writeln!(o, "    }},");
-        let d = &p.on_disk;
-        let _ = writeln!(
-            o,
-            "    \"on_disk\": {{\"generation\": {}, \"catalog_root\": {}, \"commit_unix\": {}, \"journal_blocks_replayed\": {}}}",
-            d.generation, d.catalog_root, d.commit_unix, d.journal_blocks_replayed
-        );
-        let _ = writeln!(o, "  }},");
-        let _ = write!(o, "  \"volumes\": [");
-        for (i, v) in self.volumes.iter().enumerate() {
-            o.push_str(if i == 0 { "\n" } else { ",\n" });
-            let _ = writeln!(o, "    {{");
-            let _ = writeln!(o, "      \"id\": {},", v.id);
-            o.push_str("      \"name\": ");
-            write_str(&mut o, &v.name);
-            o.push_str(",\n      \"full_name\": ");
-            write_str(&mut o, &names[&v.id]);
-            let fl: Vec<String> = FLAG_NAMES
-                .iter()
-                .filter(|(bit, _)| v.flags & bit != 0)
-                .map(|(_, n)| format!("\"{n}\""))
-                .collect();
-            let _ = writeln!(o, ",\n      \"flags\": [{}],", fl.join(", "));
-            let _ = writeln!(o, "      \"size_bytes\": {},", v.size_bytes);
-            let _ = writeln!(o, "      \"parent_id\": {},", v.parent_id);
-            let _ = writeln!(o, "      \"origin_id\": {},", v.origin_id);
-            for (key, id) in [("snapshot_of", v.parent_id), ("clone_of", v.origin_id)] {
-                let _ = write!(o, "      \"{key}\": ");
-                match names.get(&id) {
-                    Some(n) if id != 0 => write_str(&mut o, n),
-                    _ => o.push_str("null"),
-                }
-                o.push_str(",\n");
-            }
-            let _ = writeln!(o, "      \"created_unix\": {},", v.created_unix);
-            let _ = writeln!(o, "      \"active_host\": {},", v.active_host);
-            let (mapped, count) = (mapped_blocks(&v.extents), v.extents.len());
-            let _ = writeln!(o, "      \"mapped_blocks\": {mapped},");
-            let _ = writeln!(o, "      \"extent_count\": {count},");
-            let d = &v.on_disk;
-            let _ = writeln!(
-                o,
-                "      \"on_disk\": {{\"header_blocks\": [{}, {}], \"generation\": {}, \"root\": {}, \"root_twin\": {}, \"depth\": {}, \"journal_seq\": {}, \"journal_host\": {}}},",
-                d.header_blocks[0], d.header_blocks[1], d.generation, d.root, d.root_twin, d.depth, d.journal_seq, d.journal_host
-            );
-            o.push_str("      \"extents\": [");
-            for (k, e) in v.extents.iter().enumerate() {
-                o.push_str(if k == 0 { "\n" } else { ",\n" });
-                if e.is_zero() {
-                    let _ = write!(o, "        [{}, \"zero\", {}]", e.vblock, e.len);
-                } else {
-                    let _ = write!(o, "        [{}, {}, {}]", e.vblock, e.pblock, e.len);
-                }
-            }
-            o.push_str(if v.extents.is_empty() {
-                "]\n"
-            } else {
-                "\n      ]\n"
-            });
-            o.push_str("    }");
-        }
-        o.push_str(if self.volumes.is_empty() {
-            "]\n"
-        } else {
-            "\n  ]\n"
-        });
-        o.push_str("}\n");
-        o
+        let mut out = Vec::new();
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, DumpFormatter::default());
+        // Writing into memory, with only string keys, cannot fail.
+        DumpText::new(self)
+            .serialize(&mut ser)
+            .expect("a dump serializes");
+        out.push(b'\n');
+        String::from_utf8(out).expect("serde_json writes UTF-8")
     }
 
     /// Parses and validates a dump. Informational fields (`full_name`,
-    /// `snapshot_of`, `clone_of`, `data_start`, `data_end`, counts) are
-    /// checked where they can contradict the rest, so a hand edit that
-    /// leaves them stale is caught rather than half-applied.
+    /// `data_start`, `data_end`, counts) are checked where they can
+    /// contradict the rest, so a hand edit that leaves them stale is caught
+    /// rather than half-applied.
     pub fn from_json(text: &str) -> Result<MetadataDump> {
         let bad = |e: String| Error::InvalidArgument(format!("metadata dump: {e}"));
-        let doc = jsontext::parse(text).map_err(bad)?;
-        Self::from_value(&doc).map_err(bad)
+        let header: Header = parse(text).map_err(bad)?;
+        if header.format != DUMP_FORMAT {
+            return Err(bad(format!("not a {DUMP_FORMAT} document")));
+        }
+        if let Some(version) = header.version.filter(|&v| v != DUMP_VERSION) {
+            return Err(bad(format!(
+                "dump version {version}; this thinlun reads version {DUMP_VERSION}"
+            )));
+        }
+        parse::<DumpText>(text)
+            .and_then(DumpText::into_dump)
+            .map_err(bad)
+    }
+}
+
+/// `text` as one `T`, or an error with the path of the field it is in
+/// (`volumes[2].on_disk.depth: ...`) and serde_json's line and column.
+fn parse<'de, T: Deserialize<'de>>(text: &'de str) -> std::result::Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+impl<'a> DumpText<'a> {
+    fn new(d: &'a MetadataDump) -> DumpText<'a> {
+        let names: HashMap<u64, String> =
+            d.volumes.iter().map(|v| (v.id, d.full_name(v))).collect();
+        let name_of = |id: u64| names.get(&id).filter(|_| id != 0).cloned();
+        let volumes = d
+            .volumes
+            .iter()
+            .map(|v| VolumeText {
+                id: v.id,
+                name: Cow::Borrowed(&v.name),
+                full_name: names[&v.id].clone(),
+                flags: FLAG_NAMES
+                    .iter()
+                    .filter(|(bit, _)| v.flags & bit != 0)
+                    .map(|(_, n)| Cow::Borrowed(*n))
+                    .collect(),
+                size_bytes: v.size_bytes,
+                parent_id: v.parent_id,
+                origin_id: v.origin_id,
+                snapshot_of: name_of(v.parent_id),
+                clone_of: name_of(v.origin_id),
+                created_unix: v.created_unix,
+                active_host: v.active_host,
+                mapped_blocks: mapped_blocks(&v.extents),
+                extent_count: v.extents.len() as u64,
+                on_disk: v.on_disk.clone(),
+                extents: Cow::Borrowed(&v.extents),
+            })
+            .collect();
+        DumpText {
+            format: Cow::Borrowed(DUMP_FORMAT),
+            version: DUMP_VERSION,
+            pool: PoolText::new(&d.pool),
+            volumes,
+        }
     }
 
-    fn from_value(doc: &Value) -> std::result::Result<MetadataDump, String> {
-        if doc.str_field("format", "dump")? != DUMP_FORMAT {
-            return Err(format!("not a {DUMP_FORMAT} document"));
-        }
-        let version = doc.u64_field("version", "dump")?;
-        if version != DUMP_VERSION {
-            return Err(format!(
-                "dump version {version}; this thinlun reads version {DUMP_VERSION}"
-            ));
-        }
-        let p = doc.field("pool", "dump")?;
-        let ctx = "pool";
-        if p.u64_field("block_size", ctx)? != BLOCK_SIZE as u64 {
-            return Err("pool: block_size must be 4096".into());
-        }
-        let policy_v = p.field("policy", ctx)?;
-        let pct = |key: &str| -> std::result::Result<[u8; 3], String> {
-            let a = policy_v.arr_field(key, "policy")?;
-            let mut out = [0u8; 3];
-            if a.len() != 3 {
-                return Err(format!("policy: \"{key}\" must have 3 entries"));
-            }
-            for (o, v) in out.iter_mut().zip(a) {
-                *o = match v {
-                    Value::Num(n) if *n <= 100 => *n as u8,
-                    _ => return Err(format!("policy: \"{key}\" entries must be 0..=100")),
-                };
-            }
-            Ok(out)
-        };
-        let when_full = policy_v.u64_field("when_full", "policy")?;
-        let policy = Policy {
-            data_warn_pct: pct("data_warn_pct")?,
-            meta_warn_pct: pct("meta_warn_pct")?,
-            when_full: u8::try_from(when_full)
-                .ok()
-                .filter(|w| *w <= 1)
-                .ok_or("policy: when_full must be 0 or 1")?,
-            queue_timeout_ms: policy_v.u32_field("queue_timeout_ms", "policy")?,
-            max_overcommit_pct: policy_v.u32_field("max_overcommit_pct", "policy")?,
-        };
-        let od = p.field("on_disk", ctx)?;
-        let pool = PoolDump {
-            uuid: parse_uuid(p.str_field("uuid", ctx)?)?,
-            pool_blocks: p.u64_field("pool_blocks", ctx)?,
-            max_pool_blocks: p.u64_field("max_pool_blocks", ctx)?,
-            chunk_blocks: p.u32_field("chunk_blocks", ctx)?,
-            ag_blocks: p.u32_field("ag_blocks", ctx)?,
-            max_hosts: p.u32_field("max_hosts", ctx)?,
-            journal_blocks: p.u32_field("journal_blocks", ctx)?,
-            io_timeout_ms: p.u32_field("io_timeout_ms", ctx)?,
-            next_volume_id: p.u64_field("next_volume_id", ctx)?,
-            created_unix: p.u64_field("created_unix", ctx)?,
-            policy,
-            on_disk: PoolOnDisk {
-                generation: od.u64_field("generation", "pool on_disk")?,
-                catalog_root: od.u64_field("catalog_root", "pool on_disk")?,
-                commit_unix: od.u64_field("commit_unix", "pool on_disk")?,
-                journal_blocks_replayed: od.u64_field("journal_blocks_replayed", "pool on_disk")?,
-            },
-        };
-        let layout = pool.checked_layout()?;
-        if p.u64_field("data_start", ctx)? != layout.data_start
-            || p.u64_field("data_end", ctx)? != layout.data_end()
-        {
-            return Err("pool: data_start/data_end do not match the geometry".into());
-        }
-
-        let mut volumes = Vec::new();
-        for (i, v) in doc.arr_field("volumes", "dump")?.iter().enumerate() {
-            volumes.push(volume_from_value(v, i)?);
+    fn into_dump(self) -> std::result::Result<MetadataDump, String> {
+        let pool = self.pool.into_pool()?;
+        let mut volumes = Vec::with_capacity(self.volumes.len());
+        let mut derived = Vec::with_capacity(self.volumes.len());
+        for (i, v) in self.volumes.into_iter().enumerate() {
+            derived.push((v.full_name.clone(), v.mapped_blocks, v.extent_count));
+            volumes.push(v.into_volume(i)?);
         }
         let d = MetadataDump { pool, volumes };
         d.validate()?;
-        // Informational names must agree with the ids.
-        for (i, v) in doc.arr_field("volumes", "dump")?.iter().enumerate() {
-            let vd = &d.volumes[i];
+        // Informational names and counts must agree with the rest.
+        for (vd, (full_name, mapped, count)) in d.volumes.iter().zip(derived) {
             let ctx = format!("volume {}", vd.id);
-            if v.str_field("full_name", &ctx)? != d.full_name(vd) {
+            if full_name != d.full_name(vd) {
                 return Err(format!("{ctx}: full_name does not match name and parent"));
             }
-            if v.u64_field("mapped_blocks", &ctx)? != mapped_blocks(&vd.extents)
-                || v.u64_field("extent_count", &ctx)? != vd.extents.len() as u64
-            {
+            if mapped != mapped_blocks(&vd.extents) || count != vd.extents.len() as u64 {
                 return Err(format!(
                     "{ctx}: mapped_blocks/extent_count do not match its extents"
                 ));
@@ -243,73 +215,238 @@ impl MetadataDump {
     }
 }
 
-fn volume_from_value(v: &Value, i: usize) -> std::result::Result<VolumeDump, String> {
-    let ctx = format!("volume {i}");
-    let ctx = ctx.as_str();
-    let mut fl = 0u32;
-    for f in v.arr_field("flags", ctx)? {
-        let bit = match f {
-            Value::Str(s) => FLAG_NAMES.iter().find(|(_, n)| n == s).map(|(b, _)| *b),
-            _ => None,
-        };
-        fl |= bit.ok_or_else(|| format!("{ctx}: unknown flag {f:?}"))?;
+impl PoolText {
+    fn new(p: &PoolDump) -> PoolText {
+        let layout = p.layout();
+        let widen = |a: [u8; 3]| a.map(u64::from);
+        PoolText {
+            uuid: format_uuid(&p.uuid),
+            block_size: BLOCK_SIZE as u64,
+            pool_blocks: p.pool_blocks,
+            max_pool_blocks: p.max_pool_blocks,
+            chunk_blocks: p.chunk_blocks,
+            ag_blocks: p.ag_blocks,
+            max_hosts: p.max_hosts,
+            journal_blocks: p.journal_blocks,
+            io_timeout_ms: p.io_timeout_ms,
+            data_start: layout.data_start,
+            data_end: layout.data_end(),
+            next_volume_id: p.next_volume_id,
+            created_unix: p.created_unix,
+            policy: PolicyText {
+                data_warn_pct: widen(p.policy.data_warn_pct),
+                meta_warn_pct: widen(p.policy.meta_warn_pct),
+                when_full: p.policy.when_full.into(),
+                queue_timeout_ms: p.policy.queue_timeout_ms,
+                max_overcommit_pct: p.policy.max_overcommit_pct,
+            },
+            on_disk: p.on_disk.clone(),
+        }
     }
-    let od = v.field("on_disk", ctx)?;
-    let hb = od.arr_field("header_blocks", ctx)?;
-    let header_blocks = match hb {
-        [Value::Num(a), Value::Num(b)] => [*a, *b],
-        _ => return Err(format!("{ctx}: header_blocks must be two numbers")),
-    };
-    let mut extents = Vec::new();
-    for (k, e) in v.arr_field("extents", ctx)?.iter().enumerate() {
-        let bad = || format!("{ctx}: extent {k} must be [vblock, pblock or \"zero\", len]");
-        let Value::Arr(parts) = e else {
-            return Err(bad());
+
+    fn into_pool(self) -> std::result::Result<PoolDump, String> {
+        if self.block_size != BLOCK_SIZE as u64 {
+            return Err("pool: block_size must be 4096".into());
+        }
+        let policy = self.policy.into_policy()?;
+        let pool = PoolDump {
+            uuid: parse_uuid(&self.uuid)?,
+            pool_blocks: self.pool_blocks,
+            max_pool_blocks: self.max_pool_blocks,
+            chunk_blocks: self.chunk_blocks,
+            ag_blocks: self.ag_blocks,
+            max_hosts: self.max_hosts,
+            journal_blocks: self.journal_blocks,
+            io_timeout_ms: self.io_timeout_ms,
+            next_volume_id: self.next_volume_id,
+            created_unix: self.created_unix,
+            policy,
+            on_disk: self.on_disk,
         };
-        let (vblock, p, len) = match parts.as_slice() {
-            [Value::Num(v), p, Value::Num(n)] => (*v, p, *n),
-            _ => return Err(bad()),
+        let layout = pool.checked_layout()?;
+        if self.data_start != layout.data_start || self.data_end != layout.data_end() {
+            return Err("pool: data_start/data_end do not match the geometry".into());
+        }
+        Ok(pool)
+    }
+}
+
+impl PolicyText {
+    fn into_policy(self) -> std::result::Result<Policy, String> {
+        let pct = |key: &str, a: [u64; 3]| -> std::result::Result<[u8; 3], String> {
+            if a.iter().any(|&n| n > 100) {
+                return Err(format!("policy: \"{key}\" entries must be 0..=100"));
+            }
+            Ok(a.map(|n| n as u8))
         };
-        let (pblock, flags) = match p {
-            Value::Num(p) => (*p, 0),
-            Value::Str(s) if s == "zero" => (0, EXTENT_ZERO),
-            _ => return Err(bad()),
+        Ok(Policy {
+            data_warn_pct: pct("data_warn_pct", self.data_warn_pct)?,
+            meta_warn_pct: pct("meta_warn_pct", self.meta_warn_pct)?,
+            when_full: match self.when_full {
+                w @ (0 | 1) => w as u8,
+                _ => return Err("policy: when_full must be 0 or 1".into()),
+            },
+            queue_timeout_ms: self.queue_timeout_ms,
+            max_overcommit_pct: self.max_overcommit_pct,
+        })
+    }
+}
+
+impl VolumeText<'_> {
+    /// The volume listed `i`-th.
+    fn into_volume(self, i: usize) -> std::result::Result<VolumeDump, String> {
+        let mut fl = 0u32;
+        for f in &self.flags {
+            let bit = FLAG_NAMES.iter().find(|(_, n)| n == f).map(|(b, _)| *b);
+            fl |= bit.ok_or_else(|| format!("volume {i}: unknown flag {f:?}"))?;
+        }
+        Ok(VolumeDump {
+            id: self.id,
+            name: self.name.into_owned(),
+            flags: fl,
+            size_bytes: self.size_bytes,
+            parent_id: self.parent_id,
+            origin_id: self.origin_id,
+            created_unix: self.created_unix,
+            active_host: self.active_host,
+            extents: self.extents.into_owned(),
+            on_disk: self.on_disk,
+        })
+    }
+}
+
+/// Extents as `[vblock, pblock, len]`, a zero extent as
+/// `[vblock, "zero", len]`.
+mod extent_list {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(
+        extents: &[Extent],
+        s: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        s.collect_seq(extents.iter().map(|e| ExtentText(*e)))
+    }
+
+    pub fn deserialize<'de, 'a, D: Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Cow<'a, [Extent]>, D::Error> {
+        let list = Vec::<ExtentText>::deserialize(d)?;
+        Ok(Cow::Owned(list.into_iter().map(|e| e.0).collect()))
+    }
+}
+
+struct ExtentText(Extent);
+
+impl Serialize for ExtentText {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let e = &self.0;
+        let mut t = s.serialize_tuple(3)?;
+        t.serialize_element(&e.vblock)?;
+        if e.is_zero() {
+            t.serialize_element("zero")?;
+        } else {
+            t.serialize_element(&e.pblock)?;
+        }
+        t.serialize_element(&e.len)?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for ExtentText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_seq(ExtentVisitor)
+    }
+}
+
+struct ExtentVisitor;
+
+impl<'de> Visitor<'de> for ExtentVisitor {
+    type Value = ExtentText;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an extent [vblock, pblock or \"zero\", len]")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<ExtentText, A::Error> {
+        let short = |n| de::Error::invalid_length(n, &ExtentVisitor);
+        let vblock: u64 = seq.next_element()?.ok_or_else(|| short(0))?;
+        let pblock: PblockText = seq.next_element()?.ok_or_else(|| short(1))?;
+        let len: u64 = seq.next_element()?.ok_or_else(|| short(2))?;
+        let mut n = 3;
+        while seq.next_element::<IgnoredAny>()?.is_some() {
+            n += 1;
+        }
+        if n > 3 {
+            return Err(short(n));
+        }
+        let (pblock, flags) = match pblock {
+            PblockText::Block(p) => (p, 0),
+            PblockText::Zero => (0, EXTENT_ZERO),
         };
         if vblock >= MAX_BLOCKS || pblock >= MAX_BLOCKS || len == 0 || len > MAX_EXTENT_BLOCKS {
-            return Err(format!("{ctx}: extent {k} is out of range"));
+            return Err(de::Error::custom(format!(
+                "extent [{vblock}, {}, {len}] is out of range",
+                if flags == 0 {
+                    pblock.to_string()
+                } else {
+                    "\"zero\"".into()
+                }
+            )));
         }
-        extents.push(Extent {
+        Ok(ExtentText(Extent {
             vblock,
             pblock,
+            // At most MAX_EXTENT_BLOCKS, checked above.
             len: len as u32,
             flags,
-        });
+        }))
     }
-    let active_host = v.u64_field("active_host", ctx)?;
-    let depth = od.u64_field("depth", ctx)?;
-    Ok(VolumeDump {
-        id: v.u64_field("id", ctx)?,
-        name: v.str_field("name", ctx)?.to_string(),
-        flags: fl,
-        size_bytes: v.u64_field("size_bytes", ctx)?,
-        parent_id: v.u64_field("parent_id", ctx)?,
-        origin_id: v.u64_field("origin_id", ctx)?,
-        created_unix: v.u64_field("created_unix", ctx)?,
-        active_host: u16::try_from(active_host).map_err(|_| format!("{ctx}: bad active_host"))?,
-        extents,
-        on_disk: VolumeOnDisk {
-            header_blocks,
-            generation: od.u64_field("generation", ctx)?,
-            root: od.u64_field("root", ctx)?,
-            root_twin: match od.field("root_twin", ctx) {
-                Ok(_) => od.u64_field("root_twin", ctx)?,
-                Err(_) => 0,
-            },
-            depth: u16::try_from(depth).map_err(|_| format!("{ctx}: bad depth"))?,
-            journal_seq: od.u64_field("journal_seq", ctx)?,
-            journal_host: od.u32_field("journal_host", ctx)?,
-        },
-    })
+}
+
+/// An extent's middle entry: a block number or `"zero"`.
+enum PblockText {
+    Block(u64),
+    Zero,
+}
+
+impl<'de> Deserialize<'de> for PblockText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        d.deserialize_any(PblockVisitor)
+    }
+}
+
+struct PblockVisitor;
+
+impl Visitor<'_> for PblockVisitor {
+    type Value = PblockText;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a block number or \"zero\"")
+    }
+
+    fn visit_u64<E: de::Error>(self, n: u64) -> std::result::Result<PblockText, E> {
+        Ok(PblockText::Block(n))
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> std::result::Result<PblockText, E> {
+        match s {
+            "zero" => Ok(PblockText::Zero),
+            _ => Err(E::invalid_value(Unexpected::Str(s), &self)),
+        }
+    }
+}
+
+/// `[u64; N]` from an array of exactly N numbers (serde_json's own reading
+/// calls extra ones "trailing characters").
+pub(super) fn exactly<'de, D: Deserializer<'de>, const N: usize>(
+    d: D,
+) -> std::result::Result<[u64; N], D::Error> {
+    let numbers = Vec::<u64>::deserialize(d)?;
+    let n = numbers.len();
+    let expected = format!("an array of {N} numbers");
+    numbers
+        .try_into()
+        .map_err(|_| de::Error::invalid_length(n, &expected.as_str()))
 }
 
 fn parse_uuid(s: &str) -> std::result::Result<[u8; 16], String> {
@@ -328,9 +465,437 @@ fn parse_uuid(s: &str) -> std::result::Result<[u8; 16], String> {
     Ok(u)
 }
 
+/// Keys whose value is written on one line (`[80, 90, 95]`,
+/// `{"generation": 9, "root": 1360}`), with everything inside it.
+const ONE_LINE: [&str; 4] = ["data_warn_pct", "meta_warn_pct", "flags", "on_disk"];
+
+/// serde_json output in the layout of docs/FORMAT.md section 9: one key or
+/// element per line, indented two spaces a level, except for the values
+/// of [`ONE_LINE`] keys and arrays inside arrays (the extents), which are
+/// on one line with `", "` and `": "` between their parts.
+#[derive(Default)]
+struct DumpFormatter {
+    /// The open arrays and objects, outermost first.
+    open: Vec<Level>,
+    /// The last object key written (or being written).
+    key: String,
+    in_key: bool,
+}
+
+struct Level {
+    array: bool,
+    one_line: bool,
+    empty: bool,
+}
+
+impl DumpFormatter {
+    fn begin<W: ?Sized + io::Write>(&mut self, w: &mut W, array: bool) -> io::Result<()> {
+        let one_line = match self.open.last() {
+            None => false,
+            Some(parent) if parent.one_line => true,
+            Some(parent) if parent.array => array,
+            Some(_) => ONE_LINE.contains(&self.key.as_str()),
+        };
+        self.open.push(Level {
+            array,
+            one_line,
+            empty: true,
+        });
+        w.write_all(if array { b"[" } else { b"{" })
+    }
+
+    fn end<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        let level = self.open.pop().expect("serde_json closes what it opened");
+        if !level.one_line && !level.empty {
+            self.newline(w)?;
+        }
+        w.write_all(if level.array { b"]" } else { b"}" })
+    }
+
+    /// Before an array element or object key.
+    fn item<W: ?Sized + io::Write>(&mut self, w: &mut W, first: bool) -> io::Result<()> {
+        let level = self.open.last_mut().expect("inside an array or object");
+        level.empty = false;
+        if level.one_line {
+            return w.write_all(if first { b"" } else { b", " });
+        }
+        if !first {
+            w.write_all(b",")?;
+        }
+        self.newline(w)
+    }
+
+    fn newline<W: ?Sized + io::Write>(&self, w: &mut W) -> io::Result<()> {
+        w.write_all(b"\n")?;
+        for _ in 0..self.open.len() {
+            w.write_all(b"  ")?;
+        }
+        Ok(())
+    }
+}
+
+impl serde_json::ser::Formatter for DumpFormatter {
+    fn begin_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.begin(w, true)
+    }
+
+    fn end_array<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.end(w)
+    }
+
+    fn begin_array_value<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.item(w, first)
+    }
+
+    fn begin_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.begin(w, false)
+    }
+
+    fn end_object<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        self.end(w)
+    }
+
+    fn begin_object_key<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> io::Result<()> {
+        self.key.clear();
+        self.in_key = true;
+        self.item(w, first)
+    }
+
+    fn end_object_key<W: ?Sized + io::Write>(&mut self, _w: &mut W) -> io::Result<()> {
+        self.in_key = false;
+        Ok(())
+    }
+
+    fn begin_object_value<W: ?Sized + io::Write>(&mut self, w: &mut W) -> io::Result<()> {
+        w.write_all(b": ")
+    }
+
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        if self.in_key {
+            self.key.push_str(fragment);
+        }
+        w.write_all(fragment.as_bytes())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn extent(vblock: u64, pblock: u64, len: u32, flags: u8) -> Extent {
+        Extent {
+            vblock,
+            pblock,
+            len,
+            flags,
+        }
+    }
+
+    /// A pool with a volume (a data and a zero extent), its snapshot (no
+    /// extents) and a clone of the snapshot; numbers at their limits where
+    /// nothing checks them.
+    fn sample() -> MetadataDump {
+        let volume = |id, name: &str, flags, parent_id, origin_id, extents| VolumeDump {
+            id,
+            name: name.into(),
+            flags,
+            size_bytes: 1 << 20,
+            parent_id,
+            origin_id,
+            created_unix: u64::MAX,
+            active_host: 0,
+            extents,
+            on_disk: VolumeOnDisk {
+                header_blocks: [1344, 5000],
+                generation: u64::MAX,
+                root: 1400,
+                root_twin: 6000,
+                depth: 0,
+                journal_seq: 7,
+                journal_host: 1,
+            },
+        };
+        MetadataDump {
+            pool: PoolDump {
+                uuid: *b"\x00\x11\x22\x33\x44\x55\x66\x77\x88\x99\xaa\xbb\xcc\xdd\xee\xff",
+                pool_blocks: 8192,
+                max_pool_blocks: 17179869184,
+                chunk_blocks: 16,
+                ag_blocks: 262144,
+                max_hosts: 16,
+                journal_blocks: 64,
+                io_timeout_ms: 0,
+                next_volume_id: 4,
+                created_unix: u64::MAX,
+                policy: Policy::default(),
+                on_disk: PoolOnDisk {
+                    generation: 9,
+                    catalog_root: 1350,
+                    commit_unix: u64::MAX,
+                    journal_blocks_replayed: 2,
+                },
+            },
+            volumes: vec![
+                volume(
+                    1,
+                    "vm-1",
+                    0,
+                    0,
+                    0,
+                    vec![extent(0, 1408, 2, 0), extent(100, 0, 3, EXTENT_ZERO)],
+                ),
+                volume(2, "s1", flags::SNAPSHOT | flags::READ_ONLY, 1, 0, vec![]),
+                volume(3, "c", 0, 0, 2, vec![extent(5, 1408, 1, 0)]),
+            ],
+        }
+    }
+
+    /// The layout docs/FORMAT.md section 9 shows, to the byte.
+    const SAMPLE_TEXT: &str = r#"{
+  "format": "thinlun-metadata-dump",
+  "version": 1,
+  "pool": {
+    "uuid": "00112233-4455-6677-8899-aabbccddeeff",
+    "block_size": 4096,
+    "pool_blocks": 8192,
+    "max_pool_blocks": 17179869184,
+    "chunk_blocks": 16,
+    "ag_blocks": 262144,
+    "max_hosts": 16,
+    "journal_blocks": 64,
+    "io_timeout_ms": 0,
+    "data_start": 1344,
+    "data_end": 8192,
+    "next_volume_id": 4,
+    "created_unix": 18446744073709551615,
+    "policy": {
+      "data_warn_pct": [80, 90, 95],
+      "meta_warn_pct": [80, 90, 95],
+      "when_full": 0,
+      "queue_timeout_ms": 60000,
+      "max_overcommit_pct": 0
+    },
+    "on_disk": {"generation": 9, "catalog_root": 1350, "commit_unix": 18446744073709551615, "journal_blocks_replayed": 2}
+  },
+  "volumes": [
+    {
+      "id": 1,
+      "name": "vm-1",
+      "full_name": "vm-1",
+      "flags": [],
+      "size_bytes": 1048576,
+      "parent_id": 0,
+      "origin_id": 0,
+      "snapshot_of": null,
+      "clone_of": null,
+      "created_unix": 18446744073709551615,
+      "active_host": 0,
+      "mapped_blocks": 2,
+      "extent_count": 2,
+      "on_disk": {"header_blocks": [1344, 5000], "generation": 18446744073709551615, "root": 1400, "root_twin": 6000, "depth": 0, "journal_seq": 7, "journal_host": 1},
+      "extents": [
+        [0, 1408, 2],
+        [100, "zero", 3]
+      ]
+    },
+    {
+      "id": 2,
+      "name": "s1",
+      "full_name": "vm-1@s1",
+      "flags": ["snapshot", "read_only"],
+      "size_bytes": 1048576,
+      "parent_id": 1,
+      "origin_id": 0,
+      "snapshot_of": "vm-1",
+      "clone_of": null,
+      "created_unix": 18446744073709551615,
+      "active_host": 0,
+      "mapped_blocks": 0,
+      "extent_count": 0,
+      "on_disk": {"header_blocks": [1344, 5000], "generation": 18446744073709551615, "root": 1400, "root_twin": 6000, "depth": 0, "journal_seq": 7, "journal_host": 1},
+      "extents": []
+    },
+    {
+      "id": 3,
+      "name": "c",
+      "full_name": "c",
+      "flags": [],
+      "size_bytes": 1048576,
+      "parent_id": 0,
+      "origin_id": 2,
+      "snapshot_of": null,
+      "clone_of": "vm-1@s1",
+      "created_unix": 18446744073709551615,
+      "active_host": 0,
+      "mapped_blocks": 1,
+      "extent_count": 1,
+      "on_disk": {"header_blocks": [1344, 5000], "generation": 18446744073709551615, "root": 1400, "root_twin": 6000, "depth": 0, "journal_seq": 7, "journal_host": 1},
+      "extents": [
+        [5, 1408, 1]
+      ]
+    }
+  ]
+}
+"#;
+
+    #[test]
+    fn writes_the_documented_layout_and_reads_it_back() {
+        let d = sample();
+        assert_eq!(d.to_json(), SAMPLE_TEXT);
+        assert_eq!(MetadataDump::from_json(SAMPLE_TEXT).unwrap(), d);
+        // Layout, key order and escapes are the writer's business only.
+        let compact: String = SAMPLE_TEXT.lines().map(str::trim).collect();
+        let moved = compact.replacen("\"version\": 1,", "", 1).replacen(
+            "\"volumes\": [",
+            "\"version\": 1, \"\\u0076olumes\": [",
+            1,
+        );
+        assert_eq!(MetadataDump::from_json(&moved).unwrap(), d);
+        let mut empty = d.clone();
+        empty.volumes.clear();
+        assert!(empty.to_json().ends_with("\"volumes\": []\n}\n"));
+        assert_eq!(MetadataDump::from_json(&empty.to_json()).unwrap(), empty);
+    }
+
+    #[test]
+    fn reads_dumps_made_before_ditto_nodes() {
+        let old = SAMPLE_TEXT.replace(" \"root_twin\": 6000,", "");
+        let d = MetadataDump::from_json(&old).unwrap();
+        assert!(d.volumes.iter().all(|v| v.on_disk.root_twin == 0));
+    }
+
+    #[test]
+    fn bad_input_is_an_error_that_names_the_field() {
+        let error = |from: &str, to: &str| {
+            let edited = SAMPLE_TEXT.replacen(from, to, 1);
+            assert_ne!(edited, SAMPLE_TEXT, "{from}");
+            MetadataDump::from_json(&edited).unwrap_err().to_string()
+        };
+        for (from, to, needle) in [
+            (
+                "\"format\": \"thinlun-metadata-dump\"",
+                "\"format\": \"x\"",
+                "not a thinlun-metadata-dump document",
+            ),
+            ("\"version\": 1", "\"version\": 2", "dump version 2"),
+            (
+                "\"pool_blocks\": 8192,",
+                "",
+                "pool: missing field `pool_blocks` at line",
+            ),
+            (
+                "\"chunk_blocks\": 16",
+                "\"chunk_blocks\": 4294967296",
+                "pool.chunk_blocks: invalid value",
+            ),
+            (
+                "\"depth\": 0",
+                "\"depth\": \"0\"",
+                "volumes[0].on_disk.depth: invalid type",
+            ),
+            (
+                "\"root\": 1400",
+                "\"root\": -1",
+                "volumes[0].on_disk.root: invalid value",
+            ),
+            (
+                "\"root\": 1400",
+                "\"root\": 1.5",
+                "volumes[0].on_disk.root: invalid type",
+            ),
+            (
+                "\"root\": 1400",
+                "\"root\": 18446744073709551616",
+                "volumes[0].on_disk.root: invalid type",
+            ),
+            (
+                "[1344, 5000]",
+                "[1344, 5000, 1]",
+                "volumes[0].on_disk.header_blocks: invalid length 3",
+            ),
+            (
+                "[80, 90, 95]",
+                "[80, 90]",
+                "pool.policy.data_warn_pct: invalid length 2",
+            ),
+            (
+                "[80, 90, 95]",
+                "[80, 90, 101]",
+                "\"data_warn_pct\" entries must be 0..=100",
+            ),
+            (
+                "[0, 1408, 2]",
+                "[0, 1408]",
+                "volumes[0].extents[0]: invalid length 2, expected an extent",
+            ),
+            (
+                "[100, \"zero\", 3]",
+                "[100, \"none\", 3]",
+                "volumes[0].extents[1][1]: invalid value",
+            ),
+            (
+                "[0, 1408, 2]",
+                "[0, 1408, 0]",
+                "volumes[0].extents[0]: extent [0, 1408, 0] is out of range",
+            ),
+            (
+                "[\"snapshot\", ",
+                "[\"snap\", ",
+                "volume 1: unknown flag \"snap\"",
+            ),
+            (
+                "\"id\": 1,",
+                "\"id\": 1, \"id\": 1,",
+                "volumes[0]: duplicate field `id`",
+            ),
+            (
+                "\"mapped_blocks\": 2",
+                "\"mapped_blocks\": 3",
+                "volume 1: mapped_blocks/extent_count",
+            ),
+            (
+                "\"full_name\": \"vm-1@s1\"",
+                "\"full_name\": \"s1\"",
+                "volume 2: full_name does not match",
+            ),
+            (
+                "\"data_end\": 8192",
+                "\"data_end\": 8193",
+                "data_start/data_end do not match",
+            ),
+            ("\"vm-1\"", "\"vm\u{1}\"", "control character"),
+            ("\n}\n", "\n}\n}", "trailing characters at line 86"),
+        ] {
+            let e = error(from, to);
+            assert!(e.starts_with("metadata dump: "), "{e}");
+            assert!(e.contains(needle), "{from} -> {to}: {e}");
+        }
+        // Every prefix short of the closing brace is an error, never a
+        // panic; so is deep nesting.
+        for cut in 0..SAMPLE_TEXT.len() - 1 {
+            assert!(MetadataDump::from_json(&SAMPLE_TEXT[..cut]).is_err());
+        }
+        let deep = "[".repeat(100_000) + &"]".repeat(100_000);
+        assert!(MetadataDump::from_json(&deep).is_err());
+        let hidden = SAMPLE_TEXT.replacen(
+            "\"block_size\"",
+            &format!("\"x\": {deep}, \"block_size\""),
+            1,
+        );
+        assert_eq!(MetadataDump::from_json(&hidden).unwrap(), sample());
+    }
 
     #[test]
     fn uuid_text_round_trips() {

@@ -6,6 +6,7 @@ use crate::format::catalog::flags;
 use crate::format::node::{Extent, MAX_EXTENT_BLOCKS};
 use crate::format::superblock::{Policy, SharedParams, Superblock};
 use crate::format::{Layout, BLOCK_SIZE, MAX_BLOCKS, MAX_VOLUME_BYTES, SUPERBLOCK_A};
+use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 
 /// First line of every dump (`"format"`), and its version.
@@ -39,8 +40,9 @@ pub struct PoolDump {
 }
 
 /// Where and when the dumped superblock was written; `restore` writes new
-/// values.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// values. Its text is its fields, so it derives serde (`json.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(expecting = "an object")]
 pub struct PoolOnDisk {
     pub generation: u64,
     pub catalog_root: u64,
@@ -65,14 +67,18 @@ pub struct VolumeDump {
     pub on_disk: VolumeOnDisk,
 }
 
-/// Where the dumped volume's header pair and tree were.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Where the dumped volume's header pair and tree were. Its text is its
+/// fields, so it derives serde (`json.rs`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(expecting = "an object")]
 pub struct VolumeOnDisk {
+    #[serde(deserialize_with = "super::json::exactly")]
     pub header_blocks: [u64; 2],
     pub generation: u64,
     pub root: u64,
     /// The root's second copy (0: single-copy nodes; absent in dumps made
     /// before ditto nodes).
+    #[serde(default)]
     pub root_twin: u64,
     pub depth: u16,
     pub journal_seq: u64,
@@ -195,7 +201,7 @@ fn validate_extents(v: &VolumeDump, ctx: &str, layout: &Layout) -> Result<(), St
 }
 
 impl PoolDump {
-    fn layout(&self) -> Layout {
+    pub(super) fn layout(&self) -> Layout {
         Layout::compute_with_groups(
             self.pool_blocks,
             self.max_pool_blocks,
