@@ -6,10 +6,6 @@
 
 pub mod check;
 pub mod diffstream;
-// docs: see the dump split (dump.rs is being rewritten into dump/; its
-// items get their docs there, and this allow goes after that merge).
-#[allow(missing_docs)]
 pub mod dump;
-mod jsontext;
 pub mod repair;
 pub mod salvage;

@@ -128,6 +128,45 @@ impl std::ops::DerefMut for AlignedBuf {
     }
 }
 
+/// A run of consecutive blocks of a buffer that are all zero or all hold
+/// data: `buf[offset..offset + len]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockRun {
+    /// Byte offset of the run in the buffer.
+    pub offset: usize,
+    /// Length of the run in bytes (whole blocks).
+    pub len: usize,
+    /// Whether every byte of the run is zero.
+    pub zero: bool,
+}
+
+/// Splits `buf` into runs of all-zero and non-zero 4 KiB blocks, in
+/// order; a short last block counts as one. What copies data in and out
+/// (`thinctl import`/`export`, `export-diff`) use to leave zero blocks
+/// unwritten or to write them as holes.
+pub fn block_runs(buf: &[u8]) -> Vec<BlockRun> {
+    let mut runs: Vec<BlockRun> = Vec::new();
+    for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
+        let zero = is_zero_block(block);
+        match runs.last_mut() {
+            Some(run) if run.zero == zero => run.len += block.len(),
+            _ => runs.push(BlockRun {
+                offset: i * BLOCK_SIZE,
+                len: block.len(),
+                zero,
+            }),
+        }
+    }
+    runs
+}
+
+/// Whether a block (at most 4 KiB) holds only zeros: one memcmp, fast in
+/// debug builds too.
+fn is_zero_block(block: &[u8]) -> bool {
+    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
+    block.len() <= BLOCK_SIZE && block == &ZERO[..block.len()]
+}
+
 /// Reads one 4 KiB block.
 pub fn read_block(dev: &dyn BlockDevice, block: u64) -> io::Result<AlignedBuf> {
     let mut buf = AlignedBuf::zeroed(BLOCK_SIZE);
@@ -226,5 +265,28 @@ mod tests {
             assert_eq!(b.as_ptr() as usize % IO_ALIGN, 0);
             assert_eq!(b.len(), len);
         }
+    }
+
+    #[test]
+    fn block_runs_finds_zero_runs() {
+        const B: usize = BLOCK_SIZE;
+        let run = |offset, len, zero| BlockRun { offset, len, zero };
+        let mut buf = vec![0u8; 5 * B + 100];
+        buf[B + 7] = 1;
+        buf[2 * B] = 1;
+        buf[5 * B - 1] = 1;
+        assert_eq!(
+            block_runs(&buf),
+            [
+                run(0, B, true),
+                run(B, 2 * B, false),
+                run(3 * B, B, true),
+                run(4 * B, B, false),
+                run(5 * B, 100, true)
+            ]
+        );
+        buf[5 * B + 99] = 1;
+        assert_eq!(block_runs(&buf)[3..], [run(4 * B, B + 100, false)]);
+        assert!(block_runs(&[]).is_empty());
     }
 }

@@ -1,13 +1,13 @@
 //! `export`: a volume out as a raw image, sparse when written to a file.
 
-use super::{block_runs, open_read_only, pool_path, with_pool, IO_CHUNK};
+use super::{open_read_only, pool_path, with_pool, IO_CHUNK};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
 use std::fs::{File, OpenOptions};
 use std::io::{self, IsTerminal, Write};
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::path::Path;
-use thinlun::dev::AlignedBuf;
+use thinlun::dev::{block_runs, AlignedBuf};
 use thinlun::{Volume, SECTOR_SIZE};
 
 /// Where the image goes: a regular file gets holes for zero blocks; a
@@ -171,16 +171,17 @@ fn copy_out(vol: &Volume, sink: &mut Sink, total: u64, what: &str) -> CliResult<
         vol.read(offset / SECTOR_SIZE, chunk).map_err(|e| {
             CliError::new(format!("reading '{}' at byte {offset}: {e}", vol.name()))
         })?;
-        for (at, run, zero) in block_runs(chunk) {
-            if !zero {
-                stored += run as u64;
+        for run in block_runs(chunk) {
+            let bytes = &chunk[run.offset..run.offset + run.len];
+            if !run.zero {
+                stored += run.len as u64;
             }
             match sink {
-                Sink::File { f, base } if !zero => f
-                    .write_all_at(&chunk[at..at + run], *base + offset + at as u64)
+                Sink::File { f, base } if !run.zero => f
+                    .write_all_at(bytes, *base + offset + run.offset as u64)
                     .map_err(io_err)?,
                 Sink::File { .. } => {}
-                Sink::Stream(w) => w.write_all(&chunk[at..at + run]).map_err(io_err)?,
+                Sink::Stream(w) => w.write_all(bytes).map_err(io_err)?,
             }
         }
         offset += len as u64;

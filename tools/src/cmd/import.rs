@@ -1,12 +1,12 @@
 //! `import`: a raw disk image (file or stdin) into a volume, kept thin.
 
-use super::{block_runs, open_read_write, pool_path, with_pool, BLOCK, IO_CHUNK};
+use super::{open_read_write, pool_path, with_pool, BLOCK, IO_CHUNK};
 use crate::error::{emit, CliError, CliResult};
 use crate::human::size;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
-use thinlun::dev::AlignedBuf;
+use thinlun::dev::{block_runs, AlignedBuf};
 use thinlun::{Pool, Request, Volume, SECTOR_SIZE};
 
 pub fn run(pool: Option<&Path>, name: &str, file: &Path, size_arg: Option<u64>) -> CliResult<()> {
@@ -227,13 +227,13 @@ fn copy_chunks(
         let len = n.div_ceil(BLOCK) * BLOCK;
         buf[n..len].fill(0);
         let mut writes = Vec::new();
-        for (at, run, zero) in block_runs(&buf[..len]) {
-            let start = *offset + at as u64;
-            if zero {
+        for run in block_runs(&buf[..len]) {
+            let start = *offset + run.offset as u64;
+            if run.zero {
                 if overwrite {
                     zero_run = match zero_run {
-                        Some((s, l)) => Some((s, l + run as u64)),
-                        None => Some((start, run as u64)),
+                        Some((s, l)) => Some((s, l + run.len as u64)),
+                        None => Some((start, run.len as u64)),
                     };
                 }
                 continue;
@@ -242,7 +242,7 @@ fn copy_chunks(
                 vol.write_zeroes(s / SECTOR_SIZE, l / SECTOR_SIZE)
                     .map_err(|e| at_offset(e, s))?;
             }
-            writes.push((start, at, run));
+            writes.push((start, run.offset, run.len));
         }
         // One engine batch per chunk.
         let mut reqs: Vec<Request> = writes

@@ -2,34 +2,15 @@
 
 use super::wire::{DiffWriter, MAX_DATA_RECORD};
 use super::{DiffHeader, DiffStats};
+use crate::dev::block_runs;
 use crate::error::{Error, Result};
-use crate::format::{BLOCK_SIZE, SECTOR_SIZE};
+use crate::format::SECTOR_SIZE;
 use crate::{Pool, Volume};
 use std::io::Write;
 
 /// Splits a volume name into (volume, snapshot part or "").
 fn split_spec(spec: &str) -> (&str, &str) {
     spec.split_once('@').unwrap_or((spec, ""))
-}
-
-/// Whether a block (at most 4 KiB) holds only zeros: one memcmp, fast
-/// in debug builds too.
-fn is_zero(block: &[u8]) -> bool {
-    static ZERO: [u8; BLOCK_SIZE] = [0; BLOCK_SIZE];
-    block.len() <= BLOCK_SIZE && block == &ZERO[..block.len()]
-}
-
-/// Runs of all-zero and non-zero 4 KiB blocks in `buf`: (offset, len, zero).
-fn block_runs(buf: &[u8]) -> Vec<(usize, usize, bool)> {
-    let mut runs: Vec<(usize, usize, bool)> = Vec::new();
-    for (i, block) in buf.chunks(BLOCK_SIZE).enumerate() {
-        let zero = is_zero(block);
-        match runs.last_mut() {
-            Some(run) if run.2 == zero => run.1 += block.len(),
-            _ => runs.push((i * BLOCK_SIZE, block.len(), zero)),
-        }
-    }
-    runs
 }
 
 /// Writes the changes from snapshot `from` to `to` as a stream.
@@ -119,14 +100,14 @@ fn write_ranges(
             let n = (start + len - at).min(MAX_DATA_RECORD) as usize;
             let chunk = &mut buf[..n];
             vol.read(at / SECTOR_SIZE, chunk)?;
-            for (o, l, zero) in block_runs(chunk) {
-                let off = at + o as u64;
-                if !zero {
-                    w.data(off, &chunk[o..o + l])?;
+            for run in block_runs(chunk) {
+                let off = at + run.offset as u64;
+                if !run.zero {
+                    w.data(off, &chunk[run.offset..run.offset + run.len])?;
                 } else if incremental {
                     // Onto the starting point these blocks must read as
                     // zeros; a full stream goes onto an empty volume.
-                    w.zero(off, l as u64)?;
+                    w.zero(off, run.len as u64)?;
                 }
             }
             at += n as u64;
