@@ -197,7 +197,7 @@ pub fn write_blocks(dev: &dyn BlockDevice, blocks: &[(u64, Vec<u8>)]) -> io::Res
 /// that do not already: a new or sparse LUN costs one read of the range.
 pub fn clear_blocks(dev: &dyn BlockDevice, start: u64, count: u64) -> io::Result<()> {
     const CHUNK: u64 = 256;
-    let zeros = AlignedBuf::zeroed(BLOCK_SIZE);
+    let zeros = AlignedBuf::zeroed(CHUNK as usize * BLOCK_SIZE);
     let mut buf = AlignedBuf::zeroed(CHUNK as usize * BLOCK_SIZE);
     let mut at = start;
     while at < start + count {
@@ -207,13 +207,12 @@ pub fn clear_blocks(dev: &dyn BlockDevice, start: u64, count: u64) -> io::Result
             offset: at * BLOCK_SIZE as u64,
             buf: &mut buf[..len],
         }])?;
-        let mut ops: Vec<IoOp> = buf[..len]
-            .chunks(BLOCK_SIZE)
-            .enumerate()
-            .filter(|(_, b)| b.iter().any(|&x| x != 0))
-            .map(|(i, _)| IoOp::Write {
-                offset: (at + i as u64) * BLOCK_SIZE as u64,
-                buf: &zeros,
+        let mut ops: Vec<IoOp> = block_runs(&buf[..len])
+            .into_iter()
+            .filter(|r| !r.zero)
+            .map(|r| IoOp::Write {
+                offset: at * BLOCK_SIZE as u64 + r.offset as u64,
+                buf: &zeros[..r.len],
             })
             .collect();
         if !ops.is_empty() {
